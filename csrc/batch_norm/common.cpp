@@ -1,0 +1,134 @@
+#include "batch_norm/common.h"
+
+#include <ATen/ATen.h>
+
+namespace normext::batch_norm {
+namespace {
+
+// True when the memory is (dim0, dim2, ..., dimK, dim1) row-major, i.e. the
+// channels are the fastest dim and the rest is dense. Size-1 dims are ignored.
+bool is_channels_last_dense(const at::Tensor& t) {
+  const int64_t dims = t.dim();
+  int64_t expected = 1;
+  const auto check = [&](int64_t d) {
+    if (t.size(d) == 1) return true;
+    if (t.stride(d) != expected) return false;
+    expected *= t.size(d);
+    return true;
+  };
+  if (!check(1)) return false;
+  for (int64_t d = dims - 1; d >= 2; --d) {
+    if (!check(d)) return false;
+  }
+  return check(0);
+}
+
+}  // namespace
+
+ChannelView channel_view(const at::Tensor& input) {
+  ChannelView view;
+  view.outer = input.size(0);
+  view.channels = input.size(1);
+  view.inner = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) view.inner *= input.size(d);
+  // With one spatial element both layouts are the same memory; the
+  // channels-last kernels vectorize over C, which is then the long dim.
+  if (view.inner == 1 && is_channels_last_dense(input)) {
+    view.data = input;
+    view.channels_last = true;
+  } else if (input.is_contiguous()) {
+    view.data = input;
+    view.channels_last = false;
+  } else if (is_channels_last_dense(input)) {
+    view.data = input;
+    view.channels_last = true;
+  } else {
+    view.data = input.contiguous();
+    view.channels_last = false;
+  }
+  return view;
+}
+
+at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor) {
+  if (tensor.strides() == view.data.strides()) return tensor;
+  at::Tensor out = at::empty_strided(view.data.sizes(), view.data.strides(), tensor.options());
+  out.copy_(tensor);
+  return out;
+}
+
+at::Tensor empty_in_layout(const ChannelView& view) {
+  return at::empty_strided(view.data.sizes(), view.data.strides(), view.data.options());
+}
+
+at::ScalarType accumulate_type(at::ScalarType input_type) {
+  return input_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& input) {
+  const auto type = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                                  type == at::kBFloat16,
+                              "\"batch_norm\" not implemented for '",
+                              c10::toString(input.scalar_type()), "'");
+  TORCH_CHECK(input.dim() >= 2,
+              "batch_norm: expected an input of shape (N, C, ...) with at least 2 dims, got ",
+              input.dim(), " dims");
+}
+
+void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& running_mean,
+                  const c10::optional<at::Tensor>& running_var) {
+  const int64_t channels = input.size(1);
+  const std::pair<const c10::optional<at::Tensor>*, const char*> params[] = {
+      {&weight, "weight"},
+      {&bias, "bias"},
+      {&running_mean, "running_mean"},
+      {&running_var, "running_var"}};
+  c10::optional<at::ScalarType> param_type;
+  const char* first_name = nullptr;
+  for (const auto& [param, name] : params) {
+    if (!param->has_value() || !(*param)->defined()) continue;
+    const at::Tensor& t = **param;
+    TORCH_CHECK(t.numel() == channels, name, " should contain ", channels, " elements not ",
+                t.numel());
+    TORCH_CHECK(t.device() == input.device(), "batch_norm: expected ", name,
+                " on the input's device ", input.device(), " but it is on ", t.device());
+    if (!param_type) {
+      const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+      TORCH_CHECK(t.scalar_type() == input.scalar_type() ||
+                      (reduced && t.scalar_type() == at::kFloat),
+                  "batch_norm: expected ", name, " to have dtype ",
+                  c10::toString(input.scalar_type()),
+                  reduced ? " or Float" : "", " (from the ", c10::toString(input.scalar_type()),
+                  " input) but got ", c10::toString(t.scalar_type()));
+      param_type = t.scalar_type();
+      first_name = name;
+    }
+    TORCH_CHECK(t.scalar_type() == *param_type, "batch_norm: expected ", name,
+                " to have the same dtype as ", first_name, " (", c10::toString(*param_type),
+                ") but got ", c10::toString(t.scalar_type()));
+  }
+}
+
+void check_stat(const at::Tensor& input, const at::Tensor& stat, const char* name) {
+  TORCH_CHECK(stat.dim() == 1 && stat.numel() == input.size(1), name, " should contain ",
+              input.size(1), " elements not ", stat.numel());
+  TORCH_CHECK(stat.device() == input.device(), "batch_norm: expected ", name,
+              " on the input's device ", input.device(), " but it is on ", stat.device());
+  TORCH_CHECK(stat.scalar_type() == accumulate_type(input.scalar_type()), "batch_norm: expected ",
+              name, " of dtype ", c10::toString(accumulate_type(input.scalar_type())),
+              " but got ", c10::toString(stat.scalar_type()));
+}
+
+void check_same_as_input(const at::Tensor& input, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(other.sizes() == input.sizes(), "batch_norm: expected ", name, " of shape ",
+              input.sizes(), " but got ", other.sizes());
+  TORCH_CHECK(other.device() == input.device(), "batch_norm: expected ", name,
+              " on the input's device ", input.device(), " but it is on ", other.device());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), "batch_norm: expected ", name,
+              " of dtype ", c10::toString(input.scalar_type()), " but got ",
+              c10::toString(other.scalar_type()));
+}
+
+}  // namespace normext::batch_norm

@@ -1,0 +1,58 @@
+// Device-independent pieces of the batch-norm ops: input checks and the
+// (outer, C, inner) view of an input that every kernel works on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace normext::batch_norm {
+
+// An input seen as statistics over every dim except dim 1 (the channels).
+// Contiguous layout: memory is (outer, channels, inner) row-major.
+// Channels-last layout: memory is (outer * inner, channels) row-major; this is
+// also how an (N, C) input is stored.
+struct ChannelView {
+  at::Tensor data;  // dense in the layout below
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  bool channels_last;
+
+  int64_t count() const { return outer * inner; }  // elements per channel
+};
+
+// Picks the layout from the strides without copying when the input is
+// contiguous, channels_last(_3d) or (N, C, L) with stride 1 on C; anything
+// else is copied to contiguous first.
+ChannelView channel_view(const at::Tensor& input);
+
+// `tensor` (same shape as view.data) in view's layout, copied only if needed.
+at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor);
+
+// A new tensor with the shape and strides of view.data.
+at::Tensor empty_in_layout(const ChannelView& view);
+
+// Float32 for float/half/bfloat16 inputs, float64 for float64: the dtype of
+// accumulation and of the saved per-channel statistics.
+at::ScalarType accumulate_type(at::ScalarType input_type);
+
+// Raises for a non-floating input (NotImplementedError, as torch does) or
+// fewer than 2 dims.
+void check_input(const at::Tensor& input);
+
+// Raises unless every given per-channel tensor has `channels` elements, lives
+// on the input's device, and all share one dtype: the input's, or float32 for
+// a half/bfloat16 input (the mixed precision torch accepts).
+void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& running_mean,
+                  const c10::optional<at::Tensor>& running_var);
+
+// Raises unless `stat` is a per-channel statistics tensor for `input`
+// (channels elements of the accumulate type, on the input's device).
+void check_stat(const at::Tensor& input, const at::Tensor& stat, const char* name);
+
+// Raises unless `other` has the shape and device of `input` and the same dtype.
+void check_same_as_input(const at::Tensor& input, const at::Tensor& other, const char* name);
+
+}  // namespace normext::batch_norm

@@ -1,0 +1,97 @@
+// Backward reduction: sum(dy) and sum(dy * (x - mean)) per channel in one read
+// of x and dy.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "batch_norm/cpu/kernels.h"
+
+namespace normext::batch_norm {
+namespace {
+
+using cpu::RowBlocks;
+using cpu::RowChunks;
+
+template <typename scalar_t, typename acc_t>
+void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, const acc_t* mean,
+                       acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  const scalar_t* dy = dy_view.data.const_data_ptr<scalar_t>();
+  const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
+  const RowBlocks blocks(x_view);
+  std::vector<acc_t> block_dy(blocks.size()), block_dy_xmu(blocks.size());
+  blocks.for_each([&](int64_t c, int64_t offset, int64_t length, int64_t index) {
+    const acc_t mc = mean[c];
+    acc_t s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+    for (int64_t i = offset; i < offset + length; ++i) {
+      const acc_t g = static_cast<acc_t>(dy[i]);
+      s += g;
+      sx += g * (static_cast<acc_t>(x[i]) - mc);
+    }
+    block_dy[index] = s;
+    block_dy_xmu[index] = sx;
+  });
+  at::parallel_for(0, x_view.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t s = 0, sx = 0;
+      for (int64_t p = c * blocks.per_channel(); p < (c + 1) * blocks.per_channel(); ++p) {
+        s += block_dy[p];
+        sx += block_dy_xmu[p];
+      }
+      sum_dy[c] = s;
+      sum_dy_xmu[c] = sx;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
+                          const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  const scalar_t* dy = dy_view.data.const_data_ptr<scalar_t>();
+  const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
+  const int64_t C = x_view.channels;
+  const RowChunks chunks(x_view.count(), C);
+  std::vector<acc_t> chunk_dy(chunks.chunks * C, 0), chunk_dy_xmu(chunks.chunks * C, 0);
+  chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
+    acc_t* __restrict__ s = chunk_dy.data() + chunk * C;
+    acc_t* __restrict__ sx = chunk_dy_xmu.data() + chunk * C;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t g = static_cast<acc_t>(dy[r * C + c]);
+        s[c] += g;
+        sx[c] += g * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t s = 0, sx = 0;
+    for (int64_t chunk = 0; chunk < chunks.chunks; ++chunk) {
+      s += chunk_dy[chunk * C + c];
+      sx += chunk_dy_xmu[chunk * C + c];
+    }
+    sum_dy[c] = s;
+    sum_dy_xmu[c] = sx;
+  }
+}
+
+}  // namespace
+
+void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView& input,
+                                 const at::Tensor& mean, at::Tensor& sum_dy,
+                                 at::Tensor& sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "batch_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, input.channels, 0);
+    acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
+    acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
+    if (input.channels_last) {
+      reduce_channels_last<scalar_t>(grad_out, input, m.data(), s, sx);
+    } else {
+      reduce_contiguous<scalar_t>(grad_out, input, m.data(), s, sx);
+    }
+  });
+}
+
+}  // namespace normext::batch_norm

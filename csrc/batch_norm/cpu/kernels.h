@@ -1,0 +1,135 @@
+// CPU kernels of the batch-norm ops and the loops they share.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "batch_norm/common.h"
+
+// `#pragma omp simd` for loops inside macro arguments (AT_DISPATCH lambdas).
+#define NORMEXT_SIMD _Pragma("omp simd")
+
+namespace normext::batch_norm {
+
+struct CpuKernels {
+  // Biased per-channel variance and mean, in the accumulate type.
+  static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
+  // invstd from var; updates the running stats when they are defined.
+  static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
+                       const at::Tensor& running_mean, const at::Tensor& running_var,
+                       double momentum, double eps, at::Tensor& invstd);
+  static void normalize(const ChannelView& input, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& output);
+  // sum(dy) and sum(dy * (x - mean)) per channel.
+  static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
+                              const at::Tensor& mean, at::Tensor& sum_dy,
+                              at::Tensor& sum_dy_xmu);
+  static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             const at::Tensor& weight, const at::Tensor& sum_dy,
+                             const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
+                             at::Tensor& grad_input);
+};
+
+namespace cpu {
+
+// Elements one task handles at least: enough to amortize scheduling.
+constexpr int64_t kGrainElements = 32768;
+// Elements one statistics block holds: its two passes stay in L1/L2.
+constexpr int64_t kBlockElements = 4096;
+
+// Contiguous (N, C, L) layout, cut into blocks of at most kBlockElements
+// along L so that few channels with long rows still use every core. Blocks
+// are indexed channel-major, [c][n][b], so each channel's partials are
+// adjacent; the cut does not depend on the thread count, so results do not.
+struct RowBlocks {
+  int64_t outer, channels, inner, blocks_per_row;
+
+  explicit RowBlocks(const ChannelView& v)
+      : outer(v.outer), channels(v.channels), inner(v.inner),
+        blocks_per_row((v.inner + kBlockElements - 1) / kBlockElements) {}
+
+  int64_t per_channel() const { return outer * blocks_per_row; }
+  int64_t size() const { return channels * per_channel(); }
+  int64_t block_length(int64_t b) const {
+    return std::min(kBlockElements, inner - b * kBlockElements);
+  }
+
+  // fn(c, offset of the block in the tensor, length, partial index [c][n][b]),
+  // run in parallel in memory order.
+  template <typename F>
+  void for_each(const F& fn) const {
+    const int64_t typical = std::min(inner, kBlockElements);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, typical));
+    at::parallel_for(0, outer * channels * blocks_per_row, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task % blocks_per_row;
+        const int64_t row = task / blocks_per_row;
+        const int64_t c = row % channels;
+        const int64_t n = row / channels;
+        fn(c, row * inner + b * kBlockElements, block_length(b), (c * outer + n) * blocks_per_row + b);
+      }
+    });
+  }
+};
+
+// Channels-last layout, (rows, C): rows cut into one range per thread.
+struct RowChunks {
+  int64_t rows, chunks;
+
+  RowChunks(int64_t rows, int64_t channels) : rows(rows) {
+    const int64_t min_rows = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, channels));
+    chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                    (rows + min_rows - 1) / min_rows));
+  }
+
+  // fn(chunk, first row, end row), chunks in parallel.
+  template <typename F>
+  void for_each(const F& fn) const {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        fn(chunk, rows * chunk / chunks, rows * (chunk + 1) / chunks);
+      }
+    });
+  }
+};
+
+// fn(c, begin, end) over flat element ranges of a contiguous (N, C, L) tensor,
+// each range inside one (n, c) row; elementwise passes use it.
+template <typename F>
+void for_each_row_segment(const ChannelView& v, const F& fn) {
+  const int64_t numel = v.outer * v.channels * v.inner;
+  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t row = begin / v.inner;
+      const int64_t stop = std::min(end, (row + 1) * v.inner);
+      fn(row % v.channels, begin, stop);
+      begin = stop;
+    }
+  });
+}
+
+// fn(first row, end row) over channels-last rows in parallel.
+template <typename F>
+void for_each_row_range(const ChannelView& v, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, v.channels));
+  at::parallel_for(0, v.outer * v.inner, grain, fn);
+}
+
+// A per-channel tensor (any float dtype) as accumulate-type values; `fill`
+// where it is undefined.
+template <typename acc_t>
+std::vector<acc_t> channel_values(const at::Tensor& t, int64_t channels, acc_t fill) {
+  std::vector<acc_t> values(channels, fill);
+  if (!t.defined()) return values;
+  const at::Tensor converted =
+      t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  std::copy_n(converted.const_data_ptr<acc_t>(), channels, values.begin());
+  return values;
+}
+
+}  // namespace cpu
+}  // namespace normext::batch_norm

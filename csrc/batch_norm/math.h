@@ -1,0 +1,77 @@
+// Batch-norm formulas shared by the CPU and CUDA kernels (host + device).
+//
+// Every function is a template over the value type T so the same code runs on
+// scalars (float, double) and on SIMD vectors with arithmetic operators and a
+// broadcasting constructor; counts are always scalars.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace normext::batch_norm {
+
+// Chan et al. pairwise update: merges the statistics (mean_b, m2_b) of
+// count_b elements into (mean, m2) of `count` elements; the caller adds the
+// counts (one count often serves many channels). m2 is the sum of squared
+// deviations from the mean, so the merge stays accurate for data whose mean is
+// large next to its spread.
+template <typename T, typename C>
+C10_HOST_DEVICE inline void chan_merge(T& mean, T& m2, C count, const T& mean_b, const T& m2_b,
+                                       C count_b) {
+  if (count_b == C(0)) return;
+  const C weight_b = count_b / (count + count_b);
+  const T delta = mean_b - mean;
+  mean = mean + delta * T(weight_b);
+  m2 = m2 + m2_b + delta * delta * T(count * weight_b);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T inverse_std(T biased_var, T eps) {
+  return T(1) / std::sqrt(biased_var + eps);
+}
+
+// The running-statistics update of torch.nn.BatchNorm: momentum weighs the batch.
+template <typename T>
+C10_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
+  return running * (T(1) - momentum) + batch * momentum;
+}
+
+// Bessel's correction, used for running_var; a single sample gives inf like torch.
+template <typename T>
+C10_HOST_DEVICE inline T unbiased_from_biased(T biased_var, T count) {
+  return biased_var * count / (count - T(1));
+}
+
+// y = (x - mean) * invstd * weight + bias, with scale = invstd * weight.
+// Subtracting the mean first keeps y accurate when |mean| >> std.
+template <typename T>
+C10_HOST_DEVICE inline T normalize(T x, T mean, T scale, T bias) {
+  return (x - mean) * scale + bias;
+}
+
+// Per-channel terms of the input gradient
+//   dx = (dy - mean_dy - (x - mean) * projection) * scale
+// Training: mean_dy = sum(dy)/n, projection = sum(dy*(x-mean)) * invstd^2 / n.
+// Eval (statistics are constants): mean_dy = projection = 0.
+template <typename T>
+struct GradInputTerms {
+  T mean_dy;
+  T projection;
+  T scale;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline GradInputTerms<T> grad_input_terms(T sum_dy, T sum_dy_xmu, T invstd,
+                                                          T weight, T count,
+                                                          bool batch_stats) {
+  if (!batch_stats) return {T(0), T(0), invstd * weight};
+  return {sum_dy / count, sum_dy_xmu * invstd * invstd / count, invstd * weight};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputTerms<T>& terms) {
+  return (dy - terms.mean_dy - (x - mean) * terms.projection) * terms.scale;
+}
+
+}  // namespace normext::batch_norm

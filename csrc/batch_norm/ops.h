@@ -1,0 +1,204 @@
+// The normext batch-norm ops for one backend: argument checks, allocation and
+// composition over that backend's kernels (Kernels = CpuKernels, ...).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "batch_norm/common.h"
+
+namespace normext::batch_norm {
+
+using OptionalTensor = c10::optional<at::Tensor>;
+
+inline at::Tensor value_or_undefined(const OptionalTensor& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+inline at::Tensor new_stat(const at::Tensor& input) {
+  return at::zeros({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
+}
+
+inline void check_running_pair(const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var) {
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must either both be None or neither be None");
+}
+
+template <class Kernels>
+struct BatchNormOps {
+  // (mean, biased var) per channel.
+  static std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& input) {
+    check_input(input);
+    const ChannelView view = channel_view(input);
+    at::Tensor mean = new_stat(input), var = new_stat(input);
+    if (view.count() > 0) Kernels::moments(view, mean, var);
+    return {mean, var};
+  }
+
+  // invstd from the batch moments of `count` elements per channel; updates
+  // the running stats in place when given.
+  static at::Tensor finalize(const at::Tensor& mean, const at::Tensor& var, double count,
+                             const OptionalTensor& running_mean,
+                             const OptionalTensor& running_var, double momentum, double eps) {
+    TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(),
+                "batch_norm_finalize: expected mean and var of one shape (C,), got ",
+                mean.sizes(), " and ", var.sizes());
+    TORCH_CHECK(mean.scalar_type() == var.scalar_type() &&
+                    (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
+                "batch_norm_finalize: expected float32 or float64 mean and var of one dtype");
+    check_running_pair(running_mean, running_var);
+    const at::Tensor m = mean.contiguous(), v = var.contiguous();
+    for (const auto* running : {&running_mean, &running_var}) {
+      if (!running->has_value()) continue;
+      TORCH_CHECK((*running)->numel() == mean.numel(), "running stats should contain ",
+                  mean.numel(), " elements not ", (*running)->numel());
+      TORCH_CHECK((*running)->device() == mean.device(),
+                  "batch_norm_finalize: running stats on ", (*running)->device(),
+                  " but the statistics are on ", mean.device());
+    }
+    at::Tensor invstd = at::empty_like(m);
+    Kernels::finalize(m, v, count, value_or_undefined(running_mean),
+                      value_or_undefined(running_var), momentum, eps, invstd);
+    return invstd;
+  }
+
+  static at::Tensor elemt(const at::Tensor& input, const OptionalTensor& weight,
+                          const OptionalTensor& bias, const at::Tensor& mean,
+                          const at::Tensor& invstd) {
+    check_input(input);
+    check_params(input, weight, bias, {}, {});
+    check_stat(input, mean, "mean");
+    check_stat(input, invstd, "invstd");
+    const ChannelView view = channel_view(input);
+    at::Tensor output = empty_in_layout(view);
+    if (input.numel() > 0) {
+      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
+                         output);
+    }
+    return output;
+  }
+
+  // (sum dy, sum dy*(x-mean), grad_weight, grad_bias); the gradients have the
+  // weight's dtype, or the accumulate type without a weight.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_reduce(
+      const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+      const at::Tensor& invstd, const OptionalTensor& weight) {
+    check_input(input);
+    check_same_as_input(input, grad_out, "grad_output");
+    check_params(input, weight, {}, {}, {});
+    check_stat(input, mean, "mean");
+    check_stat(input, invstd, "invstd");
+    const ChannelView view = channel_view(input);
+    auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, mean);
+    auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, invstd, weight);
+    return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
+  }
+
+  // Input gradient from the reduced sums over `count` elements per channel
+  // (batch statistics).
+  static at::Tensor backward_elemt(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   const OptionalTensor& weight, const at::Tensor& sum_dy,
+                                   const at::Tensor& sum_dy_xmu, double count) {
+    check_input(input);
+    check_same_as_input(input, grad_out, "grad_output");
+    check_params(input, weight, {}, {}, {});
+    for (const auto& [stat, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"},
+                                     {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}}) {
+      check_stat(input, *stat, name);
+    }
+    const ChannelView view = channel_view(input);
+    return grad_input(grad_out, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, true);
+  }
+
+  // Single-process forward: (output, mean, invstd). Training uses the batch
+  // statistics and updates the running stats; eval uses the running stats.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+      const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+      double momentum, double eps) {
+    check_input(input);
+    check_running_pair(running_mean, running_var);
+    TORCH_CHECK(training || running_mean.has_value(),
+                "running_mean must be defined in evaluation mode");
+    check_params(input, weight, bias, running_mean, running_var);
+    const ChannelView view = channel_view(input);
+    at::Tensor mean = new_stat(input), var = new_stat(input);
+    if (training) {
+      if (view.count() > 0) Kernels::moments(view, mean, var);
+    } else {
+      mean.copy_(running_mean->reshape({-1}));
+      var.copy_(running_var->reshape({-1}));
+    }
+    at::Tensor invstd = at::empty_like(mean);
+    // An empty batch leaves the running stats alone, as in torch.
+    const bool update = training && running_mean.has_value() && view.count() > 0;
+    Kernels::finalize(mean, var, static_cast<double>(view.count()),
+                      update ? *running_mean : at::Tensor(), update ? *running_var : at::Tensor(),
+                      momentum, eps, invstd);
+    at::Tensor output = empty_in_layout(view);
+    if (input.numel() > 0) {
+      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
+                         output);
+    }
+    return {output, mean, invstd};
+  }
+
+  // Single-process backward: (grad_input, grad_weight, grad_bias) with one
+  // reduction pass and one elementwise pass.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& input, const OptionalTensor& weight,
+      const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training) {
+    check_input(input);
+    check_same_as_input(input, grad_out, "grad_output");
+    check_params(input, weight, {}, {}, {});
+    check_stat(input, save_mean, "save_mean");
+    check_stat(input, save_invstd, "save_invstd");
+    const ChannelView view = channel_view(input);
+    auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, save_mean);
+    at::Tensor dx = grad_input(grad_out, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
+                               static_cast<double>(view.count()), training);
+    auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, save_invstd, weight);
+    return {dx, grad_weight, grad_bias};
+  }
+
+ private:
+  static std::tuple<at::Tensor, at::Tensor> reduce(const at::Tensor& grad_out,
+                                                   const ChannelView& view,
+                                                   const at::Tensor& mean) {
+    at::Tensor sum_dy = new_stat(view.data), sum_dy_xmu = new_stat(view.data);
+    if (view.data.numel() > 0) {
+      ChannelView dy_view = view;
+      dy_view.data = in_layout_of(view, grad_out);
+      Kernels::backward_reduce(dy_view, view, mean, sum_dy, sum_dy_xmu);
+    }
+    return {sum_dy, sum_dy_xmu};
+  }
+
+  static at::Tensor grad_input(const at::Tensor& grad_out, const ChannelView& view,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const OptionalTensor& weight, const at::Tensor& sum_dy,
+                               const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
+    at::Tensor dx = empty_in_layout(view);
+    if (view.data.numel() > 0) {
+      ChannelView dy_view = view;
+      dy_view.data = in_layout_of(view, grad_out);
+      Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
+                              sum_dy_xmu, count, batch_stats, dx);
+    }
+    return dx;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,
+                                                        const at::Tensor& sum_dy_xmu,
+                                                        const at::Tensor& invstd,
+                                                        const OptionalTensor& weight) {
+    const auto type = weight.has_value() ? weight->scalar_type() : sum_dy.scalar_type();
+    return {(sum_dy_xmu * invstd).to(type),
+            sum_dy.to(type, /*non_blocking=*/false, /*copy=*/true)};
+  }
+};
+
+}  // namespace normext::batch_norm

@@ -1,0 +1,55 @@
+// The normext op schemas and the Python extension module's build information.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef NORMEXT_TORCH_VERSION
+#define NORMEXT_TORCH_VERSION "unknown"
+#endif
+#ifndef NORMEXT_CUDA_ARCHES
+#define NORMEXT_CUDA_ARCHES ""
+#endif
+
+// Per-channel statistics over every dim but dim 1, in float32 (float64 for a
+// float64 input). `count` is the number of elements each channel's statistics
+// cover (across all ranks for a synchronized batch norm).
+TORCH_LIBRARY(normext, m) {
+  m.def("batch_norm_moments(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_finalize(Tensor mean, Tensor var, float count, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps) -> Tensor invstd");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd) -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, float count) -> Tensor");
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, bool training) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normext compiled kernels; the ops live in torch.ops.normext";
+  py::list backends;
+  backends.append("cpu");
+#ifdef NORMEXT_WITH_CUDA
+  backends.append("cuda");
+#endif
+  m.attr("backends") = backends;
+  m.attr("cuda_arches") = NORMEXT_CUDA_ARCHES;
+  m.attr("torch_version") = NORMEXT_TORCH_VERSION;
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

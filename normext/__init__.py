@@ -1,0 +1,14 @@
+"""normext: fast, exact, drop-in normalization layers for PyTorch.
+
+    model = normext.convert(model)        # every nn.BatchNorm{1,2,3}d swapped
+    layer = normext.BatchNorm2d(64)       # or use the modules directly
+"""
+
+from . import functional, ops
+from ._extension import build_info
+from .convert import convert
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "build_info", "convert", "functional",
+           "ops"]

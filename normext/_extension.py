@@ -1,0 +1,40 @@
+"""Loads the compiled kernels (normext._C) and checks they match the installed torch."""
+
+import torch
+
+_REBUILD = (
+    "Rebuild normext against the installed torch from its source folder with\n"
+    "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
+    "(or `python setup.py build_ext --inplace` for a source checkout)."
+)
+
+try:
+    from . import _C
+except ImportError as error:  # missing build, or built against another torch (undefined symbols)
+    raise ImportError(
+        f"normext's compiled extension normext._C could not be loaded with torch "
+        f"{torch.__version__}: {error}\n{_REBUILD}"
+    ) from error
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+if _release(_C.torch_version) != _release(torch.__version__):
+    raise ImportError(
+        f"normext was compiled against torch {_C.torch_version} but torch "
+        f"{torch.__version__} is installed; C++ extensions only work with the torch "
+        f"they were built with.\n{_REBUILD}"
+    )
+
+
+def build_info() -> dict:
+    """What the installed normext was compiled with: the backends (\"cpu\",
+    \"cuda\"), the CUDA arches, whether OpenMP is on, and the torch version."""
+    return {
+        "backends": list(_C.backends),
+        "cuda_arches": _C.cuda_arches,
+        "openmp": bool(_C.openmp),
+        "torch_version": _C.torch_version,
+    }

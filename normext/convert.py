@@ -1,0 +1,42 @@
+"""normext.convert: swap torch.nn BatchNorm layers for normext's in a model."""
+
+import torch
+
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["convert"]
+
+# Exact types only: subclasses (SyncBatchNorm, lazy or user classes) may
+# change behaviour that a swap would lose.
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A module of class `cls` holding the very same parameters, buffers,
+    hooks and flags, so optimizers that already reference them keep working."""
+    swapped = cls.__new__(cls)
+    state = {}
+    for key, value in module.__dict__.items():
+        state[key] = value.copy() if isinstance(value, (dict, set)) else value
+    swapped.__dict__.update(state)
+    return swapped
+
+
+def convert(module: torch.nn.Module) -> torch.nn.Module:
+    """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
+    normext class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the
+    converted layers share parameters and buffers with the originals (same
+    device, dtype, requires_grad and training flag), containers are updated in
+    place, and other modules are left alone."""
+    replacement = _REPLACEMENTS.get(type(module))
+    if replacement is not None:
+        return _swap_class(module, replacement)
+    for name, child in module.named_children():
+        converted = convert(child)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module

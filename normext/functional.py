@@ -1,0 +1,100 @@
+"""normext.functional.batch_norm: torch.nn.functional.batch_norm on normext's kernels."""
+
+import torch
+from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from . import ops
+
+__all__ = ["batch_norm"]
+
+
+def _reduction_dims(input: Tensor) -> list[int]:
+    return [0] + list(range(2, input.dim()))
+
+
+def _per_channel(t: Tensor, input: Tensor) -> Tensor:
+    return t.reshape([1, -1] + [1] * (input.dim() - 2))
+
+
+def _differentiable_backward(ctx, grad_out: Tensor):
+    """The backward in differentiable torch ops, for create_graph=True (double
+    backward): under batch statistics the mean and variance are recomputed
+    from the input so the graph sees their dependence on it."""
+    input, weight, save_mean, save_invstd = ctx.saved_tensors
+    compute_dtype = ops.accumulate_dtype(input.dtype)
+    x = input.to(compute_dtype)
+    g = grad_out.to(compute_dtype)
+    dims = _reduction_dims(input)
+    if ctx.training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + ctx.eps)
+    else:
+        mean, invstd = _per_channel(save_mean, input), _per_channel(save_invstd, input)
+    x_hat = (x - mean) * invstd
+    scale = invstd if weight is None else invstd * _per_channel(weight.to(compute_dtype), input)
+    if ctx.training:
+        grad_input = (g - g.mean(dims, keepdim=True)
+                      - x_hat * (g * x_hat).mean(dims, keepdim=True)) * scale
+    else:
+        grad_input = g * scale
+    grad_weight = (g * x_hat).sum(dims)
+    grad_bias = g.sum(dims)
+    return grad_input.to(input.dtype), grad_weight, grad_bias
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+        return ops.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, training, _, eps = inputs
+        _, save_mean, save_invstd = output
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(save_mean, save_invstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_input, grad_weight, grad_bias = _differentiable_backward(ctx, grad_out)
+        else:
+            grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+                grad_out, input, weight, save_mean, save_invstd, ctx.training)
+        needs = ctx.needs_input_grad
+        grad_weight = grad_weight.to(weight.dtype) if needs[1] else None
+        grad_bias = grad_bias.to(ctx.bias_dtype) if needs[2] else None
+        return (grad_input if needs[0] else None, grad_weight, grad_bias,
+                None, None, None, None, None)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same signature, behaviour and errors as torch.nn.functional.batch_norm."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input,
+            running_mean, running_var, weight=weight, bias=bias, training=training,
+            momentum=momentum, eps=eps)
+    if training:
+        torch.nn.functional._verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    output, _, _ = _BatchNorm.apply(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    return output

@@ -1,0 +1,47 @@
+"""Drop-in BatchNorm modules: subclasses of torch.nn.BatchNorm1d/2d/3d (same
+constructor, parameters, buffers, state_dict, repr and input checks) whose
+forward runs normext's kernels."""
+
+import torch
+
+from . import functional
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _NormextForward:
+    """torch.nn.modules.batchnorm._BatchNorm.forward with normext's batch_norm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when no running stats exist.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running stats are passed only when they are used or updated.
+        pass_running = not self.training or self.track_running_stats
+        return functional.batch_norm(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_NormextForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on normext kernels; input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_NormextForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on normext kernels; input (N, C, H, W)."""
+
+
+class BatchNorm3d(_NormextForward, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on normext kernels; input (N, C, D, H, W)."""
