@@ -64,7 +64,9 @@ def find_cuda_home():
 
 
 def cuda_sources():
-    return sorted(glob.glob(os.path.join("csrc", "**", "cuda", "*.cu"), recursive=True))
+    """The CUDA kernels and their host-side registration."""
+    return sorted(glob.glob(os.path.join("csrc", "*", "cuda", "*.cu"))
+                  + glob.glob(os.path.join("csrc", "*", "cuda", "*.cpp")))
 
 
 def want_cuda(torch, cuda_home):

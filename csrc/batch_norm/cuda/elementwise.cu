@@ -1,0 +1,176 @@
+// Elementwise passes: normalize (1 read + 1 write) and the input gradient
+// (2 reads + 1 write), in 16-byte packs where shape and alignment allow.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "batch_norm/cuda/kernels.h"
+#include "batch_norm/cuda/launch.cuh"
+#include "batch_norm/math.h"
+
+namespace normext::batch_norm {
+namespace {
+
+using cuda::Pack;
+
+// Per-channel values as the accumulate type (null where absent).
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;
+  const acc_t* bias;
+};
+
+template <typename scalar_t, typename acc_t>
+struct NormalizeOp {
+  const scalar_t* input;
+  scalar_t* output;
+  ChannelParams<acc_t> p;
+
+  template <int size, bool channels_last, typename index_t>
+  __device__ void apply(index_t first, index_t c) const {
+    const auto in = *reinterpret_cast<const Pack<scalar_t, size>*>(input + first);
+    Pack<scalar_t, size> out;
+#pragma unroll
+    for (int k = 0; k < size; ++k) {
+      const index_t ch = channels_last ? c + k : c;
+      const acc_t scale = p.invstd[ch] * (p.weight ? p.weight[ch] : acc_t(1));
+      const acc_t shift = p.bias ? p.bias[ch] : acc_t(0);
+      out.value[k] = static_cast<scalar_t>(
+          batch_norm::normalize(static_cast<acc_t>(in.value[k]), p.mean[ch], scale, shift));
+    }
+    *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct GradInputOp {
+  const scalar_t* grad_out;
+  const scalar_t* input;
+  scalar_t* grad_input;
+  ChannelParams<acc_t> p;
+  const acc_t* sum_dy;
+  const acc_t* sum_dy_xmu;
+  acc_t count;
+  bool batch_stats;
+
+  template <int size, bool channels_last, typename index_t>
+  __device__ void apply(index_t first, index_t c) const {
+    const auto dy = *reinterpret_cast<const Pack<scalar_t, size>*>(grad_out + first);
+    const auto x = *reinterpret_cast<const Pack<scalar_t, size>*>(input + first);
+    Pack<scalar_t, size> dx;
+#pragma unroll
+    for (int k = 0; k < size; ++k) {
+      const index_t ch = channels_last ? c + k : c;
+      const GradInputTerms<acc_t> terms =
+          grad_input_terms(sum_dy[ch], sum_dy_xmu[ch], p.invstd[ch],
+                           p.weight ? p.weight[ch] : acc_t(1), count, batch_stats);
+      dx.value[k] = static_cast<scalar_t>(batch_norm::grad_input(static_cast<acc_t>(dy.value[k]),
+                                                     static_cast<acc_t>(x.value[k]), p.mean[ch],
+                                                     terms));
+    }
+    *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
+  }
+};
+
+// Grid-stride loop over packs of `size` elements that share a channel
+// (contiguous) or span `size` adjacent channels (channels-last).
+template <int size, bool channels_last, typename index_t, class Op>
+__global__ void __launch_bounds__(cuda::kThreads)
+    elementwise_kernel(const Op op, index_t packs, index_t channels, index_t inner) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += stride) {
+    const index_t first = p * size;
+    const index_t c = channels_last ? first % channels : (first / inner) % channels;
+    op.template apply<size, channels_last>(first, c);
+  }
+}
+
+template <int size, typename scalar_t, class Op>
+void launch_elementwise(const ChannelView& view, const Op& op) {
+  const at::Device device = view.data.device();
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const int64_t packs = view.data.numel() / size;
+  const int64_t max_blocks = static_cast<int64_t>(cuda::multiprocessor_count(device)) * 16;
+  const unsigned blocks = static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((packs + cuda::kThreads - 1) / cuda::kThreads, max_blocks)));
+  cuda::with_index_type(view.data, [&](auto index) {
+    using index_t = decltype(index);
+    if (view.channels_last) {
+      elementwise_kernel<size, true, index_t><<<blocks, cuda::kThreads, 0, stream>>>(
+          op, packs, view.channels, view.inner);
+    } else {
+      elementwise_kernel<size, false, index_t><<<blocks, cuda::kThreads, 0, stream>>>(
+          op, packs, view.channels, view.inner);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// 16-byte packs when every pack stays inside one row (contiguous) or one
+// pixel's channels (channels-last) and all pointers are aligned; else scalars.
+template <typename scalar_t, class Op>
+void run_elementwise(const ChannelView& view, const Op& op,
+                     std::initializer_list<const void*> pointers) {
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  const int64_t row = view.channels_last ? view.channels : view.inner;
+  bool packed = row % kPack == 0;
+  for (const void* ptr : pointers) {
+    packed = packed && cuda::pack_aligned<kPack>(static_cast<const scalar_t*>(ptr));
+  }
+  if (packed) {
+    launch_elementwise<kPack, scalar_t>(view, op);
+  } else {
+    launch_elementwise<1, scalar_t>(view, op);
+  }
+}
+
+template <typename acc_t>
+ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& weight, const at::Tensor& bias) {
+  return {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+          cuda::data_or_null<acc_t>(weight), cuda::data_or_null<acc_t>(bias)};
+}
+
+}  // namespace
+
+void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
+                            const at::Tensor& invstd, const at::Tensor& weight,
+                            const at::Tensor& bias, at::Tensor& output) {
+  const c10::cuda::CUDAGuard guard(input.data.device());
+  const auto acc_type = mean.scalar_type();
+  const at::Tensor w = cuda::as_type(weight, acc_type), b = cuda::as_type(bias, acc_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NormalizeOp<scalar_t, acc_t> op{input.data.const_data_ptr<scalar_t>(),
+                                          output.mutable_data_ptr<scalar_t>(),
+                                          channel_params<acc_t>(mean, invstd, w, b)};
+    run_elementwise<scalar_t>(input, op, {op.input, op.output});
+  });
+}
+
+void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& input,
+                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& weight, const at::Tensor& sum_dy,
+                                 const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
+                                 at::Tensor& grad_input) {
+  const c10::cuda::CUDAGuard guard(input.data.device());
+  const at::Tensor w = cuda::as_type(weight, mean.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "batch_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const GradInputOp<scalar_t, acc_t> op{grad_out.data.const_data_ptr<scalar_t>(),
+                                          input.data.const_data_ptr<scalar_t>(),
+                                          grad_input.mutable_data_ptr<scalar_t>(),
+                                          channel_params<acc_t>(mean, invstd, w, at::Tensor()),
+                                          sum_dy.const_data_ptr<acc_t>(),
+                                          sum_dy_xmu.const_data_ptr<acc_t>(),
+                                          static_cast<acc_t>(count),
+                                          batch_stats};
+    run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
+  });
+}
+
+}  // namespace normext::batch_norm

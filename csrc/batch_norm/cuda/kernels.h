@@ -1,0 +1,29 @@
+// CUDA kernels of the batch-norm ops (host entry points; the device code is
+// in the .cu files beside this one).
+#pragma once
+
+#include "batch_norm/common.h"
+
+namespace normext::batch_norm {
+
+// Same contract as CpuKernels; every kernel runs on the current stream of the
+// input's device and never synchronizes with the host.
+struct CudaKernels {
+  static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
+  static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
+                       const at::Tensor& running_mean, const at::Tensor& running_var,
+                       double momentum, double eps, at::Tensor& invstd);
+  static void normalize(const ChannelView& input, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& output);
+  static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
+                              const at::Tensor& mean, at::Tensor& sum_dy,
+                              at::Tensor& sum_dy_xmu);
+  static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             const at::Tensor& weight, const at::Tensor& sum_dy,
+                             const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
+                             at::Tensor& grad_input);
+};
+
+}  // namespace normext::batch_norm

@@ -1,0 +1,119 @@
+"""Shared fixtures and helpers for the normext test suite.
+
+* ``devices``: the devices the numeric tests run on: "cpu", plus "cuda" where a
+  GPU is visible and normext was built with its CUDA kernels.
+* ``device`` fixture / ``DEVICE_PARAMS``: parametrizes a test over "cpu" and
+  "cuda"; the CUDA case is skipped (not silently dropped) without a GPU.
+* ``tolerances`` / ``assert_close``: per-dtype tolerances.
+* ``slow`` marker: skipped unless NORMEXT_SLOW_TESTS=1.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+try:
+    import normext
+except ImportError:  # a source checkout run with plain `pytest` from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import normext
+
+# ---------------------------------------------------------------------------
+# devices
+
+CUDA_AVAILABLE = torch.cuda.is_available() and "cuda" in normext.build_info()["backends"]
+
+devices = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
+
+requires_cuda = pytest.mark.skipif(
+    not CUDA_AVAILABLE, reason="needs a CUDA GPU and normext built with CUDA kernels")
+
+# Every numeric test is parametrized over these: the CUDA case shows up as
+# skipped on a machine without a GPU and runs where there is one.
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
+]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request):
+    return request.param
+
+
+# ---------------------------------------------------------------------------
+# tolerances
+
+FLOAT_DTYPES = [torch.float64, torch.float32]
+REDUCED_DTYPES = [torch.bfloat16, torch.float16]
+ALL_DTYPES = FLOAT_DTYPES + REDUCED_DTYPES
+
+# (rtol, atol). float64/float32 are compared against torch in the same dtype;
+# half/bfloat16 results against a float64 reference computed from the
+# (exactly) upcast inputs, so the error is the output rounding: one or two
+# ulps (2**-11 for half, 2**-8 for bfloat16) of values of magnitude ~4.
+_TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 3e-2),
+    torch.float16: (2e-3, 5e-3),
+}
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    rtol, atol = _TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual, expected, dtype=None, *, scaled=True, msg=None):
+    """torch.testing.assert_close with the tolerances of `dtype` (default:
+    actual's dtype). `scaled` multiplies atol by max(1, max|expected|), since
+    reductions (weight grads, sums) grow with the values they add up. Values
+    are compared in float64, NaN equal to NaN."""
+    if actual is None or expected is None:
+        assert actual is None and expected is None, (actual, expected)
+        return
+    dtype = actual.dtype if dtype is None else dtype
+    tol = tolerances(dtype)
+    expected64 = expected.detach().to(device=actual.device, dtype=torch.float64)
+    if scaled:
+        finite = expected64[torch.isfinite(expected64)]
+        magnitude = finite.abs().max().item() if finite.numel() else 1.0
+        tol["atol"] *= max(1.0, magnitude)
+    torch.testing.assert_close(actual.detach().to(torch.float64), expected64, equal_nan=True,
+                               check_device=False, msg=msg, **tol)
+
+
+def memory_formats_of(t: torch.Tensor) -> dict:
+    """Which layouts a tensor is dense in, to compare output layouts with torch."""
+    formats = {"contiguous": t.is_contiguous()}
+    if t.dim() == 4:
+        formats["channels_last"] = t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        formats["channels_last_3d"] = t.is_contiguous(memory_format=torch.channels_last_3d)
+    return formats
+
+
+# ---------------------------------------------------------------------------
+# markers and options
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: large shapes, skipped unless NORMEXT_SLOW_TESTS=1")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("NORMEXT_SLOW_TESTS") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: set NORMEXT_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

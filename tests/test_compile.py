@@ -1,0 +1,116 @@
+"""torch.compile of models built with normext modules: no graph breaks, and
+the compiled model matches eager (outputs, grads, running stats) over
+training steps and an eval step."""
+
+import copy
+
+import pytest
+import torch
+
+import normext
+from conftest import DEVICE_PARAMS, assert_close
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = normext.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn2 = normext.BatchNorm2d(6, momentum=0.3)  # momentum=None graph-breaks in torch too
+        self.head = torch.nn.Linear(6, 5)
+        self.bn3 = normext.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.head(x.mean((2, 3))))
+
+
+def _check_steps(eager, compiled_model, device, memory_format, dtype):
+    """Two training steps (forward, backward, SGD), then an eval step."""
+    compiled_params = dict(compiled_model.named_parameters())
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled_params.values(), lr=0.1)
+    tol = dict(dtype=dtype)
+    for step, training in enumerate([True, True, False]):
+        eager.train(training)
+        compiled_model.train(training)
+        x = torch.randn(4, 3, 6, 6, device=device, dtype=dtype).contiguous(
+            memory_format=memory_format)
+        out_e = eager(x)
+        out_c = compiled_model(x)
+        assert_close(out_c, out_e, **tol, msg=f"step {step}: output")
+        if training:
+            opt_e.zero_grad()
+            opt_c.zero_grad()
+            out_e.square().sum().backward()
+            out_c.square().sum().backward()
+            for name, p in eager.named_parameters():
+                assert_close(compiled_params[name].grad, p.grad, **tol,
+                             msg=f"step {step}: grad of {name}")
+            opt_e.step()
+            opt_c.step()
+        compiled_state = compiled_model.state_dict()
+        for name, value in eager.state_dict().items():
+            if value.is_floating_point():
+                assert_close(compiled_state[name], value, **tol, msg=f"step {step}: {name}")
+            else:
+                assert torch.equal(compiled_state[name], value), name
+
+
+def _models(device, dtype):
+    eager = SmallCNN().to(device=device, dtype=dtype)
+    return eager, copy.deepcopy(eager)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_compile_aot_eager_matches_eager(memory_format, device):
+    torch._dynamo.reset()
+    eager, to_compile = _models(device, torch.float64)
+    compiled = torch.compile(to_compile, backend="aot_eager", fullgraph=True)
+    _check_steps(eager, compiled, device, memory_format, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compile_inductor_matches_eager(device):
+    torch._dynamo.reset()
+    eager, to_compile = _models(device, torch.float32)
+    compiled = torch.compile(to_compile, fullgraph=True)
+    _check_steps(eager, compiled, device, torch.channels_last, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_no_graph_breaks(device):
+    torch._dynamo.reset()
+    model = SmallCNN().to(device)
+    x = torch.randn(4, 3, 6, 6, device=device)
+    for training in (True, False):
+        model.train(training)
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compile_functional_mutates_running_stats(device):
+    """The running-stat update (an in-place mutation declared in the op schema)
+    survives functionalization."""
+    torch._dynamo.reset()
+
+    def step(x, rm, rv, w, b):
+        return normext.functional.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-5)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
+    w = torch.rand(3, dtype=torch.float64, device=device)
+    b = torch.rand(3, dtype=torch.float64, device=device)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(
+        3, dtype=torch.float64, device=device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    assert_close(compiled(x, rm, rv, w, b), step(x, rm2, rv2, w, b))
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+    assert not torch.equal(rm, torch.zeros_like(rm))

@@ -1,0 +1,375 @@
+"""The torch.ops.normext ops: opcheck (schema, fake kernels, aot dispatch),
+numerics of the building blocks, their composition into the fused ops, and
+build_info."""
+
+import pytest
+import torch
+
+import normext
+from normext import ops
+from conftest import DEVICE_PARAMS, assert_close
+
+OPS = torch.ops.normext
+
+# ---------------------------------------------------------------------------
+# opcheck samples: (name, args) for every op
+
+
+def _layouts(x):
+    return {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "sliced": torch.cat([x, x], dim=-1)[..., ::2],  # strided, not dense
+    }
+
+
+def _opcheck_samples(device):
+    samples = []
+    for dtype in (torch.float32, torch.float64):
+        acc = dtype
+        opts = dict(device=device, dtype=dtype)
+        base = torch.randn(3, 4, 3, 5, **opts)
+        layouts = _layouts(base)
+        if dtype == torch.float32:
+            layouts["1D"] = torch.randn(6, 4, **opts)
+            layouts["3D-channels_stride_1"] = torch.randn(2, 5, 4, **opts).transpose(1, 2)
+        w, b = torch.rand(4, **opts) + 0.5, torch.randn(4, **opts)
+        for name, x in layouts.items():
+            mean, var = ops.batch_norm_moments(x)
+            invstd = torch.rsqrt(var + 1e-5)
+            dy = torch.randn_like(x)
+            sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+            count = float(x.numel() // x.shape[1])
+            rm = torch.randn(4, device=device, dtype=acc)
+            rv = torch.rand(4, device=device, dtype=acc) + 0.5
+            tag = f"{str(dtype)[6:]}-{name}"
+            samples += [
+                (f"moments-{tag}", "batch_norm_moments", (x,)),
+                (f"elemt-{tag}", "batch_norm_elemt", (x, w, b, mean, invstd)),
+                (f"backward_reduce-{tag}", "batch_norm_backward_reduce",
+                 (dy, x, mean, invstd, w)),
+                (f"backward_elemt-{tag}", "batch_norm_backward_elemt",
+                 (dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)),
+                (f"forward-train-{tag}", "batch_norm_forward",
+                 (x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)),
+                (f"backward-train-{tag}", "batch_norm_backward",
+                 (dy, x, w, mean, invstd, True)),
+            ]
+            if name == "contiguous":
+                samples += [
+                    (f"elemt-noweight-{tag}", "batch_norm_elemt", (x, None, None, mean, invstd)),
+                    (f"backward_reduce-noweight-{tag}", "batch_norm_backward_reduce",
+                     (dy, x, mean, invstd, None)),
+                    (f"backward_elemt-noweight-{tag}", "batch_norm_backward_elemt",
+                     (dy, x, mean, invstd, None, sum_dy, sum_dy_xmu, count)),
+                    (f"forward-eval-{tag}", "batch_norm_forward",
+                     (x, w, b, rm.clone(), rv.clone(), False, 0.1, 1e-5)),
+                    (f"forward-norunning-{tag}", "batch_norm_forward",
+                     (x, None, None, None, None, True, 0.1, 1e-5)),
+                    (f"backward-eval-noweight-{tag}", "batch_norm_backward",
+                     (dy, x, None, rm.clone(), torch.rsqrt(rv + 1e-5), False)),
+                    (f"finalize-{tag}", "batch_norm_finalize",
+                     (mean, var, count, rm.clone(), rv.clone(), 0.1, 1e-5)),
+                    (f"finalize-norunning-{tag}", "batch_norm_finalize",
+                     (mean, var, count, None, None, 0.1, 1e-5)),
+                ]
+    # half input with float32 parameters
+    x = torch.randn(3, 4, 2, 3, device=device).half().contiguous(
+        memory_format=torch.channels_last)
+    mean, var = ops.batch_norm_moments(x)
+    samples.append(("forward-train-float16-params_float32", "batch_norm_forward",
+                    (x, torch.ones(4, device=device), torch.zeros(4, device=device),
+                     torch.zeros(4, device=device), torch.ones(4, device=device), True, 0.1,
+                     1e-5)))
+    samples.append(("backward-train-bfloat16", "batch_norm_backward",
+                    (torch.randn(3, 4, 2, 3, device=device).bfloat16(),
+                     x.bfloat16(), torch.ones(4, device=device), mean,
+                     torch.rsqrt(var + 1e-5), True)))
+    return samples
+
+
+_SAMPLE_IDS = [s[0] for s in _opcheck_samples("cpu")]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("index", range(len(_SAMPLE_IDS)), ids=_SAMPLE_IDS)
+def test_opcheck(index, device):
+    torch.manual_seed(index)
+    _, name, args = _opcheck_samples(device)[index]
+    op = getattr(OPS, name).default
+    # schema (incl. the declared in-place mutations), autograd registration,
+    # fake kernels (shapes, dtypes, strides) and aot dispatch with dynamic shapes
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_every_op_is_covered_by_opcheck():
+    names = {s[1] for s in _opcheck_samples("cpu")}
+    assert names == {"batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
+                     "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+                     "batch_norm_forward", "batch_norm_backward"}
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_moments_float32_large_mean(memory_format, device):
+    """1e4 + randn: the mean is 1e4 times the spread; naive sums of squares in
+    float32 lose every digit of the variance."""
+    x64 = 1e4 + torch.randn(16, 4, 32, 32, dtype=torch.float64, device=device)
+    x = x64.float().contiguous(memory_format=memory_format)
+    x64 = x.double()  # the exact values the kernel sees
+    mean, var = ops.batch_norm_moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    ref_mean = x64.mean((0, 2, 3))
+    ref_var = x64.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+    # the forward's normalized output then has mean 0 and variance 1
+    out, save_mean, save_invstd = ops.batch_norm_forward(x, None, None, None, None, True, 0.1,
+                                                         1e-5)
+    torch.testing.assert_close(save_mean.double(), ref_mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(save_invstd.double(), torch.rsqrt(ref_var + 1e-5), rtol=1e-5,
+                               atol=0)
+    ref_out = (x64 - ref_mean.view(1, -1, 1, 1)) * torch.rsqrt(ref_var + 1e-5).view(1, -1, 1, 1)
+    assert_close(out, ref_out, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_near_max(dtype, memory_format, device):
+    """float16 data near 6e4 (max 65504): squares overflow float16, so the
+    statistics must be accumulated in float32; all results finite."""
+    x = (6e4 - torch.rand(8, 4, 8, 8, device=device) * 100).to(dtype).contiguous(
+        memory_format=memory_format)
+    x64 = x.double()
+    mean, var = ops.batch_norm_moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=1e-3)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    out, _, _ = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(rm).all() and torch.isfinite(rv).all()
+    ref_mean, ref_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    ref_out = ((x64 - ref_mean.view(1, -1, 1, 1)) * torch.rsqrt(ref_var + 1e-5).view(1, -1, 1, 1)
+               * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1))
+    assert_close(out, ref_out, dtype)
+    n = x.numel() // 4
+    assert_close(rm, 0.1 * ref_mean, torch.float32)
+    assert_close(rv, 0.9 + 0.1 * ref_var * n / (n - 1), torch.float32)
+    # the backward of the same data is finite too
+    dy = torch.randn_like(x)
+    dx, dw, db = ops.batch_norm_backward(dy, x, w, mean, torch.rsqrt(var + 1e-5), True)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_statistics_dtypes(dtype, device):
+    x = torch.randn(4, 3, 5, device=device).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, var = ops.batch_norm_moments(x)
+    assert (mean.dtype, var.dtype, mean.shape) == (acc, acc, (3,))
+    out, save_mean, save_invstd = ops.batch_norm_forward(x, None, None, None, None, True, 0.1,
+                                                         1e-5)
+    assert out.dtype == dtype and save_mean.dtype == save_invstd.dtype == acc
+    dx, dw, db = ops.batch_norm_backward(torch.ones_like(x), x, None, save_mean, save_invstd,
+                                         True)
+    assert dx.dtype == dtype and dw.dtype == db.dtype == acc
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_finalize_updates_running_stats(device):
+    opts = dict(dtype=torch.float64, device=device)
+    mean, var = torch.randn(5, **opts), torch.rand(5, **opts) + 0.1
+    rm, rv = torch.randn(5, **opts), torch.rand(5, **opts) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    invstd = ops.batch_norm_finalize(mean, var, 10, rm, rv, 0.25, 1e-3)
+    assert_close(invstd, torch.rsqrt(var + 1e-3))
+    assert_close(rm, 0.75 * rm0 + 0.25 * mean)
+    assert_close(rv, 0.75 * rv0 + 0.25 * var * 10 / 9)
+    # without running stats nothing else changes
+    assert_close(ops.batch_norm_finalize(mean, var, 10, None, None, 0.25, 1e-3), invstd)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_forward_eval_and_backward_eval_match_aten(device):
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 3, 5, **opts)
+    w, b = torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
+    rm, rv = torch.randn(3, **opts), torch.rand(3, **opts) + 0.5
+    out, save_mean, save_invstd = ops.batch_norm_forward(x, w, b, rm, rv, False, 0.1, 1e-5)
+    expected = torch.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5, False)
+    assert_close(out, expected)
+    assert_close(save_mean, rm)
+    assert_close(save_invstd, torch.rsqrt(rv + 1e-5))
+    dy = torch.randn_like(x)
+    dx, dw, db = ops.batch_norm_backward(dy, x, w, save_mean, save_invstd, False)
+    ref = torch.ops.aten.native_batch_norm_backward(dy, x, w, rm, rv, None, None, False, 1e-5,
+                                                     [True, True, True])
+    for mine, theirs in zip((dx, dw, db), ref):
+        assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_forward_backward_train_match_aten(memory_format, device):
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 3, 5, 6, **opts).contiguous(memory_format=memory_format)
+    w, b = torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
+    rm, rv = torch.randn(3, **opts), torch.rand(3, **opts) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    out, save_mean, save_invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.2, 1e-5)
+    ref_out, ref_mean, ref_invstd = torch.ops.aten.native_batch_norm(x, w, b, rm2, rv2, True,
+                                                                     0.2, 1e-5)
+    for mine, theirs in ((out, ref_out), (save_mean, ref_mean), (save_invstd, ref_invstd),
+                         (rm, rm2), (rv, rv2)):
+        assert_close(mine, theirs)
+    dy = torch.randn_like(x)
+    grads = ops.batch_norm_backward(dy, x, w, save_mean, save_invstd, True)
+    ref = torch.ops.aten.native_batch_norm_backward(dy, x, w, rm2, rv2, ref_mean, ref_invstd,
+                                                     True, 1e-5, [True, True, True])
+    for mine, theirs in zip(grads, ref):
+        assert_close(mine, theirs)
+
+
+# ---------------------------------------------------------------------------
+# building blocks compose to the fused ops
+
+
+def _composition_inputs(dtype, layout, device):
+    x = torch.randn(4, 3, 5, 6, device=device, dtype=torch.float64) * 3 + 1
+    x = _layouts(x.to(dtype))[layout]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = torch.rand(3, device=device, dtype=param_dtype) + 0.5
+    b = torch.randn(3, device=device, dtype=param_dtype)
+    return x, w, b, param_dtype
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_building_blocks_compose_to_forward(training, dtype, layout, device):
+    x, w, b, param_dtype = _composition_inputs(dtype, layout, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rm = torch.randn(3, device=device, dtype=param_dtype)
+    rv = torch.rand(3, device=device, dtype=param_dtype) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    count = x.numel() // x.shape[1]
+    if training:
+        mean, var = ops.batch_norm_moments(x)
+        invstd = ops.batch_norm_finalize(mean, var, count, rm, rv, 0.1, 1e-5)
+    else:
+        mean, var = rm.to(acc), rv.to(acc)
+        invstd = ops.batch_norm_finalize(mean, var, count, None, None, 0.1, 1e-5)
+    out = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    fused, fused_mean, fused_invstd = ops.batch_norm_forward(x, w, b, rm2, rv2, training, 0.1,
+                                                             1e-5)
+    assert out.dtype == fused.dtype == dtype
+    assert out.stride() == fused.stride()
+    assert_close(out, fused, dtype)
+    assert_close(mean, fused_mean, acc)
+    assert_close(invstd, fused_invstd, acc)
+    assert_close(rm, rm2, param_dtype)
+    assert_close(rv, rv2, param_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+def test_building_blocks_compose_to_backward(with_weight, dtype, layout, device):
+    x, w, _, param_dtype = _composition_inputs(dtype, layout, device)
+    w = w if with_weight else None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dy = _layouts(torch.randn(x.shape, device=device, dtype=torch.float64).to(dtype))[layout]
+    mean, var = ops.batch_norm_moments(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    count = x.numel() // x.shape[1]
+    sum_dy, sum_dy_xmu, grad_w, grad_b = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+    grad_x = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+    fused_x, fused_w, fused_b = ops.batch_norm_backward(dy, x, w, mean, invstd, True)
+    assert grad_x.dtype == fused_x.dtype == dtype
+    assert grad_x.stride() == fused_x.stride()
+    grad_dtype = param_dtype if with_weight else acc
+    assert grad_w.dtype == fused_w.dtype == grad_b.dtype == fused_b.dtype == grad_dtype
+    assert_close(grad_x, fused_x, dtype)
+    assert_close(grad_w, fused_w, grad_dtype)
+    assert_close(grad_b, fused_b, grad_dtype)
+    # and the sums are what they claim to be
+    x64, dy64 = x.double(), dy.double()
+    ref_sum_dy = dy64.sum((0, 2, 3))
+    ref_sum_dy_xmu = (dy64 * (x64 - mean.double().view(1, -1, 1, 1))).sum((0, 2, 3))
+    assert_close(sum_dy, ref_sum_dy, acc)
+    assert_close(sum_dy_xmu, ref_sum_dy_xmu, acc)
+    assert_close(fused_b, ref_sum_dy, grad_dtype)
+    assert_close(fused_w, ref_sum_dy_xmu * invstd.double(), grad_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_empty_input_ops(device):
+    x = torch.randn(0, 3, 4, device=device)
+    mean, var = ops.batch_norm_moments(x)
+    assert mean.shape == var.shape == (3,)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    out, _, _ = ops.batch_norm_forward(x, None, None, rm, rv, True, 0.1, 1e-5)
+    assert out.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    dx, dw, db = ops.batch_norm_backward(x, x, None, mean, torch.ones(3, device=device), True)
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(3, device=device))
+    assert torch.equal(db, torch.zeros(3, device=device))
+
+
+def test_wrappers_are_the_ops():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    for a, b in zip(ops.batch_norm_moments(x), OPS.batch_norm_moments(x)):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# build info
+
+
+def test_build_info():
+    info = normext.build_info()
+    assert set(info) == {"backends", "cuda_arches", "openmp", "torch_version"}
+    assert isinstance(info["backends"], list)
+    assert "cpu" in info["backends"]
+    assert set(info["backends"]) <= {"cpu", "cuda"}
+    assert isinstance(info["cuda_arches"], str)
+    assert isinstance(info["openmp"], bool)
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    if "cuda" in info["backends"]:
+        assert info["cuda_arches"]
+        assert torch.version.cuda is not None
+    else:
+        assert info["cuda_arches"] == ""
+    assert normext.build_info() is not info  # a fresh dict each call
+    assert normext.__version__
+
+
+def test_public_api():
+    for name in normext.__all__:
+        assert hasattr(normext, name), name
+    for name in ("batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
+                 "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+                 "batch_norm_forward", "batch_norm_backward"):
+        assert hasattr(OPS, name), name
+        assert callable(getattr(ops, name)), name
