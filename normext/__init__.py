@@ -8,7 +8,8 @@ from . import functional, ops
 from ._extension import build_info
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "build_info", "convert", "functional",
-           "ops"]
+           "ops", "SyncBatchNorm"]

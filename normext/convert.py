@@ -3,6 +3,7 @@
 import torch
 
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["convert"]
 
@@ -26,12 +27,18 @@ def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return swapped
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, sync: bool = False,
+            process_group=None) -> torch.nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
     normext class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the
     converted layers share parameters and buffers with the originals (same
     device, dtype, requires_grad and training flag), containers are updated in
-    place, and other modules are left alone."""
+    place, and other modules are left alone.
+
+    With sync=True every torch.nn or normext BatchNorm layer becomes a
+    normext.SyncBatchNorm over `process_group` (default: the whole world)."""
+    if sync:
+        return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
         return _swap_class(module, replacement)

@@ -1,0 +1,155 @@
+"""normext.SyncBatchNorm: batch statistics over every rank of a process group.
+
+One collective in the forward (an all_gather of each rank's element count and
+per-channel mean and biased variance, merged with Chan's formula) and one in
+the backward (an all_reduce of sum(dy) and sum(dy * (x - mean))). Works with
+gloo on CPU tensors and NCCL on CUDA tensors.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import functional, ops
+
+__all__ = ["SyncBatchNorm"]
+
+
+def _merge_moments(gathered: torch.Tensor, channels: int):
+    """Global (count, mean, biased var) from the ranks' [count, channels,
+    mean(C), var(C)] rows, in float64: sum(n_i * (var_i + (mean_i - mean)^2))
+    adds non-negative terms only, so nothing cancels."""
+    counts = gathered[:, 0]
+    seen = gathered[:, 1]
+    bad = (seen != channels).nonzero().flatten().tolist()
+    if bad:
+        rank = bad[0]
+        raise ValueError(
+            f"SyncBatchNorm: rank {rank} of the process group got an input with "
+            f"{int(seen[rank])} channels but the layer has {channels}")
+    means = gathered[:, 2:2 + channels]
+    variances = gathered[:, 2 + channels:]
+    total = counts.sum()
+    weights = (counts / total.clamp(min=1)).unsqueeze(1)
+    mean = (weights * means).sum(0)
+    var = (weights * (variances + (means - mean) ** 2)).sum(0)
+    return float(total), mean, var
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, channels,
+                group):
+        if input.size(1) == channels:
+            mean, var = ops.batch_norm_moments(input)
+            count = input.numel() // channels
+        else:  # still join the collective so that no rank hangs; every rank then raises
+            mean = var = torch.zeros(channels, device=input.device)
+            count = 0
+        local = torch.cat([
+            torch.tensor([count, input.size(1)], dtype=torch.float64, device=input.device),
+            mean.double(), var.double()])
+        rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, local, group=group)
+        total, global_mean, global_var = _merge_moments(torch.stack(rows), channels)
+        if total <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()} on this rank and {int(total)} value(s) per channel in all")
+        stat_dtype = ops.accumulate_dtype(input.dtype)
+        global_mean = global_mean.to(stat_dtype)
+        invstd = ops.batch_norm_finalize(
+            global_mean, global_var.to(stat_dtype), total, running_mean, running_var, momentum,
+            eps)
+        ctx.save_for_backward(input, weight, global_mean, invstd)
+        ctx.total, ctx.group = total, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return ops.batch_norm_elemt(input, weight, bias, global_mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, weight, mean, invstd = ctx.saved_tensors
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
+            grad_out, input, mean, invstd, weight)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_dy_xmu = sums.chunk(2)
+            grad_input = ops.batch_norm_backward_elemt(
+                grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, ctx.total)
+        # Parameter gradients stay local: DistributedDataParallel averages them.
+        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Drop-in torch.nn.SyncBatchNorm (same constructor, state_dict and input
+    ranks) on normext's kernels. Unlike torch's it also accepts CPU tensors
+    (with a gloo process group). In eval mode, with a world size of 1, or
+    without an initialized process group it runs the local kernels with no
+    communication (torch.nn.SyncBatchNorm does the same).
+
+    It subclasses _BatchNorm rather than torch.nn.SyncBatchNorm, which
+    DistributedDataParallel refuses on CPU."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs):  # kwargs: `bias=` where torch has it
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
+
+        group = self.process_group or (dist.group.WORLD if dist.is_available() else None)
+        if not (use_batch_stats and self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(group) > 1):
+            return functional.batch_norm(input, running_mean, running_var, self.weight,
+                                         self.bias, use_batch_stats, factor, self.eps)
+        return _SyncBatchNorm.apply(input, self.weight, self.bias, running_mean, running_var,
+                                    self.eps, factor, self.num_features, group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Like torch.nn.SyncBatchNorm.convert_sync_batchnorm, for torch.nn's and
+        normext's BatchNorm layers: the new layers share the old ones'
+        parameters and buffers."""
+        converted = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight = module.weight
+                    converted.bias = module.bias  # None for bias=False
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

@@ -1,0 +1,209 @@
+"""normext.SyncBatchNorm over gloo ranks on CPU: each rank holds a slice of one
+global batch (uneven, one rank possibly empty), and everything must match
+BatchNorm on the concatenated batch in one process."""
+
+import copy
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import normext
+
+TIMEOUT = datetime.timedelta(seconds=60)  # a bug must fail, not hang CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world_size, target, *args, backend="gloo"):
+    port = _free_port()
+    mp.start_processes(_init_and_run, args=(world_size, port, backend, target, args),
+                       nprocs=world_size, join=True, start_method="spawn")
+
+
+def _init_and_run(rank, world_size, port, backend, target, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        target(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _slices(sizes):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _check_layer(rank, world_size, sizes, memory_format, dtype, momentum, device="cpu"):
+    torch.manual_seed(0)
+    device = f"cuda:{rank}" if device == "cuda" else device
+    C = 5
+    x = (torch.randn(sum(sizes), C, 4, 3, dtype=torch.float64) * 3 + 7).to(device, dtype)
+    x = x.contiguous(memory_format=memory_format)
+    grad = torch.randn(x.shape, dtype=torch.float64).to(device, dtype)
+    reference = torch.nn.BatchNorm2d(C, momentum=momentum).to(device, dtype)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    sync = normext.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    assert isinstance(sync, normext.SyncBatchNorm)
+
+    mine = _slices(sizes)[rank]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for step in range(2):
+        x_full = x.clone().requires_grad_()
+        out_full = reference(x_full)
+        out_full.backward(grad)
+
+        x_local = x[mine].clone().requires_grad_()
+        out_local = sync(x_local)
+        out_local.backward(grad[mine])
+
+        torch.testing.assert_close(out_local, out_full[mine], **tol)
+        torch.testing.assert_close(x_local.grad, x_full.grad[mine], **tol)
+        # Parameter gradients are local; their sum over ranks is the full batch's.
+        for name in ("weight", "bias"):
+            summed = getattr(sync, name).grad.clone()
+            dist.all_reduce(summed)
+            torch.testing.assert_close(summed, getattr(reference, name).grad, **tol)
+        torch.testing.assert_close(sync.running_mean, reference.running_mean, **tol)
+        torch.testing.assert_close(sync.running_var, reference.running_var, **tol)
+        assert int(sync.num_batches_tracked) == int(reference.num_batches_tracked) == step + 1
+        for module in (sync, reference):
+            module.zero_grad()
+    if sizes[rank] > 0:
+        assert out_local.is_contiguous(memory_format=memory_format)
+    # Eval: local running stats, no communication needed.
+    sync.eval()
+    reference.eval()
+    torch.testing.assert_close(sync(x[mine]), reference(x)[mine], **tol)
+
+
+@pytest.mark.parametrize("sizes", [[3, 4], [2, 0, 5]], ids=["2ranks", "3ranks-one-empty"])
+def test_sync_matches_full_batch(sizes):
+    _run(len(sizes), _check_layer, sizes, torch.contiguous_format, torch.float64, 0.1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available()
+                    or "cuda" not in normext.build_info()["backends"],
+                    reason="needs 2 GPUs, NCCL and normext's CUDA kernels")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_sync_nccl(memory_format):
+    _run(2, _check_layer, [3, 4], memory_format, torch.float32, 0.1, "cuda", backend="nccl")
+
+
+def test_sync_channels_last_momentum_none():
+    _run(2, _check_layer, [5, 2], torch.channels_last, torch.float64, None)
+
+
+def test_sync_float32_large_mean():
+    _run(2, _check_layer, [4, 3], torch.contiguous_format, torch.float32, 0.1)
+
+
+def _check_half(rank, world_size):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5).to(torch.bfloat16)
+    reference = torch.nn.BatchNorm2d(4)  # float32 params with a bfloat16 input
+    sync = normext.convert(copy.deepcopy(reference), sync=True)
+    mine = _slices([3, 3])[rank]
+    out = sync(x[mine])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x.float())[mine], rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(sync.running_var, reference.running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_sync_bfloat16_input():
+    _run(2, _check_half)
+
+
+def _check_channel_mismatch(rank, world_size):
+    layer = normext.SyncBatchNorm(4)
+    channels = 4 if rank == 0 else 3
+    with pytest.raises(ValueError, match="rank 1 of the process group got an input with 3 channels"):
+        layer(torch.randn(2, channels, 3, 3))
+
+
+def test_sync_channel_mismatch_raises_on_every_rank():
+    _run(2, _check_channel_mismatch)
+
+
+class _SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6),
+                                        torch.nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _check_ddp(rank, world_size, sizes):
+    torch.manual_seed(0)
+    model = _SmallCNN().double()
+    reference = copy.deepcopy(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(normext.convert(model, sync=True))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    total = sum(sizes)
+    mine = _slices(sizes)[rank]
+    for step in range(3):
+        x = torch.randn(total, 3, 8, 8, dtype=torch.float64)
+        y = torch.randint(0, 3, (total,))
+        loss_ref = torch.nn.functional.cross_entropy(reference(x), y, reduction="sum") / total
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+        # DDP averages gradients over ranks: scale the local share of the loss by world_size.
+        local = torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine], reduction="sum")
+        opt.zero_grad()
+        (local * world_size / total).backward()
+        opt.step()
+        summed = local.detach().clone()
+        dist.all_reduce(summed)
+        torch.testing.assert_close(summed / total, loss_ref.detach(), rtol=1e-9, atol=1e-9)
+    for p, q in zip(ddp.module.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-8)
+    for b, c in zip(ddp.module.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-8, atol=1e-8)
+
+
+def test_ddp_training_matches_single_process():
+    _run(2, _check_ddp, [5, 3])
+
+
+def test_no_process_group_runs_locally():
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    reference = torch.nn.BatchNorm2d(3)
+    layer = normext.SyncBatchNorm(3)
+    torch.testing.assert_close(layer(x), reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_convert_sync_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+                                normext.BatchNorm2d(4, affine=False))
+    weight = model[1].weight
+    converted = normext.convert(model, sync=True)
+    assert isinstance(converted[1], normext.SyncBatchNorm)
+    assert isinstance(converted[2], normext.SyncBatchNorm)
+    assert converted[1].weight is weight
+    assert converted[2].weight is None
