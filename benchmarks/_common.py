@@ -7,6 +7,7 @@ this folder is on sys.path)."""
 import contextlib
 import datetime
 import gc
+import json
 import math
 import os
 import platform
@@ -42,6 +43,7 @@ except ImportError as error:
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                  "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
 
@@ -74,6 +76,14 @@ def parse_dtypes(text: str) -> list[str]:
 
 def split_list(text: str) -> list[str]:
     return [item.strip().lower() for item in text.split(",") if item.strip()]
+
+
+def parse_choices(text: str, allowed: Iterable[str], what: str) -> list[str]:
+    values, allowed = split_list(text), list(allowed)
+    unknown = [value for value in values if value not in allowed]
+    if unknown or not values:
+        sys.exit(f"error: bad {what} {unknown or text!r}; choose from {', '.join(allowed)}")
+    return values
 
 
 def apply_threads(threads: int | None) -> None:
@@ -121,7 +131,6 @@ class Timer:
 
     def run(self, fn: Callable[[], object], iters: int) -> float:
         """Total seconds of `iters` calls of fn, with the garbage collector off."""
-        gc.collect()
         gc.disable()
         try:
             self.synchronize()
@@ -158,19 +167,28 @@ class Timer:
 
 
 def interleaved_timings(fns: dict[str, Callable[[], object]], device: torch.device,
-                        rounds: int, min_time: float, warmup: int = 3) -> dict[str, Timing]:
+                        rounds: int, min_time: float = 0.0, warmup: int = 3,
+                        iters: int | None = None) -> dict[str, Timing]:
     """Times every fn once per round, rotating which goes first, so slow drifts
-    of the machine (clocks, other load) hit all of them alike. Returns the
-    per-call timings of each, whose median is the figure to report."""
+    of the machine (clocks, other load) hit all of them alike; each measurement
+    is `iters` calls, or as many as last min_time. Returns the per-call timings
+    of each, whose median is the figure to report."""
     timer = Timer(device)
-    iters = {name: timer.calibrate(fn, min_time, warmup) for name, fn in fns.items()}
+    gc.collect()
+    if iters is None:
+        counts = {name: timer.calibrate(fn, min_time, warmup) for name, fn in fns.items()}
+    else:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        counts = dict.fromkeys(fns, iters)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(timer.run(fns[name], iters[name]) / iters[name])
-    return {name: Timing(samples[name], iters[name]) for name in names}
+            samples[name].append(timer.run(fns[name], counts[name]) / counts[name])
+    return {name: Timing(samples[name], counts[name]) for name in names}
 
 
 # ------------------------------------------------------------- peak memory
@@ -208,8 +226,9 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None:
         return None
+    cpu = torch.autograd.DeviceType.CPU
     events = [event for event in results.events()
-              if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
+              if event.name() == "[memory]" and event.device_type() == cpu]
     events.sort(key=lambda event: event.start_ns())
     current = peak = 0
     for event in events:
@@ -241,6 +260,26 @@ def cpu_peak_method_ok() -> tuple[bool, str]:
     measured = _cpu_peak_bytes(lambda: x * 2)
     ok = measured is not None and expected <= measured <= expected + 4096
     return ok, f"CPU peak-memory self-check: x * 2 on {expected} B -> {measured} B"
+
+
+def peak_memory_method(device: torch.device, what: str) -> tuple[bool, str]:
+    """Whether peak_memory_bytes can be trusted on `device` (checked on the
+    CPU), and a sentence for the report on how the peak of `what` is measured."""
+    if device.type == "cuda":
+        return True, (f"Peak MB: torch.cuda.max_memory_allocated during {what} minus what was "
+                      "allocated before it.")
+    ok, message = cpu_peak_method_ok()
+    log(message + (" (ok)" if ok else " (wrong: peak memory not reported)"))
+    if not ok:
+        return False, ("Peak MB: n/a, the profiler's memory events failed a self-check "
+                       f"({message}).")
+    return True, (f"Peak MB: the most memory {what} holds at once beyond what existed before "
+                  "it, from the CPU allocation events of torch.profiler (profile_memory=True); "
+                  "allocations that bypass torch's allocator are not seen.")
+
+
+def fmt_mb(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 1e6:.4g}"
 
 
 # ---------------------------------------------------------------- metadata
@@ -335,7 +374,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]],
     "r" per column (default: all left)."""
     rows = [[str(cell) for cell in row] for row in rows]
     align = align or "l" * len(headers)
-    widths = [max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(headers)]
+    widths = [max([len(header)] + [len(row[i]) for row in rows])
+              for i, header in enumerate(headers)]
 
     def line(cells):
         return "| " + " | ".join(cell.rjust(width) if side == "r" else cell.ljust(width)
@@ -351,13 +391,7 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def write_json(path: str, payload: dict) -> None:
-    import json
-
     with open(path, "w") as out:
         json.dump(payload, out, indent=2, default=str)
         out.write("\n")
@@ -365,7 +399,13 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def append_markdown(path: str, text: str) -> None:
+    """Appends a report to a Markdown file such as benchmarks/RESULTS.md,
+    starting it with a title if it is new."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a") as out:
+        if new:
+            out.write("# normext benchmark results\n\n"
+                      "Appended by `--markdown-out`; see benchmarks/README.md.\n\n")
         out.write(text.rstrip("\n") + "\n\n")
     log(f"appended the report to {path}")
 
@@ -382,9 +422,3 @@ class Report:
     def render(self) -> str:
         parts = [f"## {self.title}", metadata_markdown(self.info, self.command)]
         return "\n\n".join(parts + self.sections) + "\n"
-
-
-__all__ = ["DTYPES", "REPO_ROOT", "Report", "Timer", "Timing", "append_markdown", "apply_threads",
-           "command_line", "cpu_peak_method_ok", "default_device", "fmt", "geomean",
-           "interleaved_timings", "log", "markdown_table", "metadata", "normext",
-           "parse_device", "parse_dtypes", "peak_memory_bytes", "split_list", "write_json"]

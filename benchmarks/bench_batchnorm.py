@@ -33,12 +33,11 @@ MODE_TITLES = {
 # then normalize) and writes the output once; eval reads once, writes once;
 # the backward reads x and grad_out twice each and writes grad_input.
 IDEAL_PASSES = {"train": 3, "eval": 2, "fwdbwd": 3 + 5}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # (rtol, atol) of the correctness guard, per input dtype.
 TOLERANCES = {"float64": (1e-7, 1e-7), "float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2),
               "bfloat16": (4e-2, 4e-2)}
 MOMENTUM, EPS = 0.1, 1e-5
-MB, GB = 1e6, 1e9
+GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Tensors:
     def __init__(self, case: Case, device: torch.device):
         n, c, h, w = case.shape
         gen = torch.Generator().manual_seed(1_000_003 * c + 1009 * h + w)
-        dtype, layout = common.DTYPES[case.dtype], LAYOUTS[case.layout]
+        dtype, layout = common.DTYPES[case.dtype], common.LAYOUTS[case.layout]
 
         def make(*size, scale=1.0, shift=0.0, uniform=False):
             base = torch.rand(size, generator=gen) if uniform else torch.randn(size, generator=gen)
@@ -184,10 +183,6 @@ def _shape(row) -> str:
     return ",".join(map(str, row["shape"]))
 
 
-def _mb(value) -> str:
-    return "n/a" if value is None else f"{value / MB:.4g}"
-
-
 def _ms(value: float) -> str:
     return f"{value:.4g}"
 
@@ -201,11 +196,12 @@ def mode_table(rows: list[dict], mode: str) -> str:
     lines = []
     for row in rows:
         line = [row["mode"], row["dtype"], row["layout"], _shape(row), _ms(row["torch_ms"]),
-                _ms(row["normext_ms"]), f"{row['speedup']:.2f}", _mb(row["ideal_bytes"]),
+                _ms(row["normext_ms"]), f"{row['speedup']:.2f}", common.fmt_mb(row["ideal_bytes"]),
                 f"{row['normext_gbps']:.3g}", f"{100 * row['fraction_of_copy_bw']:.0f}%",
                 f"{row['x_copy_floor']:.2f}"]
         if with_memory:
-            line += [_mb(row.get("peak_bytes_torch")), _mb(row.get("peak_bytes_normext"))]
+            line += [common.fmt_mb(row.get("peak_bytes_torch")),
+                     common.fmt_mb(row.get("peak_bytes_normext"))]
         lines.append(line)
     return common.markdown_table(headers, lines, align="llll" + "r" * (len(headers) - 4))
 
@@ -252,13 +248,19 @@ def build_report(rows: list[dict], info: dict, args, memory_note: str | None) ->
     return report.render()
 
 
-def plot(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+def have_matplotlib(path: str) -> bool:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        log(f"warning: --plot {path} skipped: matplotlib is not installed "
-            "(pip install matplotlib)")
-        return
+        log(f"warning: no --plot {path}: matplotlib is not installed (pip install matplotlib); "
+            "the tables and --json are written as usual")
+        return False
+    return True
+
+
+def plot(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -309,7 +311,8 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults: --min-time 0.1 s on the CPU, 0.02 s on CUDA; --quick means shapes "
                f"{QUICK_SHAPES}, --repeats 3, --min-time 0.02 unless given.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=common.default_device())
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=common.default_device(),
+                        help="default: cuda if available, else cpu")
     parser.add_argument("--dtypes", help="comma list (default: float32,bfloat16 on the CPU, "
                                          "float32,float16,bfloat16 on CUDA)")
     parser.add_argument("--layouts", default="nchw,channels_last",
@@ -336,12 +339,8 @@ def parse_args(argv=None):
     on_cuda = args.device.type == "cuda"
     args.dtypes = common.parse_dtypes(
         args.dtypes or ("float32,float16,bfloat16" if on_cuda else "float32,bfloat16"))
-    args.layouts = common.split_list(args.layouts)
-    args.modes = common.split_list(args.modes)
-    for name, values, allowed in (("layout", args.layouts, LAYOUTS), ("mode", args.modes, MODES)):
-        unknown = [value for value in values if value not in allowed]
-        if unknown or not values:
-            parser.error(f"bad {name}s {unknown}; choose from {', '.join(allowed)}")
+    args.layouts = common.parse_choices(args.layouts, common.LAYOUTS, "--layouts")
+    args.modes = common.parse_choices(args.modes, MODES, "--modes")
     args.shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else RESNET50_SHAPES),
                                args.batch)
     if args.repeats is None:
@@ -350,6 +349,8 @@ def parse_args(argv=None):
         args.min_time = 0.02 if args.quick or on_cuda else 0.1
     if args.batch < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error("--batch and --repeats must be positive, --min-time > 0")
+    if args.plot and not have_matplotlib(args.plot):
+        args.plot = None
     return args
 
 
@@ -360,16 +361,8 @@ def main(argv=None) -> None:
     info = common.metadata(args.device, "bench_batchnorm")
 
     memory_ok, memory_note = True, None
-    if "fwdbwd" in args.modes and args.device.type == "cpu":
-        memory_ok, message = common.cpu_peak_method_ok()
-        log(message + (" (ok)" if memory_ok else " (wrong: peak memory not reported)"))
-        memory_note = ("Peak MB: the most memory one fwd+bwd holds at once beyond its inputs, "
-                       "from torch.profiler's CPU allocation events."
-                       if memory_ok else "Peak MB: n/a, the profiler's memory events failed "
-                                         f"their self-check ({message}).")
-    elif "fwdbwd" in args.modes:
-        memory_note = ("Peak MB: torch.cuda.max_memory_allocated during one fwd+bwd minus "
-                       "what was allocated before it.")
+    if "fwdbwd" in args.modes:
+        memory_ok, memory_note = common.peak_memory_method(args.device, "one fwd+bwd")
 
     cases = [Case(dtype, layout, shape)
              for dtype in args.dtypes for layout in args.layouts for shape in args.shapes]

@@ -1,0 +1,195 @@
+"""One training step of torchvision's ResNet-50: torch.nn vs normext.convert.
+
+    python benchmarks/bench_resnet50.py                          # batch 16, 224x224
+    python benchmarks/bench_resnet50.py --device cpu --threads 8 --steps 2
+    python benchmarks/bench_resnet50.py --size 64 --batch 2 --steps 1 --repeats 2   # smoke run
+
+A step is forward, cross-entropy, backward and an SGD step (momentum 0.9).
+The torch model and its normext.convert(copy.deepcopy(...)) twin start from
+the same weights and run interleaved in the same process, in NCHW and in
+channels_last. Needs torchvision (optional: without it this says so and exits
+0). Progress goes to stderr, a Markdown report to stdout. See README.md.
+"""
+
+import argparse
+import copy
+import sys
+
+import _common as common
+from _common import log, normext
+
+import torch
+import torch.nn.functional as F
+
+NUM_CLASSES = 1000
+# (rtol) on the first step's loss, per dtype: a guard against a broken swap,
+# not a precision test.
+LOSS_RTOL = {"float64": 1e-6, "float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
+# Batch statistics over a handful of values (batch 2 at 32x32: two per channel
+# in layer4) amplify rounding differences through the network: no check there.
+MIN_VALUES_TO_CHECK = 8
+
+
+def train_step(model, optimizer, images, labels):
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def make_models(torchvision, device, dtype, layout):
+    """The torch.nn model and its converted twin, with identical weights."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(num_classes=NUM_CLASSES)
+    reference = reference.to(device=device, dtype=dtype, memory_format=layout).train()
+    converted = normext.convert(copy.deepcopy(reference))
+    swapped = sum(type(m).__module__.startswith("normext") for m in converted.modules())
+    if swapped == 0:
+        sys.exit("error: normext.convert swapped no BatchNorm layer of resnet50")
+    return {"torch": reference, "normext": converted}, swapped
+
+
+def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: bool) -> dict:
+    device, dtype = args.device, common.DTYPES[dtype_name]
+    layout = common.LAYOUTS[layout_name]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
+    images = images.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+    labels = torch.randint(NUM_CLASSES, (args.batch,), generator=gen).to(device)
+
+    models, swapped = make_models(torchvision, device, dtype, layout)
+    steps, optimizers, losses = {}, {}, {}
+    for name, model in models.items():
+        optimizers[name] = optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        steps[name] = (lambda m=model, o=optimizer: train_step(m, o, images, labels))
+        losses[name] = steps[name]().item()  # first step: same weights, same loss
+    if args.check:
+        rtol = LOSS_RTOL[dtype_name]
+        if abs(losses["normext"] - losses["torch"]) > rtol * abs(losses["torch"]):
+            sys.exit(f"error: first-step loss of the normext model {losses['normext']:.6g} differs "
+                     f"from torch's {losses['torch']:.6g} (rtol {rtol}) for {dtype_name} "
+                     f"{layout_name}; pass --no-check to time anyway.")
+
+    timings = common.interleaved_timings(steps, device, args.repeats, warmup=args.warmup,
+                                         iters=args.steps)
+    t_torch, t_normext = timings["torch"].median, timings["normext"].median
+    row = {
+        "dtype": dtype_name, "layout": layout_name,
+        "input": [args.batch, 3, args.size, args.size], "bn_layers": swapped,
+        "torch_ms": t_torch * 1e3, "normext_ms": t_normext * 1e3,
+        "speedup": t_torch / t_normext,
+        "torch_img_s": args.batch / t_torch, "normext_img_s": args.batch / t_normext,
+        "first_loss_torch": losses["torch"], "first_loss_normext": losses["normext"],
+        "timings": {name: timing.as_dict() for name, timing in timings.items()},
+    }
+    if memory_ok:
+        for name, step in steps.items():
+            # Free the last step's gradients first, so the peak counts this
+            # step's gradients and activations on top of weights and optimizer state.
+            optimizers[name].zero_grad(set_to_none=True)
+            row[f"peak_bytes_{name}"] = common.peak_memory_bytes(step, device)
+    return row
+
+
+def results_table(rows: list[dict]) -> str:
+    headers = ["dtype", "layout", "input (N,C,H,W)", "torch ms/step", "normext ms/step",
+               "speedup", "torch img/s", "normext img/s", "peak MB torch", "peak MB normext"]
+    lines = [[row["dtype"], row["layout"], ",".join(map(str, row["input"])),
+              f"{row['torch_ms']:.4g}", f"{row['normext_ms']:.4g}", f"{row['speedup']:.3f}",
+              f"{row['torch_img_s']:.4g}", f"{row['normext_img_s']:.4g}",
+              common.fmt_mb(row.get("peak_bytes_torch")),
+              common.fmt_mb(row.get("peak_bytes_normext"))] for row in rows]
+    return common.markdown_table(headers, lines, align="lll" + "r" * 7)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=common.default_device(),
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
+    parser.add_argument("--size", type=int, default=224, help="image height and width "
+                                                              "(default 224)")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma list; the model is .to(dtype) (default float32)")
+    parser.add_argument("--layouts", default="nchw,channels_last",
+                        help="comma list of nchw, channels_last (default: both)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per model per round (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per model before timing (default 2)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the check that both models give the same first-step loss")
+    parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
+    parser.add_argument("--markdown-out", metavar="FILE",
+                        help="also append the Markdown report to FILE (e.g. benchmarks/RESULTS.md)")
+    args = parser.parse_args(argv)
+    args.device = common.parse_device(args.device)
+    args.dtypes = common.parse_dtypes(args.dtypes)
+    args.layouts = common.parse_choices(args.layouts, common.LAYOUTS, "--layouts")
+    if min(args.batch, args.size, args.steps, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--batch, --size, --steps and --repeats must be positive, --warmup >= 0")
+    if args.size < 32:
+        parser.error("--size must be at least 32 (ResNet-50 downsamples 32x)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        import torchvision
+    except ImportError:
+        print("bench_resnet50 needs torchvision, which is not installed; skipping.\n"
+              "Install the build matching your torch (e.g. `pip install torchvision`) to run it.",
+              file=sys.stderr)
+        sys.exit(0)
+    common.apply_threads(args.threads)
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    info = common.metadata(args.device, "bench_resnet50")
+    info["torchvision"] = torchvision.__version__
+    memory_ok, memory_note = common.peak_memory_method(
+        args.device, "one training step (gradients released before it)")
+    values_per_channel = args.batch * (args.size // 32) ** 2  # in the last BatchNorm layers
+    args.check = not args.no_check and values_per_channel >= MIN_VALUES_TO_CHECK
+    if not args.no_check and not args.check:
+        log(f"note: loss check skipped: the last BatchNorm layers normalize {values_per_channel} "
+            "values per channel, too few for a well-conditioned comparison")
+
+    configs = [(dtype, layout) for dtype in args.dtypes for layout in args.layouts]
+    log(f"ResNet-50 training step, batch {args.batch}, {args.size}x{args.size}, on "
+        f"{info.get('gpu') or info['cpu']} ({torch.get_num_threads()} threads): "
+        f"{args.repeats} rounds of {args.steps} step(s)")
+    rows = []
+    for dtype, layout in configs:
+        row = measure(torchvision, args, dtype, layout, memory_ok)
+        rows.append(row)
+        log(f"[{len(rows)}/{len(configs)}] {dtype} {layout}: torch {row['torch_ms']:.4g} ms, "
+            f"normext {row['normext_ms']:.4g} ms, speedup {row['speedup']:.3f}")
+
+    report = common.Report("ResNet-50 training step: torch.nn vs normext.convert", info,
+                           common.command_line())
+    report.sections.append(
+        f"torchvision {torchvision.__version__} resnet50 ({rows[0]['bn_layers']} BatchNorm2d "
+        f"layers swapped), {args.device.type}, batch {args.batch}, {args.size}x{args.size}; a step "
+        "is forward + cross-entropy + backward + SGD(momentum 0.9). Median over "
+        f"{args.repeats} interleaved rounds of {args.steps} step(s) per model, after "
+        f"{args.warmup + 1} warm-up steps. speedup = torch ms / normext ms (> 1: normext faster).")
+    report.sections.append(results_table(rows) + "\n\n" + memory_note)
+    rendered = report.render()
+    print(rendered)
+    if args.markdown_out:
+        common.append_markdown(args.markdown_out, rendered)
+    if args.json:
+        common.write_json(args.json, {"metadata": info, "settings": {
+            "device": args.device.type, "batch": args.batch, "size": args.size,
+            "dtypes": args.dtypes, "layouts": args.layouts, "steps": args.steps,
+            "repeats": args.repeats, "warmup": args.warmup, "check": args.check},
+            "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
