@@ -67,23 +67,30 @@ def tolerances(dtype: torch.dtype) -> dict:
     return {"rtol": rtol, "atol": atol}
 
 
-def assert_close(actual, expected, dtype=None, *, scaled=True, msg=None):
+def assert_close(actual, expected, dtype=None, *, scaled=True, factor=1.0, msg=None):
     """torch.testing.assert_close with the tolerances of `dtype` (default:
     actual's dtype). `scaled` multiplies atol by max(1, max|expected|), since
-    reductions (weight grads, sums) grow with the values they add up. Values
-    are compared in float64, NaN equal to NaN."""
+    reductions (weight grads, sums) grow with the values they add up; `factor`
+    multiplies both tolerances (for ill-conditioned data, e.g. the ratio
+    |mean| / std, which scales the rounding error of x - mean). Values are
+    compared in float64, NaN equal to NaN."""
     if actual is None or expected is None:
         assert actual is None and expected is None, (actual, expected)
         return
+    if not actual.is_floating_point():  # integer buffers (num_batches_tracked): exact
+        assert actual.dtype == expected.dtype, msg
+        assert torch.equal(actual.cpu(), expected.cpu()), msg
+        return
     dtype = actual.dtype if dtype is None else dtype
-    tol = tolerances(dtype)
+    tol = {key: value * factor for key, value in tolerances(dtype).items()}
     expected64 = expected.detach().to(device=actual.device, dtype=torch.float64)
     if scaled:
         finite = expected64[torch.isfinite(expected64)]
         magnitude = finite.abs().max().item() if finite.numel() else 1.0
         tol["atol"] *= max(1.0, magnitude)
+    full_msg = None if msg is None else (lambda default: f"{msg}\n{default}")
     torch.testing.assert_close(actual.detach().to(torch.float64), expected64, equal_nan=True,
-                               check_device=False, msg=msg, **tol)
+                               check_device=False, msg=full_msg, **tol)
 
 
 def memory_formats_of(t: torch.Tensor) -> dict:

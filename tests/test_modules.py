@@ -597,7 +597,7 @@ def test_error_only_one_running_stat_in_training(given):
 @pytest.mark.parametrize("given,message", [
     ("running_mean", "running_var must be defined in evaluation mode"),
     ("running_var", "running_mean must be defined in evaluation mode"),
-])
+], ids=["only_running_mean", "only_running_var"])
 def test_error_only_one_running_stat_in_eval(given, message):
     def call(impl):
         stats = dict(running_mean=None, running_var=None)

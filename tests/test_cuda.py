@@ -1,0 +1,343 @@
+"""Tests that need a CUDA GPU (and normext built with its CUDA kernels); all
+skip elsewhere. The generic per-device tests in the other files run on CUDA
+too; these cover what only a GPU has: streams, graphs, determinism of the
+CUDA kernels, vectorization edge cases and 64-bit indexing."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normext
+from conftest import assert_close, memory_formats_of, requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+DEVICE = "cuda"
+
+TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                 5: torch.nn.BatchNorm3d}
+NORMEXT_CLASSES = {2: normext.BatchNorm1d, 3: normext.BatchNorm1d, 4: normext.BatchNorm2d,
+                   5: normext.BatchNorm3d}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+                  "channels_last_3d": torch.channels_last_3d}
+
+
+def _pair(shape, dtype, param_dtype, device=DEVICE):
+    C = shape[1]
+    theirs = TORCH_CLASSES[len(shape)](C, device=device, dtype=param_dtype)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+        theirs.running_mean.uniform_(-0.5, 0.5)
+        theirs.running_var.uniform_(0.5, 1.5)
+    ours = NORMEXT_CLASSES[len(shape)](C, device=device, dtype=param_dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _step(module, x, grad_out):
+    """One forward/backward; returns (output, input grad, weight grad, bias grad)."""
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_()  # same storage, strides and offset
+    out = module(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad, module.weight.grad, module.bias.grad
+
+
+CASES = [
+    # (shape, memory format, input dtype, parameter dtype)
+    ((16, 5), "contiguous", torch.float32, torch.float32),
+    ((8, 6, 33), "contiguous", torch.float32, torch.float32),
+    ((4, 8, 9, 11), "contiguous", torch.float32, torch.float32),
+    ((4, 8, 9, 11), "channels_last", torch.float32, torch.float32),
+    ((4, 8, 9, 11), "channels_last", torch.float16, torch.float32),
+    ((4, 8, 9, 11), "contiguous", torch.bfloat16, torch.float32),
+    ((4, 8, 9, 11), "channels_last", torch.bfloat16, torch.bfloat16),
+    ((4, 8, 9, 11), "contiguous", torch.float16, torch.float16),
+    ((4, 8, 9, 11), "contiguous", torch.float64, torch.float64),
+    ((2, 4, 3, 5, 7), "channels_last_3d", torch.float32, torch.float32),
+    ((2, 4, 3, 5, 7), "contiguous", torch.float16, torch.float32),
+    ((64, 32, 7, 7), "channels_last", torch.float16, torch.float32),
+    ((3, 256, 2, 2), "channels_last", torch.float32, torch.float32),
+    ((2, 3, 128, 130), "contiguous", torch.float32, torch.float32),
+]
+
+
+def _case_id(case):
+    shape, fmt, dtype, param_dtype = case
+    name = f"{'x'.join(map(str, shape))}-{fmt}-{str(dtype)[6:]}"
+    return name if dtype == param_dtype else name + "-params_float32"
+
+
+def _make_input(shape, fmt, dtype, device=DEVICE, scale=2.0, shift=0.5):
+    x = torch.randn(shape, device=device, dtype=torch.float64) * scale + shift
+    return x.to(dtype).contiguous(memory_format=MEMORY_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_on_same_gpu_and_float64_cpu(case, training):
+    shape, fmt, dtype, param_dtype = case
+    ours, theirs = _pair(shape, dtype, param_dtype)
+    reference = copy.deepcopy(theirs).to("cpu", torch.float64)
+    for m in (ours, theirs, reference):
+        m.train(training)
+    x = _make_input(shape, fmt, dtype)
+    grad_out = torch.randn(shape, device=DEVICE).to(dtype).contiguous(
+        memory_format=MEMORY_FORMATS[fmt])
+    mine = _step(ours, x, grad_out)
+    gpu_torch = _step(theirs, x, grad_out)
+    cpu64 = _step(reference, x.cpu().double(), grad_out.cpu().double())
+    assert mine[0].dtype == gpu_torch[0].dtype == dtype
+    assert memory_formats_of(mine[0]) == memory_formats_of(gpu_torch[0])
+    grad_dtypes = [dtype, dtype, param_dtype, param_dtype]
+    for name, a, b, c, tol_dtype in zip(["output", "input grad", "weight grad", "bias grad"],
+                                        mine, gpu_torch, cpu64, grad_dtypes):
+        assert a.device.type == DEVICE
+        # against float64: the dtype's rounding only; against torch on the
+        # same GPU: both roundings
+        assert_close(a, c, tol_dtype, msg=f"{name} vs float64 CPU")
+        assert_close(a, b, tol_dtype, factor=2.0, msg=f"{name} vs torch on the GPU")
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(ours, name), getattr(reference, name), param_dtype, msg=name)
+        assert_close(getattr(ours, name), getattr(theirs, name), param_dtype, factor=2.0,
+                     msg=name)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_large_mean_statistics_float32(fmt):
+    """1e4 + randn: the mean is 1e4 times the spread (see test_ops.py)."""
+    x = _make_input((16, 4, 32, 32), fmt, torch.float32, scale=1.0, shift=1e4)
+    x64 = x.double()
+    mean, var = normext.ops.batch_norm_moments(x)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-5,
+                               atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_near_max(fmt, dtype):
+    """6e4 - rand * 100: squares overflow float16; everything stays finite."""
+    x = (6e4 - torch.rand(8, 4, 8, 8, device=DEVICE) * 100).to(dtype).contiguous(
+        memory_format=MEMORY_FORMATS[fmt])
+    x64 = x.double()
+    mean, var = normext.ops.batch_norm_moments(x)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=1e-3)
+    out, _, _ = normext.ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    assert torch.isfinite(out).all()
+    ref = (x64 - x64.mean((0, 2, 3), keepdim=True)) * torch.rsqrt(
+        x64.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=_case_id)
+def test_repeated_runs_are_bit_identical(case):
+    shape, fmt, dtype, param_dtype = case
+    ours, _ = _pair(shape, dtype, param_dtype)
+    initial = copy.deepcopy(ours.state_dict())
+    x = _make_input(shape, fmt, dtype)
+    grad_out = torch.randn_like(x)
+    results = []
+    for _ in range(3):
+        ours.load_state_dict(initial)
+        step = _step(ours, x, grad_out)
+        results.append(step + (ours.running_mean.clone(), ours.running_var.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_non_default_stream():
+    """The kernels run on the current stream: work queued on a side stream
+    sees inputs produced on that stream and is ordered with it."""
+    shape = (32, 16, 24, 24)
+    ours, theirs = _pair(shape, torch.float32, torch.float32)
+    side = torch.cuda.Stream()
+    default = torch.cuda.current_stream()
+    side.wait_stream(default)
+    with torch.cuda.stream(side):
+        # produced on the side stream, used right away on it
+        x = (torch.randn(shape, device=DEVICE) * 3 + 1).contiguous(
+            memory_format=torch.channels_last)
+        x.requires_grad_()
+        out = ours(x)
+        out.backward(torch.ones_like(out))
+        stats = ours.running_mean.clone(), ours.running_var.clone()
+    default.wait_stream(side)
+    for t in (x, out, *stats):
+        t.record_stream(default)
+    x_ref = x.detach().clone().requires_grad_()
+    expected = theirs(x_ref)
+    expected.backward(torch.ones_like(expected))
+    assert_close(out, expected)
+    assert_close(x.grad, x_ref.grad)
+    assert_close(stats[0], theirs.running_mean)
+    assert_close(stats[1], theirs.running_var)
+
+
+def test_cuda_graph_capture_and_replay_training_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), normext.BatchNorm2d(8),
+        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4),
+        normext.BatchNorm1d(4)).to(DEVICE)
+    eager = copy.deepcopy(model)
+    static_x = torch.randn(5, 3, 6, 6, device=DEVICE)
+
+    def train_step(m, x):
+        out = m(x)
+        loss = out.square().mean() + out[:, 0].sum()
+        loss.backward()
+        return loss
+
+    # warm up on a side stream, as torch.cuda.graphs requires
+    warmup_inputs = [torch.randn(5, 3, 6, 6, device=DEVICE) for _ in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x in warmup_inputs:
+            model.zero_grad(set_to_none=True)
+            static_x.copy_(x)
+            train_step(model, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in warmup_inputs:
+        eager.zero_grad(set_to_none=True)
+        train_step(eager, x)
+
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = train_step(model, static_x)
+
+    for replay in range(3):
+        x = torch.randn(5, 3, 6, 6, device=DEVICE)
+        static_x.copy_(x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        loss = train_step(eager, x)
+        torch.cuda.synchronize()
+        assert_close(static_loss, loss, msg=f"replay {replay}: loss")
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert_close(p.grad, q.grad, msg=f"replay {replay}: grad of {name}")
+        for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+            assert_close(b, c, msg=f"replay {replay}: {name}")
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5, 7, 12, 13, 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_channels_last_odd_channel_counts(channels, dtype):
+    """Vectorized channels-last kernels with C not a multiple of 4 or 8, and
+    a misaligned base pointer (a view starting one element in)."""
+    shape = (6, channels, 5, 7)
+    param_dtype = torch.float32
+    for offset in (0, 1):
+        ours, theirs = _pair(shape, dtype, param_dtype)
+        reference = copy.deepcopy(theirs).to("cpu", torch.float64)
+        storage = torch.randn(6 * channels * 5 * 7 + offset, device=DEVICE).to(dtype)
+        x = storage[offset:].view(6, 5, 7, channels).permute(0, 3, 1, 2)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn_like(x)
+        mine = _step(ours, x, grad_out)
+        cpu64 = _step(reference, x.cpu().double(), grad_out.cpu().double())
+        gpu_torch = _step(theirs, x, grad_out)
+        assert memory_formats_of(mine[0]) == memory_formats_of(gpu_torch[0])
+        for name, a, c, tol_dtype in zip(["output", "input grad", "weight grad", "bias grad"],
+                                         mine, cpu64, [dtype, dtype, param_dtype, param_dtype]):
+            assert_close(a, c, tol_dtype, msg=f"offset {offset}: {name}")
+        assert_close(ours.running_mean, reference.running_mean)
+        assert_close(ours.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("which", ["weight", "running_stats", "input"])
+def test_error_cpu_and_cuda_tensors_mixed(which):
+    tensors = dict(input=torch.randn(4, 3, 5, device=DEVICE),
+                   running_mean=torch.zeros(3, device=DEVICE),
+                   running_var=torch.ones(3, device=DEVICE), weight=torch.ones(3, device=DEVICE),
+                   bias=torch.zeros(3, device=DEVICE))
+    if which == "running_stats":
+        tensors["running_mean"] = tensors["running_mean"].cpu()
+        tensors["running_var"] = tensors["running_var"].cpu()
+    else:
+        tensors[which] = tensors[which].cpu()
+    args = (tensors["input"], tensors["running_mean"], tensors["running_var"],
+            tensors["weight"], tensors["bias"], True)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(*args)
+    with pytest.raises(RuntimeError):
+        normext.functional.batch_norm(*args)
+
+
+def test_other_gpu_index_is_respected():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = torch.randn(4, 3, 5, 5, device="cuda:1")
+    m = normext.BatchNorm2d(3).to("cuda:1")
+    out = m(x)
+    assert out.device == x.device
+    assert_close(out, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_more_than_2_31_elements_float16(fmt):
+    """64-bit indexing: 2**31 + 32768 half elements (4 GiB), forward and
+    backward, checked per channel in float64 chunks and at the far end."""
+    N, C, H, W = 65537, 2, 128, 128
+    assert N * C * H * W > 2**31
+    x = torch.empty((N, C, H, W), device=DEVICE, dtype=torch.float16,
+                    memory_format=MEMORY_FORMATS[fmt])
+    x.normal_()
+    x[:, 1].mul_(2).add_(3)
+    x[-1].fill_(1.5)  # the last image: far past 2**31 elements
+    # float64 per-channel moments in chunks
+    sums = torch.zeros(C, dtype=torch.float64, device=DEVICE)
+    squares = torch.zeros(C, dtype=torch.float64, device=DEVICE)
+    for chunk in x.split(4096):
+        c64 = chunk.double()
+        sums += c64.sum((0, 2, 3))
+        squares += c64.square().sum((0, 2, 3))
+        del c64
+    count = N * H * W
+    ref_mean = sums / count
+    ref_var = squares / count - ref_mean.square()
+    mean, var = normext.ops.batch_norm_moments(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+
+    rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    w, b = torch.tensor([1.5, 0.5], device=DEVICE), torch.tensor([0.25, -1.0], device=DEVICE)
+    out, save_mean, save_invstd = normext.ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1,
+                                                                 1e-5)
+    assert out.shape == x.shape and out.dtype == torch.float16
+    assert memory_formats_of(out) == memory_formats_of(x)
+    invstd64 = torch.rsqrt(ref_var + 1e-5)
+    for index in (0, N // 2, N - 1):
+        expected = ((x[index].double() - ref_mean.view(C, 1, 1)) * invstd64.view(C, 1, 1)
+                    * w.double().view(C, 1, 1) + b.double().view(C, 1, 1))
+        assert_close(out[index], expected, torch.float16, msg=f"output image {index}")
+    assert_close(rm, 0.1 * ref_mean, torch.float32)
+
+    grad_out = torch.empty_like(x).fill_(1.0)
+    grad_out[-1].fill_(-2.0)
+    dx, dw, db = normext.ops.batch_norm_backward(grad_out, x, w, save_mean, save_invstd, True)
+    del grad_out
+    assert dx.shape == x.shape and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    # sum(dy) = count - 3 * H * W (the last image has dy = -2 instead of 1)
+    torch.testing.assert_close(db.double(), torch.full((C,), count - 3.0 * H * W,
+                                                       dtype=torch.float64, device=DEVICE),
+                               rtol=1e-5, atol=0)
+    # far end of the input gradient: dx = (dy - mean_dy - xhat * proj) * invstd * w
+    dy_mean = (count - 3.0 * H * W) / count
+    xhat_last = (1.5 - ref_mean) * invstd64
+    dy_xhat_mean = dw.double() / count
+    expected_last = ((-2.0 - dy_mean - xhat_last * dy_xhat_mean) * invstd64 * w.double())
+    assert_close(dx[-1].double().amax((1, 2)), expected_last, torch.float16)
+    assert_close(dx[-1].double().amin((1, 2)), expected_last, torch.float16)
