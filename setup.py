@@ -23,8 +23,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Volta through Hopper as PTX-free SASS, plus PTX for newer GPUs.
-DEFAULT_CUDA_ARCHES = "7.0;8.0;8.6;9.0+PTX"
+# Turing (the oldest arch CUDA 13 supports) through Hopper as machine code,
+# plus PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHES = "7.5;8.0;8.6;9.0+PTX"
 
 
 def env_flag(name):

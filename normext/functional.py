@@ -95,6 +95,11 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    output, _, _ = _BatchNorm.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias)):
+        output, _, _ = _BatchNorm.apply(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
+    else:  # nothing to differentiate: skip autograd's bookkeeping
+        output, _, _ = ops.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
     return output

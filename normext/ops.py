@@ -6,6 +6,7 @@ accumulate dtype: float32, or float64 for a float64 input.
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from . import _extension  # noqa: F401  (registers the ops)
 
@@ -75,25 +76,23 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _channels_last_dense(t: Tensor) -> bool:
-    """Mirrors csrc/batch_norm/common.cpp: memory is (dim0, dim2.., dim1) row-major."""
-    expected = 1
-    for d in [1] + list(range(t.dim() - 1, 1, -1)) + [0]:
-        if t.size(d) == 1:
-            continue
-        if t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
+def _like_input(input: Tensor) -> Tensor:
+    """Mirrors csrc/batch_norm/common.cpp: the kernels work in the memory
+    format the strides suggest (as torch's batch norm does), keeping a dense
+    input's strides and making anything else dense in that format."""
+    memory_format = suggest_memory_format(input)
+    if input.is_contiguous(memory_format=memory_format):
+        return input.new_empty_strided(input.shape, input.stride())
+    return torch.empty_like(input, memory_format=memory_format)
 
 
-def _like_input(input: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The kernels keep a contiguous or channels-last input's strides and make
-    anything else contiguous."""
-    dtype = input.dtype if dtype is None else dtype
-    if input.is_contiguous() or _channels_last_dense(input):
-        return input.new_empty_strided(input.shape, input.stride(), dtype=dtype)
-    return input.new_empty(input.shape, dtype=dtype)
+def _check_same_device(input: Tensor, **tensors: Tensor | None) -> None:
+    """The device check of the kernels, so that a meta tensor among CPU ones
+    raises instead of reaching this fake kernel and returning garbage."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"batch_norm: expected {name} on the input's device "
+                               f"{input.device} but it is on {t.device}")
 
 
 def _stat(input: Tensor) -> Tensor:
@@ -111,31 +110,40 @@ def _(input):
 
 @torch.library.register_fake("normext::batch_norm_finalize")
 def _(mean, var, count, running_mean, running_var, momentum, eps):
+    _check_same_device(mean, var=var, running_mean=running_mean, running_var=running_var)
     return torch.empty_like(mean, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("normext::batch_norm_elemt")
 def _(input, weight, bias, mean, invstd):
+    _check_same_device(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward_reduce")
 def _(grad_out, input, mean, invstd, weight):
+    _check_same_device(input, grad_output=grad_out, mean=mean, invstd=invstd, weight=weight)
     grad_type = _param_dtype(input, weight)
     return _stat(input), _stat(input), _stat(input).to(grad_type), _stat(input).to(grad_type)
 
 
 @torch.library.register_fake("normext::batch_norm_backward_elemt")
 def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    _check_same_device(input, grad_output=grad_out, mean=mean, invstd=invstd, weight=weight,
+                       sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_forward")
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias)
     return _like_input(input), _stat(input), _stat(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward")
 def _(grad_out, input, weight, save_mean, save_invstd, training):
+    _check_same_device(input, grad_output=grad_out, weight=weight, save_mean=save_mean,
+                       save_invstd=save_invstd)
     grad_type = _param_dtype(input, weight)
     return _like_input(input), _stat(input).to(grad_type), _stat(input).to(grad_type)

@@ -136,7 +136,9 @@ def test_moments_float32_large_mean(memory_format, device):
     torch.testing.assert_close(save_invstd.double(), torch.rsqrt(ref_var + 1e-5), rtol=1e-5,
                                atol=0)
     ref_out = (x64 - ref_mean.view(1, -1, 1, 1)) * torch.rsqrt(ref_var + 1e-5).view(1, -1, 1, 1)
-    assert_close(out, ref_out, torch.float32)
+    # The float32 mean itself is only good to |mean| * 2^-24 ~ 6e-4 here, which
+    # bounds any float32 kernel's output error (torch's is 4e-4 on this data).
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e4 * 2.0**-22)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)

@@ -3,49 +3,19 @@
 #include <ATen/ATen.h>
 
 namespace normext::batch_norm {
-namespace {
-
-// True when the memory is (dim0, dim2, ..., dimK, dim1) row-major, i.e. the
-// channels are the fastest dim and the rest is dense. Size-1 dims are ignored.
-bool is_channels_last_dense(const at::Tensor& t) {
-  const int64_t dims = t.dim();
-  int64_t expected = 1;
-  const auto check = [&](int64_t d) {
-    if (t.size(d) == 1) return true;
-    if (t.stride(d) != expected) return false;
-    expected *= t.size(d);
-    return true;
-  };
-  if (!check(1)) return false;
-  for (int64_t d = dims - 1; d >= 2; --d) {
-    if (!check(d)) return false;
-  }
-  return check(0);
-}
-
-}  // namespace
-
 ChannelView channel_view(const at::Tensor& input) {
   ChannelView view;
   view.outer = input.size(0);
   view.channels = input.size(1);
   view.inner = 1;
   for (int64_t d = 2; d < input.dim(); ++d) view.inner *= input.size(d);
+  // torch's rule for batch norm: work (and answer) in the layout the strides
+  // suggest, copying inputs that are not dense in it.
+  const at::MemoryFormat format = input.suggest_memory_format();
+  view.data = input.is_contiguous(format) ? input : input.contiguous(format);
   // With one spatial element both layouts are the same memory; the
   // channels-last kernels vectorize over C, which is then the long dim.
-  if (view.inner == 1 && is_channels_last_dense(input)) {
-    view.data = input;
-    view.channels_last = true;
-  } else if (input.is_contiguous()) {
-    view.data = input;
-    view.channels_last = false;
-  } else if (is_channels_last_dense(input)) {
-    view.data = input;
-    view.channels_last = true;
-  } else {
-    view.data = input.contiguous();
-    view.channels_last = false;
-  }
+  view.channels_last = format != at::MemoryFormat::Contiguous || view.inner == 1;
   return view;
 }
 
@@ -80,11 +50,12 @@ void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weig
                   const c10::optional<at::Tensor>& running_mean,
                   const c10::optional<at::Tensor>& running_var) {
   const int64_t channels = input.size(1);
+  // torch's order, so that the first mismatch named is the same.
   const std::pair<const c10::optional<at::Tensor>*, const char*> params[] = {
-      {&weight, "weight"},
-      {&bias, "bias"},
       {&running_mean, "running_mean"},
-      {&running_var, "running_var"}};
+      {&running_var, "running_var"},
+      {&weight, "weight"},
+      {&bias, "bias"}};
   c10::optional<at::ScalarType> param_type;
   const char* first_name = nullptr;
   for (const auto& [param, name] : params) {

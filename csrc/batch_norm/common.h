@@ -21,9 +21,8 @@ struct ChannelView {
   int64_t count() const { return outer * inner; }  // elements per channel
 };
 
-// Picks the layout from the strides without copying when the input is
-// contiguous, channels_last(_3d) or (N, C, L) with stride 1 on C; anything
-// else is copied to contiguous first.
+// Picks the layout the strides suggest (channels_last(_3d) or contiguous, as
+// torch does), copying the input only when it is not dense in that layout.
 ChannelView channel_view(const at::Tensor& input);
 
 // `tensor` (same shape as view.data) in view's layout, copied only if needed.

@@ -20,6 +20,11 @@ template <typename T, typename C>
 C10_HOST_DEVICE inline void chan_merge(T& mean, T& m2, C count, const T& mean_b, const T& m2_b,
                                        C count_b) {
   if (count_b == C(0)) return;
+  if (count == C(0)) {  // not a merge: a huge or infinite mean must not meet a zero weight
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
   const C weight_b = count_b / (count + count_b);
   const T delta = mean_b - mean;
   mean = mean + delta * T(weight_b);

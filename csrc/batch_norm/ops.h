@@ -120,9 +120,11 @@ struct BatchNormOps {
       const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
       double momentum, double eps) {
     check_input(input);
-    check_running_pair(running_mean, running_var);
     TORCH_CHECK(training || running_mean.has_value(),
                 "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(training || running_var.has_value(),
+                "running_var must be defined in evaluation mode");
+    check_running_pair(running_mean, running_var);
     check_params(input, weight, bias, running_mean, running_var);
     const ChannelView view = channel_view(input);
     at::Tensor mean = new_stat(input), var = new_stat(input);

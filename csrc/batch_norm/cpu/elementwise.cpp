@@ -44,7 +44,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
           const acc_t mc = m[c], sc = scale[c], bc = shift[c];
 NORMEXT_SIMD
           for (int64_t i = begin; i < end; ++i) {
-            y[i] = static_cast<scalar_t>(batch_norm::normalize(static_cast<acc_t>(x[i]), mc, sc, bc));
+            cpu::store(y, i, batch_norm::normalize(static_cast<acc_t>(x[i]), mc, sc, bc));
           }
         },
         [&](int64_t row_begin, int64_t row_end) {
@@ -56,8 +56,7 @@ NORMEXT_SIMD
             scalar_t* __restrict__ yr = y + r * C;
 NORMEXT_SIMD
             for (int64_t c = 0; c < C; ++c) {
-              yr[c] = static_cast<scalar_t>(
-                  batch_norm::normalize(static_cast<acc_t>(xr[c]), mp[c], sp[c], bp[c]));
+              cpu::store(yr, c, batch_norm::normalize(static_cast<acc_t>(xr[c]), mp[c], sp[c], bp[c]));
             }
           }
         });
@@ -98,8 +97,8 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
           const acc_t mc = m[c];
 NORMEXT_SIMD
           for (int64_t i = begin; i < end; ++i) {
-            dx[i] = static_cast<scalar_t>(batch_norm::grad_input(
-                static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mc, terms));
+            cpu::store(dx, i, batch_norm::grad_input(static_cast<acc_t>(dy[i]),
+                                                     static_cast<acc_t>(x[i]), mc, terms));
           }
         },
         [&](int64_t row_begin, int64_t row_end) {
@@ -111,9 +110,9 @@ NORMEXT_SIMD
 NORMEXT_SIMD
             for (int64_t c = 0; c < C; ++c) {
               const GradInputTerms<acc_t> terms{mdy[c], proj[c], sp[c]};
-              dx[r * C + c] = static_cast<scalar_t>(batch_norm::grad_input(
-                  static_cast<acc_t>(dy[r * C + c]), static_cast<acc_t>(x[r * C + c]), mp[c],
-                  terms));
+              cpu::store(dx, r * C + c,
+                         batch_norm::grad_input(static_cast<acc_t>(dy[r * C + c]),
+                                                static_cast<acc_t>(x[r * C + c]), mp[c], terms));
             }
           }
         });

@@ -3,7 +3,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "batch_norm/common.h"
@@ -117,6 +121,21 @@ template <typename F>
 void for_each_row_range(const ChannelView& v, const F& fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, v.channels));
   at::parallel_for(0, v.outer * v.inner, grain, fn);
+}
+
+// out[i] = value as T. For bfloat16 this rounds to nearest-even on the bits,
+// which GCC vectorizes (it does not vectorize c10's conversion operator).
+template <typename T, typename acc_t>
+inline void store(T* out, int64_t i, acc_t value) {
+  out[i] = static_cast<T>(value);
+}
+
+template <>
+inline void store(c10::BFloat16* out, int64_t i, float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  reinterpret_cast<uint16_t*>(out)[i] = value != value ? uint16_t{0x7FC0} : rounded;
 }
 
 // A per-channel tensor (any float dtype) as accumulate-type values; `fill`

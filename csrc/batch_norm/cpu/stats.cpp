@@ -13,67 +13,110 @@ namespace {
 using cpu::RowBlocks;
 using cpu::RowChunks;
 
+// Statistics of partial blocks are merged in double: the merges are few, and
+// a float32 mean of data near 1e4 is only good to ~5e-4.
+using merge_t = double;
+
+// rough + deviation_sum / count: the exact mean of data whose deviations from
+// `rough` sum to deviation_sum. With infinite data the correction is NaN; the
+// rough mean is kept then, so an infinite input gives an infinite mean as in
+// torch.
+template <typename acc_t>
+inline merge_t corrected_mean(acc_t rough, acc_t deviation_sum, merge_t count) {
+  const merge_t correction = deviation_sum / count;
+  return correction - correction == 0 ? rough + correction : rough;
+}
+
+// sum((x - rough)^2) - deviation_sum^2 / count = sum((x - mean)^2), the exact
+// identity; the subtraction is skipped where it would turn inf into NaN or
+// rounding would make the result negative (NaN stays NaN).
+template <typename acc_t>
+inline acc_t corrected_m2(acc_t squares, acc_t deviation_sum, acc_t count) {
+  const acc_t correction = deviation_sum * deviation_sum / count;
+  return squares - (correction < squares ? correction : acc_t(0));
+}
+
 // Two passes over a block that sits in cache: the sum, then squared deviations
-// from the block mean (exact where sum-of-squares would cancel).
+// from the block mean, minus the square of their sum to cancel the rounding
+// error of that mean (exact where a sum of squares would cancel).
+// The returned mean is corrected by the mean deviation, in double.
 template <typename scalar_t, typename acc_t>
-void block_moments(const scalar_t* x, int64_t length, acc_t& mean, acc_t& m2) {
+void block_moments(const scalar_t* x, int64_t length, merge_t& mean, acc_t& m2) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < length; ++i) sum += static_cast<acc_t>(x[i]);
-  mean = sum / length;
-  acc_t squares = 0;
-#pragma omp simd reduction(+ : squares)
+  const acc_t rough_mean = sum / length;
+  acc_t deviations = 0, squares = 0;
+#pragma omp simd reduction(+ : deviations, squares)
   for (int64_t i = 0; i < length; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    const acc_t d = static_cast<acc_t>(x[i]) - rough_mean;
+    deviations += d;
     squares += d * d;
   }
-  m2 = squares;
+  mean = corrected_mean(rough_mean, deviations, length);
+  m2 = corrected_m2(squares, deviations, static_cast<acc_t>(length));
 }
 
-// Contiguous (N, C, L): moments of each block, then a Chan merge per channel.
+// Contiguous (N, C, L): moments of each block, then per channel the mean of
+// the block means and sum(m2_b + n_b * (mean_b - mean)^2), whose terms are
+// all non-negative (an infinite input gives an infinite mean, as in torch).
 template <typename scalar_t, typename acc_t>
 void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const RowBlocks blocks(v);
-  std::vector<acc_t> block_mean(blocks.size()), block_m2(blocks.size());
+  std::vector<merge_t> block_mean(blocks.size());
+  std::vector<acc_t> block_m2(blocks.size());
   blocks.for_each([&](int64_t, int64_t offset, int64_t length, int64_t index) {
     block_moments(x + offset, length, block_mean[index], block_m2[index]);
   });
+  const merge_t count = static_cast<merge_t>(v.count());
   at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      acc_t m = 0, m2 = 0, count = 0;
+      const int64_t first = c * blocks.per_channel();
+      merge_t sum = 0;
       for (int64_t p = 0; p < blocks.per_channel(); ++p) {
-        const int64_t index = c * blocks.per_channel() + p;
-        const acc_t length = blocks.block_length(p % blocks.blocks_per_row);
-        chan_merge(m, m2, count, block_mean[index], block_m2[index], length);
-        count += length;
+        sum += blocks.block_length(p % blocks.blocks_per_row) *
+               static_cast<merge_t>(block_mean[first + p]);
       }
-      mean[c] = m;
-      var[c] = m2 / count;
+      const merge_t m = sum / count;
+      merge_t m2 = 0;
+      for (int64_t p = 0; p < blocks.per_channel(); ++p) {
+        const merge_t delta = static_cast<merge_t>(block_mean[first + p]) - m;
+        m2 += block_m2[first + p] + blocks.block_length(p % blocks.blocks_per_row) * delta * delta;
+      }
+      mean[c] = static_cast<acc_t>(m);
+      var[c] = static_cast<acc_t>(m2 / count);
     }
   });
 }
 
 // Channels-last (rows, C): each thread takes a range of rows, in tiles that
 // stay in cache; a tile's moments come from two passes, vectorized across C,
-// and are merged into the thread's; the threads' are merged at the end.
+// and are Chan-merged into the thread's; the threads' are merged at the end.
+// The mean reported is the plain sum over tiles (inf stays inf, as in torch);
+// the Chan means serve the m2 merges.
 template <typename scalar_t, typename acc_t>
 void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels;
   const RowChunks chunks(v.count(), C);
-  const int64_t tile_rows = std::max<int64_t>(1, cpu::kBlockElements * 4 / C);
-  std::vector<acc_t> chunk_mean(chunks.chunks * C, 0), chunk_m2(chunks.chunks * C, 0);
+  // Short tiles keep the float32 first pass (a plain sum per channel) accurate.
+  const int64_t tile_rows = std::clamp<int64_t>(cpu::kBlockElements * 4 / C, 1, 256);
+  std::vector<merge_t> chunk_mean(chunks.chunks * C, 0), chunk_m2(chunks.chunks * C, 0);
+  std::vector<merge_t> chunk_sum(chunks.chunks * C, 0);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
-    acc_t* __restrict__ m = chunk_mean.data() + chunk * C;
-    acc_t* __restrict__ m2 = chunk_m2.data() + chunk * C;
-    std::vector<acc_t> tile_mean(C), tile_m2(C);
+    merge_t* __restrict__ m = chunk_mean.data() + chunk * C;
+    merge_t* __restrict__ m2 = chunk_m2.data() + chunk * C;
+    merge_t* __restrict__ sum = chunk_sum.data() + chunk * C;
+    std::vector<acc_t> tile_mean(C), tile_deviation(C), tile_m2(C);
     acc_t* __restrict__ tm = tile_mean.data();
+    acc_t* __restrict__ td = tile_deviation.data();
     acc_t* __restrict__ tm2 = tile_m2.data();
-    acc_t count = 0;
+    merge_t count = 0;
     for (int64_t tile = row_begin; tile < row_end; tile += tile_rows) {
       const int64_t rows = std::min(tile_rows, row_end - tile);
       std::fill(tile_mean.begin(), tile_mean.end(), acc_t(0));
+      std::fill(tile_deviation.begin(), tile_deviation.end(), acc_t(0));
       std::fill(tile_m2.begin(), tile_m2.end(), acc_t(0));
       for (int64_t r = tile; r < tile + rows; ++r) {
         const scalar_t* row = x + r * C;
@@ -88,23 +131,30 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const acc_t d = static_cast<acc_t>(row[c]) - tm[c];
+          td[c] += d;
           tm2[c] += d * d;
         }
       }
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) chan_merge(m[c], m2[c], count, tm[c], tm2[c], acc_t(rows));
+      for (int64_t c = 0; c < C; ++c) {
+        const merge_t tile_mean_c = corrected_mean(tm[c], td[c], merge_t(rows));
+        const merge_t tile_m2_c = corrected_m2(tm2[c], td[c], acc_t(rows));
+        chan_merge(m[c], m2[c], count, tile_mean_c, tile_m2_c, merge_t(rows));
+        sum[c] += tile_mean_c * rows;
+      }
       count += rows;
     }
   });
   for (int64_t c = 0; c < C; ++c) {
-    acc_t m = 0, m2 = 0, count = 0;
+    merge_t m = 0, m2 = 0, count = 0, sum = 0;
     for (int64_t chunk = 0; chunk < chunks.chunks; ++chunk) {
-      const acc_t rows = chunks.rows * (chunk + 1) / chunks.chunks - chunks.rows * chunk / chunks.chunks;
+      const merge_t rows = chunks.rows * (chunk + 1) / chunks.chunks - chunks.rows * chunk / chunks.chunks;
       chan_merge(m, m2, count, chunk_mean[chunk * C + c], chunk_m2[chunk * C + c], rows);
       count += rows;
+      sum += chunk_sum[chunk * C + c];
     }
-    mean[c] = m;
-    var[c] = m2 / count;
+    mean[c] = static_cast<acc_t>(sum / count);
+    var[c] = static_cast<acc_t>(m2 / count);
   }
 }
 
