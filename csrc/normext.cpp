@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/cpu_output_allocator.h"
+
 #ifndef NORMEXT_TORCH_VERSION
 #define NORMEXT_TORCH_VERSION "unknown"
 #endif
@@ -47,6 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("backends") = backends;
   m.attr("cuda_arches") = NORMEXT_CUDA_ARCHES;
   m.attr("torch_version") = NORMEXT_TORCH_VERSION;
+  m.def("release_cpu_output_cache", &normext::release_cpu_output_cache,
+        "Frees the CPU output blocks normext keeps for reuse; returns the bytes freed");
+  m.def("cached_cpu_output_bytes", &normext::cached_cpu_output_bytes,
+        "Bytes of freed CPU output blocks normext keeps for reuse");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

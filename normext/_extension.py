@@ -38,3 +38,16 @@ def build_info() -> dict:
         "openmp": bool(_C.openmp),
         "torch_version": _C.torch_version,
     }
+
+
+def release_cpu_cache() -> int:
+    """Free the CPU output blocks normext keeps for reuse (like
+    torch.cuda.empty_cache); returns the bytes freed. normext allocates large CPU
+    outputs from a cache of freed blocks so that training loops do not page-fault
+    on fresh memory every step; NORMEXT_CPU_CACHE_MB caps it (default 2048, 0 = off)."""
+    return _C.release_cpu_output_cache()
+
+
+def cached_cpu_bytes() -> int:
+    """Bytes of freed CPU output blocks normext currently keeps for reuse."""
+    return _C.cached_cpu_output_bytes()

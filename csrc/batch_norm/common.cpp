@@ -26,10 +26,6 @@ at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor) {
   return out;
 }
 
-at::Tensor empty_in_layout(const ChannelView& view) {
-  return at::empty_strided(view.data.sizes(), view.data.strides(), view.data.options());
-}
-
 at::ScalarType accumulate_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -28,9 +28,6 @@ ChannelView channel_view(const at::Tensor& input);
 // `tensor` (same shape as view.data) in view's layout, copied only if needed.
 at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor);
 
-// A new tensor with the shape and strides of view.data.
-at::Tensor empty_in_layout(const ChannelView& view);
-
 // Float32 for float/half/bfloat16 inputs, float64 for float64: the dtype of
 // accumulation and of the saved per-channel statistics.
 at::ScalarType accumulate_type(at::ScalarType input_type);

@@ -31,6 +31,19 @@ C10_HOST_DEVICE inline void chan_merge(T& mean, T& m2, C count, const T& mean_b,
   m2 = m2 + m2_b + delta * delta * T(count * weight_b);
 }
 
+// Mean and m2 of `count` values x from sums of d = x - shift: one pass, and
+// stable when the shift is near the mean (cancellation grows with
+// ((shift - mean) / std)^2). Infinite data gives an infinite mean and a NaN
+// m2, as torch does; finite data whose squares overflow gives an infinite m2.
+template <typename T>
+C10_HOST_DEVICE inline void shifted_moments(T shift, T sum_d, T sum_d2, T count, T& mean, T& m2) {
+  mean = shift + sum_d / count;
+  const T correction = sum_d * sum_d / count;
+  const bool overflowed = sum_d2 == sum_d2 + sum_d2 && sum_d2 > T(0) && sum_d - sum_d == T(0);
+  m2 = overflowed ? sum_d2 : sum_d2 - correction;
+  m2 = m2 < T(0) ? T(0) : m2;  // rounding; NaN stays NaN
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T inverse_std(T biased_var, T eps) {
   return T(1) / std::sqrt(biased_var + eps);

@@ -72,7 +72,7 @@ struct BatchNormOps {
     check_stat(input, mean, "mean");
     check_stat(input, invstd, "invstd");
     const ChannelView view = channel_view(input);
-    at::Tensor output = empty_in_layout(view);
+    at::Tensor output = Kernels::empty_output(view);
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
@@ -140,7 +140,7 @@ struct BatchNormOps {
     Kernels::finalize(mean, var, static_cast<double>(view.count()),
                       update ? *running_mean : at::Tensor(), update ? *running_var : at::Tensor(),
                       momentum, eps, invstd);
-    at::Tensor output = empty_in_layout(view);
+    at::Tensor output = Kernels::empty_output(view);
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
@@ -183,7 +183,7 @@ struct BatchNormOps {
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const OptionalTensor& weight, const at::Tensor& sum_dy,
                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
-    at::Tensor dx = empty_in_layout(view);
+    at::Tensor dx = Kernels::empty_output(view);
     if (view.data.numel() > 0) {
       ChannelView dy_view = view;
       dy_view.data = in_layout_of(view, grad_out);

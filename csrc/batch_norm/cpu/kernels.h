@@ -18,6 +18,8 @@
 namespace normext::batch_norm {
 
 struct CpuKernels {
+  // Outputs in the input's layout, from normext's CPU block cache.
+  static at::Tensor empty_output(const ChannelView& input);
   // Biased per-channel variance and mean, in the accumulate type.
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   // invstd from var; updates the running stats when they are defined.

@@ -2,6 +2,8 @@
 // in the .cu files beside this one).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include "batch_norm/common.h"
 
 namespace normext::batch_norm {
@@ -9,6 +11,9 @@ namespace normext::batch_norm {
 // Same contract as CpuKernels; every kernel runs on the current stream of the
 // input's device and never synchronizes with the host.
 struct CudaKernels {
+  static at::Tensor empty_output(const ChannelView& input) {
+    return at::empty_strided(input.data.sizes(), input.data.strides(), input.data.options());
+  }
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
