@@ -61,35 +61,48 @@ C10_HOST_DEVICE inline T unbiased_from_biased(T biased_var, T count) {
   return biased_var * count / (count - T(1));
 }
 
-// y = (x - mean) * invstd * weight + bias, with scale = invstd * weight.
-// Subtracting the mean first keeps y accurate when |mean| >> std.
+// y = x * scale + shift = (x - mean) * invstd * weight + bias, per channel.
 template <typename T>
-C10_HOST_DEVICE inline T normalize(T x, T mean, T scale, T bias) {
-  return (x - mean) * scale + bias;
-}
-
-// Per-channel terms of the input gradient
-//   dx = (dy - mean_dy - (x - mean) * projection) * scale
-// Training: mean_dy = sum(dy)/n, projection = sum(dy*(x-mean)) * invstd^2 / n.
-// Eval (statistics are constants): mean_dy = projection = 0.
-template <typename T>
-struct GradInputTerms {
-  T mean_dy;
-  T projection;
+struct Affine {
   T scale;
+  T shift;
 };
 
 template <typename T>
-C10_HOST_DEVICE inline GradInputTerms<T> grad_input_terms(T sum_dy, T sum_dy_xmu, T invstd,
-                                                          T weight, T count,
-                                                          bool batch_stats) {
-  if (!batch_stats) return {T(0), T(0), invstd * weight};
-  return {sum_dy / count, sum_dy_xmu * invstd * invstd / count, invstd * weight};
+C10_HOST_DEVICE inline Affine<T> affine_coefficients(T mean, T invstd, T weight, T bias) {
+  const T scale = invstd * weight;
+  return {scale, bias - mean * scale};
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputTerms<T>& terms) {
-  return (dy - terms.mean_dy - (x - mean) * terms.projection) * terms.scale;
+C10_HOST_DEVICE inline T normalize(T x, const Affine<T>& a) {
+  return x * a.scale + a.shift;
+}
+
+// The input gradient  dx = (dy - mean_dy - (x - mean) * projection) * scale
+// with scale = invstd * weight and, under batch statistics,
+// mean_dy = sum(dy) / n and projection = sum(dy * (x - mean)) * invstd^2 / n
+// (eval: both 0), written per channel as dx = dy * a + x * b + c.
+template <typename T>
+struct GradInputCoefficients {
+  T dy_scale;
+  T x_scale;
+  T shift;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
+    T sum_dy, T sum_dy_xmu, T mean, T invstd, T weight, T count, bool batch_stats) {
+  const T scale = invstd * weight;
+  if (!batch_stats) return {scale, T(0), T(0)};
+  const T mean_dy = sum_dy / count;
+  const T projection = sum_dy_xmu * invstd * invstd / count;
+  return {scale, -projection * scale, (mean * projection - mean_dy) * scale};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T grad_input(T dy, T x, const GradInputCoefficients<T>& k) {
+  return dy * k.dy_scale + x * k.x_scale + k.shift;
 }
 
 }  // namespace normext::batch_norm

@@ -12,6 +12,34 @@ namespace {
 using cpu::RowBlocks;
 using cpu::RowChunks;
 
+// sum(dy) and sum(dy * (x - mean)) over one run of a channel.
+template <typename scalar_t, typename acc_t>
+void run_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t length,
+              acc_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+  acc_t s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+  for (int64_t i = 0; i < length; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    s += g;
+    sx += g * (static_cast<acc_t>(x[i]) - mean);
+  }
+  sum_dy = s;
+  sum_dy_xmu = sx;
+}
+
+// Adds one channels-last row's dy and dy * (x - mean) to per-channel sums.
+template <typename scalar_t, typename acc_t>
+void add_row_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                  int64_t channels, const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dy,
+                  acc_t* __restrict__ sum_dy_xmu) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t g = static_cast<acc_t>(dy[c]);
+    sum_dy[c] += g;
+    sum_dy_xmu[c] += g * (static_cast<acc_t>(x[c]) - mean[c]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, const acc_t* mean,
                        acc_t* sum_dy, acc_t* sum_dy_xmu) {
@@ -20,16 +48,7 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
   const RowBlocks blocks(x_view);
   std::vector<acc_t> block_dy(blocks.size()), block_dy_xmu(blocks.size());
   blocks.for_each([&](int64_t c, int64_t offset, int64_t length, int64_t index) {
-    const acc_t mc = mean[c];
-    acc_t s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-    for (int64_t i = offset; i < offset + length; ++i) {
-      const acc_t g = static_cast<acc_t>(dy[i]);
-      s += g;
-      sx += g * (static_cast<acc_t>(x[i]) - mc);
-    }
-    block_dy[index] = s;
-    block_dy_xmu[index] = sx;
+    run_sums(dy + offset, x + offset, length, mean[c], block_dy[index], block_dy_xmu[index]);
   });
   at::parallel_for(0, x_view.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -53,15 +72,9 @@ void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
   const RowChunks chunks(x_view.count(), C);
   std::vector<acc_t> chunk_dy(chunks.chunks * C, 0), chunk_dy_xmu(chunks.chunks * C, 0);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
-    acc_t* __restrict__ s = chunk_dy.data() + chunk * C;
-    acc_t* __restrict__ sx = chunk_dy_xmu.data() + chunk * C;
     for (int64_t r = row_begin; r < row_end; ++r) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t g = static_cast<acc_t>(dy[r * C + c]);
-        s[c] += g;
-        sx[c] += g * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
-      }
+      add_row_sums(dy + r * C, x + r * C, C, mean, chunk_dy.data() + chunk * C,
+                   chunk_dy_xmu.data() + chunk * C);
     }
   });
   for (int64_t c = 0; c < C; ++c) {

@@ -1,5 +1,5 @@
 // Elementwise passes: normalize (1 read + 1 write) and the input gradient
-// (2 reads + 1 write), with per-channel coefficients computed once.
+// (2 reads + 1 write), with per-channel coefficients computed once (math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,14 +10,45 @@
 namespace normext::batch_norm {
 namespace {
 
-// Runs body(c, begin, end) on contiguous (N, C, L) segments or
-// body_cl(first row, end row) on channels-last rows.
-template <typename Contiguous, typename ChannelsLast>
-void for_each_layout(const ChannelView& v, const Contiguous& body, const ChannelsLast& body_cl) {
-  if (v.channels_last) {
-    cpu::for_each_row_range(v, body_cl);
-  } else {
-    cpu::for_each_row_segment(v, body);
+// y[i] = x[i] * scale + shift over one run of a channel (contiguous layout).
+template <typename scalar_t, typename acc_t>
+void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t length,
+                   acc_t scale, acc_t shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) {
+    cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), Affine<acc_t>{scale, shift}));
+  }
+}
+
+// One channels-last row: y[c] = x[c] * scale[c] + shift[c].
+template <typename scalar_t, typename acc_t>
+void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
+                   const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    cpu::store(y, c, normalize(static_cast<acc_t>(x[c]), Affine<acc_t>{scale[c], shift[c]}));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                    scalar_t* __restrict__ dx, int64_t length,
+                    const GradInputCoefficients<acc_t> k) {
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) {
+    cpu::store(dx, i, grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), k));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_input_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                    scalar_t* __restrict__ dx, int64_t channels,
+                    const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ x_scale,
+                    const acc_t* __restrict__ shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const GradInputCoefficients<acc_t> k{dy_scale[c], x_scale[c], shift[c]};
+    cpu::store(dx, c, grad_input(static_cast<acc_t>(dy[c]), static_cast<acc_t>(x[c]), k));
   }
 }
 
@@ -31,35 +62,28 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = input.channels;
     const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
-    std::vector<acc_t> scale = cpu::channel_values<acc_t>(weight, C, 1);
-    const std::vector<acc_t> shift = cpu::channel_values<acc_t>(bias, C, 0);
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
-    for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
-
-    const scalar_t* __restrict__ x = input.data.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ y = output.mutable_data_ptr<scalar_t>();
-    for_each_layout(
-        input,
-        [&](int64_t c, int64_t begin, int64_t end) {
-          const acc_t mc = m[c], sc = scale[c], bc = shift[c];
-NORMEXT_SIMD
-          for (int64_t i = begin; i < end; ++i) {
-            cpu::store(y, i, batch_norm::normalize(static_cast<acc_t>(x[i]), mc, sc, bc));
-          }
-        },
-        [&](int64_t row_begin, int64_t row_end) {
-          const acc_t* __restrict__ mp = m.data();
-          const acc_t* __restrict__ sp = scale.data();
-          const acc_t* __restrict__ bp = shift.data();
-          for (int64_t r = row_begin; r < row_end; ++r) {
-            const scalar_t* __restrict__ xr = x + r * C;
-            scalar_t* __restrict__ yr = y + r * C;
-NORMEXT_SIMD
-            for (int64_t c = 0; c < C; ++c) {
-              cpu::store(yr, c, batch_norm::normalize(static_cast<acc_t>(xr[c]), mp[c], sp[c], bp[c]));
-            }
-          }
-        });
+    const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
+    const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const Affine<acc_t> a = affine_coefficients(m[c], istd[c], w[c], b[c]);
+      scale[c] = a.scale;
+      shift[c] = a.shift;
+    }
+    const scalar_t* x = input.data.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    if (input.channels_last) {
+      cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          normalize_row(x + r * C, y + r * C, C, scale.data(), shift.data());
+        }
+      });
+    } else {
+      cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
+        normalize_run(x + begin, y + begin, end - begin, scale[c], shift[c]);
+      });
+    }
   });
 }
 
@@ -78,44 +102,30 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     const std::vector<acc_t> sdy = cpu::channel_values<acc_t>(sum_dy, C, 0);
     const std::vector<acc_t> sdyx = cpu::channel_values<acc_t>(sum_dy_xmu, C, 0);
     // Struct-of-arrays so the channels-last loop vectorizes across C.
-    std::vector<acc_t> mean_dy(C), projection(C), scale(C);
+    std::vector<acc_t> dy_scale(C), x_scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
-      const auto terms =
-          grad_input_terms(sdy[c], sdyx[c], istd[c], w[c], acc_t(count), batch_stats);
-      mean_dy[c] = terms.mean_dy;
-      projection[c] = terms.projection;
-      scale[c] = terms.scale;
+      const auto k = grad_input_coefficients(sdy[c], sdyx[c], m[c], istd[c], w[c],
+                                             acc_t(count), batch_stats);
+      dy_scale[c] = k.dy_scale;
+      x_scale[c] = k.x_scale;
+      shift[c] = k.shift;
     }
-
-    const scalar_t* __restrict__ dy = grad_out.data.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ x = input.data.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ dx = grad_input.mutable_data_ptr<scalar_t>();
-    for_each_layout(
-        input,
-        [&](int64_t c, int64_t begin, int64_t end) {
-          const GradInputTerms<acc_t> terms{mean_dy[c], projection[c], scale[c]};
-          const acc_t mc = m[c];
-NORMEXT_SIMD
-          for (int64_t i = begin; i < end; ++i) {
-            cpu::store(dx, i, batch_norm::grad_input(static_cast<acc_t>(dy[i]),
-                                                     static_cast<acc_t>(x[i]), mc, terms));
-          }
-        },
-        [&](int64_t row_begin, int64_t row_end) {
-          const acc_t* __restrict__ mp = m.data();
-          const acc_t* __restrict__ mdy = mean_dy.data();
-          const acc_t* __restrict__ proj = projection.data();
-          const acc_t* __restrict__ sp = scale.data();
-          for (int64_t r = row_begin; r < row_end; ++r) {
-NORMEXT_SIMD
-            for (int64_t c = 0; c < C; ++c) {
-              const GradInputTerms<acc_t> terms{mdy[c], proj[c], sp[c]};
-              cpu::store(dx, r * C + c,
-                         batch_norm::grad_input(static_cast<acc_t>(dy[r * C + c]),
-                                                static_cast<acc_t>(x[r * C + c]), mp[c], terms));
-            }
-          }
-        });
+    const scalar_t* dy = grad_out.data.const_data_ptr<scalar_t>();
+    const scalar_t* x = input.data.const_data_ptr<scalar_t>();
+    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    if (input.channels_last) {
+      cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          grad_input_row(dy + r * C, x + r * C, dx + r * C, C, dy_scale.data(), x_scale.data(),
+                         shift.data());
+        }
+      });
+    } else {
+      cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
+        grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
+                       GradInputCoefficients<acc_t>{dy_scale[c], x_scale[c], shift[c]});
+      });
+    }
   });
 }
 

@@ -12,9 +12,6 @@
 
 #include "batch_norm/common.h"
 
-// `#pragma omp simd` for loops inside macro arguments (AT_DISPATCH lambdas).
-#define NORMEXT_SIMD _Pragma("omp simd")
-
 namespace normext::batch_norm {
 
 struct CpuKernels {

@@ -21,12 +21,29 @@ using sum_t = double;
 
 // The shift of a channel: the mean of a sample of it (non-finite data gives
 // 0, so that infinities reach the sums and the mean as they would in torch).
-template <typename scalar_t>
-sum_t shift_of(const scalar_t* x, int64_t length, int64_t stride) {
-  sum_t sum = 0;
-  for (int64_t i = 0; i < length; ++i) sum += static_cast<sum_t>(x[i * stride]);
-  const sum_t mean = length > 0 ? sum / length : 0;
+inline sum_t shift_from(sum_t sample_sum, int64_t sample_size) {
+  const sum_t mean = sample_size > 0 ? sample_sum / sample_size : 0;
   return mean - mean == 0 ? mean : 0;
+}
+
+template <typename scalar_t>
+sum_t run_sum(const scalar_t* x, int64_t length) {
+  sum_t sum = 0;
+  for (int64_t i = 0; i < length; ++i) sum += static_cast<sum_t>(x[i]);
+  return sum;
+}
+
+// Adds one channels-last row's deviations d = x - shift and d^2 to per-channel sums.
+template <typename scalar_t, typename acc_t>
+void add_row_shifted(const scalar_t* __restrict__ row, int64_t channels,
+                     const acc_t* __restrict__ shift, acc_t* __restrict__ sum_d,
+                     acc_t* __restrict__ sum_d2) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
+    sum_d[c] += d;
+    sum_d2[c] += d * d;
+  }
 }
 
 // sum(d) and sum(d^2) of d = x - shift over a block, in one vectorized pass.
@@ -61,7 +78,8 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   std::vector<sum_t> shift(C);
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      shift[c] = shift_of(x + c * L, std::min(L, cpu::kBlockElements), 1);
+      const int64_t sample = std::min(L, cpu::kBlockElements);
+      shift[c] = shift_from(run_sum(x + c * L, sample), sample);
     }
   });
   const RowBlocks blocks(v);
@@ -88,16 +106,19 @@ template <typename scalar_t, typename acc_t>
 void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, rows = v.count();
-  std::vector<sum_t> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(x + c, std::min<int64_t>(rows, 64), C);
-  std::vector<acc_t> shift_acc(shift.begin(), shift.end());
+  const int64_t sample = std::min<int64_t>(rows, 64);
+  std::vector<sum_t> shift(C, 0);
+  for (int64_t r = 0; r < sample; ++r) {
+    for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<sum_t>(x[r * C + c]);
+  }
+  for (int64_t c = 0; c < C; ++c) shift[c] = shift_from(shift[c], sample);
+  const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
-  const int64_t tile_rows = std::clamp<int64_t>(cpu::kGrainElements / C, 1, 256);
+  const int64_t tile_rows = std::clamp<int64_t>(4 * cpu::kGrainElements / C, 1, 256);
   std::vector<sum_t> chunk_d(chunks.chunks * C, 0), chunk_d2(chunks.chunks * C, 0);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
     sum_t* __restrict__ total_d = chunk_d.data() + chunk * C;
     sum_t* __restrict__ total_d2 = chunk_d2.data() + chunk * C;
-    const acc_t* __restrict__ k = shift_acc.data();
     std::vector<acc_t> tile_d(C), tile_d2(C);
     acc_t* __restrict__ td = tile_d.data();
     acc_t* __restrict__ td2 = tile_d2.data();
@@ -105,13 +126,7 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
       std::fill(tile_d.begin(), tile_d.end(), acc_t(0));
       std::fill(tile_d2.begin(), tile_d2.end(), acc_t(0));
       for (int64_t r = tile; r < std::min(tile + tile_rows, row_end); ++r) {
-        const scalar_t* __restrict__ row = x + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - k[c];
-          td[c] += d;
-          td2[c] += d * d;
-        }
+        add_row_shifted(x + r * C, C, shift_acc.data(), td, td2);
       }
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
