@@ -61,48 +61,37 @@ C10_HOST_DEVICE inline T unbiased_from_biased(T biased_var, T count) {
   return biased_var * count / (count - T(1));
 }
 
-// y = x * scale + shift = (x - mean) * invstd * weight + bias, per channel.
+// y = (x - mean) * scale + bias with scale = invstd * weight. Subtracting the
+// mean first keeps y exact for a constant channel with a large mean (where
+// x * scale + shift would cancel to garbage).
 template <typename T>
-struct Affine {
-  T scale;
-  T shift;
-};
-
-template <typename T>
-C10_HOST_DEVICE inline Affine<T> affine_coefficients(T mean, T invstd, T weight, T bias) {
-  const T scale = invstd * weight;
-  return {scale, bias - mean * scale};
-}
-
-template <typename T>
-C10_HOST_DEVICE inline T normalize(T x, const Affine<T>& a) {
-  return x * a.scale + a.shift;
+C10_HOST_DEVICE inline T normalize(T x, T mean, T scale, T bias) {
+  return (x - mean) * scale + bias;
 }
 
 // The input gradient  dx = (dy - mean_dy - (x - mean) * projection) * scale
 // with scale = invstd * weight and, under batch statistics,
 // mean_dy = sum(dy) / n and projection = sum(dy * (x - mean)) * invstd^2 / n
-// (eval: both 0), written per channel as dx = dy * a + x * b + c.
+// (eval: both 0), written per channel as dx = dy * a + (x - mean) * b + c.
 template <typename T>
 struct GradInputCoefficients {
   T dy_scale;
-  T x_scale;
+  T xmu_scale;
   T shift;
 };
 
 template <typename T>
 C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
-    T sum_dy, T sum_dy_xmu, T mean, T invstd, T weight, T count, bool batch_stats) {
+    T sum_dy, T sum_dy_xmu, T invstd, T weight, T count, bool batch_stats) {
   const T scale = invstd * weight;
   if (!batch_stats) return {scale, T(0), T(0)};
-  const T mean_dy = sum_dy / count;
   const T projection = sum_dy_xmu * invstd * invstd / count;
-  return {scale, -projection * scale, (mean * projection - mean_dy) * scale};
+  return {scale, -projection * scale, -sum_dy / count * scale};
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T grad_input(T dy, T x, const GradInputCoefficients<T>& k) {
-  return dy * k.dy_scale + x * k.x_scale + k.shift;
+C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputCoefficients<T>& k) {
+  return dy * k.dy_scale + (x - mean) * k.xmu_scale + k.shift;
 }
 
 }  // namespace normext::batch_norm

@@ -10,45 +10,47 @@
 namespace normext::batch_norm {
 namespace {
 
-// y[i] = x[i] * scale + shift over one run of a channel (contiguous layout).
+// y = normalize(x) over one run of a channel (contiguous layout).
 template <typename scalar_t, typename acc_t>
 void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t length,
-                   acc_t scale, acc_t shift) {
+                   acc_t mean, acc_t scale, acc_t bias) {
 #pragma omp simd
   for (int64_t i = 0; i < length; ++i) {
-    cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), Affine<acc_t>{scale, shift}));
+    cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), mean, scale, bias));
   }
 }
 
-// One channels-last row: y[c] = x[c] * scale[c] + shift[c].
+// One channels-last row.
 template <typename scalar_t, typename acc_t>
 void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
-                   const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+                   const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                   const acc_t* __restrict__ bias) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    cpu::store(y, c, normalize(static_cast<acc_t>(x[c]), Affine<acc_t>{scale[c], shift[c]}));
+    cpu::store(y, c, normalize(static_cast<acc_t>(x[c]), mean[c], scale[c], bias[c]));
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                    scalar_t* __restrict__ dx, int64_t length,
+                    scalar_t* __restrict__ dx, int64_t length, acc_t mean,
                     const GradInputCoefficients<acc_t> k) {
 #pragma omp simd
   for (int64_t i = 0; i < length; ++i) {
-    cpu::store(dx, i, grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), k));
+    cpu::store(dx, i, grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean, k));
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void grad_input_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                    scalar_t* __restrict__ dx, int64_t channels,
-                    const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ x_scale,
+                    scalar_t* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
+                    const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
                     const acc_t* __restrict__ shift) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const GradInputCoefficients<acc_t> k{dy_scale[c], x_scale[c], shift[c]};
-    cpu::store(dx, c, grad_input(static_cast<acc_t>(dy[c]), static_cast<acc_t>(x[c]), k));
+    const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
+    cpu::store(dx, c,
+               grad_input(static_cast<acc_t>(dy[c]), static_cast<acc_t>(x[c]), mean[c], k));
   }
 }
 
@@ -62,26 +64,21 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = input.channels;
     const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
+    std::vector<acc_t> scale = cpu::channel_values<acc_t>(weight, C, 1);
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
-    const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
-    std::vector<acc_t> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const Affine<acc_t> a = affine_coefficients(m[c], istd[c], w[c], b[c]);
-      scale[c] = a.scale;
-      shift[c] = a.shift;
-    }
+    for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
     const scalar_t* x = input.data.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (input.channels_last) {
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          normalize_row(x + r * C, y + r * C, C, scale.data(), shift.data());
+          normalize_row(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
         }
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        normalize_run(x + begin, y + begin, end - begin, scale[c], shift[c]);
+        normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
       });
     }
   });
@@ -102,12 +99,12 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     const std::vector<acc_t> sdy = cpu::channel_values<acc_t>(sum_dy, C, 0);
     const std::vector<acc_t> sdyx = cpu::channel_values<acc_t>(sum_dy_xmu, C, 0);
     // Struct-of-arrays so the channels-last loop vectorizes across C.
-    std::vector<acc_t> dy_scale(C), x_scale(C), shift(C);
+    std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
-      const auto k = grad_input_coefficients(sdy[c], sdyx[c], m[c], istd[c], w[c],
-                                             acc_t(count), batch_stats);
+      const auto k =
+          grad_input_coefficients(sdy[c], sdyx[c], istd[c], w[c], acc_t(count), batch_stats);
       dy_scale[c] = k.dy_scale;
-      x_scale[c] = k.x_scale;
+      xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;
     }
     const scalar_t* dy = grad_out.data.const_data_ptr<scalar_t>();
@@ -116,14 +113,14 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     if (input.channels_last) {
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          grad_input_row(dy + r * C, x + r * C, dx + r * C, C, dy_scale.data(), x_scale.data(),
-                         shift.data());
+          grad_input_row(dy + r * C, x + r * C, dx + r * C, C, m.data(), dy_scale.data(),
+                         xmu_scale.data(), shift.data());
         }
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
-                       GradInputCoefficients<acc_t>{dy_scale[c], x_scale[c], shift[c]});
+        grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
+                       GradInputCoefficients<acc_t>{dy_scale[c], xmu_scale[c], shift[c]});
       });
     }
   });

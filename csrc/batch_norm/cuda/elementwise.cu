@@ -34,10 +34,9 @@ struct NormalizeOp {
 #pragma unroll
     for (int k = 0; k < size; ++k) {
       const index_t ch = channels_last ? c + k : c;
-      const Affine<acc_t> a =
-          affine_coefficients(p.mean[ch], p.invstd[ch], p.weight ? p.weight[ch] : acc_t(1),
-                              p.bias ? p.bias[ch] : acc_t(0));
-      out.value[k] = static_cast<scalar_t>(batch_norm::normalize(static_cast<acc_t>(in.value[k]), a));
+      const acc_t scale = p.invstd[ch] * (p.weight ? p.weight[ch] : acc_t(1));
+      out.value[k] = static_cast<scalar_t>(batch_norm::normalize(
+          static_cast<acc_t>(in.value[k]), p.mean[ch], scale, p.bias ? p.bias[ch] : acc_t(0)));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
@@ -62,11 +61,12 @@ struct GradInputOp {
 #pragma unroll
     for (int k = 0; k < size; ++k) {
       const index_t ch = channels_last ? c + k : c;
-      const GradInputCoefficients<acc_t> coefficients = grad_input_coefficients(
-          sum_dy[ch], sum_dy_xmu[ch], p.mean[ch], p.invstd[ch],
-          p.weight ? p.weight[ch] : acc_t(1), count, batch_stats);
-      dx.value[k] = static_cast<scalar_t>(batch_norm::grad_input(
-          static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]), coefficients));
+      const GradInputCoefficients<acc_t> coefficients =
+          grad_input_coefficients(sum_dy[ch], sum_dy_xmu[ch], p.invstd[ch],
+                                  p.weight ? p.weight[ch] : acc_t(1), count, batch_stats);
+      dx.value[k] = static_cast<scalar_t>(
+          batch_norm::grad_input(static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]),
+                                 p.mean[ch], coefficients));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
   }
