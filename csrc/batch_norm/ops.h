@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -202,5 +203,18 @@ struct BatchNormOps {
             sum_dy.to(type, /*non_blocking=*/false, /*copy=*/true)};
   }
 };
+
+// Registers every batch-norm op for one dispatch key (inside TORCH_LIBRARY_IMPL).
+template <class Kernels>
+void register_batch_norm_ops(torch::Library& m) {
+  using Ops = BatchNormOps<Kernels>;
+  m.impl("batch_norm_moments", &Ops::moments);
+  m.impl("batch_norm_finalize", &Ops::finalize);
+  m.impl("batch_norm_elemt", &Ops::elemt);
+  m.impl("batch_norm_backward_reduce", &Ops::backward_reduce);
+  m.impl("batch_norm_backward_elemt", &Ops::backward_elemt);
+  m.impl("batch_norm_forward", &Ops::forward);
+  m.impl("batch_norm_backward", &Ops::backward);
+}
 
 }  // namespace normext::batch_norm
