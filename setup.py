@@ -6,9 +6,10 @@ Environment:
   CUDA_HOME / CUDA_PATH   the CUDA toolkit root (found from nvcc otherwise).
   TORCH_CUDA_ARCH_LIST    CUDA arches; without a visible GPU the default is
                           DEFAULT_CUDA_ARCHES below.
-  NORMEXT_CPU_ARCH        -march for the CPU code: "native", "x86-64-v3", ... or
-                          "none"; the default is x86-64-v3 (AVX2/FMA/F16C) where
-                          the build machine has it, else the compiler's default.
+  NORMEXT_CPU_ARCH        -march for the CPU code: "native" (the default on x86-64:
+                          the build machine's own vector units, AVX-512 included),
+                          "x86-64-v3" (AVX2/FMA/F16C, for a build that must run on
+                          other machines), or "none" for the compiler's default.
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
@@ -84,16 +85,10 @@ def want_cuda(torch, cuda_home):
 
 
 def cpu_arch_flags():
-    arch = os.environ.get("NORMEXT_CPU_ARCH")
-    if arch is None:
-        if platform.machine() not in ("x86_64", "AMD64"):
-            return []
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
-        except (OSError, AttributeError):
-            return []
-        arch = "x86-64-v3" if {"avx2", "fma", "f16c", "bmi2"} <= flags else "none"
+    """pip builds normext from source on the machine that runs it, so by
+    default the CPU kernels are compiled for that machine's vector units."""
+    default = "native" if platform.machine() in ("x86_64", "AMD64") else "none"
+    arch = os.environ.get("NORMEXT_CPU_ARCH", default)
     return [] if arch == "none" else [f"-march={arch}"]
 
 
