@@ -54,7 +54,6 @@ class _BatchNorm(torch.autograd.Function):
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(save_mean, save_invstd)
-        ctx.set_materialize_grads(False)  # no zero gradients for mean and invstd
         return output, save_mean, save_invstd
 
     @staticmethod
