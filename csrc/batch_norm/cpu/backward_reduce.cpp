@@ -27,6 +27,30 @@ void run_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, i
   sum_dy_xmu = sx;
 }
 
+// sum(dy) and sum(dy * (x - mean)) of channel c over all N (short) rows, in
+// double across flushes of the float32 lanes.
+template <typename scalar_t, typename acc_t>
+void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t N,
+                  int64_t C, int64_t L, int64_t c, acc_t mean, acc_t& sum_dy,
+                  acc_t& sum_dy_xmu) {
+  double total = 0, total_xmu = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
+    acc_t s[cpu::kLanes] = {}, sx[cpu::kLanes] = {};
+    cpu::for_each_in_lanes(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c,
+                           [&](int k, int64_t i) {
+                             const acc_t g = static_cast<acc_t>(dy[i]);
+                             s[k] += g;
+                             sx[k] += g * (static_cast<acc_t>(x[i]) - mean);
+                           });
+    for (int k = 0; k < cpu::kLanes; ++k) {
+      total += s[k];
+      total_xmu += sx[k];
+    }
+  }
+  sum_dy = static_cast<acc_t>(total);
+  sum_dy_xmu = static_cast<acc_t>(total_xmu);
+}
+
 // Adds one channels-last row's dy and dy * (x - mean) to per-channel sums.
 template <typename scalar_t, typename acc_t>
 void add_row_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
@@ -45,6 +69,17 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
                        acc_t* sum_dy, acc_t* sum_dy_xmu) {
   const scalar_t* dy = dy_view.data.const_data_ptr<scalar_t>();
   const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
+  const int64_t C = x_view.channels, L = x_view.inner;
+  if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
+    const int64_t grain =
+        std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, x_view.count()));
+    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        channel_sums(dy, x, x_view.outer, C, L, c, mean[c], sum_dy[c], sum_dy_xmu[c]);
+      }
+    });
+    return;
+  }
   const RowBlocks blocks(x_view);
   std::vector<acc_t> block_dy(blocks.size()), block_dy_xmu(blocks.size());
   blocks.for_each([&](int64_t c, int64_t offset, int64_t length, int64_t index) {

@@ -69,45 +69,24 @@ void finish_channel(sum_t shift, sum_t sum_d, sum_t sum_d2, sum_t count, acc_t* 
   var[c] = static_cast<acc_t>(m2 / count);
 }
 
-// Rows shorter than this are summed per channel across samples, keeping the
-// vector accumulators across rows: a horizontal sum per short row would cost
-// more than the row itself.
-constexpr int64_t kShortRow = 256;
-constexpr int kLanes = 16;
-
-// Shifted sums of channel c over all N rows of length L < kShortRow, with
-// kLanes float accumulators flushed to double every kFlushRows rows.
+// Shifted sums of channel c over all N (short) rows.
 template <typename scalar_t, typename acc_t>
-void channel_shifted_sums(const scalar_t* x, int64_t N, int64_t C, int64_t L, int64_t c,
-                          acc_t shift, sum_t& sum_d, sum_t& sum_d2) {
-  constexpr int64_t kFlushRows = 256;
-  sum_t total = 0, total2 = 0;
-  for (int64_t n0 = 0; n0 < N; n0 += kFlushRows) {
-    acc_t s[kLanes] = {}, s2[kLanes] = {};
-    for (int64_t n = n0; n < std::min(N, n0 + kFlushRows); ++n) {
-      const scalar_t* __restrict__ row = x + (n * C + c) * L;
-      int64_t i = 0;
-      for (; i + kLanes <= L; i += kLanes) {
-#pragma omp simd
-        for (int k = 0; k < kLanes; ++k) {
-          const acc_t d = static_cast<acc_t>(row[i + k]) - shift;
-          s[k] += d;
-          s2[k] += d * d;
-        }
-      }
-      for (int k = 0; i < L; ++i, ++k) {
-        const acc_t d = static_cast<acc_t>(row[i]) - shift;
-        s[k] += d;
-        s2[k] += d * d;
-      }
-    }
-    for (int k = 0; k < kLanes; ++k) {
-      total += s[k];
-      total2 += s2[k];
+void channel_shifted_sums(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t L,
+                          int64_t c, acc_t shift, sum_t& sum_d, sum_t& sum_d2) {
+  sum_d = sum_d2 = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
+    acc_t s[cpu::kLanes] = {}, s2[cpu::kLanes] = {};
+    cpu::for_each_in_lanes(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c,
+                           [&](int k, int64_t i) {
+                             const acc_t d = static_cast<acc_t>(x[i]) - shift;
+                             s[k] += d;
+                             s2[k] += d * d;
+                           });
+    for (int k = 0; k < cpu::kLanes; ++k) {
+      sum_d += s[k];
+      sum_d2 += s2[k];
     }
   }
-  sum_d = total;
-  sum_d2 = total2;
 }
 
 // Contiguous (N, C, L): shifted sums per block of each (n, c) row, added per
@@ -116,7 +95,7 @@ template <typename scalar_t, typename acc_t>
 void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, L = v.inner;
-  if (L < kShortRow && C >= at::get_num_threads()) {
+  if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
     const int64_t grain = std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
