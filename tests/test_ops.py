@@ -375,3 +375,23 @@ def test_public_api():
                  "batch_norm_forward", "batch_norm_backward"):
         assert hasattr(OPS, name), name
         assert callable(getattr(ops, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_short_rows_across_flushes(dtype):
+    """Rows under 512 bytes are reduced per channel in float32 lanes flushed to
+    double every 256 samples: 300 samples of a 3x3 map with a large mean cross
+    a flush and must stay accurate (statistics and backward sums)."""
+    x = (1e4 + torch.randn(300, 4, 3, 3, dtype=torch.float64)).to(dtype)
+    x64 = x.double()
+    mean, var = ops.batch_norm_moments(x)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=0)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    invstd = torch.rsqrt(var + 1e-5)
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(dy, x, mean, invstd, None)
+    dy64 = dy.double()
+    torch.testing.assert_close(sum_dy.double(), dy64.sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    ref_xmu = (dy64 * (x64 - mean.double().view(1, -1, 1, 1))).sum((0, 2, 3))
+    torch.testing.assert_close(sum_dy_xmu.double(), ref_xmu, rtol=1e-4, atol=1e-2)
