@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # GPU check: builds normext in place for this machine's GPU, runs the CUDA
-# tests, then the BatchNorm benchmark on GPU shapes. Logs and a Markdown table
-# go under $OUT (else build/gpu_check); the table is printed last.
-# Needs a CUDA torch, nvcc, pytest and hypothesis; no internet. About 5-8 min on
-# an H100 with 16 cores.
+# tests, then the BatchNorm benchmark on GPU shapes and a ResNet-50 step.
+# Logs and Markdown tables go under $OUT (else build/gpu_check); a summary is
+# printed last. Needs a CUDA torch, nvcc, ninja, pytest, pytest-timeout and
+# hypothesis (pytest-xdist used when present); no internet. About 6-8 min on
+# an H100 with 16 cores; each stage has its own time limit, and
+# BUDGET (default 540 s) caps the whole.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-build/gpu_check}"
 mkdir -p "$out"
 python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+# Every stage is cut short so that the whole script ends within BUDGET seconds.
+deadline=$(( $(date +%s) + ${BUDGET:-540} ))
+limit() {  # limit STAGE_MAX RESERVE: seconds for a stage, keeping RESERVE for later ones
+  local left=$(( deadline - $(date +%s) - $2 ))
+  (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
+}
 
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || {
   echo "gpu_check: no CUDA GPU visible to torch"; exit 1; }
@@ -21,26 +30,53 @@ export CUDA_HOME="${CUDA_HOME:-$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2
   date -u +%Y-%m-%dT%H:%MZ
 } | tee "$out/machine.txt"
 
-echo "== build (sm_$arch)"
+echo "== build (sm_$arch, $MAX_JOBS jobs)"
 start=$(date +%s)
-if ! $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "gpu_check: build failed"; exit 1
+if ! timeout $(limit 300 200) $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  grep -m 20 -B2 -A6 "error" "$out/build.log" | head -80; echo "gpu_check: build failed"; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $python -c "import normext; print(normext.build_info())" | tee -a "$out/machine.txt"
 
 echo "== CUDA tests"
-# Every device-parametrized test plus the CUDA-only file; the slow >2^31 test too.
-NORMEXT_SLOW_TESTS=1 timeout 300 $python -m pytest tests -q -x -p no:cacheprovider \
-  -k "cuda" --timeout=240 > "$out/tests.log" 2>&1
+# Every device-parametrized test plus the CUDA-only file, the slow >2^31 test
+# too; in parallel workers when pytest-xdist is there (a sticky CUDA error
+# then spoils one worker, not the whole run).
+workers=()
+$python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+start=$(date +%s)
+NORMEXT_SLOW_TESTS=1 timeout $(limit 240 150) $python -m pytest tests -q -rfE -p no:cacheprovider \
+  "${workers[@]}" -k "${TEST_FILTER:-cuda}" --timeout=200 --durations=10 \
+  > "$out/tests.log" 2>&1
 tests_rc=$?
-tail -5 "$out/tests.log"
+echo "tests in $(( $(date +%s) - start )) s"
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+tail -3 "$out/tests.log"
 
-echo "== benchmark"
-timeout 200 $python benchmarks/bench_batchnorm.py --device cuda --json "$out/bench.json" \
-  > "$out/bench.md" 2> "$out/bench.log"
+echo "== BatchNorm benchmark"
+bench() {
+  timeout $(limit 200 60) $python benchmarks/bench_batchnorm.py --device cuda \
+    --repeats "${BENCH_REPEATS:-5}" --json "$out/bench.json" "$@" > "$out/bench.md" 2>> "$out/bench.log"
+}
+bench
 bench_rc=$?
+if [ $bench_rc -ne 0 ] && grep -q "differs from torch" "$out/bench.log"; then
+  # a result outside the benchmark's tolerance: say so, and still time every row
+  grep "differs from torch" "$out/bench.log"
+  echo "gpu_check: timing again with --no-check"
+  bench --no-check
+  bench_rc=1
+fi
+[ $bench_rc -ne 0 ] && tail -5 "$out/bench.log"
 
-echo "== results (tests rc=$tests_rc, bench rc=$bench_rc)"
-cat "$out/bench.md"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "== ResNet-50 step"
+timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda --steps 5 --repeats 5 \
+  > "$out/resnet50.md" 2> "$out/resnet50.log"
+resnet_rc=$?
+[ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
+
+echo "== results (tests rc=$tests_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
+cat "$out/resnet50.md"
+# the BatchNorm report's speedup summary (the full table is in bench.md)
+sed -n '/Speedup summary/,$p' "$out/bench.md"
+exit $(( tests_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))

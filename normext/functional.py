@@ -71,6 +71,29 @@ class _BatchNorm(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _torch_allows_zero_eps_in_eval() -> bool:
+    try:
+        torch.nn.functional.batch_norm(torch.ones(1, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+        return True
+    except ValueError:
+        return False
+
+
+# torch 2.11 rejects eps <= 0 in every mode; later releases allow eps = 0 in
+# eval (with other messages). normext follows the torch it runs with.
+_ZERO_EPS_IN_EVAL = _torch_allows_zero_eps_in_eval()
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    if not _ZERO_EPS_IN_EVAL:
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    elif training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -89,10 +112,7 @@ def batch_norm(
             momentum=momentum, eps=eps)
     if training:
         torch.nn.functional._verify_batch_size(input.size())
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(eps, training)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias)):
         output, _, _ = _BatchNorm.apply(

@@ -8,6 +8,7 @@
 * ``slow`` marker: skipped unless NORMEXT_SLOW_TESTS=1.
 """
 
+import inspect
 import os
 import sys
 
@@ -41,6 +42,23 @@ DEVICE_PARAMS = [
 @pytest.fixture(params=DEVICE_PARAMS)
 def device(request):
     return request.param
+
+
+# ---------------------------------------------------------------------------
+# module flags
+
+# `bias=False` (an affine weight without a bias) is newer than torch 2.11.
+BN_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+
+
+def flag_params(flag_sets, ids=None):
+    """pytest params of module keyword sets; those with `bias=` skip on a torch
+    whose BatchNorm lacks that flag."""
+    skip = pytest.mark.skipif(not BN_HAS_BIAS_FLAG, reason="this torch's BatchNorm has no bias=")
+    ids = ids or [",".join(f"{k}={v}" for k, v in flags.items()) or "default"
+                  for flags in flag_sets]
+    return [pytest.param(flags, id=name, marks=[skip] if "bias" in flags else [])
+            for flags, name in zip(flag_sets, ids)]
 
 
 # ---------------------------------------------------------------------------

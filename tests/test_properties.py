@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normext
-from conftest import DEVICE_PARAMS, assert_close
+from conftest import BN_HAS_BIAS_FLAG, DEVICE_PARAMS, assert_close
 
 TORCH_CLASSES = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 NORMEXT_CLASSES = {1: normext.BatchNorm1d, 2: normext.BatchNorm2d, 3: normext.BatchNorm3d}
@@ -54,11 +54,12 @@ def cases(draw):
     affine = draw(st.booleans())
     flags = dict(
         affine=affine,
-        bias=draw(st.booleans()) if affine else True,
         track_running_stats=draw(st.booleans()),
         momentum=draw(st.sampled_from([0.1, None, 0.5, 1.0])),
         eps=draw(st.sampled_from([1e-5, 1e-3])),
     )
+    if BN_HAS_BIAS_FLAG and affine:
+        flags["bias"] = draw(st.booleans())
     return dict(
         shape=shape,
         flags=flags,

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
                              index_t per_channel, index_t per_split,
                              typename R::State* partials) {
   using State = typename R::State;
-  __shared__ unsigned char storage[kThreads * sizeof(State)];
+  __shared__ alignas(State) unsigned char storage[kThreads * sizeof(State)];
   const index_t c = blockIdx.x;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
   const index_t end = begin + per_split < per_channel ? begin + per_split : per_channel;
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
     reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
                                 index_t per_split, typename R::State* partials) {
   using State = typename R::State;
-  __shared__ unsigned char storage[kThreads * sizeof(State)];
+  __shared__ alignas(State) unsigned char storage[kThreads * sizeof(State)];
   State* shared = reinterpret_cast<State*>(storage);
   const index_t c = static_cast<index_t>(blockIdx.x) * kChannelLanes + threadIdx.x;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
@@ -101,6 +101,7 @@ void reduce_per_channel(const ChannelView& view, const R& reducer) {
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t channels = view.channels;
   const int64_t per_channel = view.count();
+  if (channels == 0 || per_channel == 0) return;
   const int64_t channel_blocks =
       view.channels_last ? (channels + kChannelLanes - 1) / kChannelLanes : channels;
   const int64_t splits = reduction_splits(channel_blocks, per_channel, device);
