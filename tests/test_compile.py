@@ -41,7 +41,9 @@ def _check_steps(eager, compiled_model, device, memory_format, dtype):
             memory_format=memory_format)
         out_e = eager(x)
         out_c = compiled_model(x)
-        assert_close(out_c, out_e, **tol, msg=f"step {step}: output")
+        # after a step, the parameters carry the gradients' rounding (below)
+        out_tol = dict(tol, factor=1.0 if step == 0 or dtype == torch.float64 else 10.0)
+        assert_close(out_c, out_e, **out_tol, msg=f"step {step}: output")
         if training:
             opt_e.zero_grad()
             opt_c.zero_grad()

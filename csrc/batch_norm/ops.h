@@ -17,8 +17,10 @@ inline at::Tensor value_or_undefined(const OptionalTensor& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-inline at::Tensor new_stat(const at::Tensor& input) {
-  return at::zeros({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
+// A per-channel statistic; zeros unless a kernel will write every element.
+inline at::Tensor new_stat(const at::Tensor& input, bool written) {
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  return written ? at::empty({input.size(1)}, options) : at::zeros({input.size(1)}, options);
 }
 
 inline void check_running_pair(const OptionalTensor& running_mean,
@@ -33,7 +35,7 @@ struct BatchNormOps {
   static std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& input) {
     check_input(input);
     const ChannelView view = channel_view(input);
-    at::Tensor mean = new_stat(input), var = new_stat(input);
+    at::Tensor mean = new_stat(input, view.count() > 0), var = new_stat(input, view.count() > 0);
     if (view.count() > 0) Kernels::moments(view, mean, var);
     return {mean, var};
   }
@@ -78,7 +80,7 @@ struct BatchNormOps {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
     }
-    return output;
+    return Kernels::in_output_layout(input, output);
   }
 
   // (sum dy, sum dy*(x-mean), grad_weight, grad_bias); the gradients have the
@@ -111,7 +113,8 @@ struct BatchNormOps {
       check_stat(input, *stat, name);
     }
     const ChannelView view = channel_view(input);
-    return grad_input(grad_out, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, true);
+    return grad_input(grad_out, input, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                      true);
   }
 
   // Single-process forward: (output, mean, invstd). Training uses the batch
@@ -128,12 +131,15 @@ struct BatchNormOps {
     check_running_pair(running_mean, running_var);
     check_params(input, weight, bias, running_mean, running_var);
     const ChannelView view = channel_view(input);
-    at::Tensor mean = new_stat(input), var = new_stat(input);
+    const auto acc_type = accumulate_type(input.scalar_type());
+    at::Tensor mean, var;
     if (training) {
+      mean = new_stat(input, view.count() > 0);
+      var = new_stat(input, view.count() > 0);
       if (view.count() > 0) Kernels::moments(view, mean, var);
-    } else {
-      mean.copy_(running_mean->reshape({-1}));
-      var.copy_(running_var->reshape({-1}));
+    } else {  // the saved mean is a copy; the variance is only read
+      mean = running_mean->reshape({-1}).to(acc_type, /*non_blocking=*/false, /*copy=*/true);
+      var = running_var->reshape({-1}).to(acc_type);
     }
     at::Tensor invstd = at::empty_like(mean);
     // An empty batch leaves the running stats alone, as in torch.
@@ -146,7 +152,7 @@ struct BatchNormOps {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
     }
-    return {output, mean, invstd};
+    return {Kernels::in_output_layout(input, output), mean, invstd};
   }
 
   // Single-process backward: (grad_input, grad_weight, grad_bias) with one
@@ -161,8 +167,8 @@ struct BatchNormOps {
     check_stat(input, save_invstd, "save_invstd");
     const ChannelView view = channel_view(input);
     auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, save_mean);
-    at::Tensor dx = grad_input(grad_out, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
-                               static_cast<double>(view.count()), training);
+    at::Tensor dx = grad_input(grad_out, input, view, save_mean, save_invstd, weight, sum_dy,
+                               sum_dy_xmu, static_cast<double>(view.count()), training);
     auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, save_invstd, weight);
     return {dx, grad_weight, grad_bias};
   }
@@ -171,8 +177,9 @@ struct BatchNormOps {
   static std::tuple<at::Tensor, at::Tensor> reduce(const at::Tensor& grad_out,
                                                    const ChannelView& view,
                                                    const at::Tensor& mean) {
-    at::Tensor sum_dy = new_stat(view.data), sum_dy_xmu = new_stat(view.data);
-    if (view.data.numel() > 0) {
+    const bool written = view.data.numel() > 0;
+    at::Tensor sum_dy = new_stat(view.data, written), sum_dy_xmu = new_stat(view.data, written);
+    if (written) {
       ChannelView dy_view = view;
       dy_view.data = in_layout_of(view, grad_out);
       Kernels::backward_reduce(dy_view, view, mean, sum_dy, sum_dy_xmu);
@@ -180,9 +187,9 @@ struct BatchNormOps {
     return {sum_dy, sum_dy_xmu};
   }
 
-  static at::Tensor grad_input(const at::Tensor& grad_out, const ChannelView& view,
-                               const at::Tensor& mean, const at::Tensor& invstd,
-                               const OptionalTensor& weight, const at::Tensor& sum_dy,
+  static at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& input,
+                               const ChannelView& view, const at::Tensor& mean,
+                               const at::Tensor& invstd, const OptionalTensor& weight, const at::Tensor& sum_dy,
                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
     at::Tensor dx = Kernels::empty_output(view);
     if (view.data.numel() > 0) {
@@ -191,7 +198,7 @@ struct BatchNormOps {
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
                               sum_dy_xmu, count, batch_stats, dx);
     }
-    return dx;
+    return Kernels::in_output_layout(input, dx);
   }
 
   static std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,

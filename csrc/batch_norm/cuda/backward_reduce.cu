@@ -9,33 +9,30 @@
 namespace normext::batch_norm {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+using cuda::Sums;
+
+template <typename scalar_t, typename accumulate_t>
 struct GradSumsReducer {
-  struct State {
-    acc_t sum_dy, sum_dy_xmu;
-  };
+  using acc_t = accumulate_t;
+  using Context = acc_t;  // the channel's mean
   const scalar_t* grad_out;
   const scalar_t* input;
   const acc_t* mean;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
 
-  __device__ static State identity() { return {acc_t(0), acc_t(0)}; }
+  __device__ acc_t context(int64_t c) const { return mean[c]; }
 
   template <typename index_t>
-  __device__ void update(State& s, index_t element, int64_t c) const {
+  __device__ void add(Sums<acc_t>& s, index_t element, acc_t channel_mean) const {
     const acc_t dy = static_cast<acc_t>(grad_out[element]);
-    s.sum_dy += dy;
-    s.sum_dy_xmu += dy * (static_cast<acc_t>(input[element]) - mean[c]);
+    s.first += dy;
+    s.second += dy * (static_cast<acc_t>(input[element]) - channel_mean);
   }
 
-  __device__ static State combine(State a, const State& b) {
-    return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
-  }
-
-  __device__ void finish(int64_t c, const State& s) const {
-    sum_dy[c] = s.sum_dy;
-    sum_dy_xmu[c] = s.sum_dy_xmu;
+  __device__ void finish(int64_t c, const Sums<double>& total) const {
+    sum_dy[c] = static_cast<acc_t>(total.first);
+    sum_dy_xmu[c] = static_cast<acc_t>(total.second);
   }
 };
 

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 #include "batch_norm/common.h"
@@ -16,9 +17,16 @@ namespace normext::batch_norm::cuda {
 
 constexpr int kThreads = 256;
 
+// Queried once per device: a device attribute query costs host time on every call.
 inline int multiprocessor_count(const at::Device& device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()));
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  const int index = device.index();
+  int count = index < kMaxDevices ? counts[index].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, index));
+    if (index < kMaxDevices) counts[index].store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 
@@ -46,12 +54,15 @@ const T* data_or_null(const at::Tensor& t) {
 }
 
 // Splits of each channel's reduction: enough blocks to fill the GPU several
-// times over when there are few channels, each still with real work. It
-// depends only on the shape and the device, so results are reproducible.
-inline int64_t reduction_splits(int64_t channel_blocks, int64_t per_channel, const at::Device& device) {
+// times over when there are few channel blocks, each still with real work
+// (16 or more elements per thread; a block covers `step` elements of a
+// channel per pass). It depends only on the shape and the device, so results
+// are reproducible.
+inline int64_t reduction_splits(int64_t channel_blocks, int64_t per_channel, int64_t step,
+                                const at::Device& device) {
   const int64_t target_blocks = 4 * static_cast<int64_t>(multiprocessor_count(device));
   const int64_t by_occupancy = (target_blocks + channel_blocks - 1) / channel_blocks;
-  const int64_t by_work = (per_channel + kThreads * 16 - 1) / (kThreads * 16);
+  const int64_t by_work = (per_channel + step * 16 - 1) / (step * 16);
   return std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_work, 65535}));
 }
 

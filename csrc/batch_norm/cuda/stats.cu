@@ -1,5 +1,5 @@
-// Per-channel batch statistics (Welford per thread, Chan merges across
-// threads, blocks and splits) and the running-stat update.
+// Per-channel batch statistics from sums of deviations from a per-channel
+// shift (math.h: shifted_moments, as on the CPU), and the running-stat update.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -10,35 +10,49 @@
 namespace normext::batch_norm {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-struct WelfordReducer {
-  struct State {
-    acc_t mean, m2, count;
-  };
+using cuda::Sums;
+
+// Elements of a channel averaged into its shift: the shift only has to lie
+// within a few standard deviations of the mean for the sums to stay exact.
+constexpr int kShiftSample = 8;
+
+// sum(d) and sum(d^2) of d = x - shift; one read of the input, no division
+// per element.
+template <typename scalar_t, typename accumulate_t>
+struct ShiftedSumsReducer {
+  using acc_t = accumulate_t;
+  using Context = acc_t;  // the channel's shift
   const scalar_t* input;
+  int64_t first_stride;   // element (0, c, 0...) is at c * first_stride
+  int64_t sample_stride;  // between the sampled elements of a channel
+  int64_t sample_size;
+  double count;
   acc_t* mean;
   acc_t* var;
 
-  __device__ static State identity() { return {acc_t(0), acc_t(0), acc_t(0)}; }
+  // The mean of the first few elements of the channel (non-finite data gives
+  // 0, so that infinities reach the sums and the mean as they would in torch).
+  __device__ acc_t context(int64_t c) const {
+    acc_t sum = 0;
+    for (int64_t k = 0; k < sample_size; ++k) {
+      sum += static_cast<acc_t>(input[c * first_stride + k * sample_stride]);
+    }
+    const acc_t shift = sum / static_cast<acc_t>(sample_size);
+    return shift - shift == acc_t(0) ? shift : acc_t(0);
+  }
 
   template <typename index_t>
-  __device__ void update(State& s, index_t element, int64_t) const {
-    const acc_t x = static_cast<acc_t>(input[element]);
-    s.count += acc_t(1);
-    const acc_t delta = x - s.mean;
-    s.mean += delta / s.count;
-    s.m2 += delta * (x - s.mean);
+  __device__ void add(Sums<acc_t>& s, index_t element, acc_t shift) const {
+    const acc_t d = static_cast<acc_t>(input[element]) - shift;
+    s.first += d;
+    s.second += d * d;
   }
 
-  __device__ static State combine(State a, const State& b) {
-    chan_merge(a.mean, a.m2, a.count, b.mean, b.m2, b.count);
-    a.count += b.count;
-    return a;
-  }
-
-  __device__ void finish(int64_t c, const State& s) const {
-    mean[c] = s.mean;
-    var[c] = s.count > acc_t(0) ? s.m2 / s.count : acc_t(0);
+  __device__ void finish(int64_t c, const Sums<double>& total) const {
+    double m, m2;
+    shifted_moments(static_cast<double>(context(c)), total.first, total.second, count, m, m2);
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(m2 / count);
   }
 };
 
@@ -60,12 +74,18 @@ __global__ void finalize_kernel(const acc_t* mean, const acc_t* var, acc_t count
 
 void CudaKernels::moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var) {
   const c10::cuda::CUDAGuard guard(input.data.device());
+  const int64_t run = input.channels_last ? input.count() : input.inner;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const WelfordReducer<scalar_t, acc_t> reducer{input.data.const_data_ptr<scalar_t>(),
-                                                  mean.mutable_data_ptr<acc_t>(),
-                                                  var.mutable_data_ptr<acc_t>()};
+    const ShiftedSumsReducer<scalar_t, acc_t> reducer{
+        input.data.const_data_ptr<scalar_t>(),
+        input.channels_last ? 1 : input.inner,
+        input.channels_last ? input.channels : 1,
+        std::min<int64_t>(run, kShiftSample),
+        static_cast<double>(input.count()),
+        mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>()};
     cuda::reduce_per_channel(input, reducer);
   });
 }
