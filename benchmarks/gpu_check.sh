@@ -70,7 +70,8 @@ fi
 [ $bench_rc -ne 0 ] && tail -5 "$out/bench.log"
 
 echo "== ResNet-50 step"
-timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda --steps 5 --repeats 5 \
+timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
+  --steps "${RESNET_STEPS:-5}" --repeats "${RESNET_REPEATS:-5}" \
   > "$out/resnet50.md" 2> "$out/resnet50.log"
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"

@@ -77,12 +77,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _like_input(input: Tensor) -> Tensor:
-    """Mirrors the C++ ops' output layout, which follows torch's: on the CPU
-    the memory format the strides suggest (csrc/batch_norm/common.cpp),
-    keeping a dense input's strides and making anything else dense in that
-    format; on CUDA empty_like(input) (cuda/kernels.h)."""
-    if input.device.type == "cuda":
-        return torch.empty_like(input)
+    """Mirrors csrc/batch_norm/common.cpp: the kernels work in the memory
+    format the strides suggest (as torch's batch norm does), keeping a dense
+    input's strides and making anything else dense in that format."""
     memory_format = suggest_memory_format(input)
     if input.is_contiguous(memory_format=memory_format):
         return input.new_empty_strided(input.shape, input.stride())

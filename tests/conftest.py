@@ -121,6 +121,23 @@ def memory_formats_of(t: torch.Tensor) -> dict:
     return formats
 
 
+def assert_layout_like_torch(out, out_torch, x, msg=None):
+    """The output's memory layout is torch's. On CUDA, torch's own layout for
+    an input that is neither contiguous nor channels-last depends on the
+    kernel it picks (cuDNN: the suggested memory format; its native kernels:
+    the input's strides); normext answers in the suggested memory format
+    there, as torch does on the CPU."""
+    standard = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+        memory_format=torch.channels_last)) or (x.dim() == 5 and x.is_contiguous(
+            memory_format=torch.channels_last_3d))
+    if out.device.type == "cuda" and not standard:
+        suggested = torch._prims_common.suggest_memory_format(x)
+        assert out.is_contiguous(memory_format=suggested), (msg, out.stride(), x.stride())
+    else:
+        assert memory_formats_of(out) == memory_formats_of(out_torch), (
+            msg, out.stride(), out_torch.stride())
+
+
 # ---------------------------------------------------------------------------
 # markers and options
 

@@ -64,7 +64,10 @@ def _check_steps(eager, compiled_model, device, memory_format, dtype):
         compiled_state = original.state_dict()
         for name, value in eager.state_dict().items():
             if value.is_floating_point():
-                assert_close(compiled_state[name], value, **tol, msg=f"step {step}: {name}")
+                # parameters after a step and running stats carry the
+                # gradients' and the convolutions' rounding
+                state_tol = dict(tol, factor=1.0 if dtype == torch.float64 else 10.0)
+                assert_close(compiled_state[name], value, **state_tol, msg=f"step {step}: {name}")
             else:
                 assert torch.equal(compiled_state[name], value), name
 

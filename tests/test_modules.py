@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import normext
-from conftest import DEVICE_PARAMS, assert_close, flag_params, memory_formats_of
+from conftest import (DEVICE_PARAMS, assert_close, assert_layout_like_torch, flag_params,
+                      memory_formats_of)
 
 TORCH_CLASSES = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 NORMEXT_CLASSES = {1: normext.BatchNorm1d, 2: normext.BatchNorm2d, 3: normext.BatchNorm3d}
@@ -154,7 +155,7 @@ def run_steps(ours, torch_module, reference, shape, layout, input_dtype, module_
             out_torch = out_ref
         assert out.dtype == out_torch.dtype == input_dtype
         assert out.shape == out_torch.shape
-        assert memory_formats_of(out) == memory_formats_of(out_torch), msg
+        assert_layout_like_torch(out, out_torch, x, msg)
         assert_close(out, out_ref, input_dtype, msg=f"{msg}: output")
 
         grad_out = torch.randn_like(out)
@@ -291,8 +292,7 @@ def test_output_memory_format_matches_torch(name, training, device):
     assert_close(out, expected)
     assert_close(running[0], running_ref[0])
     assert_close(running[1], running_ref[1])
-    assert memory_formats_of(out) == memory_formats_of(expected), (out.stride(),
-                                                                   expected.stride())
+    assert_layout_like_torch(out, expected, x)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <limits>
 
 namespace normext::batch_norm {
 
@@ -42,6 +43,16 @@ C10_HOST_DEVICE inline void shifted_moments(T shift, T sum_d, T sum_d2, T count,
   const bool overflowed = sum_d2 == sum_d2 + sum_d2 && sum_d2 > T(0) && sum_d - sum_d == T(0);
   m2 = overflowed ? sum_d2 : sum_d2 - correction;
   m2 = m2 < T(0) ? T(0) : m2;  // rounding; NaN stays NaN
+}
+
+// The shift for shifted_moments from the mean of a sample of a channel, in
+// the type the deviations are computed in. Non-finite or huge samples give 0:
+// the deviations from such a shift could overflow where the data's own sums
+// do not, and their squares overflow (an infinite variance) either way.
+template <typename T>
+C10_HOST_DEVICE inline T stable_shift(double sample_mean) {
+  const T shift = static_cast<T>(sample_mean);
+  return shift - shift == T(0) && shift * shift < std::numeric_limits<T>::max() ? shift : T(0);
 }
 
 template <typename T>

@@ -80,7 +80,7 @@ struct BatchNormOps {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
     }
-    return Kernels::in_output_layout(input, output);
+    return output;
   }
 
   // (sum dy, sum dy*(x-mean), grad_weight, grad_bias); the gradients have the
@@ -113,8 +113,7 @@ struct BatchNormOps {
       check_stat(input, *stat, name);
     }
     const ChannelView view = channel_view(input);
-    return grad_input(grad_out, input, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                      true);
+    return grad_input(grad_out, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, true);
   }
 
   // Single-process forward: (output, mean, invstd). Training uses the batch
@@ -152,7 +151,7 @@ struct BatchNormOps {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
     }
-    return {Kernels::in_output_layout(input, output), mean, invstd};
+    return {output, mean, invstd};
   }
 
   // Single-process backward: (grad_input, grad_weight, grad_bias) with one
@@ -167,7 +166,7 @@ struct BatchNormOps {
     check_stat(input, save_invstd, "save_invstd");
     const ChannelView view = channel_view(input);
     auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, save_mean);
-    at::Tensor dx = grad_input(grad_out, input, view, save_mean, save_invstd, weight, sum_dy,
+    at::Tensor dx = grad_input(grad_out, view, save_mean, save_invstd, weight, sum_dy,
                                sum_dy_xmu, static_cast<double>(view.count()), training);
     auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, save_invstd, weight);
     return {dx, grad_weight, grad_bias};
@@ -187,9 +186,9 @@ struct BatchNormOps {
     return {sum_dy, sum_dy_xmu};
   }
 
-  static at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& input,
-                               const ChannelView& view, const at::Tensor& mean,
-                               const at::Tensor& invstd, const OptionalTensor& weight, const at::Tensor& sum_dy,
+  static at::Tensor grad_input(const at::Tensor& grad_out, const ChannelView& view,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const OptionalTensor& weight, const at::Tensor& sum_dy,
                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
     at::Tensor dx = Kernels::empty_output(view);
     if (view.data.numel() > 0) {
@@ -198,7 +197,7 @@ struct BatchNormOps {
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
                               sum_dy_xmu, count, batch_stats, dx);
     }
-    return Kernels::in_output_layout(input, dx);
+    return dx;
   }
 
   static std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,

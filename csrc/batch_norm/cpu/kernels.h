@@ -17,10 +17,6 @@ namespace normext::batch_norm {
 struct CpuKernels {
   // Outputs in the input's layout, from normext's CPU block cache.
   static at::Tensor empty_output(const ChannelView& input);
-  // torch's CPU batch norm answers in the suggested memory format: as computed.
-  static at::Tensor in_output_layout(const at::Tensor&, const at::Tensor& output) {
-    return output;
-  }
   // Biased per-channel variance and mean, in the accumulate type.
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   // invstd from var; updates the running stats when they are defined.

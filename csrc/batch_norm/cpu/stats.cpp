@@ -19,11 +19,11 @@ using cpu::RowChunks;
 // lose digits, and the blocks are few next to the elements.
 using sum_t = double;
 
-// The shift of a channel: the mean of a sample of it (non-finite data gives
-// 0, so that infinities reach the sums and the mean as they would in torch).
-inline sum_t shift_from(sum_t sample_sum, int64_t sample_size) {
-  const sum_t mean = sample_size > 0 ? sample_sum / sample_size : 0;
-  return mean - mean == 0 ? mean : 0;
+// The shift of a channel from a sample of it (math.h: stable_shift), exactly
+// the value the deviations are computed from.
+template <typename acc_t>
+sum_t shift_from(sum_t sample_sum, int64_t sample_size) {
+  return stable_shift<acc_t>(sample_size > 0 ? sample_sum / sample_size : 0);
 }
 
 template <typename scalar_t>
@@ -99,7 +99,7 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
     const int64_t grain = std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const sum_t shift = shift_from(run_sum(x + c * L, L), L);
+        const sum_t shift = shift_from<acc_t>(run_sum(x + c * L, L), L);
         sum_t s, s2;
         channel_shifted_sums(x, v.outer, C, L, c, static_cast<acc_t>(shift), s, s2);
         finish_channel(shift, s, s2, static_cast<sum_t>(v.count()), mean, var, c);
@@ -111,7 +111,7 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t sample = std::min(L, cpu::kBlockElements);
-      shift[c] = shift_from(run_sum(x + c * L, sample), sample);
+      shift[c] = shift_from<acc_t>(run_sum(x + c * L, sample), sample);
     }
   });
   const RowBlocks blocks(v);
@@ -143,7 +143,7 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   for (int64_t r = 0; r < sample; ++r) {
     for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<sum_t>(x[r * C + c]);
   }
-  for (int64_t c = 0; c < C; ++c) shift[c] = shift_from(shift[c], sample);
+  for (int64_t c = 0; c < C; ++c) shift[c] = shift_from<acc_t>(shift[c], sample);
   const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
   const int64_t tile_rows = std::clamp<int64_t>(4 * cpu::kGrainElements / C, 1, 256);

@@ -14,14 +14,6 @@ struct CudaKernels {
   static at::Tensor empty_output(const ChannelView& input) {
     return at::empty_strided(input.data.sizes(), input.data.strides(), input.data.options());
   }
-  // torch's CUDA batch norm answers in empty_like(input) (a dense input's own
-  // strides, even when neither contiguous nor channels-last); the kernels
-  // write in the suggested memory format, so the rare others get a copy.
-  static at::Tensor in_output_layout(const at::Tensor& input, const at::Tensor& output) {
-    if (input.strides() == output.strides()) return output;
-    at::Tensor like = at::empty_like(input);
-    return like.strides() == output.strides() ? output : like.copy_(output);
-  }
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,

@@ -1,11 +1,13 @@
 // Two-stage per-channel reduction of two sums, used by the statistics and the
 // backward reduction: stage 1 reduces slices of each channel into partial
-// sums in the accumulate type (many blocks per channel when channels are
-// few), stage 2 adds each channel's partials in double in a fixed order. No
+// sums (many blocks per channel when channels are few), stage 2 adds each
+// channel's partials in a fixed order. Each thread adds kChunk elements at a
+// time in the accumulate type and those chunk sums in double, so neither the
+// rounding nor an overflow of float32 grows with the slice length. No
 // atomics: the same input gives bit-identical results on every run.
 //
 // A Reducer provides
-//   using acc_t;                                       // per-thread sums
+//   using acc_t;                                       // chunk sums
 //   struct Context; Context context(int64_t channel) const;  // read once per thread
 //   void add(Sums<acc_t>&, index_t element, const Context&) const;
 //   void finish(int64_t channel, const Sums<double>&) const;
@@ -26,26 +28,50 @@ __device__ inline void add_to(Sums<T>& total, const Sums<U>& part) {
   total.second += static_cast<T>(part.second);
 }
 
+constexpr int kChunk = 64;
+
+// A thread's running sums: the current chunk in acc_t, the rest in double.
+template <typename acc_t>
+struct ThreadSums {
+  Sums<acc_t> chunk{acc_t(0), acc_t(0)};
+  Sums<double> total{0.0, 0.0};
+  int filled = 0;
+
+  template <class R, typename index_t, typename Context>
+  __device__ void add(const R& reducer, index_t element, const Context& context) {
+    reducer.add(chunk, element, context);
+    if (++filled == kChunk) {
+      add_to(total, chunk);
+      chunk = {acc_t(0), acc_t(0)};
+      filled = 0;
+    }
+  }
+
+  __device__ Sums<double> sum() const {
+    Sums<double> all = total;
+    add_to(all, chunk);
+    return all;
+  }
+};
+
 // Contiguous (N, C, L): block (c, split) reduces elements
 // [split * per_split, ...) of channel c's N*L elements, then tree-adds the
 // block's sums in shared memory.
 template <class R, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const R reducer, index_t channels, index_t inner,
-                             index_t per_channel, index_t per_split,
-                             Sums<typename R::acc_t>* partials) {
-  using acc_t = typename R::acc_t;
-  __shared__ Sums<acc_t> shared[kThreads];
+                             index_t per_channel, index_t per_split, Sums<double>* partials) {
+  __shared__ Sums<double> shared[kThreads];
   const index_t c = blockIdx.x;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
   const index_t end = begin + per_split < per_channel ? begin + per_split : per_channel;
   const auto context = reducer.context(c);
-  Sums<acc_t> sums{acc_t(0), acc_t(0)};
+  ThreadSums<typename R::acc_t> sums;
   for (index_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     const index_t n = j / inner;
-    reducer.add(sums, (n * channels + c) * inner + (j - n * inner), context);
+    sums.add(reducer, (n * channels + c) * inner + (j - n * inner), context);
   }
-  shared[threadIdx.x] = sums;
+  shared[threadIdx.x] = sums.sum();
   for (unsigned offset = blockDim.x / 2; offset > 0; offset /= 2) {
     __syncthreads();
     if (threadIdx.x < offset) add_to(shared[threadIdx.x], shared[threadIdx.x + offset]);
@@ -61,29 +87,32 @@ constexpr int kRowLanes = kThreads / kChannelLanes;
 template <class R, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
-                                index_t per_split, Sums<typename R::acc_t>* partials) {
-  using acc_t = typename R::acc_t;
-  __shared__ Sums<acc_t> shared[kRowLanes][kChannelLanes];
+                                index_t per_split, Sums<double>* partials) {
+  __shared__ Sums<double> shared[kRowLanes][kChannelLanes];
   const index_t c = static_cast<index_t>(blockIdx.x) * kChannelLanes + threadIdx.x;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
   const index_t end = begin + per_split < rows ? begin + per_split : rows;
-  Sums<acc_t> sums{acc_t(0), acc_t(0)};
+  ThreadSums<typename R::acc_t> sums;
   if (c < channels) {
     const auto context = reducer.context(c);
     for (index_t r = begin + threadIdx.y; r < end; r += kRowLanes) {
-      reducer.add(sums, r * channels + c, context);
+      sums.add(reducer, r * channels + c, context);
     }
   }
-  shared[threadIdx.y][threadIdx.x] = sums;
+  shared[threadIdx.y][threadIdx.x] = sums.sum();
   for (int offset = kRowLanes / 2; offset > 0; offset /= 2) {
     __syncthreads();
-    if (threadIdx.y < offset) add_to(shared[threadIdx.y][threadIdx.x], shared[threadIdx.y + offset][threadIdx.x]);
+    if (threadIdx.y < offset) {
+      add_to(shared[threadIdx.y][threadIdx.x], shared[threadIdx.y + offset][threadIdx.x]);
+    }
   }
-  if (threadIdx.y == 0 && c < channels) partials[c * gridDim.y + blockIdx.y] = shared[0][threadIdx.x];
+  if (threadIdx.y == 0 && c < channels) {
+    partials[c * gridDim.y + blockIdx.y] = shared[0][threadIdx.x];
+  }
 }
 
 template <class R>
-__global__ void reduce_finish_kernel(const R reducer, const Sums<typename R::acc_t>* partials,
+__global__ void reduce_finish_kernel(const R reducer, const Sums<double>* partials,
                                      int64_t splits, int64_t channels) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
@@ -95,7 +124,7 @@ __global__ void reduce_finish_kernel(const R reducer, const Sums<typename R::acc
 // Runs both stages for `view` (the reducer reads its own pointers).
 template <class R>
 void reduce_per_channel(const ChannelView& view, const R& reducer) {
-  using Partial = Sums<typename R::acc_t>;
+  using Partial = Sums<double>;
   const at::Device device = view.data.device();
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t channels = view.channels;

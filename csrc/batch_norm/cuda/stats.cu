@@ -30,15 +30,13 @@ struct ShiftedSumsReducer {
   acc_t* mean;
   acc_t* var;
 
-  // The mean of the first few elements of the channel (non-finite data gives
-  // 0, so that infinities reach the sums and the mean as they would in torch).
+  // From the mean of the first few elements of the channel.
   __device__ acc_t context(int64_t c) const {
-    acc_t sum = 0;
+    double sum = 0;
     for (int64_t k = 0; k < sample_size; ++k) {
-      sum += static_cast<acc_t>(input[c * first_stride + k * sample_stride]);
+      sum += static_cast<double>(input[c * first_stride + k * sample_stride]);
     }
-    const acc_t shift = sum / static_cast<acc_t>(sample_size);
-    return shift - shift == acc_t(0) ? shift : acc_t(0);
+    return stable_shift<acc_t>(sum / static_cast<double>(sample_size));
   }
 
   template <typename index_t>
