@@ -87,8 +87,19 @@ def test_compile_aot_eager_matches_eager(memory_format, device):
     _check_steps(eager, compiled, device, memory_format, torch.float64)
 
 
+@pytest.fixture
+def full_float32():
+    """TF32 off: with it (torch's default for cuDNN convolutions), eager and
+    Inductor pick different convolution kernels whose 1e-3 rounding, not
+    normext, dominates the comparison (seen on an H200)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-def test_compile_inductor_matches_eager(device):
+def test_compile_inductor_matches_eager(device, full_float32):
     torch._dynamo.reset()
     eager, to_compile = _models(device, torch.float32)
     compiled = torch.compile(to_compile, fullgraph=True)
