@@ -43,6 +43,10 @@ def _differentiable_backward(ctx, grad_out: Tensor):
     return grad_input.to(input.dtype), grad_weight, grad_bias
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the call when it is a no-op
+
+
 class _BatchNorm(torch.autograd.Function):
     # forward(ctx, ...) rather than setup_context: apply() costs ~3 us instead
     # of ~16 us, which matters next to a batch norm of a small tensor.
@@ -50,14 +54,15 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
         output, save_mean, save_invstd = ops.batch_norm_forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
+        # The statistics are saved, not returned: an output would cost the
+        # backward a zero gradient to materialize for each.
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(save_mean, save_invstd)
-        return output, save_mean, save_invstd
+        return output
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+    def backward(ctx, grad_out):
         input, weight, save_mean, save_invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             grad_input, grad_weight, grad_bias = _differentiable_backward(ctx, grad_out)
@@ -65,8 +70,8 @@ class _BatchNorm(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
                 grad_out, input, weight, save_mean, save_invstd, ctx.training)
         needs = ctx.needs_input_grad
-        grad_weight = grad_weight.to(weight.dtype) if needs[1] else None
-        grad_bias = grad_bias.to(ctx.bias_dtype) if needs[2] else None
+        grad_weight = _as_dtype(grad_weight, weight.dtype) if needs[1] else None
+        grad_bias = _as_dtype(grad_bias, ctx.bias_dtype) if needs[2] else None
         return (grad_input if needs[0] else None, grad_weight, grad_bias,
                 None, None, None, None, None)
 
@@ -115,7 +120,7 @@ def batch_norm(
     _check_eps(eps, training)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias)):
-        output, _, _ = _BatchNorm.apply(
+        output = _BatchNorm.apply(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
     else:  # nothing to differentiate: skip autograd's bookkeeping
         output, _, _ = ops.batch_norm_forward(
