@@ -12,26 +12,6 @@
 
 namespace normext::batch_norm {
 
-// Chan et al. pairwise update: merges the statistics (mean_b, m2_b) of
-// count_b elements into (mean, m2) of `count` elements; the caller adds the
-// counts (one count often serves many channels). m2 is the sum of squared
-// deviations from the mean, so the merge stays accurate for data whose mean is
-// large next to its spread.
-template <typename T, typename C>
-C10_HOST_DEVICE inline void chan_merge(T& mean, T& m2, C count, const T& mean_b, const T& m2_b,
-                                       C count_b) {
-  if (count_b == C(0)) return;
-  if (count == C(0)) {  // not a merge: a huge or infinite mean must not meet a zero weight
-    mean = mean_b;
-    m2 = m2_b;
-    return;
-  }
-  const C weight_b = count_b / (count + count_b);
-  const T delta = mean_b - mean;
-  mean = mean + delta * T(weight_b);
-  m2 = m2 + m2_b + delta * delta * T(count * weight_b);
-}
-
 // Mean and m2 of `count` values x from sums of d = x - shift: one pass, and
 // stable when the shift is near the mean (cancellation grows with
 // ((shift - mean) / std)^2). Infinite data gives an infinite mean and a NaN

@@ -168,8 +168,9 @@ struct BatchNormOps {
     auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, save_mean);
     at::Tensor dx = grad_input(grad_out, view, save_mean, save_invstd, weight, sum_dy,
                                sum_dy_xmu, static_cast<double>(view.count()), training);
-    auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, save_invstd, weight);
-    return {dx, grad_weight, grad_bias};
+    // The sums are not returned, so the parameter grads may reuse them.
+    const auto type = weight.has_value() ? weight->scalar_type() : sum_dy.scalar_type();
+    return {dx, sum_dy_xmu.mul_(save_invstd).to(type), sum_dy.to(type)};
   }
 
  private:
