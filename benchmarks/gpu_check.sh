@@ -53,6 +53,11 @@ echo "tests in $(( $(date +%s) - start )) s"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 tail -3 "$out/tests.log"
 
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  echo "== benchmarks skipped (SKIP_BENCH=1)"
+  exit $(( tests_rc != 0 ))
+fi
+
 echo "== BatchNorm benchmark"
 bench() {
   timeout $(limit 200 60) $python benchmarks/bench_batchnorm.py --device cuda \
