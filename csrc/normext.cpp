@@ -37,6 +37,11 @@ TORCH_LIBRARY(normext, m) {
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training) -> (Tensor grad_input, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // torch.nn.functional.batch_norm's contract: the output only, differentiable
+  // (batch_norm/autograd.cpp), for eager calls.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -60,6 +60,17 @@ def batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
+def batch_norm(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float,
+) -> Tensor:
+    """torch.nn.functional.batch_norm's output, differentiable through a C++
+    autograd node (the fused forward and backward); updates the running stats
+    in training."""
+    return _ops.batch_norm.default(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
 def batch_norm_backward(
     grad_out: Tensor, input: Tensor, weight: Tensor | None, save_mean: Tensor,
     save_invstd: Tensor, training: bool,
@@ -139,6 +150,13 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
                        bias=bias)
     return _like_input(input), _stat(input), _stat(input)
+
+
+@torch.library.register_fake("normext::batch_norm")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias)
+    return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward")

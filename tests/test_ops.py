@@ -23,6 +23,10 @@ def _layouts(x):
     }
 
 
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
 def _opcheck_samples(device):
     samples = []
     for dtype in (torch.float32, torch.float64):
@@ -54,6 +58,8 @@ def _opcheck_samples(device):
                  (x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)),
                 (f"backward-train-{tag}", "batch_norm_backward",
                  (dy, x, w, mean, invstd, True)),
+                (f"batch_norm-train-{tag}", "batch_norm",
+                 (_leaf(x), _leaf(w), _leaf(b), rm.clone(), rv.clone(), True, 0.1, 1e-5)),
             ]
             if name == "contiguous":
                 samples += [
@@ -72,6 +78,12 @@ def _opcheck_samples(device):
                      (mean, var, count, rm.clone(), rv.clone(), 0.1, 1e-5)),
                     (f"finalize-norunning-{tag}", "batch_norm_finalize",
                      (mean, var, count, None, None, 0.1, 1e-5)),
+                    (f"batch_norm-eval-{tag}", "batch_norm",
+                     (_leaf(x), _leaf(w), _leaf(b), rm.clone(), rv.clone(), False, 0.1, 1e-5)),
+                    (f"batch_norm-noaffine-norunning-{tag}", "batch_norm",
+                     (_leaf(x), None, None, None, None, True, 0.1, 1e-5)),
+                    (f"batch_norm-nograd-{tag}", "batch_norm",
+                     (x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)),
                 ]
     # half input with float32 parameters
     x = torch.randn(3, 4, 2, 3, device=device).half().contiguous(
@@ -81,6 +93,10 @@ def _opcheck_samples(device):
                     (x, torch.ones(4, device=device), torch.zeros(4, device=device),
                      torch.zeros(4, device=device), torch.ones(4, device=device), True, 0.1,
                      1e-5)))
+    samples.append(("batch_norm-train-float16-params_float32", "batch_norm",
+                    (_leaf(x), _leaf(torch.ones(4, device=device)),
+                     _leaf(torch.zeros(4, device=device)), torch.zeros(4, device=device),
+                     torch.ones(4, device=device), True, 0.1, 1e-5)))
     samples.append(("backward-train-bfloat16", "batch_norm_backward",
                     (torch.randn(3, 4, 2, 3, device=device).bfloat16(),
                      x.bfloat16(), torch.ones(4, device=device), mean,
@@ -107,7 +123,7 @@ def test_every_op_is_covered_by_opcheck():
     names = {s[1] for s in _opcheck_samples("cpu")}
     assert names == {"batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
                      "batch_norm_backward_reduce", "batch_norm_backward_elemt",
-                     "batch_norm_forward", "batch_norm_backward"}
+                     "batch_norm_forward", "batch_norm_backward", "batch_norm"}
 
 
 # ---------------------------------------------------------------------------

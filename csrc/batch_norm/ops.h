@@ -154,6 +154,15 @@ struct BatchNormOps {
     return {output, mean, invstd};
   }
 
+  // The output of forward: the batch_norm op below autograd (inference mode).
+  static at::Tensor output(const at::Tensor& input, const OptionalTensor& weight,
+                           const OptionalTensor& bias, const OptionalTensor& running_mean,
+                           const OptionalTensor& running_var, bool training, double momentum,
+                           double eps) {
+    return std::get<0>(
+        forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
+  }
+
   // Single-process backward: (grad_input, grad_weight, grad_bias) with one
   // reduction pass and one elementwise pass.
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
@@ -222,6 +231,7 @@ void register_batch_norm_ops(torch::Library& m) {
   m.impl("batch_norm_backward_elemt", &Ops::backward_elemt);
   m.impl("batch_norm_forward", &Ops::forward);
   m.impl("batch_norm_backward", &Ops::backward);
+  m.impl("batch_norm", &Ops::output);
 }
 
 }  // namespace normext::batch_norm

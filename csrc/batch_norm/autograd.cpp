@@ -1,0 +1,146 @@
+// normext::batch_norm: the fused forward and backward ops under one C++
+// autograd node, which costs a fraction of a Python autograd.Function's
+// bookkeeping per call (it matters next to a small batch norm).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "batch_norm/common.h"
+
+namespace normext::batch_norm {
+namespace {
+
+using OptionalTensor = c10::optional<at::Tensor>;
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+TensorTriple fused_forward(const at::Tensor& input, const OptionalTensor& weight,
+                           const OptionalTensor& bias, const OptionalTensor& running_mean,
+                           const OptionalTensor& running_var, bool training, double momentum,
+                           double eps) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normext::batch_norm_forward", "")
+          .typed<TensorTriple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                              const OptionalTensor&, const OptionalTensor&, bool, double,
+                              double)>();
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+TensorTriple fused_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                            const OptionalTensor& weight, const at::Tensor& save_mean,
+                            const at::Tensor& save_invstd, bool training) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normext::batch_norm_backward", "")
+          .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                              const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(grad_out, input, weight, save_mean, save_invstd, training);
+}
+
+// The backward in differentiable ATen ops, for create_graph=True (double
+// backward): under batch statistics the mean and variance are recomputed from
+// the input so that the graph sees their dependence on it.
+TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                     const at::Tensor& weight, const at::Tensor& save_mean,
+                                     const at::Tensor& save_invstd, bool training, double eps) {
+  const auto type = accumulate_type(input.scalar_type());
+  const at::Tensor x = input.to(type), g = grad_out.to(type);
+  std::vector<int64_t> dims{0}, per_channel(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  per_channel[1] = input.size(1);
+  at::Tensor mean, invstd;
+  if (training) {
+    mean = x.mean(dims, /*keepdim=*/true);
+    invstd = at::rsqrt(at::var(x, dims, /*unbiased=*/false, /*keepdim=*/true) + eps);
+  } else {
+    mean = save_mean.view(per_channel);
+    invstd = save_invstd.view(per_channel);
+  }
+  const at::Tensor x_hat = (x - mean) * invstd;
+  const at::Tensor scale = weight.defined() ? invstd * weight.to(type).view(per_channel) : invstd;
+  const at::Tensor grad_input =
+      training ? (g - g.mean(dims, true) - x_hat * (g * x_hat).mean(dims, true)) * scale
+               : g * scale;
+  return {grad_input.to(input.scalar_type()), (g * x_hat).sum(dims), g.sum(dims)};
+}
+
+at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t : t.to(type);
+}
+
+class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const OptionalTensor& weight, const OptionalTensor& bias,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                            bool training, double momentum, double eps) {
+    auto [output, save_mean, save_invstd] =
+        fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps);
+    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+    ctx->save_for_backward({input, w, save_mean, save_invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["input_grad"] = input.requires_grad();
+    ctx->saved_data["weight_grad"] = w.defined() && w.requires_grad();
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["bias_grad"] = has_bias && bias->requires_grad();
+    if (has_bias) ctx->saved_data["bias_type"] = bias->scalar_type();
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1];
+    const bool training = ctx->saved_data["training"].toBool();
+    at::Tensor grad_input, grad_weight, grad_bias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      std::tie(grad_input, grad_weight, grad_bias) =
+          differentiable_backward(grad_outputs[0], input, weight, saved[2], saved[3], training,
+                                  ctx->saved_data["eps"].toDouble());
+    } else {
+      std::tie(grad_input, grad_weight, grad_bias) = fused_backward(
+          grad_outputs[0], input, weight.defined() ? OptionalTensor(weight) : c10::nullopt,
+          saved[2], saved[3], training);
+    }
+    // One entry per forward argument; undefined where no gradient is wanted.
+    variable_list grads(8);
+    if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
+    if (ctx->saved_data["weight_grad"].toBool()) grads[1] = as_type(grad_weight, weight.scalar_type());
+    if (ctx->saved_data["bias_grad"].toBool()) {
+      grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
+    }
+    return grads;
+  }
+};
+
+bool requires_grad(const OptionalTensor& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& weight,
+                               const OptionalTensor& bias, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, bool training,
+                               double momentum, double eps) {
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
+                                    momentum, eps);
+  }
+  // Nothing to differentiate: no node, straight to the backend's kernel.
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return std::get<0>(
+      fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
+}
+
+}  // namespace
+
+// The backends register the op below autograd (ops.h: BatchNormOps::output).
+TORCH_LIBRARY_IMPL(normext, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
+
+}  // namespace normext::batch_norm
