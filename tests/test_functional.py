@@ -2,6 +2,7 @@
 every flag combination in float64, gradcheck/gradgradcheck, and double
 backward (create_graph=True) against torch's second derivatives."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -266,3 +267,36 @@ def test_first_backward_without_create_graph_uses_fused_kernel(device):
     composite = torch.autograd.grad(out, (x, w, b), g, create_graph=True)
     for a, c in zip(fused, composite):
         assert_close(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode", "no_input_grad"])
+def test_autograd_node_only_when_needed(mode, device):
+    """One C++ node when a gradient is wanted (through the weight alone too),
+    none otherwise; every path gives torch's output and running stats."""
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64)
+    w = (torch.rand(3, device=device, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, device=device, dtype=torch.float64).requires_grad_()
+    if mode == "grad":
+        x.requires_grad_()
+    running = [torch.zeros(3, device=device, dtype=torch.float64),
+               torch.ones(3, device=device, dtype=torch.float64)]
+    running_ref = [t.clone() for t in running]
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, contextlib.nullcontext)
+    with context():
+        out = batch_norm(x, *running, w, b, True, 0.1, 1e-5)
+    expected = F.batch_norm(x.detach(), *running_ref, w.detach(), b.detach(), True, 0.1, 1e-5)
+    assert_close(out, expected)
+    assert_close(running[0], running_ref[0])
+    assert_close(running[1], running_ref[1])
+    if mode in ("grad", "no_input_grad"):
+        assert out.grad_fn is not None and "BatchNorm" in out.grad_fn.name()
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        w_ref, b_ref = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        F.batch_norm(x.detach(), None, None, w_ref, b_ref, True, 0.1, 1e-5).backward(grad)
+        assert_close(w.grad, w_ref.grad)
+        assert_close(b.grad, b_ref.grad)
+    else:
+        assert out.grad_fn is None and not out.requires_grad
