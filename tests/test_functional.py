@@ -294,9 +294,27 @@ def test_autograd_node_only_when_needed(mode, device):
         assert out.grad_fn is not None and "BatchNorm" in out.grad_fn.name()
         grad = torch.randn_like(out)
         out.backward(grad)
+        x_ref = x.detach().clone().requires_grad_(x.requires_grad)
         w_ref, b_ref = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-        F.batch_norm(x.detach(), None, None, w_ref, b_ref, True, 0.1, 1e-5).backward(grad)
+        F.batch_norm(x_ref, None, None, w_ref, b_ref, True, 0.1, 1e-5).backward(grad)
+        assert_close(x.grad, x_ref.grad)
         assert_close(w.grad, w_ref.grad)
         assert_close(b.grad, b_ref.grad)
     else:
         assert out.grad_fn is None and not out.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_running_stats(training, device):
+    """Running stats that are views with a stride (every other element of a
+    buffer) are read and updated in place like torch's."""
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64) * 2 + 1
+    buffers = [torch.rand(6, device=device, dtype=torch.float64) + 0.5 for _ in range(2)]
+    buffers_ref = [t.clone() for t in buffers]
+    out = batch_norm(x, buffers[0][::2], buffers[1][1::2], None, None, training, 0.1, 1e-5)
+    expected = F.batch_norm(x, buffers_ref[0][::2], buffers_ref[1][1::2], None, None, training,
+                            0.1, 1e-5)
+    assert_close(out, expected)
+    assert_close(buffers[0], buffers_ref[0])
+    assert_close(buffers[1], buffers_ref[1])

@@ -133,6 +133,29 @@ def test_every_op_is_covered_by_opcheck():
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", ["padded_first_row", "outliers", "huge_constant"])
+def test_moments_shift_is_robust(case, memory_format, device):
+    """The per-channel shift is the median of a sample spread over the channel:
+    a zero first row (padding), outliers, or a huge constant channel must not
+    cost the float32 sums their accuracy or overflow them."""
+    x64 = 1e3 + torch.randn(16, 3, 8, 8, dtype=torch.float64, device=device)
+    if case == "padded_first_row":
+        x64[0, :, 0, :] = 0.0
+    elif case == "outliers":
+        x64[0, :, 0, :3] = 1e7
+    else:
+        x64[:, 1] = 1e20
+    x = x64.float().contiguous(memory_format=memory_format)
+    x64 = x.double()
+    mean, var = ops.batch_norm_moments(x)
+    ref_mean, ref_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
 def test_moments_float32_large_mean(memory_format, device):
     """1e4 + randn: the mean is 1e4 times the spread; naive sums of squares in
     float32 lose every digit of the variance."""

@@ -8,7 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
-#include <limits>
+#include <cstdint>
 
 namespace normext::batch_norm {
 
@@ -25,14 +25,27 @@ C10_HOST_DEVICE inline void shifted_moments(T shift, T sum_d, T sum_d2, T count,
   m2 = m2 < T(0) ? T(0) : m2;  // rounding; NaN stays NaN
 }
 
-// The shift for shifted_moments from the mean of a sample of a channel, in
-// the type the deviations are computed in. Non-finite or huge samples give 0:
-// the deviations from such a shift could overflow where the data's own sums
-// do not, and their squares overflow (an infinite variance) either way.
-template <typename T>
-C10_HOST_DEVICE inline T stable_shift(double sample_mean) {
-  const T shift = static_cast<T>(sample_mean);
-  return shift - shift == T(0) && shift * shift < std::numeric_limits<T>::max() ? shift : T(0);
+// Elements of a channel whose median is its shift.
+constexpr int kShiftSample = 8;
+
+// The shift for shifted_moments, in the type the deviations are computed in:
+// the median of kShiftSample elements spread evenly over the channel, so that
+// neither a lone outlier nor an atypical first row moves it far from the
+// mean; 0 unless finite. load(j) gives the channel's j-th element
+// (0 <= j < count) as a double.
+template <typename T, typename Load>
+C10_HOST_DEVICE inline T channel_shift(int64_t count, const Load& load) {
+  const int size = count < kShiftSample ? static_cast<int>(count) : kShiftSample;
+  if (size == 0) return T(0);
+  double sample[kShiftSample];
+  for (int k = 0; k < size; ++k) {
+    const double value = load(k * count / size);
+    int i = k;  // insertion sort
+    for (; i > 0 && sample[i - 1] > value; --i) sample[i] = sample[i - 1];
+    sample[i] = value;
+  }
+  const T shift = static_cast<T>(sample[(size - 1) / 2]);
+  return shift - shift == T(0) ? shift : T(0);
 }
 
 template <typename T>

@@ -136,9 +136,9 @@ struct BatchNormOps {
       mean = new_stat(input, view.count() > 0);
       var = new_stat(input, view.count() > 0);
       if (view.count() > 0) Kernels::moments(view, mean, var);
-    } else {  // the saved mean is a copy; the variance is only read
+    } else {  // the saved mean is a copy; the variance is only read, densely
       mean = running_mean->reshape({-1}).to(acc_type, /*non_blocking=*/false, /*copy=*/true);
-      var = running_var->reshape({-1}).to(acc_type);
+      var = running_var->reshape({-1}).to(acc_type).contiguous();
     }
     at::Tensor invstd = at::empty_like(mean);
     // An empty batch leaves the running stats alone, as in torch.

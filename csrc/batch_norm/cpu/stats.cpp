@@ -1,7 +1,8 @@
 // Per-channel batch statistics and the running-stat update. The statistics
-// read the input once: sums of deviations from a per-channel shift (the mean
-// of a small sample of the channel), float32 within a block that stays in
-// cache, double across blocks (math.h: shifted_moments).
+// read the input once: sums of deviations from a per-channel shift (the
+// median of a small sample of the channel, math.h: channel_shift), float32
+// within a block that stays in cache, double across blocks (math.h:
+// shifted_moments).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,18 +20,15 @@ using cpu::RowChunks;
 // lose digits, and the blocks are few next to the elements.
 using sum_t = double;
 
-// The shift of a channel from a sample of it (math.h: stable_shift), exactly
-// the value the deviations are computed from.
-template <typename acc_t>
-sum_t shift_from(sum_t sample_sum, int64_t sample_size) {
-  return stable_shift<acc_t>(sample_size > 0 ? sample_sum / sample_size : 0);
-}
-
-template <typename scalar_t>
-sum_t run_sum(const scalar_t* x, int64_t length) {
-  sum_t sum = 0;
-  for (int64_t i = 0; i < length; ++i) sum += static_cast<sum_t>(x[i]);
-  return sum;
+// The shift of channel c (math.h: channel_shift), as a double that the
+// accumulate type holds exactly: the deviations and the mean use one value.
+template <typename scalar_t, typename acc_t>
+sum_t shift_of(const ChannelView& v, const scalar_t* x, int64_t c) {
+  const int64_t C = v.channels, L = v.inner;
+  return channel_shift<acc_t>(v.count(), [&](int64_t j) {
+    const int64_t row = v.channels_last ? j * C + c : ((j / L) * C + c) * L + j % L;
+    return static_cast<double>(x[row]);
+  });
 }
 
 // Adds one channels-last row's deviations d = x - shift and d^2 to per-channel sums.
@@ -99,7 +97,7 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
     const int64_t grain = std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const sum_t shift = shift_from<acc_t>(run_sum(x + c * L, L), L);
+        const sum_t shift = shift_of<scalar_t, acc_t>(v, x, c);
         sum_t s, s2;
         channel_shifted_sums(x, v.outer, C, L, c, static_cast<acc_t>(shift), s, s2);
         finish_channel(shift, s, s2, static_cast<sum_t>(v.count()), mean, var, c);
@@ -109,10 +107,7 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   }
   std::vector<sum_t> shift(C);
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t sample = std::min(L, cpu::kBlockElements);
-      shift[c] = shift_from<acc_t>(run_sum(x + c * L, sample), sample);
-    }
+    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
   });
   const RowBlocks blocks(v);
   std::vector<sum_t> block_d(blocks.size()), block_d2(blocks.size());
@@ -138,12 +133,8 @@ template <typename scalar_t, typename acc_t>
 void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, rows = v.count();
-  const int64_t sample = std::min<int64_t>(rows, 64);
-  std::vector<sum_t> shift(C, 0);
-  for (int64_t r = 0; r < sample; ++r) {
-    for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<sum_t>(x[r * C + c]);
-  }
-  for (int64_t c = 0; c < C; ++c) shift[c] = shift_from<acc_t>(shift[c], sample);
+  std::vector<sum_t> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
   const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
   const int64_t tile_rows = std::clamp<int64_t>(4 * cpu::kGrainElements / C, 1, 256);

@@ -30,8 +30,10 @@ inline int multiprocessor_count(const at::Device& device) {
   return count;
 }
 
+// 32-bit indexes with room for the loops' last strides past the end (a
+// grid-stride loop steps by up to a few million elements).
 inline bool needs_64bit_index(const at::Tensor& t) {
-  return t.numel() > std::numeric_limits<int32_t>::max();
+  return t.numel() > std::numeric_limits<int32_t>::max() - (int64_t{1} << 24);
 }
 
 template <typename F>

@@ -12,10 +12,6 @@ namespace {
 
 using cuda::Sums;
 
-// Elements of a channel averaged into its shift: the shift only has to lie
-// within a few standard deviations of the mean for the sums to stay exact.
-constexpr int kShiftSample = 8;
-
 // sum(d) and sum(d^2) of d = x - shift; one read of the input, no division
 // per element.
 template <typename scalar_t, typename accumulate_t>
@@ -23,20 +19,20 @@ struct ShiftedSumsReducer {
   using acc_t = accumulate_t;
   using Context = acc_t;  // the channel's shift
   const scalar_t* input;
-  int64_t first_stride;   // element (0, c, 0...) is at c * first_stride
-  int64_t sample_stride;  // between the sampled elements of a channel
-  int64_t sample_size;
-  double count;
+  int64_t channels;
+  int64_t inner;
+  bool channels_last;
+  int64_t count;  // elements per channel
   acc_t* mean;
   acc_t* var;
 
-  // From the mean of the first few elements of the channel.
+  // math.h: channel_shift, over the channel's elements in either layout.
   __device__ acc_t context(int64_t c) const {
-    double sum = 0;
-    for (int64_t k = 0; k < sample_size; ++k) {
-      sum += static_cast<double>(input[c * first_stride + k * sample_stride]);
-    }
-    return stable_shift<acc_t>(sum / static_cast<double>(sample_size));
+    return channel_shift<acc_t>(count, [&](int64_t j) {
+      const int64_t at =
+          channels_last ? j * channels + c : ((j / inner) * channels + c) * inner + j % inner;
+      return static_cast<double>(input[at]);
+    });
   }
 
   template <typename index_t>
@@ -48,9 +44,10 @@ struct ShiftedSumsReducer {
 
   __device__ void finish(int64_t c, const Sums<double>& total) const {
     double m, m2;
-    shifted_moments(static_cast<double>(context(c)), total.first, total.second, count, m, m2);
+    const double n = static_cast<double>(count);
+    shifted_moments(static_cast<double>(context(c)), total.first, total.second, n, m, m2);
     mean[c] = static_cast<acc_t>(m);
-    var[c] = static_cast<acc_t>(m2 / count);
+    var[c] = static_cast<acc_t>(m2 / n);
   }
 };
 
@@ -72,16 +69,12 @@ __global__ void finalize_kernel(const acc_t* mean, const acc_t* var, acc_t count
 
 void CudaKernels::moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var) {
   const c10::cuda::CUDAGuard guard(input.data.device());
-  const int64_t run = input.channels_last ? input.count() : input.inner;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ShiftedSumsReducer<scalar_t, acc_t> reducer{
-        input.data.const_data_ptr<scalar_t>(),
-        input.channels_last ? 1 : input.inner,
-        input.channels_last ? input.channels : 1,
-        std::min<int64_t>(run, kShiftSample),
-        static_cast<double>(input.count()),
+        input.data.const_data_ptr<scalar_t>(), input.channels,
+        input.inner, input.channels_last, input.count(),
         mean.mutable_data_ptr<acc_t>(),
         var.mutable_data_ptr<acc_t>()};
     cuda::reduce_per_channel(input, reducer);
