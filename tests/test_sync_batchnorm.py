@@ -4,6 +4,7 @@ BatchNorm on the concatenated batch in one process."""
 
 import copy
 import datetime
+import gc
 import os
 import socket
 
@@ -182,6 +183,11 @@ def _check_ddp(rank, world_size, sizes):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-8)
     for b, c in zip(ddp.module.buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-8, atol=1e-8)
+    # Tear DDP down (its reducer and the gradient hooks' pending work) on every
+    # rank before the process group goes: otherwise an exiting rank can abort.
+    del ddp, opt
+    gc.collect()
+    dist.barrier()
 
 
 def test_ddp_training_matches_single_process():
