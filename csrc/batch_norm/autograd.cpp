@@ -74,6 +74,10 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
 }
 
+bool requires_grad(const OptionalTensor& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
@@ -87,10 +91,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["input_grad"] = input.requires_grad();
-    ctx->saved_data["weight_grad"] = w.defined() && w.requires_grad();
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["bias_grad"] = has_bias && bias->requires_grad();
-    if (has_bias) ctx->saved_data["bias_type"] = bias->scalar_type();
+    ctx->saved_data["weight_grad"] = requires_grad(weight);
+    ctx->saved_data["bias_grad"] = requires_grad(bias);
+    if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
     return output;
   }
 
@@ -111,17 +114,15 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(8);
     if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
-    if (ctx->saved_data["weight_grad"].toBool()) grads[1] = as_type(grad_weight, weight.scalar_type());
+    if (ctx->saved_data["weight_grad"].toBool()) {
+      grads[1] = as_type(grad_weight, weight.scalar_type());
+    }
     if (ctx->saved_data["bias_grad"].toBool()) {
       grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
     }
     return grads;
   }
 };
-
-bool requires_grad(const OptionalTensor& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
 
 at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& weight,
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
