@@ -410,6 +410,17 @@ def append_markdown(path: str, text: str) -> None:
     log(f"appended the report to {path}")
 
 
+def publish(report: str, markdown_out: str | None, json_out: str | None = None,
+            payload: dict | None = None) -> None:
+    """Prints the Markdown report, appends it to markdown_out and writes
+    payload to json_out, each when given."""
+    print(report)
+    if markdown_out:
+        append_markdown(markdown_out, report)
+    if json_out:
+        write_json(json_out, payload)
+
+
 @dataclass
 class Report:
     """A titled Markdown report: metadata header, then sections."""

@@ -382,12 +382,8 @@ def main(argv=None) -> None:
                 f"  ({100 * row['fraction_of_copy_bw']:.0f}% of copy BW)")
         del tensors
 
-    report = build_report(rows, info, args, memory_note)
-    print(report)
-    if args.markdown_out:
-        common.append_markdown(args.markdown_out, report)
-    if args.json:
-        common.write_json(args.json, {"metadata": info, "settings": {
+    common.publish(build_report(rows, info, args, memory_note), args.markdown_out, args.json, {
+        "metadata": info, "settings": {
             "device": args.device.type, "dtypes": args.dtypes, "layouts": args.layouts,
             "modes": args.modes, "batch": args.batch, "repeats": args.repeats,
             "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS,

@@ -179,16 +179,12 @@ def main(argv=None) -> None:
         f"{args.repeats} interleaved rounds of {args.steps} step(s) per model, after "
         f"{args.warmup + 1} warm-up steps. speedup = torch ms / normext ms (> 1: normext faster).")
     report.sections.append(results_table(rows) + "\n\n" + memory_note)
-    rendered = report.render()
-    print(rendered)
-    if args.markdown_out:
-        common.append_markdown(args.markdown_out, rendered)
-    if args.json:
-        common.write_json(args.json, {"metadata": info, "settings": {
+    common.publish(report.render(), args.markdown_out, args.json, {
+        "metadata": info, "settings": {
             "device": args.device.type, "batch": args.batch, "size": args.size,
             "dtypes": args.dtypes, "layouts": args.layouts, "steps": args.steps,
             "repeats": args.repeats, "warmup": args.warmup, "check": args.check},
-            "rows": rows})
+        "rows": rows})
 
 
 if __name__ == "__main__":

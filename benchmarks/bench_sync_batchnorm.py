@@ -148,10 +148,7 @@ def main(argv=None) -> None:
               f"{synced - local:.3g}", f"{comm:.3g}", f"{synced / local:.2f}"]
              for c, h, w, local, synced, comm in results]
     report.sections.append(common.markdown_table(headers, lines, align="lrrrrr"))
-    rendered = report.render()
-    print(rendered)
-    if args.markdown_out:
-        common.append_markdown(args.markdown_out, rendered)
+    common.publish(report.render(), args.markdown_out)
 
 
 if __name__ == "__main__":

@@ -70,10 +70,6 @@ TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tenso
   return {grad_input.to(input.scalar_type()), (g * x_hat).sum(dims), g.sum(dims)};
 }
 
-at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
-  return t.scalar_type() == type ? t : t.to(type);
-}
-
 bool requires_grad(const OptionalTensor& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
@@ -115,10 +111,10 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     variable_list grads(8);
     if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
     if (ctx->saved_data["weight_grad"].toBool()) {
-      grads[1] = as_type(grad_weight, weight.scalar_type());
+      grads[1] = grad_weight.to(weight.scalar_type());  // no-op when it is
     }
     if (ctx->saved_data["bias_grad"].toBool()) {
-      grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
+      grads[2] = grad_bias.to(ctx->saved_data["bias_type"].toScalarType());
     }
     return grads;
   }
