@@ -53,6 +53,8 @@ SHAPE_LAYOUTS = [
     ((4, 3, 5), "sliced"),
     ((4, 3, 5, 6), "contiguous"),
     ((4, 3, 5, 6), "channels_last"),
+    # wide rows: the CPU kernels take them in groups of 4 (cpu/kernels.h: group_rows)
+    ((3, 1030, 3, 3), "channels_last"),
     ((4, 3, 5, 6), "sliced"),
     ((4, 3, 5, 6), "permuted"),
     ((2, 3, 3, 4, 5), "contiguous"),

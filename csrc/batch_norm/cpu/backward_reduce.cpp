@@ -51,16 +51,24 @@ void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
   sum_dy_xmu = static_cast<acc_t>(total_xmu);
 }
 
-// Adds one channels-last row's dy and dy * (x - mean) to per-channel sums.
-template <typename scalar_t, typename acc_t>
-void add_row_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                  int64_t channels, const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dy,
-                  acc_t* __restrict__ sum_dy_xmu) {
+// Adds dy and dy * (x - mean) of Rows channels-last rows (C apart) to
+// per-channel sums.
+template <int Rows, typename scalar_t, typename acc_t>
+void add_rows_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                   int64_t channels, const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dy,
+                   acc_t* __restrict__ sum_dy_xmu) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t g = static_cast<acc_t>(dy[c]);
-    sum_dy[c] += g;
-    sum_dy_xmu[c] += g * (static_cast<acc_t>(x[c]) - mean[c]);
+    // The first row starts the sums: adding it to 0 would cost an add (signed zeros).
+    acc_t s = static_cast<acc_t>(dy[c]);
+    acc_t sx = s * (static_cast<acc_t>(x[c]) - mean[c]);
+    for (int k = 1; k < Rows; ++k) {
+      const acc_t g = static_cast<acc_t>(dy[k * channels + c]);
+      s += g;
+      sx += g * (static_cast<acc_t>(x[k * channels + c]) - mean[c]);
+    }
+    sum_dy[c] += s;
+    sum_dy_xmu[c] += sx;
   }
 }
 
@@ -105,12 +113,13 @@ void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
   const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
   const int64_t C = x_view.channels;
   const RowChunks chunks(x_view.count(), C);
+  const bool grouped = cpu::group_rows<acc_t>(C, 3) || C * sizeof(scalar_t) <= 256;
   std::vector<acc_t> chunk_dy(chunks.chunks * C, 0), chunk_dy_xmu(chunks.chunks * C, 0);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      add_row_sums(dy + r * C, x + r * C, C, mean, chunk_dy.data() + chunk * C,
-                   chunk_dy_xmu.data() + chunk * C);
-    }
+    cpu::for_each_row_group(row_begin, row_end, grouped, [&](int64_t r, auto rows) {
+      add_rows_sums<rows()>(dy + r * C, x + r * C, C, mean, chunk_dy.data() + chunk * C,
+                            chunk_dy_xmu.data() + chunk * C);
+    });
   });
   for (int64_t c = 0; c < C; ++c) {
     acc_t s = 0, sx = 0;

@@ -20,14 +20,17 @@ void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int
   }
 }
 
-// One channels-last row.
-template <typename scalar_t, typename acc_t>
-void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
-                   const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                   const acc_t* __restrict__ bias) {
+// Rows channels-last rows, C apart.
+template <int Rows, typename scalar_t, typename acc_t>
+void normalize_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
+                    const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                    const acc_t* __restrict__ bias) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    cpu::store(y, c, normalize(static_cast<acc_t>(x[c]), mean[c], scale[c], bias[c]));
+    for (int k = 0; k < Rows; ++k) {
+      const int64_t i = k * channels + c;
+      cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), mean[c], scale[c], bias[c]));
+    }
   }
 }
 
@@ -41,16 +44,19 @@ void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void grad_input_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                    scalar_t* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
-                    const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
-                    const acc_t* __restrict__ shift) {
+template <int Rows, typename scalar_t, typename acc_t>
+void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                     scalar_t* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
+                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
+                     const acc_t* __restrict__ shift) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
-    cpu::store(dx, c,
-               grad_input(static_cast<acc_t>(dy[c]), static_cast<acc_t>(x[c]), mean[c], k));
+    for (int row = 0; row < Rows; ++row) {
+      const int64_t i = row * channels + c;
+      cpu::store(dx, i,
+                 grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[c], k));
+    }
   }
 }
 
@@ -71,10 +77,11 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     const scalar_t* x = input.data.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (input.channels_last) {
+      const bool grouped = cpu::group_rows<acc_t>(C, 3);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          normalize_row(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
-        }
+        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
+          normalize_rows<rows()>(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
+        });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
@@ -111,11 +118,12 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     const scalar_t* x = input.data.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
     if (input.channels_last) {
+      const bool grouped = cpu::group_rows<acc_t>(C, 4);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          grad_input_row(dy + r * C, x + r * C, dx + r * C, C, m.data(), dy_scale.data(),
-                         xmu_scale.data(), shift.data());
-        }
+        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
+          grad_input_rows<rows()>(dy + r * C, x + r * C, dx + r * C, C, m.data(),
+                                  dy_scale.data(), xmu_scale.data(), shift.data());
+        });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm/common.h"
@@ -144,6 +145,36 @@ void for_each_row_segment(const ChannelView& v, const F& fn) {
       begin = stop;
     }
   });
+}
+
+// Channels-last loops may take rows kRowGroup at a time, so that per-channel
+// values (coefficients, accumulators) are loaded and stored once per group
+// instead of once per row. Grouping pays where those values no longer stay in
+// L1 beside the rows (over kGroupedArrayBytes), in the statistics at every
+// width (their per-row accumulator stores bound them) and in the backward
+// reduction of short rows. Elsewhere the interleaved rows cost more than they
+// save (measured on Zen 4, 1 thread, in-cache tensors: elementwise and
+// backward reduce at 128-1024 channels 10-30% slower grouped; statistics
+// 1.3-3.5x faster grouped at every width).
+constexpr int kRowGroup = 4;
+constexpr int64_t kGroupedArrayBytes = 12 * 1024;
+
+// Whether an elementwise or backward-reduce loop reading `arrays`
+// per-channel arrays of acc_t groups its rows.
+template <typename acc_t>
+inline bool group_rows(int64_t channels, int arrays) {
+  return channels * arrays * static_cast<int64_t>(sizeof(acc_t)) > kGroupedArrayBytes;
+}
+
+// fn(first row, std::integral_constant<int, rows>) over [begin, end): groups
+// of kRowGroup rows when `grouped`, then single rows.
+template <typename F>
+inline void for_each_row_group(int64_t begin, int64_t end, bool grouped, const F& fn) {
+  int64_t r = begin;
+  if (grouped) {
+    for (; r + kRowGroup <= end; r += kRowGroup) fn(r, std::integral_constant<int, kRowGroup>{});
+  }
+  for (; r < end; ++r) fn(r, std::integral_constant<int, 1>{});
 }
 
 // fn(first row, end row) over channels-last rows in parallel.

@@ -31,16 +31,24 @@ sum_t shift_of(const ChannelView& v, const scalar_t* x, int64_t c) {
   });
 }
 
-// Adds one channels-last row's deviations d = x - shift and d^2 to per-channel sums.
-template <typename scalar_t, typename acc_t>
-void add_row_shifted(const scalar_t* __restrict__ row, int64_t channels,
-                     const acc_t* __restrict__ shift, acc_t* __restrict__ sum_d,
-                     acc_t* __restrict__ sum_d2) {
+// Adds the deviations d = x - shift and d^2 of Rows channels-last rows (from
+// `rows`, C apart) to per-channel sums.
+template <int Rows, typename scalar_t, typename acc_t>
+void add_rows_shifted(const scalar_t* __restrict__ rows, int64_t channels,
+                      const acc_t* __restrict__ shift, acc_t* __restrict__ sum_d,
+                      acc_t* __restrict__ sum_d2) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
-    sum_d[c] += d;
-    sum_d2[c] += d * d;
+    // The first row starts the sums: adding it to 0 would cost an add (signed zeros).
+    acc_t s = static_cast<acc_t>(rows[c]) - shift[c];
+    acc_t s2 = s * s;
+    for (int k = 1; k < Rows; ++k) {
+      const acc_t d = static_cast<acc_t>(rows[k * channels + c]) - shift[c];
+      s += d;
+      s2 += d * d;
+    }
+    sum_d[c] += s;
+    sum_d2[c] += s2;
   }
 }
 
@@ -148,9 +156,10 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
     for (int64_t tile = row_begin; tile < row_end; tile += tile_rows) {
       std::fill(tile_d.begin(), tile_d.end(), acc_t(0));
       std::fill(tile_d2.begin(), tile_d2.end(), acc_t(0));
-      for (int64_t r = tile; r < std::min(tile + tile_rows, row_end); ++r) {
-        add_row_shifted(x + r * C, C, shift_acc.data(), td, td2);
-      }
+      const int64_t tile_end = std::min(tile + tile_rows, row_end);
+      cpu::for_each_row_group(tile, tile_end, /*grouped=*/true, [&](int64_t r, auto rows) {
+        add_rows_shifted<rows()>(x + r * C, C, shift_acc.data(), td, td2);
+      });
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         total_d[c] += td[c];
