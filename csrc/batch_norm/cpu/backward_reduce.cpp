@@ -113,6 +113,8 @@ void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
   const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
   const int64_t C = x_view.channels;
   const RowChunks chunks(x_view.count(), C);
+  // Short rows too: their per-row loop overhead dominates (64 float32
+  // channels: 1.3x faster grouped, 1 thread).
   const bool grouped = cpu::group_rows<acc_t>(C, 3) || C * sizeof(scalar_t) <= 256;
   std::vector<acc_t> chunk_dy(chunks.chunks * C, 0), chunk_dy_xmu(chunks.chunks * C, 0);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
