@@ -142,7 +142,9 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, rows = v.count();
   std::vector<sum_t> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
+  });
   const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
   const int64_t tile_rows = std::clamp<int64_t>(4 * cpu::kGrainElements / C, 1, 256);
