@@ -25,6 +25,14 @@ C10_HOST_DEVICE inline void shifted_moments(T shift, T sum_d, T sum_d2, T count,
   m2 = m2 < T(0) ? T(0) : m2;  // rounding; NaN stays NaN
 }
 
+// Offset of the j-th element (0 <= j < outer * inner) of channel c in a
+// dense (outer, channels, inner) tensor, or in a channels-last one, stored
+// as (outer * inner, channels): the order channel_shift samples in.
+C10_HOST_DEVICE inline int64_t channel_element(int64_t j, int64_t c, int64_t channels,
+                                               int64_t inner, bool channels_last) {
+  return channels_last ? j * channels + c : ((j / inner) * channels + c) * inner + j % inner;
+}
+
 // Elements of a channel whose median is its shift.
 constexpr int kShiftSample = 8;
 

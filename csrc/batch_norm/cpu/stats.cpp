@@ -24,10 +24,8 @@ using sum_t = double;
 // accumulate type holds exactly: the deviations and the mean use one value.
 template <typename scalar_t, typename acc_t>
 sum_t shift_of(const ChannelView& v, const scalar_t* x, int64_t c) {
-  const int64_t C = v.channels, L = v.inner;
   return channel_shift<acc_t>(v.count(), [&](int64_t j) {
-    const int64_t row = v.channels_last ? j * C + c : ((j / L) * C + c) * L + j % L;
-    return static_cast<double>(x[row]);
+    return static_cast<double>(x[channel_element(j, c, v.channels, v.inner, v.channels_last)]);
   });
 }
 

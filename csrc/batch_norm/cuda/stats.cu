@@ -29,9 +29,7 @@ struct ShiftedSumsReducer {
   // math.h: channel_shift, over the channel's elements in either layout.
   __device__ acc_t context(int64_t c) const {
     return channel_shift<acc_t>(count, [&](int64_t j) {
-      const int64_t at =
-          channels_last ? j * channels + c : ((j / inner) * channels + c) * inner + j % inner;
-      return static_cast<double>(input[at]);
+      return static_cast<double>(input[channel_element(j, c, channels, inner, channels_last)]);
     });
   }
 
