@@ -75,7 +75,7 @@ struct BatchNormOps {
     check_stat(input, mean, "mean");
     check_stat(input, invstd, "invstd");
     const ChannelView view = channel_view(input);
-    at::Tensor output = Kernels::empty_output(view);
+    at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
@@ -146,7 +146,7 @@ struct BatchNormOps {
     Kernels::finalize(mean, var, static_cast<double>(view.count()),
                       update ? *running_mean : at::Tensor(), update ? *running_var : at::Tensor(),
                       momentum, eps, invstd);
-    at::Tensor output = Kernels::empty_output(view);
+    at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output);
@@ -200,10 +200,11 @@ struct BatchNormOps {
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const OptionalTensor& weight, const at::Tensor& sum_dy,
                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
-    at::Tensor dx = Kernels::empty_output(view);
+    ChannelView dy_view = view;
+    dy_view.data = in_layout_of(view, grad_out);
+    at::Tensor dx =
+        Kernels::empty_output(view, {dy_view.data.const_data_ptr(), view.data.const_data_ptr()});
     if (view.data.numel() > 0) {
-      ChannelView dy_view = view;
-      dy_view.data = in_layout_of(view, grad_out);
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
                               sum_dy_xmu, count, batch_stats, dx);
     }

@@ -13,9 +13,11 @@ namespace normext {
 
 // An uninitialized CPU tensor with these sizes and strides; blocks of at least
 // 1 MiB are taken from and returned to the cache (at most
-// NORMEXT_CPU_CACHE_MB megabytes are kept, default 2048; 0 disables it).
-at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::IntArrayRef strides,
-                            at::ScalarType dtype);
+// NORMEXT_CPU_CACHE_MB megabytes are kept, default 2048; 0 disables it) and
+// placed at page offsets away from those of `inputs`, the tensors the kernel
+// writing the output reads.
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
+                            c10::ArrayRef<const void*> inputs);
 
 // Frees every cached block; returns the bytes released.
 size_t release_cpu_output_cache();

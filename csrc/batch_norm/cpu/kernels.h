@@ -16,8 +16,9 @@
 namespace normext::batch_norm {
 
 struct CpuKernels {
-  // Outputs in the input's layout, from normext's CPU block cache.
-  static at::Tensor empty_output(const ChannelView& input);
+  // An output in the layout of `like`, from normext's CPU block cache, placed
+  // apart from the tensors the kernel writing it `reads`.
+  static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
   // Biased per-channel variance and mean, in the accumulate type.
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   // invstd from var; updates the running stats when they are defined.

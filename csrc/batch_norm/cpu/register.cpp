@@ -7,8 +7,8 @@
 
 namespace normext::batch_norm {
 
-at::Tensor CpuKernels::empty_output(const ChannelView& input) {
-  return empty_cpu_output(input.data.sizes(), input.data.strides(), input.data.scalar_type());
+at::Tensor CpuKernels::empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads) {
+  return empty_cpu_output(like.data.sizes(), like.data.strides(), like.data.scalar_type(), reads);
 }
 
 

@@ -11,8 +11,8 @@ namespace normext::batch_norm {
 // Same contract as CpuKernels; every kernel runs on the current stream of the
 // input's device and never synchronizes with the host.
 struct CudaKernels {
-  static at::Tensor empty_output(const ChannelView& input) {
-    return at::empty_strided(input.data.sizes(), input.data.strides(), input.data.options());
+  static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> /*reads*/) {
+    return at::empty_strided(like.data.sizes(), like.data.strides(), like.data.options());
   }
   static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
   static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
