@@ -420,10 +420,12 @@ def test_public_api():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_short_rows_across_flushes(dtype):
-    """Rows under 512 bytes are reduced per channel in float32 lanes flushed to
-    double every 256 samples: 300 samples of a 3x3 map with a large mean cross
-    a flush and must stay accurate (statistics and backward sums)."""
-    x = (1e4 + torch.randn(300, 4, 3, 3, dtype=torch.float64)).to(dtype)
+    """Rows under 512 bytes are reduced in float32 lanes flushed to double
+    every 256 samples: 300 samples of a 3x3 map with a large mean cross a
+    flush and must stay accurate (statistics and backward sums); 5 channels
+    split into blocks of 2 on 2 threads (cpu::short_row_block), the last one
+    partial."""
+    x = (1e4 + torch.randn(300, 5, 3, 3, dtype=torch.float64)).to(dtype)
     x64 = x.double()
     mean, var = ops.batch_norm_moments(x)
     torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)

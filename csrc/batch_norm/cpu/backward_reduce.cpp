@@ -36,12 +36,12 @@ void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
   double total = 0, total_xmu = 0;
   for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
     acc_t s[cpu::kLanes] = {}, sx[cpu::kLanes] = {};
-    cpu::for_each_in_lanes(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c,
-                           [&](int k, int64_t i) {
+    cpu::for_each_block_row(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c, 1,
+                            [&](int64_t, int64_t row) { cpu::for_each_in_lanes(L, [&](int k, int64_t j) { const int64_t i = row + j;
                              const acc_t g = static_cast<acc_t>(dy[i]);
                              s[k] += g;
                              sx[k] += g * (static_cast<acc_t>(x[i]) - mean);
-                           });
+                           }); });
     for (int k = 0; k < cpu::kLanes; ++k) {
       total += s[k];
       total_xmu += sx[k];

@@ -116,21 +116,40 @@ constexpr int kLanes = 16;
 // Rows between flushes of the float32 lane accumulators into double sums.
 constexpr int64_t kFlushRows = 256;
 
-// add(lane, element) for every element of channel c in samples [n_begin,
-// n_end) of a contiguous (N, C, L) tensor; element i of a row goes to lane
-// i % kLanes, so lane-indexed accumulator arrays vectorize.
+// Channels one short-row task reduces together, sample by sample: their rows
+// are adjacent, so a task reads runs of up to kShortRowChannels * L elements
+// in memory order instead of jumping C * L elements from row to row. That
+// pays for rows of under 4 vectors (statistics, 1 thread: 7x7 2.2x faster in
+// bfloat16, 1.2-1.3x in float32 on 2 threads); longer short rows (bfloat16
+// 14x14) were 20% slower in blocks, and are reduced one channel at a time.
+constexpr int64_t kShortRowChannels = 64;
+
+inline int64_t short_row_block(int64_t channels, int64_t length) {
+  if (length >= 4 * kLanes) return 1;
+  return std::clamp<int64_t>(channels / at::get_num_threads(), 1, kShortRowChannels);
+}
+
+// fn(b, row offset) for the rows of channels [c_begin, c_begin + channels)
+// in samples [n_begin, n_end) of a contiguous (N, C, L) tensor, in memory
+// order, with b the channel's index in the block.
 template <typename F>
-inline void for_each_in_lanes(int64_t n_begin, int64_t n_end, int64_t C, int64_t L, int64_t c,
-                              const F& add) {
+inline void for_each_block_row(int64_t n_begin, int64_t n_end, int64_t C, int64_t L,
+                               int64_t c_begin, int64_t channels, const F& fn) {
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t row = (n * C + c) * L;
-    int64_t i = 0;
-    for (; i + kLanes <= L; i += kLanes) {
-#pragma omp simd
-      for (int k = 0; k < kLanes; ++k) add(k, row + i + k);
-    }
-    for (int k = 0; i < L; ++i, ++k) add(k, row + i);
+    for (int64_t b = 0; b < channels; ++b) fn(b, (n * C + c_begin + b) * L);
   }
+}
+
+// fn(lane, i) for i in [0, length): element i goes to lane i % kLanes, so
+// lane-indexed accumulators vectorize.
+template <typename F>
+inline void for_each_in_lanes(int64_t length, const F& fn) {
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) fn(k, i + k);
+  }
+  for (int k = 0; i < length; ++i, ++k) fn(k, i);
 }
 
 // fn(c, begin, end) over flat element ranges of a contiguous (N, C, L) tensor,

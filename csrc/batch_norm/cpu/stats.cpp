@@ -73,22 +73,55 @@ void finish_channel(sum_t shift, sum_t sum_d, sum_t sum_d2, sum_t count, acc_t* 
   var[c] = static_cast<acc_t>(m2 / count);
 }
 
-// Shifted sums of channel c over all N (short) rows.
+// Adds the deviations d = x - shift and d^2 of one short row to lane
+// accumulators (element i to lane i % kLanes).
+template <typename scalar_t, typename acc_t>
+inline void add_row_in_lanes(const scalar_t* __restrict__ row, int64_t length, acc_t shift,
+                             acc_t* __restrict__ sum_d, acc_t* __restrict__ sum_d2) {
+  cpu::for_each_in_lanes(length, [&](int k, int64_t i) {
+    const acc_t d = static_cast<acc_t>(row[i]) - shift;
+    sum_d[k] += d;
+    sum_d2[k] += d * d;
+  });
+}
+
+// Shifted sums of channel c over all N (short) rows, in float32 lanes
+// (held in registers) flushed to double every kFlushRows samples.
 template <typename scalar_t, typename acc_t>
 void channel_shifted_sums(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t L,
                           int64_t c, acc_t shift, sum_t& sum_d, sum_t& sum_d2) {
   sum_d = sum_d2 = 0;
   for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
     acc_t s[cpu::kLanes] = {}, s2[cpu::kLanes] = {};
-    cpu::for_each_in_lanes(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c,
-                           [&](int k, int64_t i) {
-                             const acc_t d = static_cast<acc_t>(x[i]) - shift;
-                             s[k] += d;
-                             s2[k] += d * d;
-                           });
+    for (int64_t n = n0; n < std::min(N, n0 + cpu::kFlushRows); ++n) {
+      add_row_in_lanes(x + (n * C + c) * L, L, shift, s, s2);
+    }
     for (int k = 0; k < cpu::kLanes; ++k) {
       sum_d += s[k];
       sum_d2 += s2[k];
+    }
+  }
+}
+
+// The same for channels [c_begin, c_begin + channels), sample by sample
+// (cpu::short_row_block).
+template <typename scalar_t, typename acc_t>
+void block_shifted_sums(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t L,
+                        int64_t c_begin, int64_t channels, const acc_t* shift, sum_t* sum_d,
+                        sum_t* sum_d2) {
+  std::fill_n(sum_d, channels, 0);
+  std::fill_n(sum_d2, channels, 0);
+  for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
+    acc_t s[cpu::kShortRowChannels][cpu::kLanes] = {}, s2[cpu::kShortRowChannels][cpu::kLanes] = {};
+    cpu::for_each_block_row(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c_begin, channels,
+                            [&](int64_t b, int64_t row) {
+                              add_row_in_lanes(x + row, L, shift[b], s[b], s2[b]);
+                            });
+    for (int64_t b = 0; b < channels; ++b) {
+      for (int k = 0; k < cpu::kLanes; ++k) {
+        sum_d[b] += s[b][k];
+        sum_d2[b] += s2[b][k];
+      }
     }
   }
 }
@@ -100,13 +133,33 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, L = v.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
-    const int64_t grain = std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
-    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const sum_t shift = shift_of<scalar_t, acc_t>(v, x, c);
-        sum_t s, s2;
-        channel_shifted_sums(x, v.outer, C, L, c, static_cast<acc_t>(shift), s, s2);
-        finish_channel(shift, s, s2, static_cast<sum_t>(v.count()), mean, var, c);
+    const int64_t block = cpu::short_row_block(C, L);
+    if (block == 1) {
+      const int64_t grain =
+          std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
+      at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const sum_t shift = shift_of<scalar_t, acc_t>(v, x, c);
+          sum_t s, s2;
+          channel_shifted_sums(x, v.outer, C, L, c, static_cast<acc_t>(shift), s, s2);
+          finish_channel(shift, s, s2, static_cast<sum_t>(v.count()), mean, var, c);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, (C + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c0 = begin * block; c0 < std::min(C, end * block); c0 += block) {
+        const int64_t channels = std::min(block, C - c0);
+        sum_t shift[cpu::kShortRowChannels], s[cpu::kShortRowChannels], s2[cpu::kShortRowChannels];
+        acc_t shift_acc[cpu::kShortRowChannels];
+        for (int64_t b = 0; b < channels; ++b) {
+          shift[b] = shift_of<scalar_t, acc_t>(v, x, c0 + b);
+          shift_acc[b] = static_cast<acc_t>(shift[b]);
+        }
+        block_shifted_sums(x, v.outer, C, L, c0, channels, shift_acc, s, s2);
+        for (int64_t b = 0; b < channels; ++b) {
+          finish_channel(shift[b], s[b], s2[b], static_cast<sum_t>(v.count()), mean, var, c0 + b);
+        }
       }
     });
     return;
