@@ -475,3 +475,28 @@ def test_cpu_outputs_sit_apart_from_inputs_within_a_page(offset):
     del y, dx
     assert normext.cached_cpu_bytes() > 0
     assert normext.release_cpu_cache() > 0 and normext.cached_cpu_bytes() == 0
+
+
+@pytest.mark.parametrize("channels", [3, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_short_row_sums_do_not_depend_on_threads(channels, dtype):
+    """Rows under 4 vectors are reduced in blocks of adjacent channels sized by
+    the thread count (cpu::short_row_block; 3 channels on 2 threads go one at a
+    time): every block size must give bit-identical statistics and backward
+    sums."""
+    x = (3 + torch.randn(300, channels, 7, 7, dtype=torch.float64)).to(dtype)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    mean, var = ops.batch_norm_moments(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            sums = ops.batch_norm_backward_reduce(dy, x, mean, invstd, None)[:2]
+            results.append((*ops.batch_norm_moments(x), *sums))
+    finally:
+        torch.set_num_threads(threads)
+    for one_thread, two_threads in zip(*results):
+        assert torch.equal(one_thread, two_threads)
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=0)

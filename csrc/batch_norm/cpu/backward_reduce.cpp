@@ -27,8 +27,21 @@ void run_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, i
   sum_dy_xmu = sx;
 }
 
+// Adds dy and dy * (x - mean) of one short row to lane accumulators (element
+// i to lane i % kLanes).
+template <typename scalar_t, typename acc_t>
+inline void add_row_in_lanes(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                             int64_t length, acc_t mean, acc_t* __restrict__ sum_dy,
+                             acc_t* __restrict__ sum_dy_xmu) {
+  cpu::for_each_in_lanes(length, [&](int k, int64_t i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    sum_dy[k] += g;
+    sum_dy_xmu[k] += g * (static_cast<acc_t>(x[i]) - mean);
+  });
+}
+
 // sum(dy) and sum(dy * (x - mean)) of channel c over all N (short) rows, in
-// double across flushes of the float32 lanes.
+// float32 lanes (held in registers) added in double every kFlushRows samples.
 template <typename scalar_t, typename acc_t>
 void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t N,
                   int64_t C, int64_t L, int64_t c, acc_t mean, acc_t& sum_dy,
@@ -36,12 +49,10 @@ void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
   double total = 0, total_xmu = 0;
   for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
     acc_t s[cpu::kLanes] = {}, sx[cpu::kLanes] = {};
-    cpu::for_each_block_row(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c, 1,
-                            [&](int64_t, int64_t row) { cpu::for_each_in_lanes(L, [&](int k, int64_t j) { const int64_t i = row + j;
-                             const acc_t g = static_cast<acc_t>(dy[i]);
-                             s[k] += g;
-                             sx[k] += g * (static_cast<acc_t>(x[i]) - mean);
-                           }); });
+    for (int64_t n = n0; n < std::min(N, n0 + cpu::kFlushRows); ++n) {
+      const int64_t row = (n * C + c) * L;
+      add_row_in_lanes(dy + row, x + row, L, mean, s, sx);
+    }
     for (int k = 0; k < cpu::kLanes; ++k) {
       total += s[k];
       total_xmu += sx[k];
@@ -49,6 +60,33 @@ void channel_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
   }
   sum_dy = static_cast<acc_t>(total);
   sum_dy_xmu = static_cast<acc_t>(total_xmu);
+}
+
+// The same for channels [c_begin, c_begin + channels), sample by sample
+// (cpu::short_row_block).
+template <typename scalar_t, typename acc_t>
+void block_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t N,
+                int64_t C, int64_t L, int64_t c_begin, int64_t channels, const acc_t* mean,
+                acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  double total[cpu::kShortRowChannels] = {}, total_xmu[cpu::kShortRowChannels] = {};
+  for (int64_t n0 = 0; n0 < N; n0 += cpu::kFlushRows) {
+    acc_t s[cpu::kShortRowChannels][cpu::kLanes] = {};
+    acc_t sx[cpu::kShortRowChannels][cpu::kLanes] = {};
+    cpu::for_each_block_row(n0, std::min(N, n0 + cpu::kFlushRows), C, L, c_begin, channels,
+                            [&](int64_t b, int64_t row) {
+                              add_row_in_lanes(dy + row, x + row, L, mean[b], s[b], sx[b]);
+                            });
+    for (int64_t b = 0; b < channels; ++b) {
+      for (int k = 0; k < cpu::kLanes; ++k) {
+        total[b] += s[b][k];
+        total_xmu[b] += sx[b][k];
+      }
+    }
+  }
+  for (int64_t b = 0; b < channels; ++b) {
+    sum_dy[b] = static_cast<acc_t>(total[b]);
+    sum_dy_xmu[b] = static_cast<acc_t>(total_xmu[b]);
+  }
 }
 
 // Adds dy and dy * (x - mean) of Rows channels-last rows (C apart) to
@@ -79,11 +117,12 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
   const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
   const int64_t C = x_view.channels, L = x_view.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
-    const int64_t grain =
-        std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, x_view.count()));
-    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        channel_sums(dy, x, x_view.outer, C, L, c, mean[c], sum_dy[c], sum_dy_xmu[c]);
+    cpu::for_each_short_row_block(x_view, [&](int64_t c0, int64_t channels) {
+      if (channels == 1) {
+        channel_sums(dy, x, x_view.outer, C, L, c0, mean[c0], sum_dy[c0], sum_dy_xmu[c0]);
+      } else {
+        block_sums(dy, x, x_view.outer, C, L, c0, channels, mean + c0, sum_dy + c0,
+                   sum_dy_xmu + c0);
       }
     });
     return;

@@ -102,10 +102,10 @@ struct RowChunks {
   }
 };
 
-// Rows of fewer bytes than this are reduced channel by channel across
-// samples, with vector accumulators kept across rows: a horizontal sum per
-// short row would cost more than the row itself (measured: 7x7 and bfloat16
-// 14x14 rows gain 1.5-4x, float32 14x14 rows lose 25%).
+// Rows of fewer bytes than this are reduced per channel across samples,
+// with vector accumulators kept across rows: a horizontal sum per short row
+// would cost more than the row itself (measured: 7x7 and bfloat16 14x14 rows
+// gain 1.5-4x, float32 14x14 rows lose 25%).
 constexpr int64_t kShortRowBytes = 512;
 
 template <typename scalar_t>
@@ -119,14 +119,31 @@ constexpr int64_t kFlushRows = 256;
 // Channels one short-row task reduces together, sample by sample: their rows
 // are adjacent, so a task reads runs of up to kShortRowChannels * L elements
 // in memory order instead of jumping C * L elements from row to row. That
-// pays for rows of under 4 vectors (statistics, 1 thread: 7x7 2.2x faster in
-// bfloat16, 1.2-1.3x in float32 on 2 threads); longer short rows (bfloat16
-// 14x14) were 20% slower in blocks, and are reduced one channel at a time.
+// pays for rows of under 4 vectors (7x7 in an in-process A/B: statistics
+// 2.2x faster in bfloat16 on 1 thread and 1.4x in float32 on 2, backward
+// reduce 1.7x and 1.2-1.8x); longer short rows (bfloat16 14x14) were 20%
+// slower in blocks, whose lane accumulators live in L1 rather than in
+// registers, and are reduced one channel at a time.
 constexpr int64_t kShortRowChannels = 64;
 
 inline int64_t short_row_block(int64_t channels, int64_t length) {
   if (length >= 4 * kLanes) return 1;
   return std::clamp<int64_t>(channels / at::get_num_threads(), 1, kShortRowChannels);
+}
+
+// fn(first channel, channels) over the blocks of a contiguous (N, C, L)
+// tensor with short rows, in parallel. A channel's sums do not depend on its
+// block: each is added row by row in the same order either way.
+template <typename F>
+void for_each_short_row_block(const ChannelView& v, const F& fn) {
+  const int64_t block = short_row_block(v.channels, v.inner);
+  const int64_t grain =
+      block > 1 ? 1 : std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, v.count()));
+  at::parallel_for(0, (v.channels + block - 1) / block, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      fn(i * block, std::min(block, v.channels - i * block));
+    }
+  });
 }
 
 // fn(b, row offset) for the rows of channels [c_begin, c_begin + channels)

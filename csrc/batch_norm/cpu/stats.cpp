@@ -133,33 +133,20 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   const scalar_t* x = v.data.const_data_ptr<scalar_t>();
   const int64_t C = v.channels, L = v.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
-    const int64_t block = cpu::short_row_block(C, L);
-    if (block == 1) {
-      const int64_t grain =
-          std::max<int64_t>(1, cpu::kGrainElements / std::max<int64_t>(1, v.count()));
-      at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const sum_t shift = shift_of<scalar_t, acc_t>(v, x, c);
-          sum_t s, s2;
-          channel_shifted_sums(x, v.outer, C, L, c, static_cast<acc_t>(shift), s, s2);
-          finish_channel(shift, s, s2, static_cast<sum_t>(v.count()), mean, var, c);
-        }
-      });
-      return;
-    }
-    at::parallel_for(0, (C + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c0 = begin * block; c0 < std::min(C, end * block); c0 += block) {
-        const int64_t channels = std::min(block, C - c0);
-        sum_t shift[cpu::kShortRowChannels], s[cpu::kShortRowChannels], s2[cpu::kShortRowChannels];
-        acc_t shift_acc[cpu::kShortRowChannels];
-        for (int64_t b = 0; b < channels; ++b) {
-          shift[b] = shift_of<scalar_t, acc_t>(v, x, c0 + b);
-          shift_acc[b] = static_cast<acc_t>(shift[b]);
-        }
+    cpu::for_each_short_row_block(v, [&](int64_t c0, int64_t channels) {
+      sum_t shift[cpu::kShortRowChannels], s[cpu::kShortRowChannels], s2[cpu::kShortRowChannels];
+      acc_t shift_acc[cpu::kShortRowChannels];
+      for (int64_t b = 0; b < channels; ++b) {
+        shift[b] = shift_of<scalar_t, acc_t>(v, x, c0 + b);
+        shift_acc[b] = static_cast<acc_t>(shift[b]);
+      }
+      if (channels == 1) {
+        channel_shifted_sums(x, v.outer, C, L, c0, shift_acc[0], s[0], s2[0]);
+      } else {
         block_shifted_sums(x, v.outer, C, L, c0, channels, shift_acc, s, s2);
-        for (int64_t b = 0; b < channels; ++b) {
-          finish_channel(shift[b], s[b], s2[b], static_cast<sum_t>(v.count()), mean, var, c0 + b);
-        }
+      }
+      for (int64_t b = 0; b < channels; ++b) {
+        finish_channel(shift[b], s[b], s2[b], static_cast<sum_t>(v.count()), mean, var, c0 + b);
       }
     });
     return;
