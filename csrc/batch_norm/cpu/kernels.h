@@ -120,10 +120,10 @@ constexpr int64_t kFlushRows = 256;
 // are adjacent, so a task reads runs of up to kShortRowChannels * L elements
 // in memory order instead of jumping C * L elements from row to row. That
 // pays for rows of under 4 vectors (7x7 in an in-process A/B: statistics
-// 2.2x faster in bfloat16 on 1 thread and 1.4x in float32 on 2, backward
-// reduce 1.7x and 1.2-1.8x); longer short rows (bfloat16 14x14) were 20%
-// slower in blocks, whose lane accumulators live in L1 rather than in
-// registers, and are reduced one channel at a time.
+// 2.2x faster in bfloat16 on 1 thread and 1.2-1.8x in float32 on 2,
+// backward reduce 1.7x and 1.2-1.8x); longer short rows (bfloat16 14x14)
+// were 20% slower in blocks, whose lane accumulators live in L1 rather than
+// in registers, and are reduced one channel at a time.
 constexpr int64_t kShortRowChannels = 64;
 
 inline int64_t short_row_block(int64_t channels, int64_t length) {
