@@ -155,21 +155,17 @@ void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
   // Short rows too: their per-row loop overhead dominates (64 float32
   // channels: 1.3x faster grouped, 1 thread).
   const bool grouped = cpu::group_rows<acc_t>(C, 3) || C * sizeof(scalar_t) <= 256;
-  std::vector<acc_t> chunk_dy(chunks.chunks * C, 0), chunk_dy_xmu(chunks.chunks * C, 0);
+  cpu::ChunkPartials<acc_t> partials(chunks.chunks, C, 2);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
+    acc_t* chunk_dy = partials.get(chunk, 0);
+    acc_t* chunk_dy_xmu = partials.get(chunk, 1);
     cpu::for_each_row_group(row_begin, row_end, grouped, [&](int64_t r, auto rows) {
-      add_rows_sums<rows()>(dy + r * C, x + r * C, C, mean, chunk_dy.data() + chunk * C,
-                            chunk_dy_xmu.data() + chunk * C);
+      add_rows_sums<rows()>(dy + r * C, x + r * C, C, mean, chunk_dy, chunk_dy_xmu);
     });
   });
   for (int64_t c = 0; c < C; ++c) {
-    acc_t s = 0, sx = 0;
-    for (int64_t chunk = 0; chunk < chunks.chunks; ++chunk) {
-      s += chunk_dy[chunk * C + c];
-      sx += chunk_dy_xmu[chunk * C + c];
-    }
-    sum_dy[c] = s;
-    sum_dy_xmu[c] = sx;
+    sum_dy[c] = partials.total(0, c);
+    sum_dy_xmu[c] = partials.total(1, c);
   }
 }
 

@@ -186,10 +186,10 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
   const int64_t tile_rows = std::clamp<int64_t>(4 * cpu::kGrainElements / C, 1, 256);
-  std::vector<sum_t> chunk_d(chunks.chunks * C, 0), chunk_d2(chunks.chunks * C, 0);
+  cpu::ChunkPartials<sum_t> partials(chunks.chunks, C, 2);
   chunks.for_each([&](int64_t chunk, int64_t row_begin, int64_t row_end) {
-    sum_t* __restrict__ total_d = chunk_d.data() + chunk * C;
-    sum_t* __restrict__ total_d2 = chunk_d2.data() + chunk * C;
+    sum_t* __restrict__ total_d = partials.get(chunk, 0);
+    sum_t* __restrict__ total_d2 = partials.get(chunk, 1);
     std::vector<acc_t> tile_d(C), tile_d2(C);
     acc_t* __restrict__ td = tile_d.data();
     acc_t* __restrict__ td2 = tile_d2.data();
@@ -208,12 +208,8 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
     }
   });
   for (int64_t c = 0; c < C; ++c) {
-    sum_t s = 0, s2 = 0;
-    for (int64_t chunk = 0; chunk < chunks.chunks; ++chunk) {
-      s += chunk_d[chunk * C + c];
-      s2 += chunk_d2[chunk * C + c];
-    }
-    finish_channel(shift[c], s, s2, static_cast<sum_t>(rows), mean, var, c);
+    finish_channel(shift[c], partials.total(0, c), partials.total(1, c),
+                   static_cast<sum_t>(rows), mean, var, c);
   }
 }
 
