@@ -1,0 +1,228 @@
+"""Two builds of normext's CPU kernels timed against each other in one process.
+
+On a shared machine an op's time moves by up to 2x between processes, so two
+builds timed in separate runs say little about a 10% change. This tool builds
+each revision with its ops registered under a namespace of its own
+(torch.ops.NAME instead of torch.ops.normext), loads both libraries into one
+process and times the same op under both names in many short pairs, in ABBA
+order (the second of a pair runs in the cache state the first leaves). It
+reports the median of the per-pair ratios and their interquartile range.
+
+    python benchmarks/ab_builds.py build base=HEAD new      # new: the working tree
+    python benchmarks/ab_builds.py compare base new --ops backward --layouts channels_last
+
+Two builds of one revision (`build aa1=HEAD aa2=HEAD`, then `compare aa1 aa2`)
+show the noise floor: differences inside their spread are not measured.
+Builds go to build/ab/NAME (CPU only); they need git and a compiler.
+"""
+
+import argparse
+import io
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+import _common as common
+import torch
+from bench_batchnorm import RESNET50_SHAPES, parse_shapes
+
+AB_DIR = common.REPO_ROOT / "build" / "ab"
+MOMENTUM, EPS = 0.1, 1e-5
+
+
+# ------------------------------------------------------------------ build
+
+
+def _source_tar(revision: str | None) -> bytes:
+    """The tree at `revision` (git archive), or the working tree's tracked
+    and unignored files when None."""
+    root = str(common.REPO_ROOT)
+    if revision:
+        return subprocess.run(["git", "archive", revision], cwd=root, check=True,
+                              capture_output=True).stdout
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in filter(None, names):
+            if os.path.exists(os.path.join(root, name)):
+                tar.add(os.path.join(root, name), arcname=name)
+    return buffer.getvalue()
+
+
+def _rename_namespace(source_dir: str, name: str) -> None:
+    """Registers the ops of the copy in `source_dir` under torch.ops.<name>."""
+    pattern = re.compile(r'(TORCH_LIBRARY(?:_IMPL)?\()normext,|"normext::')
+    for folder, _, files in os.walk(os.path.join(source_dir, "csrc")):
+        for file in files:
+            path = os.path.join(folder, file)
+            with open(path) as handle:
+                text = handle.read()
+            renamed = pattern.sub(
+                lambda m: f"{m.group(1)}{name}," if m.group(1) else f'"{name}::', text)
+            if renamed != text:
+                with open(path, "w") as handle:
+                    handle.write(renamed)
+
+
+def build(spec: str) -> None:
+    name, _, revision = spec.partition("=")
+    if not name.isidentifier() or name == "normext":
+        sys.exit(f"error: build name {name!r} must be an identifier other than normext")
+    dest = AB_DIR / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(_source_tar(revision or None))) as tar:
+        tar.extractall(dest, filter="data")
+    _rename_namespace(str(dest), name)
+    log = dest / "build.log"
+    print(f"building {name} ({revision or 'working tree'}) in {dest} ...", file=sys.stderr)
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest,
+                              stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "NORMEXT_CPU_ONLY": "1"})
+    if done.returncode != 0:
+        sys.exit(f"error: building {name} failed; see {log}")
+
+
+# ---------------------------------------------------------------- compare
+
+
+def load(name: str):
+    libraries = sorted((AB_DIR / name / "normext").glob("_C.*"))
+    if not libraries:
+        sys.exit(f"error: no build {name!r} under {AB_DIR}; run `ab_builds.py build {name}=REV`")
+    torch.ops.load_library(str(libraries[0]))
+    return getattr(torch.ops, name)
+
+
+def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
+    """Each op the tool times, as a call of the build's `ops`."""
+    mean, invstd = ops.batch_norm_moments(x)
+    count = x.numel() / x.size(1)
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight)
+
+    def train():
+        ops.batch_norm_forward(x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS)
+
+    def forward_backward():
+        _, save_mean, save_invstd = ops.batch_norm_forward(
+            x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS)
+        ops.batch_norm_backward(grad, x, weight, save_mean, save_invstd, True)
+
+    return {
+        "train": train,
+        "eval": lambda: ops.batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                               False, MOMENTUM, EPS),
+        "backward": lambda: ops.batch_norm_backward(grad, x, weight, mean, invstd, True),
+        "fwdbwd": forward_backward,
+        "moments": lambda: ops.batch_norm_moments(x),
+        "elemt": lambda: ops.batch_norm_elemt(x, weight, bias, mean, invstd),
+        "backward_reduce": lambda: ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight),
+        "backward_elemt": lambda: ops.batch_norm_backward_elemt(grad, x, mean, invstd, weight,
+                                                                sum_dy, sum_dy_xmu, count),
+    }
+
+
+OPS = ("train", "eval", "backward", "fwdbwd", "moments", "elemt", "backward_reduce",
+       "backward_elemt")
+
+
+def seconds_per_call(fn, min_time: float) -> float:
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+
+
+def compare(args) -> None:
+    a_ops, b_ops = load(args.a), load(args.b)
+    print(f"| op | dtype | layout | shape | {args.a} ms | {args.b} ms | {args.a}/{args.b} "
+          "median | IQR |")
+    print("|---|---|---|---|---:|---:|---:|---|")
+    log_ratios = []
+    for dtype_name in common.split_list(args.dtypes):
+        dtype = common.DTYPES[common.DTYPE_ALIASES.get(dtype_name, dtype_name)]
+        for layout in common.split_list(args.layouts):
+            for shape in parse_shapes(args.shapes, args.batch):
+                gen = torch.Generator().manual_seed(0)
+
+                def make(*size):
+                    return torch.randn(size, generator=gen)
+
+                channels = shape[1]
+                x = (make(*shape) * 2 + 0.5).to(dtype).contiguous(
+                    memory_format=common.LAYOUTS[layout])
+                grad = make(*shape).to(dtype).contiguous(memory_format=common.LAYOUTS[layout])
+                params = [(make(channels).abs() + 0.5).to(dtype), make(channels).to(dtype),
+                          make(channels).to(dtype), (make(channels).abs() + 0.5).to(dtype)]
+                calls = [op_calls(ops, x, grad, *params) for ops in (a_ops, b_ops)]
+                for op in common.split_list(args.ops):
+                    a_call, b_call = calls[0][op], calls[1][op]
+                    for call in (a_call, b_call, a_call, b_call):
+                        call()
+                    times_a, times_b, ratios = [], [], []
+                    for pair in range(args.pairs):
+                        if pair % 2 == 0:
+                            t_a = seconds_per_call(a_call, args.min_time)
+                            t_b = seconds_per_call(b_call, args.min_time)
+                        else:
+                            t_b = seconds_per_call(b_call, args.min_time)
+                            t_a = seconds_per_call(a_call, args.min_time)
+                        times_a.append(t_a)
+                        times_b.append(t_b)
+                        ratios.append(t_a / t_b)
+                    quartiles = statistics.quantiles(ratios, n=4)
+                    ratio = statistics.median(ratios)
+                    log_ratios.append(math.log(ratio))
+                    print(f"| {op} | {dtype_name} | {layout} | {'x'.join(map(str, shape))} | "
+                          f"{statistics.median(times_a) * 1e3:.3f} | "
+                          f"{statistics.median(times_b) * 1e3:.3f} | {ratio:.3f} | "
+                          f"{quartiles[0]:.2f}-{quartiles[2]:.2f} |", flush=True)
+    if log_ratios:
+        print(f"\ngeometric mean of the medians ({args.a}/{args.b}, > 1: {args.b} faster): "
+              f"{math.exp(sum(log_ratios) / len(log_ratios)):.3f} over {len(log_ratios)} rows")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="build NAME=REV (REV omitted: working tree)")
+    build_parser.add_argument("specs", nargs="+", metavar="NAME[=REV]")
+    compare_parser = commands.add_parser("compare", help="time build A against build B")
+    compare_parser.add_argument("a")
+    compare_parser.add_argument("b")
+    compare_parser.add_argument("--ops", default="train,eval,backward",
+                                help=f"comma list of {', '.join(OPS)}")
+    compare_parser.add_argument("--dtypes", default="float32")
+    compare_parser.add_argument("--layouts", default="nchw,channels_last")
+    compare_parser.add_argument("--shapes", default=RESNET50_SHAPES)
+    compare_parser.add_argument("--batch", type=int, default=32)
+    compare_parser.add_argument("--pairs", type=int, default=20)
+    compare_parser.add_argument("--min-time", type=float, default=0.02,
+                                help="seconds each measurement of a pair lasts at least")
+    compare_parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        for spec in args.specs:
+            build(spec)
+        return
+    unknown = set(common.split_list(args.ops)) - set(OPS)
+    if unknown:
+        sys.exit(f"error: unknown op(s) {', '.join(sorted(unknown))}; choose from {', '.join(OPS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compare(args)
+
+
+if __name__ == "__main__":
+    main()
