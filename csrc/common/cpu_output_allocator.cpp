@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -103,11 +104,17 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
  private:
-  // A cached block of exactly n bytes, or one at most 1/8 larger.
+  // A cached block of exactly n bytes, or one at most 1/8 larger: of the
+  // smallest such size, the one freed last (equal keys keep their insertion
+  // order). It is the likeliest to be in cache still; handing out the oldest
+  // instead rotated a loop's output through every cached block of its size
+  // (an eval forward at 32x256x28x28 float32, with two more blocks of its
+  // size cached by earlier calls, took 2.2x as long).
   Block* take(size_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.lower_bound(n);
     if (it == cache_.end() || it->first > n + n / 8) return nullptr;
+    it = std::prev(cache_.upper_bound(it->first));
     Block* block = it->second;
     cache_.erase(it);
     cached_bytes_ -= block->size;
