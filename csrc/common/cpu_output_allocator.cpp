@@ -108,8 +108,8 @@ class CachingCpuAllocator final : public c10::Allocator {
   // smallest such size, the one freed last (equal keys keep their insertion
   // order). It is the likeliest to be in cache still; handing out the oldest
   // instead rotated a loop's output through every cached block of its size
-  // (an eval forward at 32x256x28x28 float32, with two more blocks of its
-  // size cached by earlier calls, took 2.2x as long).
+  // (an eval forward at 32x256x28x28 float32, after calls that left other
+  // blocks of its size cached, took 1.2 ms instead of 0.55-0.69 ms).
   Block* take(size_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.lower_bound(n);
