@@ -253,20 +253,21 @@ inline void for_each_row_group(int64_t begin, int64_t end, bool grouped, const F
 
 // A group of channels-last rows of this many bytes each or more is read as
 // kRowGroup streams a row apart, which the hardware prefetchers do not
-// follow well from memory: the statistics prefetch kPrefetchBytes ahead
-// there. In-process A/B (benchmarks/ab_builds.py, moments): 1.4-1.9x at
-// float32 128-256 channels and 1.1-1.4x at 512 over the LLC, 1.2-2.6x at
-// bfloat16 256-512; 0.9-1.1x in cache. With this change the float32
-// 64-channel 112x112 statistics, which do not prefetch, ran at 0.67-0.71x in
-// three builds; the cause was not found.
+// follow well: the statistics prefetch ahead there. In-process A/B
+// (benchmarks/ab_builds.py, moments, against no prefetch): float32
+// 1.2-2.1x at 128-512 channels from 28x28 up and 1.15x at 1024x14x14,
+// bfloat16 1.9x at 512x28x28; rows of 2 KiB and more that sit in cache
+// 0.88-0.99x.
 constexpr int64_t kPrefetchRowBytes = 512;
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Prefetches [begin, end) shifted kPrefetchBytes ahead, short of `limit`.
+// Prefetches [begin, end) shifted ahead by kPrefetchBytes or by its own
+// length if longer (so as not to prefetch what is being read), short of `limit`.
 template <typename T>
 inline void prefetch_ahead(const T* begin, const T* end, const T* limit) {
-  const char* ahead = reinterpret_cast<const char*>(begin) + kPrefetchBytes;
-  const char* stop = std::min(reinterpret_cast<const char*>(end) + kPrefetchBytes,
+  const int64_t distance = std::max<int64_t>(kPrefetchBytes, (end - begin) * sizeof(T));
+  const char* ahead = reinterpret_cast<const char*>(begin) + distance;
+  const char* stop = std::min(reinterpret_cast<const char*>(end) + distance,
                               reinterpret_cast<const char*>(limit));
   for (; ahead < stop; ahead += kCacheLineBytes) __builtin_prefetch(ahead);
 }
