@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 
 import _common as common
 import torch
@@ -134,16 +133,6 @@ OPS = ("train", "eval", "backward", "fwdbwd", "moments", "elemt", "backward_redu
        "backward_elemt")
 
 
-def seconds_per_call(fn, min_time: float) -> float:
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / calls
-
-
 def compare(args) -> None:
     a_ops, b_ops = load(args.a), load(args.b)
     print(f"| op | dtype | layout | shape | {args.a} ms | {args.b} ms | {args.a}/{args.b} "
@@ -167,20 +156,12 @@ def compare(args) -> None:
                           make(channels).to(dtype), (make(channels).abs() + 0.5).to(dtype)]
                 calls = [op_calls(ops, x, grad, *params) for ops in (a_ops, b_ops)]
                 for op in common.split_list(args.ops):
-                    a_call, b_call = calls[0][op], calls[1][op]
-                    for call in (a_call, b_call, a_call, b_call):
-                        call()
-                    times_a, times_b, ratios = [], [], []
-                    for pair in range(args.pairs):
-                        if pair % 2 == 0:
-                            t_a = seconds_per_call(a_call, args.min_time)
-                            t_b = seconds_per_call(b_call, args.min_time)
-                        else:
-                            t_b = seconds_per_call(b_call, args.min_time)
-                            t_a = seconds_per_call(a_call, args.min_time)
-                        times_a.append(t_a)
-                        times_b.append(t_b)
-                        ratios.append(t_a / t_b)
+                    # Two functions rotated every round: ABBA order.
+                    timings = common.interleaved_timings(
+                        {"a": calls[0][op], "b": calls[1][op]}, torch.device("cpu"),
+                        args.pairs, args.min_time)
+                    times_a, times_b = timings["a"].samples, timings["b"].samples
+                    ratios = [t_a / t_b for t_a, t_b in zip(times_a, times_b)]
                     quartiles = statistics.quantiles(ratios, n=4)
                     ratio = statistics.median(ratios)
                     log_ratios.append(math.log(ratio))
