@@ -13,12 +13,15 @@
 #include <mutex>
 #include <string>
 
+#include <sys/mman.h>
+
 namespace normext {
 namespace {
 
 constexpr size_t kMinCachedBytes = size_t{1} << 20;
 constexpr size_t kAlignment = 64;
 constexpr uintptr_t kPageBytes = 4096;
+constexpr size_t kHugePageBytes = size_t{2} << 20;
 
 // The 64-byte-aligned offset within a 4 KiB page farthest from the page
 // offsets of `inputs`. A load whose address matches an earlier, unresolved
@@ -46,10 +49,40 @@ size_t cache_limit_bytes() {
   return megabytes << 20;
 }
 
-// ptr has kPageBytes to spare beyond size, for the placement within a page.
+// A cached block: `mapped` bytes at ptr, which is 2 MiB-aligned, of which the
+// tensor uses `size`; the rest (at least kPageBytes) is for the placement
+// within a page. The mapping asks for transparent huge pages, which the
+// kernel gives to the 2 MiB ranges it covers whole (the tail keeps 4 KiB
+// pages, so nothing is wasted). Outputs in huge pages, against 4 KiB pages
+// (ab_builds.py, 6 ResNet-50 shapes x 2 layouts x float32/bfloat16): float32
+// eval forward over the 32 MiB LLC 1.10-1.29x, fwd+bwd 0.93-1.19x, in-cache
+// rows 0.93-1.06x, geomean 1.04 over 72 rows.
 struct Block {
   void* ptr;
   size_t size;
+  size_t mapped;
+
+  static Block* map(size_t size) {
+    const size_t mapped = (size + 2 * kPageBytes - 1) / kPageBytes * kPageBytes;
+    // Over-map by one huge page, then trim to a 2 MiB-aligned range.
+    void* raw = mmap(nullptr, mapped + kHugePageBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(raw != MAP_FAILED, "normext: out of CPU memory allocating ", size, " bytes");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (start + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+    if (aligned > start) munmap(raw, aligned - start);
+    if (const size_t tail = start + kHugePageBytes - aligned) {
+      munmap(reinterpret_cast<void*>(aligned + mapped), tail);
+    }
+    void* ptr = reinterpret_cast<void*>(aligned);
+    madvise(ptr, mapped, MADV_HUGEPAGE);  // a hint: without THP, 4 KiB pages
+    return new Block{ptr, size, mapped};
+  }
+
+  static void unmap(Block* block) {
+    munmap(block->ptr, block->mapped);
+    delete block;
+  }
 };
 
 class CachingCpuAllocator final : public c10::Allocator {
@@ -60,12 +93,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n, c10::ArrayRef<const void*> inputs) {
     if (n < kMinCachedBytes || limit_ == 0) return c10::GetCPUAllocator()->allocate(n);
     Block* block = take(n);
-    if (block == nullptr) {
-      void* ptr = nullptr;
-      TORCH_CHECK(posix_memalign(&ptr, kAlignment, n + kPageBytes) == 0 && ptr != nullptr,
-                  "normext: out of CPU memory allocating ", n, " bytes");
-      block = new Block{ptr, n};
-    }
+    if (block == nullptr) block = Block::map(n);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       in_use_bytes_ += block->size;
@@ -84,10 +112,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   size_t release_all() {
     std::lock_guard<std::mutex> lock(mutex_);
     const size_t released = cached_bytes_;
-    for (auto& [size, block] : cache_) {
-      std::free(block->ptr);
-      delete block;
-    }
+    for (auto& [size, block] : cache_) Block::unmap(block);
     cache_.clear();
     cached_bytes_ = 0;
     return released;
@@ -135,10 +160,7 @@ class CachingCpuAllocator final : public c10::Allocator {
         block = nullptr;
       }
     }
-    if (block != nullptr) {
-      std::free(block->ptr);
-      delete block;
-    }
+    if (block != nullptr) Block::unmap(block);
     self.report(ptr, -size);
   }
 
