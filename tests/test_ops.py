@@ -534,6 +534,28 @@ def test_cpu_output_cache_maps_2mib_aligned_blocks_advised_for_huge_pages():
     assert normext.release_cpu_cache() > 0
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_float16_conversions_are_exact(layout):
+    """The CPU loops convert float16 with their own vectorizable bit
+    arithmetic (cpu::Float16), not c10::Half's: every float16 value must
+    widen exactly, and narrowing must round to nearest even like torch,
+    subnormals, overflow to infinity and NaN included. With mean 0, invstd 1
+    and bias -0.0, normalize computes x * weight exactly in float32."""
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = every_value.reshape(8, 4, 32, 64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    finite_or_inf = ~torch.isnan(x)
+    mean, invstd, bias = torch.zeros(4), torch.ones(4), torch.full((4,), -0.0)
+    for exponent in [-24, -14, -1, 0, 1, 15]:
+        weight = torch.tensor([2.0 ** exponent, 1.2345, -3.0, 2.0 ** -exponent])
+        y = ops.batch_norm_elemt(x, weight, bias, mean, invstd)
+        expected = (x.float() * weight.view(1, 4, 1, 1)).half()
+        assert torch.equal(y.view(torch.int16)[finite_or_inf],
+                           expected.view(torch.int16)[finite_or_inf]), exponent
+        assert torch.isnan(y[~finite_or_inf]).all()
+
+
 @pytest.mark.parametrize("channels", [3, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_short_row_sums_do_not_depend_on_threads(channels, dtype):

@@ -113,8 +113,8 @@ void add_rows_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__
 template <typename scalar_t, typename acc_t>
 void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, const acc_t* mean,
                        acc_t* sum_dy, acc_t* sum_dy_xmu) {
-  const scalar_t* dy = dy_view.data.const_data_ptr<scalar_t>();
-  const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
+  const auto* dy = cpu::loop_data<scalar_t>(dy_view.data);
+  const auto* x = cpu::loop_data<scalar_t>(x_view.data);
   const int64_t C = x_view.channels, L = x_view.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
     cpu::for_each_short_row_block(x_view, [&](int64_t c0, int64_t channels) {
@@ -148,8 +148,8 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
 template <typename scalar_t, typename acc_t>
 void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
                           const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
-  const scalar_t* dy = dy_view.data.const_data_ptr<scalar_t>();
-  const scalar_t* x = x_view.data.const_data_ptr<scalar_t>();
+  const auto* dy = cpu::loop_data<scalar_t>(dy_view.data);
+  const auto* x = cpu::loop_data<scalar_t>(x_view.data);
   const int64_t C = x_view.channels;
   const RowChunks chunks(x_view.count(), C);
   // Short rows too: their per-row loop overhead dominates (64 float32

@@ -74,8 +74,8 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
     for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
-    const scalar_t* x = input.data.const_data_ptr<scalar_t>();
-    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    const auto* x = cpu::loop_data<scalar_t>(input.data);
+    auto* y = cpu::mutable_loop_data<scalar_t>(output);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 3);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
@@ -114,9 +114,9 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;
     }
-    const scalar_t* dy = grad_out.data.const_data_ptr<scalar_t>();
-    const scalar_t* x = input.data.const_data_ptr<scalar_t>();
-    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    const auto* dy = cpu::loop_data<scalar_t>(grad_out.data);
+    const auto* x = cpu::loop_data<scalar_t>(input.data);
+    auto* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 4);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {

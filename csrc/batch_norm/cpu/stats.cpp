@@ -22,7 +22,7 @@ using sum_t = double;
 
 // The shift of channel c (math.h: channel_shift), as a double that the
 // accumulate type holds exactly: the deviations and the mean use one value.
-template <typename scalar_t, typename acc_t>
+template <typename acc_t, typename scalar_t>
 sum_t shift_of(const ChannelView& v, const scalar_t* x, int64_t c) {
   return channel_shift<acc_t>(v.count(), [&](int64_t j) {
     return static_cast<double>(x[channel_element(j, c, v.channels, v.inner, v.channels_last)]);
@@ -130,14 +130,14 @@ void block_shifted_sums(const scalar_t* __restrict__ x, int64_t N, int64_t C, in
 // channel in a fixed order; short rows go channel by channel instead.
 template <typename scalar_t, typename acc_t>
 void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
-  const scalar_t* x = v.data.const_data_ptr<scalar_t>();
+  const auto* x = cpu::loop_data<scalar_t>(v.data);
   const int64_t C = v.channels, L = v.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
     cpu::for_each_short_row_block(v, [&](int64_t c0, int64_t channels) {
       sum_t shift[cpu::kShortRowChannels], s[cpu::kShortRowChannels], s2[cpu::kShortRowChannels];
       acc_t shift_acc[cpu::kShortRowChannels];
       for (int64_t b = 0; b < channels; ++b) {
-        shift[b] = shift_of<scalar_t, acc_t>(v, x, c0 + b);
+        shift[b] = shift_of<acc_t>(v, x, c0 + b);
         shift_acc[b] = static_cast<acc_t>(shift[b]);
       }
       if (channels == 1) {
@@ -153,7 +153,7 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
   }
   std::vector<sum_t> shift(C);
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
+    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<acc_t>(v, x, c);
   });
   const RowBlocks blocks(v);
   std::vector<sum_t> block_d(blocks.size()), block_d2(blocks.size());
@@ -177,11 +177,11 @@ void moments_contiguous(const ChannelView& v, acc_t* mean, acc_t* var) {
 // are added to the thread's double sums; the threads' are added at the end.
 template <typename scalar_t, typename acc_t>
 void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
-  const scalar_t* x = v.data.const_data_ptr<scalar_t>();
+  const auto* x = cpu::loop_data<scalar_t>(v.data);
   const int64_t C = v.channels, rows = v.count();
   std::vector<sum_t> shift(C);
   at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<scalar_t, acc_t>(v, x, c);
+    for (int64_t c = begin; c < end; ++c) shift[c] = shift_of<acc_t>(v, x, c);
   });
   const std::vector<acc_t> shift_acc(shift.begin(), shift.end());
   const RowChunks chunks(rows, C);
