@@ -74,18 +74,26 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
     for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
-    const auto* x = cpu::loop_data<scalar_t>(input.data);
-    auto* y = cpu::mutable_loop_data<scalar_t>(output);
+    using elem_t = cpu::loop_t<scalar_t>;
+    const elem_t* x = cpu::loop_data<scalar_t>(input.data);
+    elem_t* y = cpu::mutable_loop_data<scalar_t>(output);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 3);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
-          normalize_rows<rows()>(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
+        cpu::through_float<elem_t, 1>((end - begin) * C, cpu::whole_rows(C), {x + begin * C},
+                                      y + begin * C, [&](const auto& in, auto* out, int64_t n) {
+          cpu::for_each_row_group(0, n / C, grouped, [&](int64_t r, auto rows) {
+            normalize_rows<rows()>(in[0] + r * C, out + r * C, C, m.data(), scale.data(),
+                                   b.data());
+          });
         });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
+        cpu::through_float<elem_t, 1>(end - begin, cpu::kStagedElements, {x + begin}, y + begin,
+                                      [&](const auto& in, auto* out, int64_t n) {
+          normalize_run(in[0], out, n, m[c], scale[c], b[c]);
+        });
       });
     }
   });
@@ -114,21 +122,29 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;
     }
-    const auto* dy = cpu::loop_data<scalar_t>(grad_out.data);
-    const auto* x = cpu::loop_data<scalar_t>(input.data);
-    auto* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
+    using elem_t = cpu::loop_t<scalar_t>;
+    const elem_t* dy = cpu::loop_data<scalar_t>(grad_out.data);
+    const elem_t* x = cpu::loop_data<scalar_t>(input.data);
+    elem_t* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 4);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
-          grad_input_rows<rows()>(dy + r * C, x + r * C, dx + r * C, C, m.data(),
-                                  dy_scale.data(), xmu_scale.data(), shift.data());
+        cpu::through_float<elem_t, 2>((end - begin) * C, cpu::whole_rows(C),
+                                      {dy + begin * C, x + begin * C}, dx + begin * C,
+                                      [&](const auto& in, auto* out, int64_t n) {
+          cpu::for_each_row_group(0, n / C, grouped, [&](int64_t r, auto rows) {
+            grad_input_rows<rows()>(in[0] + r * C, in[1] + r * C, out + r * C, C, m.data(),
+                                    dy_scale.data(), xmu_scale.data(), shift.data());
+          });
         });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
-                       GradInputCoefficients<acc_t>{dy_scale[c], xmu_scale[c], shift[c]});
+        const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
+        cpu::through_float<elem_t, 2>(end - begin, cpu::kStagedElements, {dy + begin, x + begin},
+                                      dx + begin, [&](const auto& in, auto* out, int64_t n) {
+          grad_input_run(in[0], in[1], out, n, m[c], k);
+        });
       });
     }
   });
