@@ -536,9 +536,9 @@ def test_cpu_output_cache_maps_2mib_aligned_blocks_advised_for_huge_pages():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_float16_conversions_are_exact(layout):
-    """The CPU loops convert float16 with F16C in the elementwise passes
-    (cpu::through_float) and with their own bit arithmetic elsewhere and in
-    tails (cpu::Float16), not with c10::Half's scalar conversion: every
+    """The CPU loops convert float16 with F16C vectors in the elementwise
+    passes (partial vectors for tails) and with their own bit arithmetic
+    (cpu::Float16) elsewhere, not with c10::Half's scalar conversion: every
     float16 value must widen exactly, and narrowing must round to nearest
     even like torch, subnormals, overflow to infinity and NaN included. With mean 0, invstd 1
     and bias -0.0, normalize computes x * weight exactly in float32."""

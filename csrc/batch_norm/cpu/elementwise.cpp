@@ -60,6 +60,90 @@ void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict
   }
 }
 
+#if defined(NORMEXT_FLOAT16_VECTORS)
+// float16: whole vectors in registers (cpu::load_float16), math.h's formulas
+// on them, and a partial vector for the tail. A run's coefficients are
+// splatted once; rows load a vector of channels' coefficients once for all
+// Rows rows.
+using cpu::Float16;
+using Vec = cpu::Float16Vector;
+constexpr int kLanes = cpu::kFloat16Lanes;
+
+void normalize_run(const Float16* x, Float16* y, int64_t length, float mean, float scale,
+                   float bias) {
+  const Vec m = cpu::splat(mean), s = cpu::splat(scale), b = cpu::splat(bias);
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    cpu::store_float16(y + i, normalize(cpu::load_float16(x + i), m, s, b));
+  }
+  if (const int64_t n = length - i) {
+    cpu::store_float16(y + i, normalize(cpu::load_float16(x + i, n), m, s, b), n);
+  }
+}
+
+template <int Rows>
+void normalize_rows(const Float16* x, Float16* y, int64_t channels, const float* mean,
+                    const float* scale, const float* bias) {
+  for (int64_t c = 0; c < channels; c += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, channels - c);
+    const bool whole = n == kLanes;
+    const Vec m = whole ? cpu::load_floats(mean + c) : cpu::load_floats(mean + c, n);
+    const Vec s = whole ? cpu::load_floats(scale + c) : cpu::load_floats(scale + c, n);
+    const Vec b = whole ? cpu::load_floats(bias + c) : cpu::load_floats(bias + c, n);
+    for (int k = 0; k < Rows; ++k) {
+      const int64_t i = k * channels + c;
+      if (whole) {
+        cpu::store_float16(y + i, normalize(cpu::load_float16(x + i), m, s, b));
+      } else {
+        cpu::store_float16(y + i, normalize(cpu::load_float16(x + i, n), m, s, b), n);
+      }
+    }
+  }
+}
+
+void grad_input_run(const Float16* dy, const Float16* x, Float16* dx, int64_t length, float mean,
+                    const GradInputCoefficients<float> k) {
+  const Vec m = cpu::splat(mean);
+  const GradInputCoefficients<Vec> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
+                                      cpu::splat(k.shift)};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    cpu::store_float16(dx + i,
+                       grad_input(cpu::load_float16(dy + i), cpu::load_float16(x + i), m, kv));
+  }
+  if (const int64_t n = length - i) {
+    cpu::store_float16(
+        dx + i, grad_input(cpu::load_float16(dy + i, n), cpu::load_float16(x + i, n), m, kv), n);
+  }
+}
+
+template <int Rows>
+void grad_input_rows(const Float16* dy, const Float16* x, Float16* dx, int64_t channels,
+                     const float* mean, const float* dy_scale, const float* xmu_scale,
+                     const float* shift) {
+  for (int64_t c = 0; c < channels; c += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, channels - c);
+    const bool whole = n == kLanes;
+    const auto coefficients = [&](const float* values) {
+      return whole ? cpu::load_floats(values + c) : cpu::load_floats(values + c, n);
+    };
+    const Vec m = coefficients(mean);
+    const GradInputCoefficients<Vec> kv{coefficients(dy_scale), coefficients(xmu_scale),
+                                        coefficients(shift)};
+    for (int row = 0; row < Rows; ++row) {
+      const int64_t i = row * channels + c;
+      if (whole) {
+        cpu::store_float16(dx + i, grad_input(cpu::load_float16(dy + i),
+                                              cpu::load_float16(x + i), m, kv));
+      } else {
+        cpu::store_float16(dx + i, grad_input(cpu::load_float16(dy + i, n),
+                                              cpu::load_float16(x + i, n), m, kv), n);
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
@@ -74,26 +158,18 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
     for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
-    using elem_t = cpu::loop_t<scalar_t>;
-    const elem_t* x = cpu::loop_data<scalar_t>(input.data);
-    elem_t* y = cpu::mutable_loop_data<scalar_t>(output);
+    const auto* x = cpu::loop_data<scalar_t>(input.data);
+    auto* y = cpu::mutable_loop_data<scalar_t>(output);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 3);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::through_float<elem_t, 1>((end - begin) * C, cpu::whole_rows(C), {x + begin * C},
-                                      y + begin * C, [&](const auto& in, auto* out, int64_t n) {
-          cpu::for_each_row_group(0, n / C, grouped, [&](int64_t r, auto rows) {
-            normalize_rows<rows()>(in[0] + r * C, out + r * C, C, m.data(), scale.data(),
-                                   b.data());
-          });
+        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
+          normalize_rows<rows()>(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
         });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        cpu::through_float<elem_t, 1>(end - begin, cpu::kStagedElements, {x + begin}, y + begin,
-                                      [&](const auto& in, auto* out, int64_t n) {
-          normalize_run(in[0], out, n, m[c], scale[c], b[c]);
-        });
+        normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
       });
     }
   });
@@ -122,29 +198,21 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;
     }
-    using elem_t = cpu::loop_t<scalar_t>;
-    const elem_t* dy = cpu::loop_data<scalar_t>(grad_out.data);
-    const elem_t* x = cpu::loop_data<scalar_t>(input.data);
-    elem_t* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
+    const auto* dy = cpu::loop_data<scalar_t>(grad_out.data);
+    const auto* x = cpu::loop_data<scalar_t>(input.data);
+    auto* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
     if (input.channels_last) {
       const bool grouped = cpu::group_rows<acc_t>(C, 4);
       cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::through_float<elem_t, 2>((end - begin) * C, cpu::whole_rows(C),
-                                      {dy + begin * C, x + begin * C}, dx + begin * C,
-                                      [&](const auto& in, auto* out, int64_t n) {
-          cpu::for_each_row_group(0, n / C, grouped, [&](int64_t r, auto rows) {
-            grad_input_rows<rows()>(in[0] + r * C, in[1] + r * C, out + r * C, C, m.data(),
-                                    dy_scale.data(), xmu_scale.data(), shift.data());
-          });
+        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
+          grad_input_rows<rows()>(dy + r * C, x + r * C, dx + r * C, C, m.data(),
+                                  dy_scale.data(), xmu_scale.data(), shift.data());
         });
       });
     } else {
       cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
-        cpu::through_float<elem_t, 2>(end - begin, cpu::kStagedElements, {dy + begin, x + begin},
-                                      dx + begin, [&](const auto& in, auto* out, int64_t n) {
-          grad_input_run(in[0], in[1], out, n, m[c], k);
-        });
+        grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
+                       GradInputCoefficients<acc_t>{dy_scale[c], xmu_scale[c], shift[c]});
       });
     }
   });

@@ -11,7 +11,6 @@
 #endif
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -353,78 +352,73 @@ inline void store(Float16* out, int64_t i, float value) {
   out[i] = Float16::from_float(value);
 }
 
-// float16 to float32 and back with F16C, 16 (or 8) values per instruction;
-// the bit arithmetic of Float16 where the CPU has no F16C, and for tails.
-inline void widen(const Float16* in, float* out, int64_t n) {
-  int64_t i = 0;
+// float16 vectors in registers, converted by F16C (one instruction per
+// vector, where Float16's bit arithmetic takes about ten): with these the
+// elementwise passes apply math.h's formulas to whole vectors (GCC's vector
+// operators) instead of staging or converting element by element.
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                  reinterpret_cast<const __m256i*>(in + i))));
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(out + i,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
-  }
+#define NORMEXT_FLOAT16_VECTORS 1
+using Float16Vector = __m512;
+constexpr int kFloat16Lanes = 16;
+inline __m512 load_float16(const Float16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store_float16(Float16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+inline __m512 load_floats(const float* p) { return _mm512_loadu_ps(p); }
+#elif defined(__F16C__) && defined(__AVX__)
+#define NORMEXT_FLOAT16_VECTORS 1
+using Float16Vector = __m256;
+constexpr int kFloat16Lanes = 8;
+inline __m256 load_float16(const Float16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_float16(Float16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+inline __m256 load_floats(const float* p) { return _mm256_loadu_ps(p); }
 #endif
-  for (; i < n; ++i) out[i] = in[i];
-}
 
-inline void narrow(const float* in, Float16* out, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(in + i),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
-  }
+#if defined(NORMEXT_FLOAT16_VECTORS)
+// The first n (< kFloat16Lanes) values at p as a vector, the other lanes 0;
+// and the first n lanes of v stored at p. Masked loads and stores where
+// AVX-512 has them for 16-bit elements; else through a small array (a
+// store-forwarding stall: NCHW 7x7 runs took 2x as long that way).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline __m512 load_float16(const Float16* p, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p));
+}
+inline void store_float16(Float16* p, __m512 v, int64_t n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n),
+                           _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m512 load_floats(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+#else
+inline Float16Vector load_float16(const Float16* p, int64_t n) {
+  Float16 part[kFloat16Lanes] = {};
+  std::memcpy(part, p, n * sizeof(Float16));
+  return load_float16(part);
+}
+inline void store_float16(Float16* p, Float16Vector v, int64_t n) {
+  Float16 part[kFloat16Lanes];
+  store_float16(part, v);
+  std::memcpy(p, part, n * sizeof(Float16));
+}
+inline Float16Vector load_floats(const float* p, int64_t n) {
+  float part[kFloat16Lanes] = {};
+  std::memcpy(part, p, n * sizeof(float));
+  return load_floats(part);
+}
 #endif
-  for (; i < n; ++i) out[i] = Float16::from_float(in[i]);
-}
-
-// The elementwise passes' loops, fn(inputs, output, n), over `length`
-// elements. float16 data goes through float32 buffers in pieces of at most
-// `piece` elements that stay in cache: F16C converts a vector per
-// instruction where Float16's bit arithmetic takes about ten. Other types
-// are passed through in one call.
-constexpr int64_t kStagedElements = 1024;
-
-template <typename T, size_t Inputs, typename F>
-void through_float(int64_t length, int64_t piece, const std::array<const T*, Inputs>& in, T* out,
-                   const F& fn) {
-  if constexpr (!std::is_same_v<T, Float16>) {
-    fn(in, out, length);
-  } else {
-    const int64_t size = std::min(length, piece);
-    // On the stack up to kStagedElements per array (a thread_local buffer in
-    // this shared library costs a TLS lookup per call, which short runs felt).
-    float local[(Inputs + 1) * kStagedElements];
-    std::vector<float> heap(size > kStagedElements ? (Inputs + 1) * size : 0);
-    float* buffer = heap.empty() ? local : heap.data();
-    std::array<const float*, Inputs> staged;
-    float* result = buffer + Inputs * size;
-    for (int64_t begin = 0; begin < length; begin += size) {
-      const int64_t n = std::min(size, length - begin);
-      for (size_t a = 0; a < Inputs; ++a) {
-        widen(in[a] + begin, buffer + a * size, n);
-        staged[a] = buffer + a * size;
-      }
-      fn(staged, result, n);
-      narrow(result, out + begin, n);
-    }
-  }
-}
-
-// Pieces of whole channels-last rows of C elements for through_float.
-inline int64_t whole_rows(int64_t channels) {
-  return std::max<int64_t>(1, kStagedElements / channels) * channels;
-}
+#endif
 
 // The element type the loops use for a dispatched scalar_t: Float16 for
 // c10::Half, the type itself otherwise.
