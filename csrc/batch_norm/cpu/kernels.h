@@ -355,7 +355,10 @@ inline void store(Float16* out, int64_t i, float value) {
 // float16 vectors in registers, converted by F16C (one instruction per
 // vector, where Float16's bit arithmetic takes about ten): with these the
 // elementwise passes apply math.h's formulas to whole vectors (GCC's vector
-// operators) instead of staging or converting element by element.
+// operators). ab_builds.py against the bit arithmetic, float16 at 4 shapes x
+// 2 layouts: eval 2.5-4.1x, backward elementwise 2.0-4.0x, fwd+bwd 1.4-2.0x.
+// (Staging through float32 buffers instead gained 1.3x.) The statistics and
+// backward sums still convert with Float16.
 #if defined(__AVX512F__)
 #define NORMEXT_FLOAT16_VECTORS 1
 using Float16Vector = __m512;
