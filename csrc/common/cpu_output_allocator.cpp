@@ -53,7 +53,10 @@ size_t cache_limit_bytes() {
 // tensor uses `size`; the rest (at least kPageBytes) is for the placement
 // within a page. The mapping asks for transparent huge pages, which the
 // kernel gives to the 2 MiB ranges it covers whole (the tail keeps 4 KiB
-// pages, so nothing is wasted). Outputs in huge pages, against 4 KiB pages
+// pages, so a block holds no more memory than its size rounds to, except
+// when reused for a request up to 1/8 smaller). The first write to a huge
+// page may wait for the kernel to compact memory; a cached block pays that
+// once. Outputs in huge pages, against 4 KiB pages
 // (ab_builds.py, 6 ResNet-50 shapes x 2 layouts x float32/bfloat16): float32
 // eval forward over the 32 MiB LLC 1.10-1.29x, fwd+bwd 0.93-1.19x, in-cache
 // rows 0.93-1.06x, geomean 1.04 over 72 rows.
@@ -75,7 +78,9 @@ struct Block {
       munmap(reinterpret_cast<void*>(aligned + mapped), tail);
     }
     void* ptr = reinterpret_cast<void*>(aligned);
+#ifdef MADV_HUGEPAGE
     madvise(ptr, mapped, MADV_HUGEPAGE);  // a hint: without THP, 4 KiB pages
+#endif
     return new Block{ptr, size, mapped};
   }
 

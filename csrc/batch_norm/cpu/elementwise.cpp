@@ -62,9 +62,11 @@ void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict
 
 #if defined(NORMEXT_FLOAT16_VECTORS)
 // float16: whole vectors in registers (cpu::load_float16), math.h's formulas
-// on them, and a partial vector for the tail. A run's coefficients are
+// on them, and a partial vector for the tail (they take float coefficients:
+// hence the static_assert). A run's coefficients are
 // splatted once; rows load a vector of channels' coefficients once for all
 // Rows rows.
+static_assert(std::is_same_v<at::opmath_type<c10::Half>, float>);
 using cpu::Float16;
 using Vec = cpu::Float16Vector;
 constexpr int kLanes = cpu::kFloat16Lanes;
@@ -87,9 +89,8 @@ void normalize_rows(const Float16* x, Float16* y, int64_t channels, const float*
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
-    const Vec m = whole ? cpu::load_floats(mean + c) : cpu::load_floats(mean + c, n);
-    const Vec s = whole ? cpu::load_floats(scale + c) : cpu::load_floats(scale + c, n);
-    const Vec b = whole ? cpu::load_floats(bias + c) : cpu::load_floats(bias + c, n);
+    const Vec m = cpu::load_floats(mean + c, n), s = cpu::load_floats(scale + c, n),
+              b = cpu::load_floats(bias + c, n);
     for (int k = 0; k < Rows; ++k) {
       const int64_t i = k * channels + c;
       if (whole) {
@@ -124,12 +125,10 @@ void grad_input_rows(const Float16* dy, const Float16* x, Float16* dx, int64_t c
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
-    const auto coefficients = [&](const float* values) {
-      return whole ? cpu::load_floats(values + c) : cpu::load_floats(values + c, n);
-    };
-    const Vec m = coefficients(mean);
-    const GradInputCoefficients<Vec> kv{coefficients(dy_scale), coefficients(xmu_scale),
-                                        coefficients(shift)};
+    const Vec m = cpu::load_floats(mean + c, n);
+    const GradInputCoefficients<Vec> kv{cpu::load_floats(dy_scale + c, n),
+                                        cpu::load_floats(xmu_scale + c, n),
+                                        cpu::load_floats(shift + c, n)};
     for (int row = 0; row < Rows; ++row) {
       const int64_t i = row * channels + c;
       if (whole) {

@@ -285,6 +285,18 @@ void for_each_row_range(const ChannelView& v, const F& fn) {
   at::parallel_for(0, v.outer * v.inner, grain, fn);
 }
 
+// A float's bits and back.
+inline uint32_t bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+inline float float_of(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
 // out[i] = value as T. For bfloat16 this rounds to nearest-even on the bits,
 // which GCC vectorizes (it does not vectorize c10's conversion operator).
 template <typename T, typename acc_t>
@@ -294,8 +306,7 @@ inline void store(T* out, int64_t i, acc_t value) {
 
 template <>
 inline void store(c10::BFloat16* out, int64_t i, float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t bits = bits_of(value);
   const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
   reinterpret_cast<uint16_t*>(out)[i] = value != value ? uint16_t{0x7FC0} : rounded;
 }
@@ -313,39 +324,30 @@ struct Float16 {
     const uint32_t w = static_cast<uint32_t>(bits) << 16;
     const uint32_t two_w = w + w;  // exponent and mantissa, sign shifted out
     // Normal numbers, infinities, NaN: exponent rebased by 224, then scaled by 2^-112.
-    const float normal = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float normal = float_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     // Subnormals: the mantissa placed under 0.5's exponent, then 0.5 subtracted.
-    const float subnormal = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    return from_bits((w & 0x80000000u) | to_bits(two_w < (1u << 27) ? subnormal : normal));
+    const float subnormal = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+    return float_of((w & 0x80000000u) | bits_of(two_w < (1u << 27) ? subnormal : normal));
   }
 
   static Float16 from_float(float value) {
-    // Scaling to infinity and back rounds the mantissa once, to nearest even,
-    // when the exponent's bias is added below.
+    // Scaling up sends what overflows float16 to infinity, scaling down
+    // brings the rest back; adding the exponent's bias below rounds the
+    // mantissa to float16's, to nearest even.
     float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = to_bits(value);
+    const uint32_t w = bits_of(value);
     const uint32_t two_w = w + w;
     const uint32_t bias = std::max(two_w & 0xFF000000u, 0x71000000u);
-    base = from_bits((bias >> 1) + 0x07800000u) + base;
-    const uint32_t rounded = to_bits(base);
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t rounded = bits_of(base);
     const uint32_t magnitude = ((rounded >> 13) & 0x00007C00u) + (rounded & 0x00000FFFu);
     return {static_cast<uint16_t>(((w & 0x80000000u) >> 16) |
                                   (two_w > 0xFF000000u ? 0x7E00u : magnitude))};
   }
 
- private:
-  static float from_bits(uint32_t bits) {
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
-  }
-  static uint32_t to_bits(float value) {
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    return bits;
-  }
 };
-static_assert(sizeof(Float16) == sizeof(c10::Half));
+static_assert(sizeof(Float16) == sizeof(c10::Half) && alignof(Float16) == alignof(c10::Half) &&
+              std::is_trivially_copyable_v<Float16>);
 
 template <>
 inline void store(Float16* out, int64_t i, float value) {
@@ -388,7 +390,7 @@ inline __m256 load_floats(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
 #if defined(NORMEXT_FLOAT16_VECTORS)
-// The first n (< kFloat16Lanes) values at p as a vector, the other lanes 0;
+// The first n (<= kFloat16Lanes) values at p as a vector, the other lanes 0;
 // and the first n lanes of v stored at p. Masked loads and stores where
 // AVX-512 has them for 16-bit elements; else through a small array (a
 // store-forwarding stall: NCHW 7x7 runs took 2x as long that way).
