@@ -62,10 +62,9 @@ void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict
 
 #if defined(NORMEXT_FLOAT16_VECTORS)
 // float16: whole vectors in registers (cpu::load_float16), math.h's formulas
-// on them, and a partial vector for the tail (they take float coefficients:
-// hence the static_assert). A run's coefficients are
-// splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows.
+// on them, and a partial vector for a tail. A run's coefficients are splatted
+// once; rows load a vector of channels' coefficients once for all Rows rows.
+// The coefficients are float (Half's accumulate type, asserted).
 static_assert(std::is_same_v<at::opmath_type<c10::Half>, float>);
 using cpu::Float16;
 using Vec = cpu::Float16Vector;
