@@ -364,6 +364,57 @@ def test_building_blocks_compose_to_backward(with_weight, dtype, layout, device)
     assert_close(fused_w, ref_sum_dy_xmu * invstd.double(), grad_dtype)
 
 
+def _strided(t):
+    """`t` as a view with stride 2: per-channel tensors need not be dense."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=1)[:, 0]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_per_channel_tensors(dtype, device):
+    """Statistics, parameters and running stats given as strided views give
+    the results of dense copies (the running stats updated in place)."""
+    x = torch.randn(4, 3, 5, device=device).to(dtype)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(3, device=device, dtype=dtype) + 0.5, torch.randn(3, device=device, dtype=dtype)
+    mean, var = ops.batch_norm_moments(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sw, sb, smean, sinvstd = _strided(w), _strided(b), _strided(mean), _strided(invstd)
+    assert not sw.is_contiguous() and not smean.is_contiguous()
+    assert torch.equal(ops.batch_norm_elemt(x, sw, sb, smean, sinvstd),
+                       ops.batch_norm_elemt(x, w, b, mean, invstd))
+    dense_sums = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+    for mine, theirs in zip(ops.batch_norm_backward_reduce(dy, x, smean, sinvstd, sw),
+                            dense_sums):
+        assert torch.equal(mine, theirs)
+    sum_dy, sum_dy_xmu = dense_sums[:2]
+    assert torch.equal(
+        ops.batch_norm_backward_elemt(dy, x, smean, sinvstd, sw, _strided(sum_dy),
+                                      _strided(sum_dy_xmu), 20),
+        ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, 20))
+    for training in (True, False):
+        rm, rv = torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype)
+        srm, srv = _strided(rm), _strided(rv)
+        dense = ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+        for mine, theirs in zip(ops.batch_norm_forward(x, sw, sb, srm, srv, training, 0.1, 1e-5),
+                                dense):
+            assert torch.equal(mine, theirs)
+        assert torch.equal(srm, rm) and torch.equal(srv, rv)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device)
+    srm, srv = _strided(rm), _strided(rv)
+    assert torch.equal(ops.batch_norm_finalize(smean, _strided(var), 20, srm, srv, 0.1, 1e-5),
+                       ops.batch_norm_finalize(mean, var, 20, rm, rv, 0.1, 1e-5))
+    assert torch.equal(srm, rm) and torch.equal(srv, rv)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_finalize_rejects_running_stats_of_two_dtypes(device):
+    mean, var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="running_mean and running_var of one dtype"):
+        ops.batch_norm_finalize(mean, var, 4, torch.zeros(3, device=device),
+                                torch.ones(3, device=device, dtype=torch.float16), 0.1, 1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_empty_input_ops(device):
     x = torch.randn(0, 3, 4, device=device)

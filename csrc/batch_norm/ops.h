@@ -61,6 +61,11 @@ struct BatchNormOps {
                   "batch_norm_finalize: running stats on ", (*running)->device(),
                   " but the statistics are on ", mean.device());
     }
+    TORCH_CHECK(!running_mean.has_value() ||
+                    running_mean->scalar_type() == running_var->scalar_type(),
+                "batch_norm_finalize: expected running_mean and running_var of one dtype, got ",
+                running_mean.has_value() ? c10::toString(running_mean->scalar_type()) : "",
+                " and ", running_var.has_value() ? c10::toString(running_var->scalar_type()) : "");
     at::Tensor invstd = at::empty_like(m);
     Kernels::finalize(m, v, count, value_or_undefined(running_mean),
                       value_or_undefined(running_var), momentum, eps, invstd);
@@ -94,9 +99,7 @@ struct BatchNormOps {
     check_stat(input, mean, "mean");
     check_stat(input, invstd, "invstd");
     const ChannelView view = channel_view(input);
-    auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, mean);
-    auto [grad_weight, grad_bias] = param_grads(sum_dy, sum_dy_xmu, invstd, weight);
-    return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
+    return reduce(in_layout_of(view, grad_out), view, mean, invstd, weight);
   }
 
   // Input gradient from the reduced sums over `count` elements per channel
@@ -113,7 +116,8 @@ struct BatchNormOps {
       check_stat(input, *stat, name);
     }
     const ChannelView view = channel_view(input);
-    return grad_input(grad_out, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, true);
+    return grad_input(in_layout_of(view, grad_out), view, mean, invstd, weight, sum_dy,
+                      sum_dy_xmu, count, true);
   }
 
   // Single-process forward: (output, mean, invstd). Training uses the batch
@@ -130,22 +134,16 @@ struct BatchNormOps {
     check_running_pair(running_mean, running_var);
     check_params(input, weight, bias, running_mean, running_var);
     const ChannelView view = channel_view(input);
-    const auto acc_type = accumulate_type(input.scalar_type());
-    at::Tensor mean, var;
-    if (training) {
-      mean = new_stat(input, view.count() > 0);
-      var = new_stat(input, view.count() > 0);
-      if (view.count() > 0) Kernels::moments(view, mean, var);
-    } else {  // the saved mean is a copy; the variance is only read, densely
-      mean = running_mean->reshape({-1}).to(acc_type, /*non_blocking=*/false, /*copy=*/true);
-      var = running_var->reshape({-1}).to(acc_type).contiguous();
+    at::Tensor mean = new_stat(input, true), invstd = new_stat(input, true);
+    if (!training) {
+      Kernels::running_stats(*running_mean, *running_var, eps, mean, invstd);
+    } else if (view.count() > 0) {
+      Kernels::batch_stats(view, value_or_undefined(running_mean),
+                           value_or_undefined(running_var), momentum, eps, mean, invstd);
+    } else {  // an empty batch leaves the running stats alone, as in torch
+      mean.zero_();
+      Kernels::finalize(mean, mean, 0.0, {}, {}, momentum, eps, invstd);
     }
-    at::Tensor invstd = at::empty_like(mean);
-    // An empty batch leaves the running stats alone, as in torch.
-    const bool update = training && running_mean.has_value() && view.count() > 0;
-    Kernels::finalize(mean, var, static_cast<double>(view.count()),
-                      update ? *running_mean : at::Tensor(), update ? *running_var : at::Tensor(),
-                      momentum, eps, invstd);
     at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
@@ -174,50 +172,51 @@ struct BatchNormOps {
     check_stat(input, save_mean, "save_mean");
     check_stat(input, save_invstd, "save_invstd");
     const ChannelView view = channel_view(input);
-    auto [sum_dy, sum_dy_xmu] = reduce(grad_out, view, save_mean);
-    at::Tensor dx = grad_input(grad_out, view, save_mean, save_invstd, weight, sum_dy,
-                               sum_dy_xmu, static_cast<double>(view.count()), training);
-    // The sums are not returned, so the parameter grads may reuse them.
-    const auto type = weight.has_value() ? weight->scalar_type() : sum_dy.scalar_type();
-    return {dx, sum_dy_xmu.mul_(save_invstd).to(type), sum_dy.to(type)};
+    const at::Tensor dy = in_layout_of(view, grad_out);
+    auto [sum_dy, sum_dy_xmu, grad_weight, grad_bias] =
+        reduce(dy, view, save_mean, save_invstd, weight);
+    at::Tensor dx = grad_input(dy, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
+                               static_cast<double>(view.count()), training);
+    return {dx, grad_weight, grad_bias};
   }
 
  private:
-  static std::tuple<at::Tensor, at::Tensor> reduce(const at::Tensor& grad_out,
-                                                   const ChannelView& view,
-                                                   const at::Tensor& mean) {
+  // (sum dy, sum dy*(x-mean), grad_weight, grad_bias) from one reduction;
+  // `dy` is in view's layout. The gradients have the weight's dtype, or the
+  // accumulate type without a weight.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
+      const at::Tensor& dy, const ChannelView& view, const at::Tensor& mean,
+      const at::Tensor& invstd, const OptionalTensor& weight) {
     const bool written = view.data.numel() > 0;
     at::Tensor sum_dy = new_stat(view.data, written), sum_dy_xmu = new_stat(view.data, written);
+    const auto grad_options =
+        sum_dy.options().dtype(weight.has_value() ? weight->scalar_type() : sum_dy.scalar_type());
+    at::Tensor grad_weight = written ? at::empty({view.channels}, grad_options)
+                                     : at::zeros({view.channels}, grad_options);
+    at::Tensor grad_bias = written ? at::empty({view.channels}, grad_options)
+                                   : at::zeros({view.channels}, grad_options);
     if (written) {
       ChannelView dy_view = view;
-      dy_view.data = in_layout_of(view, grad_out);
-      Kernels::backward_reduce(dy_view, view, mean, sum_dy, sum_dy_xmu);
+      dy_view.data = dy;
+      Kernels::backward_reduce(dy_view, view, mean, invstd, sum_dy, sum_dy_xmu, grad_weight,
+                               grad_bias);
     }
-    return {sum_dy, sum_dy_xmu};
+    return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
   }
 
-  static at::Tensor grad_input(const at::Tensor& grad_out, const ChannelView& view,
+  // `dy` is in view's layout.
+  static at::Tensor grad_input(const at::Tensor& dy, const ChannelView& view,
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const OptionalTensor& weight, const at::Tensor& sum_dy,
                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
     ChannelView dy_view = view;
-    dy_view.data = in_layout_of(view, grad_out);
-    at::Tensor dx =
-        Kernels::empty_output(view, {dy_view.data.const_data_ptr(), view.data.const_data_ptr()});
+    dy_view.data = dy;
+    at::Tensor dx = Kernels::empty_output(view, {dy.const_data_ptr(), view.data.const_data_ptr()});
     if (view.data.numel() > 0) {
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
                               sum_dy_xmu, count, batch_stats, dx);
     }
     return dx;
-  }
-
-  static std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,
-                                                        const at::Tensor& sum_dy_xmu,
-                                                        const at::Tensor& invstd,
-                                                        const OptionalTensor& weight) {
-    const auto type = weight.has_value() ? weight->scalar_type() : sum_dy.scalar_type();
-    return {(sum_dy_xmu * invstd).to(type),
-            sum_dy.to(type, /*non_blocking=*/false, /*copy=*/true)};
   }
 };
 

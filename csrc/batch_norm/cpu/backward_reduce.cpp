@@ -172,12 +172,14 @@ void reduce_channels_last(const ChannelView& dy_view, const ChannelView& x_view,
 }  // namespace
 
 void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView& input,
-                                 const at::Tensor& mean, at::Tensor& sum_dy,
-                                 at::Tensor& sum_dy_xmu) {
+                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                 at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                                 at::Tensor& grad_weight, at::Tensor& grad_bias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, input.channels, 0);
+    const int64_t C = input.channels;
+    const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
     if (input.channels_last) {
@@ -185,6 +187,10 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
     } else {
       reduce_contiguous<scalar_t>(grad_out, input, m.data(), s, sx);
     }
+    std::vector<acc_t> weight_grad = cpu::channel_values<acc_t>(invstd, C, 0);
+    for (int64_t c = 0; c < C; ++c) weight_grad[c] *= sx[c];
+    cpu::store_channel_values(weight_grad, grad_weight);
+    cpu::store_channel_values(std::vector<acc_t>(s, s + C), grad_bias);
   });
 }
 

@@ -1,6 +1,7 @@
 // CPU kernels of the batch-norm ops and the loops they share.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <c10/util/BFloat16.h>
@@ -31,13 +32,22 @@ struct CpuKernels {
   static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
                        double momentum, double eps, at::Tensor& invstd);
+  // moments then finalize, without a variance tensor: the training forward's statistics.
+  static void batch_stats(const ChannelView& input, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, double momentum, double eps,
+                          at::Tensor& mean, at::Tensor& invstd);
+  // The eval statistics: running_mean and 1/sqrt(running_var + eps) in the accumulate type.
+  static void running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                            double eps, at::Tensor& mean, at::Tensor& invstd);
   static void normalize(const ChannelView& input, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& output);
-  // sum(dy) and sum(dy * (x - mean)) per channel.
+  // sum(dy) and sum(dy * (x - mean)) per channel, and from them the parameter
+  // gradients sum(dy * (x - mean)) * invstd and sum(dy) in their own dtype.
   static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
-                              const at::Tensor& mean, at::Tensor& sum_dy,
-                              at::Tensor& sum_dy_xmu);
+                              const at::Tensor& mean, const at::Tensor& invstd,
+                              at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                              at::Tensor& grad_weight, at::Tensor& grad_bias);
   static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& sum_dy,
@@ -453,15 +463,27 @@ loop_t<T>* mutable_loop_data(at::Tensor& t) {
 }
 
 // A per-channel tensor (any float dtype) as accumulate-type values; `fill`
-// where it is undefined.
+// where it is undefined. Read in place unless it is strided: an ATen op per
+// parameter costs more than a small batch norm's whole pass.
 template <typename acc_t>
 std::vector<acc_t> channel_values(const at::Tensor& t, int64_t channels, acc_t fill) {
   std::vector<acc_t> values(channels, fill);
   if (!t.defined()) return values;
-  const at::Tensor converted =
-      t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  std::copy_n(converted.const_data_ptr<acc_t>(), channels, values.begin());
+  const at::Tensor dense = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm", [&] {
+    std::copy_n(dense.const_data_ptr<scalar_t>(), channels, values.begin());
+  });
   return values;
+}
+
+// Writes accumulate-type values to a per-channel tensor of any float dtype.
+template <typename acc_t>
+void store_channel_values(const std::vector<acc_t>& values, const at::Tensor& t) {
+  const at::Tensor dense = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm", [&] {
+    std::copy(values.begin(), values.end(), dense.mutable_data_ptr<scalar_t>());
+  });
+  if (!dense.is_same(t)) t.copy_(dense);
 }
 
 }  // namespace cpu

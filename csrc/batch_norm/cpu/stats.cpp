@@ -226,6 +226,25 @@ void moments_channels_last(const ChannelView& v, acc_t* mean, acc_t* var) {
   }
 }
 
+// invstd from the biased variances of `count` elements per channel, and the
+// running-stat update when the running stats are defined.
+template <typename acc_t>
+void finalize_channels(const acc_t* mean, const acc_t* var, int64_t C, double count,
+                       const at::Tensor& running_mean, const at::Tensor& running_var,
+                       double momentum, double eps, acc_t* invstd) {
+  for (int64_t c = 0; c < C; ++c) invstd[c] = inverse_std(var[c], acc_t(eps));
+  if (!running_mean.defined()) return;
+  // Running stats may be half/bfloat16 or strided.
+  std::vector<acc_t> rm = cpu::channel_values<acc_t>(running_mean, C, 0);
+  std::vector<acc_t> rv = cpu::channel_values<acc_t>(running_var, C, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = running_update(rm[c], mean[c], acc_t(momentum));
+    rv[c] = running_update(rv[c], unbiased_from_biased(var[c], acc_t(count)), acc_t(momentum));
+  }
+  cpu::store_channel_values(rm, running_mean);
+  cpu::store_channel_values(rv, running_var);
+}
+
 }  // namespace
 
 void CpuKernels::moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var) {
@@ -246,24 +265,40 @@ void CpuKernels::finalize(const at::Tensor& mean, const at::Tensor& var, double 
                           const at::Tensor& running_mean, const at::Tensor& running_var,
                           double momentum, double eps, at::Tensor& invstd) {
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm", [&] {
-    using acc_t = scalar_t;
-    const acc_t* m = mean.const_data_ptr<acc_t>();
-    const acc_t* v = var.const_data_ptr<acc_t>();
-    acc_t* out = invstd.mutable_data_ptr<acc_t>();
-    const int64_t C = mean.numel();
-    for (int64_t c = 0; c < C; ++c) out[c] = inverse_std(v[c], acc_t(eps));
-    if (!running_mean.defined()) return;
-    // Running stats may be half/bfloat16 or strided: update an accumulate-type
-    // copy and write it back.
-    std::vector<acc_t> rm = cpu::channel_values<acc_t>(running_mean, C, 0);
-    std::vector<acc_t> rv = cpu::channel_values<acc_t>(running_var, C, 0);
-    for (int64_t c = 0; c < C; ++c) {
-      rm[c] = running_update(rm[c], m[c], acc_t(momentum));
-      rv[c] = running_update(rv[c], unbiased_from_biased(v[c], acc_t(count)), acc_t(momentum));
+    finalize_channels(mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+                      mean.numel(), count, running_mean, running_var, momentum, eps,
+                      invstd.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void CpuKernels::batch_stats(const ChannelView& input, const at::Tensor& running_mean,
+                             const at::Tensor& running_var, double momentum, double eps,
+                             at::Tensor& mean, at::Tensor& invstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> var(input.channels);
+    if (input.channels_last) {
+      moments_channels_last<scalar_t>(input, mean_data, var.data());
+    } else {
+      moments_contiguous<scalar_t>(input, mean_data, var.data());
     }
-    const auto options = mean.options();
-    running_mean.copy_(at::from_blob(rm.data(), {C}, options).view(running_mean.sizes()));
-    running_var.copy_(at::from_blob(rv.data(), {C}, options).view(running_var.sizes()));
+    finalize_channels(mean_data, var.data(), input.channels, static_cast<double>(input.count()),
+                      running_mean, running_var, momentum, eps, invstd.mutable_data_ptr<acc_t>());
+  });
+}
+
+void CpuKernels::running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                               double eps, at::Tensor& mean, at::Tensor& invstd) {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm", [&] {
+    using acc_t = scalar_t;
+    const int64_t C = mean.numel();
+    const std::vector<acc_t> rm = cpu::channel_values<acc_t>(running_mean, C, 0);
+    const std::vector<acc_t> rv = cpu::channel_values<acc_t>(running_var, C, 0);
+    std::copy(rm.begin(), rm.end(), mean.mutable_data_ptr<acc_t>());
+    acc_t* out = invstd.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = inverse_std(rv[c], acc_t(eps));
   });
 }
 

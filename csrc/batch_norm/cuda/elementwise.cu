@@ -12,20 +12,28 @@ namespace {
 
 using cuda::Pack;
 
-// Per-channel values as the accumulate type (null where absent).
-template <typename acc_t>
+// Per-channel statistics (accumulate type) and parameters (their own type;
+// null where absent).
+template <typename acc_t, typename param_t>
 struct ChannelParams {
   const acc_t* mean;
   const acc_t* invstd;
-  const acc_t* weight;
-  const acc_t* bias;
+  const param_t* weight;
+  const param_t* bias;
+
+  __device__ acc_t weight_or_one(int64_t c) const {
+    return weight ? static_cast<acc_t>(weight[c]) : acc_t(1);
+  }
+  __device__ acc_t bias_or_zero(int64_t c) const {
+    return bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+  }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
   const scalar_t* input;
   scalar_t* output;
-  ChannelParams<acc_t> p;
+  ChannelParams<acc_t, param_t> p;
 
   template <int size, bool channels_last, typename index_t>
   __device__ void apply(index_t first, index_t c) const {
@@ -34,20 +42,20 @@ struct NormalizeOp {
 #pragma unroll
     for (int k = 0; k < size; ++k) {
       const index_t ch = channels_last ? c + k : c;
-      const acc_t scale = p.invstd[ch] * (p.weight ? p.weight[ch] : acc_t(1));
+      const acc_t scale = p.invstd[ch] * p.weight_or_one(ch);
       out.value[k] = static_cast<scalar_t>(batch_norm::normalize(
-          static_cast<acc_t>(in.value[k]), p.mean[ch], scale, p.bias ? p.bias[ch] : acc_t(0)));
+          static_cast<acc_t>(in.value[k]), p.mean[ch], scale, p.bias_or_zero(ch)));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename param_t>
 struct GradInputOp {
   const scalar_t* grad_out;
   const scalar_t* input;
   scalar_t* grad_input;
-  ChannelParams<acc_t> p;
+  ChannelParams<acc_t, param_t> p;
   const acc_t* sum_dy;
   const acc_t* sum_dy_xmu;
   acc_t count;
@@ -63,7 +71,7 @@ struct GradInputOp {
       const index_t ch = channels_last ? c + k : c;
       const GradInputCoefficients<acc_t> coefficients =
           grad_input_coefficients(sum_dy[ch], sum_dy_xmu[ch], p.invstd[ch],
-                                  p.weight ? p.weight[ch] : acc_t(1), count, batch_stats);
+                                  p.weight_or_one(ch), count, batch_stats);
       dx.value[k] = static_cast<scalar_t>(
           batch_norm::grad_input(static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]),
                                  p.mean[ch], coefficients));
@@ -125,11 +133,9 @@ void run_elementwise(const ChannelView& view, const Op& op,
   }
 }
 
-template <typename acc_t>
-ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& invstd,
-                                    const at::Tensor& weight, const at::Tensor& bias) {
-  return {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-          cuda::data_or_null<acc_t>(weight), cuda::data_or_null<acc_t>(bias)};
+// The dtype of the per-channel parameters: that of weight or bias, else the accumulate type.
+at::ScalarType param_type(const at::Tensor& weight, const at::Tensor& bias, at::ScalarType acc) {
+  return weight.defined() ? weight.scalar_type() : bias.defined() ? bias.scalar_type() : acc;
 }
 
 }  // namespace
@@ -138,15 +144,19 @@ void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight,
                             const at::Tensor& bias, at::Tensor& output) {
   const c10::cuda::CUDAGuard guard(input.data.device());
-  const auto acc_type = mean.scalar_type();
-  const at::Tensor w = cuda::as_type(weight, acc_type), b = cuda::as_type(bias, acc_type);
+  const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
+  const at::Tensor w = cuda::dense(weight), b = cuda::dense(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const NormalizeOp<scalar_t, acc_t> op{input.data.const_data_ptr<scalar_t>(),
-                                          output.mutable_data_ptr<scalar_t>(),
-                                          channel_params<acc_t>(mean, invstd, w, b)};
-    run_elementwise<scalar_t>(input, op, {op.input, op.output});
+    cuda::with_param_type<scalar_t, acc_t>(param_type(w, b, m.scalar_type()), [&](auto param) {
+      using param_t = decltype(param);
+      const NormalizeOp<scalar_t, acc_t, param_t> op{
+          input.data.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+          {m.const_data_ptr<acc_t>(), istd.const_data_ptr<acc_t>(),
+           cuda::data_or_null<param_t>(w), cuda::data_or_null<param_t>(b)}};
+      run_elementwise<scalar_t>(input, op, {op.input, op.output});
+    });
   });
 }
 
@@ -156,19 +166,25 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
                                  const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
                                  at::Tensor& grad_input) {
   const c10::cuda::CUDAGuard guard(input.data.device());
-  const at::Tensor w = cuda::as_type(weight, mean.scalar_type());
+  const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd), w = cuda::dense(weight);
+  const at::Tensor sdy = cuda::dense(sum_dy), sdy_xmu = cuda::dense(sum_dy_xmu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const GradInputOp<scalar_t, acc_t> op{grad_out.data.const_data_ptr<scalar_t>(),
-                                          input.data.const_data_ptr<scalar_t>(),
-                                          grad_input.mutable_data_ptr<scalar_t>(),
-                                          channel_params<acc_t>(mean, invstd, w, at::Tensor()),
-                                          sum_dy.const_data_ptr<acc_t>(),
-                                          sum_dy_xmu.const_data_ptr<acc_t>(),
-                                          static_cast<acc_t>(count),
-                                          batch_stats};
-    run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
+    cuda::with_param_type<scalar_t, acc_t>(param_type(w, {}, m.scalar_type()), [&](auto param) {
+      using param_t = decltype(param);
+      const GradInputOp<scalar_t, acc_t, param_t> op{
+          grad_out.data.const_data_ptr<scalar_t>(),
+          input.data.const_data_ptr<scalar_t>(),
+          grad_input.mutable_data_ptr<scalar_t>(),
+          {m.const_data_ptr<acc_t>(), istd.const_data_ptr<acc_t>(),
+           cuda::data_or_null<param_t>(w), nullptr},
+          sdy.const_data_ptr<acc_t>(),
+          sdy_xmu.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(count),
+          batch_stats};
+      run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
+    });
   });
 }
 

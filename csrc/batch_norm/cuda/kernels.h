@@ -18,12 +18,18 @@ struct CudaKernels {
   static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
                        double momentum, double eps, at::Tensor& invstd);
+  static void batch_stats(const ChannelView& input, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, double momentum, double eps,
+                          at::Tensor& mean, at::Tensor& invstd);
+  static void running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                            double eps, at::Tensor& mean, at::Tensor& invstd);
   static void normalize(const ChannelView& input, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& output);
   static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
-                              const at::Tensor& mean, at::Tensor& sum_dy,
-                              at::Tensor& sum_dy_xmu);
+                              const at::Tensor& mean, const at::Tensor& invstd,
+                              at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                              at::Tensor& grad_weight, at::Tensor& grad_bias);
   static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& sum_dy,

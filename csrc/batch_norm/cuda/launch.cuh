@@ -1,5 +1,5 @@
 // Launch helpers shared by the CUDA kernels: device/stream, grid sizing,
-// index width, parameter conversion, and the two-stage per-channel reduction.
+// index width, parameter types and 16-byte packs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,14 +45,31 @@ void with_index_type(const at::Tensor& t, const F& f) {
   }
 }
 
-// A per-channel tensor as `type` (a no-op when it already is); undefined stays undefined.
-inline at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
-  return t.defined() ? t.to(type).contiguous() : t;
-}
+// A per-channel tensor with dense data (copied only when strided); undefined stays undefined.
+inline at::Tensor dense(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
 
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// Calls f(param_t{}) with param_t the element type of per-channel parameters
+// of dtype `type` (weight, bias, running stats, their gradients): the
+// accumulate type, or a float16/bfloat16 input's own type. The kernels read
+// and write them as they are, so no conversion runs before or after them.
+template <typename scalar_t, typename acc_t, typename F>
+void with_param_type(at::ScalarType type, const F& f) {
+  if (type == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    TORCH_INTERNAL_ASSERT(type == c10::CppTypeToScalarType<acc_t>::value);
+    f(acc_t{});
+  }
 }
 
 // Splits of each channel's reduction: enough blocks to fill the GPU several

@@ -10,7 +10,9 @@
 //   using acc_t;                                       // chunk sums
 //   struct Context; Context context(int64_t channel) const;  // read once per thread
 //   void add(Sums<acc_t>&, index_t element, const Context&) const;
-//   void finish(int64_t channel, const Sums<double>&) const;
+// and a Finish, run by stage 2 once per channel (its own type, so that the
+// stage-1 kernels are compiled once per reducer whatever the finish writes):
+//   void operator()(const Reducer&, int64_t channel, const Sums<double>&) const;
 #pragma once
 
 #include "batch_norm/cuda/launch.cuh"
@@ -111,19 +113,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class R>
-__global__ void reduce_finish_kernel(const R reducer, const Sums<double>* partials,
+template <class R, class F>
+__global__ void reduce_finish_kernel(const R reducer, const F finish, const Sums<double>* partials,
                                      int64_t splits, int64_t channels) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   Sums<double> total{0.0, 0.0};
   for (int64_t s = 0; s < splits; ++s) add_to(total, partials[c * splits + s]);
-  reducer.finish(c, total);
+  finish(reducer, c, total);
 }
 
-// Runs both stages for `view` (the reducer reads its own pointers).
-template <class R>
-void reduce_per_channel(const ChannelView& view, const R& reducer) {
+// Runs both stages for `view` (the reducer and the finish hold their own pointers).
+template <class R, class F>
+void reduce_per_channel(const ChannelView& view, const R& reducer, const F& finish) {
   using Partial = Sums<double>;
   const at::Device device = view.data.device();
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -154,8 +156,8 @@ void reduce_per_channel(const ChannelView& view, const R& reducer) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const unsigned finish_blocks = static_cast<unsigned>((channels + kThreads - 1) / kThreads);
-  reduce_finish_kernel<R><<<finish_blocks, kThreads, 0, stream>>>(reducer, partials, splits,
-                                                                  channels);
+  reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(reducer, finish, partials,
+                                                                     splits, channels);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
