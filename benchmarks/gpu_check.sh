@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: builds normext in place for this machine's GPU, runs the CUDA
-# tests, then the BatchNorm benchmark on GPU shapes and a ResNet-50 step.
+# tests and the per-call overhead check, then the BatchNorm benchmark on GPU
+# shapes and a ResNet-50 step (skipped with SKIP_BENCH=1).
 # Logs and Markdown tables go under $OUT (else build/gpu_check); a summary is
 # printed last. Needs a CUDA torch, nvcc, ninja, pytest, pytest-timeout and
 # hypothesis (pytest-xdist used when present); no internet. About 6-8 min on
@@ -53,9 +54,16 @@ echo "tests in $(( $(date +%s) - start )) s"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 tail -3 "$out/tests.log"
 
+echo "== per-call overhead (small BatchNorm2d: time, ops and GPU kernels per call)"
+timeout $(limit 60 0) $python benchmarks/bench_overhead.py --device cuda --shape 32,64,8,8 \
+  --repeats 5 --min-time 0.05 > "$out/overhead.md" 2> "$out/overhead.log"
+overhead_rc=$?
+[ $overhead_rc -ne 0 ] && tail -5 "$out/overhead.log"
+sed -n '/^| mode/,$p' "$out/overhead.md"
+
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
   echo "== benchmarks skipped (SKIP_BENCH=1)"
-  exit $(( tests_rc != 0 ))
+  exit $(( tests_rc != 0 || overhead_rc != 0 ))
 fi
 
 echo "== BatchNorm benchmark"
@@ -81,8 +89,8 @@ timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
 
-echo "== results (tests rc=$tests_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
+echo "== results (tests rc=$tests_rc, overhead rc=$overhead_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
 cat "$out/resnet50.md"
 # the BatchNorm report's speedup summary (the full table is in bench.md)
 sed -n '/Speedup summary/,$p' "$out/bench.md"
-exit $(( tests_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))
+exit $(( tests_rc != 0 || overhead_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))

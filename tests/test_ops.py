@@ -684,3 +684,31 @@ def test_short_row_sums_do_not_depend_on_threads(channels, dtype):
     for one_thread, two_threads in zip(*results):
         assert torch.equal(one_thread, two_threads)
     torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=0)
+
+
+def _operator_calls(fn):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted(e.name for e in prof.events() if e.name.startswith(("aten::", "normext::")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_ops_make_no_other_operator_calls(dtype):
+    """Per-call host work of the fused ops (it bounds small layers, on a GPU
+    most): besides allocating their per-channel results, no ATen op runs, so
+    no conversion of 16-bit parameters, no copy of the running stats and no
+    separate finalize or parameter-gradient step."""
+    x = torch.randn(2, 3, 4, 4).to(dtype)
+    w, b, rm, rv = (torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype),
+                    torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))
+    stats = ["aten::empty"] * 2  # mean, invstd (CPU outputs come from normext's cache)
+    for training in (True, False):
+        calls = _operator_calls(lambda: ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5))
+        assert calls == stats + ["normext::batch_norm_forward"]
+    _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    dy = torch.randn_like(x)
+    calls = _operator_calls(lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, True))
+    # sum_dy, sum_dy_xmu, grad_weight, grad_bias
+    assert calls == ["aten::empty"] * 4 + ["normext::batch_norm_backward"]

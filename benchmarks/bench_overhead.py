@@ -1,0 +1,109 @@
+"""Per-call cost of a small BatchNorm2d: torch.nn vs normext, where the time
+is host-side overhead (Python, dispatch, allocation, kernel launches) rather
+than memory traffic.
+
+    python benchmarks/bench_overhead.py                  # CPU (or CUDA when present)
+    python benchmarks/bench_overhead.py --device cuda --shape 32,64,8,8
+
+For each mode and dtype: the median time of one call (interleaved rounds,
+side by side in one process), the operator calls one call makes (profiler
+events named aten::* or normext::*, nested ones included, so both columns
+count the same way), and on CUDA the GPU kernels, copies and fills it runs.
+The module's parameters and buffers have the input's dtype (model.half()).
+"""
+
+import argparse
+
+import _common as common
+from _common import log, normext
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+MODES = ("train", "eval", "train_fwdbwd", "eval_fwdbwd")
+
+
+def _call(module, x, grad, mode):
+    if mode.endswith("fwdbwd"):
+        def step():
+            x.grad = None
+            module(x).backward(grad)
+        return step
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+    return forward
+
+
+def _counts(fn, device) -> tuple[int, int]:
+    """(operator calls, GPU activities) of one call of fn, after a warm-up."""
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with common._quiet_stderr(), profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(e.name.startswith(("aten::", "normext::")) for e in events)
+    gpu = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return ops, gpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=common.default_device())
+    parser.add_argument("--dtypes", default="float32,float16",
+                        help="comma list (default: float32,float16)")
+    parser.add_argument("--shape", default="2,16,4,4", help="N,C,H,W (default 2,16,4,4)")
+    parser.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--min-time", type=float, default=0.1,
+                        help="seconds per measurement of each implementation in a round")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument("--markdown-out", metavar="FILE")
+    args = parser.parse_args()
+    common.apply_threads(args.threads)
+    device = common.parse_device(args.device)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    memory_format = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+
+    rows = []
+    for dtype_name in common.parse_dtypes(args.dtypes):
+        dtype = getattr(torch, dtype_name)
+        x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=memory_format)
+        x.requires_grad_()
+        grad = torch.randn_like(x)
+        for mode in MODES:
+            fns, counts = {}, {}
+            for name, cls in (("torch", torch.nn.BatchNorm2d), ("normext", normext.BatchNorm2d)):
+                module = cls(shape[1]).to(device, dtype).train(mode.startswith("train"))
+                fns[name] = _call(module, x, grad, mode)
+                counts[name] = _counts(fns[name], device)
+            log(f"{mode} {dtype_name}")
+            timings = common.interleaved_timings(fns, device, args.repeats, args.min_time)
+            t_us, n_us = (timings[name].median * 1e6 for name in ("torch", "normext"))
+            row = [mode, dtype_name, f"{t_us:.1f}", f"{n_us:.1f}", f"{t_us / n_us:.2f}",
+                   counts["torch"][0], counts["normext"][0]]
+            if device.type == "cuda":
+                row += [counts["torch"][1], counts["normext"][1]]
+            rows.append(row)
+
+    headers = ["mode", "dtype", "torch us", "normext us", "speedup", "torch ops", "normext ops"]
+    if device.type == "cuda":
+        headers += ["torch GPU kernels", "normext GPU kernels"]
+    table = common.markdown_table(headers, rows, "llrrrrr" + "rr" * (device.type == "cuda"))
+    note = (f"BatchNorm2d({shape[1]}) on a {args.layout} input of shape {args.shape}; "
+            "median of one call over "
+            f"{args.repeats} interleaved rounds of >= {args.min_time} s each; speedup = torch us / "
+            "normext us. ops: operator calls per call (profiler events aten::* and normext::*, "
+            "nested included); GPU kernels: kernels, copies and fills per call. fwdbwd: forward "
+            "and backward to the input, weight and bias.")
+    report = common.Report("Per-call overhead: a small BatchNorm2d, torch.nn vs normext",
+                           common.metadata(device, "bench_overhead"), common.command_line(),
+                           [note, table])
+    common.publish(report.render(), args.markdown_out)
+
+
+if __name__ == "__main__":
+    main()
