@@ -138,3 +138,24 @@ def test_compile_functional_mutates_running_stats(device):
     assert_close(rm, rm2)
     assert_close(rv, rv2)
     assert not torch.equal(rm, torch.zeros_like(rm))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compiled_autograd_matches_eager(device):
+    """The backward traced by compiled autograd (torch._dynamo.compiled_autograd,
+    which calls the C++ autograd node of normext.batch_norm) gives eager's
+    gradients."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, traced = _models(device, torch.float64)
+    x = torch.randn(4, 3, 6, 6, device=device, dtype=torch.float64)
+    target = torch.randn(4, 5, device=device, dtype=torch.float64)
+    (eager(x) * target).sum().backward()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        (traced(x) * target).sum().backward()
+    assert counters["compiled_autograd"]["captures"] == 1
+    traced_params = dict(traced.named_parameters())
+    for name, p in eager.named_parameters():
+        assert_close(traced_params[name].grad, p.grad, msg=f"grad of {name}")
