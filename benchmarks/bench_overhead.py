@@ -66,7 +66,8 @@ def main() -> None:
     common.apply_threads(args.threads)
     device = common.parse_device(args.device)
     shape = tuple(int(v) for v in args.shape.split(","))
-    memory_format = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    memory_format = (torch.channels_last if args.layout == "channels_last"
+                     else torch.contiguous_format)
 
     rows = []
     for dtype_name in common.parse_dtypes(args.dtypes):

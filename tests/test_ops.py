@@ -376,7 +376,8 @@ def test_strided_per_channel_tensors(dtype, device):
     the results of dense copies (the running stats updated in place)."""
     x = torch.randn(4, 3, 5, device=device).to(dtype)
     dy = torch.randn_like(x)
-    w, b = torch.rand(3, device=device, dtype=dtype) + 0.5, torch.randn(3, device=device, dtype=dtype)
+    opts = dict(device=device, dtype=dtype)
+    w, b = torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
     mean, var = ops.batch_norm_moments(x)
     invstd = torch.rsqrt(var + 1e-5)
     sw, sb, smean, sinvstd = _strided(w), _strided(b), _strided(mean), _strided(invstd)
@@ -393,7 +394,7 @@ def test_strided_per_channel_tensors(dtype, device):
                                       _strided(sum_dy_xmu), 20),
         ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, 20))
     for training in (True, False):
-        rm, rv = torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype)
+        rm, rv = torch.randn(3, **opts), torch.rand(3, **opts)
         srm, srv = _strided(rm), _strided(rv)
         dense = ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
         for mine, theirs in zip(ops.batch_norm_forward(x, sw, sb, srm, srv, training, 0.1, 1e-5),
@@ -705,7 +706,8 @@ def test_fused_ops_make_no_other_operator_calls(dtype):
                     torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))
     stats = ["aten::empty"] * 2  # mean, invstd (CPU outputs come from normext's cache)
     for training in (True, False):
-        calls = _operator_calls(lambda: ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5))
+        calls = _operator_calls(
+            lambda: ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5))
         assert calls == stats + ["normext::batch_norm_forward"]
     _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
     dy = torch.randn_like(x)

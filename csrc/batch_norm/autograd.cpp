@@ -120,7 +120,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(8);
     if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
-    if (ctx->saved_data["weight_grad"].toBool()) grads[1] = as_type(grad_weight, weight.scalar_type());
+    if (ctx->saved_data["weight_grad"].toBool()) {
+      grads[1] = as_type(grad_weight, weight.scalar_type());
+    }
     if (ctx->saved_data["bias_grad"].toBool()) {
       grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
     }

@@ -464,7 +464,7 @@ loop_t<T>* mutable_loop_data(at::Tensor& t) {
 
 // A per-channel tensor (any float dtype) as accumulate-type values; `fill`
 // where it is undefined. Read in place unless it is strided: an ATen op per
-// parameter costs more than a small batch norm's whole pass.
+// tensor costs about a microsecond, a good part of a small batch norm's call.
 template <typename acc_t>
 std::vector<acc_t> channel_values(const at::Tensor& t, int64_t channels, acc_t fill) {
   std::vector<acc_t> values(channels, fill);

@@ -88,7 +88,9 @@ struct BatchStatsFinish {
     reducer.moments(c, total, m, v);
     mean[c] = m;
     invstd[c] = inverse_std(v, eps);
-    if (running_mean != nullptr) update_running(c, m, v, count, momentum, running_mean, running_var);
+    if (running_mean != nullptr) {
+      update_running(c, m, v, count, momentum, running_mean, running_var);
+    }
   }
 };
 
