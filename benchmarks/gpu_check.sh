@@ -55,7 +55,7 @@ grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 tail -3 "$out/tests.log"
 
 echo "== per-call overhead (small BatchNorm2d: time, ops and GPU kernels per call)"
-timeout $(limit 120 0) $python benchmarks/bench_overhead.py --device cuda --shape 32,64,8,8 \
+timeout $(limit 120 150) $python benchmarks/bench_overhead.py --device cuda --shape 32,64,8,8 \
   --repeats 5 --min-time 0.05 > "$out/overhead.md" 2> "$out/overhead.log"
 overhead_rc=$?
 [ $overhead_rc -ne 0 ] && tail -5 "$out/overhead.log"
