@@ -9,6 +9,8 @@ For each mode and dtype: the median time of one call (interleaved rounds,
 side by side in one process), the operator calls one call makes (profiler
 events named aten::* or normext::*, nested ones included, so both columns
 count the same way), and on CUDA the GPU kernels, copies and fills it runs.
+Counts are of the whole module call: the training modes include the
+num_batches_tracked update (one kernel on a GPU).
 The module's parameters and buffers have the input's dtype (model.half()).
 """
 
@@ -25,8 +27,9 @@ MODES = ("train", "eval", "train_fwdbwd", "eval_fwdbwd")
 
 def _call(module, x, grad, mode):
     if mode.endswith("fwdbwd"):
-        def step():
+        def step():  # gradients set, not accumulated: no add_ kernels in the count
             x.grad = None
+            module.zero_grad(set_to_none=True)
             module(x).backward(grad)
         return step
 
@@ -36,9 +39,12 @@ def _call(module, x, grad, mode):
     return forward
 
 
-def _counts(fn, device) -> tuple[int, int]:
-    """(operator calls, GPU activities) of one call of fn, after a warm-up."""
+def _counts(fn, device) -> tuple[int, int | None]:
+    """(operator calls, GPU activities) of one call of fn, after a warm-up;
+    None for the GPU's when the profiler recorded none (no CUPTI)."""
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with common._quiet_stderr(), profile(activities=activities) as prof:
         fn()
@@ -47,7 +53,7 @@ def _counts(fn, device) -> tuple[int, int]:
     events = prof.events()
     ops = sum(e.name.startswith(("aten::", "normext::")) for e in events)
     gpu = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
-    return ops, gpu
+    return ops, (gpu or None) if device.type == "cuda" else 0
 
 
 def main() -> None:
@@ -87,7 +93,7 @@ def main() -> None:
             row = [mode, dtype_name, f"{t_us:.1f}", f"{n_us:.1f}", f"{t_us / n_us:.2f}",
                    counts["torch"][0], counts["normext"][0]]
             if device.type == "cuda":
-                row += [counts["torch"][1], counts["normext"][1]]
+                row += [counts[name][1] or "n/a" for name in ("torch", "normext")]
             rows.append(row)
 
     headers = ["mode", "dtype", "torch us", "normext us", "speedup", "torch ops", "normext ops"]
@@ -97,9 +103,12 @@ def main() -> None:
     note = (f"BatchNorm2d({shape[1]}) on a {args.layout} input of shape {args.shape}; "
             "median of one call over "
             f"{args.repeats} interleaved rounds of >= {args.min_time} s each; speedup = torch us / "
-            "normext us. ops: operator calls per call (profiler events aten::* and normext::*, "
-            "nested included); GPU kernels: kernels, copies and fills per call. fwdbwd: forward "
-            "and backward to the input, weight and bias.")
+            "normext us. ops: operator calls per call of the module (profiler events aten::* and "
+            "normext::*, nested included; in training they include the num_batches_tracked "
+            "update). fwdbwd: forward and backward to the input, weight and bias, whose "
+            "gradients are set to None before each step.")
+    if device.type == "cuda":
+        note += " GPU kernels: kernels, copies and fills per call (n/a: none recorded)."
     report = common.Report("Per-call overhead: a small BatchNorm2d, torch.nn vs normext",
                            common.metadata(device, "bench_overhead"), common.command_line(),
                            [note, table])

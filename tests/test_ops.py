@@ -696,15 +696,19 @@ def _operator_calls(fn):
 
 
 @pytest.mark.filterwarnings("ignore:.*Profiler clears events")  # torch 2.11's profiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_fused_ops_make_no_other_operator_calls(dtype):
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=lambda t: str(t)[6:])
+def test_fused_ops_make_no_other_operator_calls(dtype, param_dtype):
     """Per-call host work of the fused ops (it bounds small layers, on a GPU
     most): besides allocating their per-channel results, no ATen op runs, so
     no conversion of 16-bit parameters, no copy of the running stats and no
     separate finalize or parameter-gradient step."""
     x = torch.randn(2, 3, 4, 4).to(dtype)
-    w, b, rm, rv = (torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype),
-                    torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))
+    w, b, rm, rv = (torch.ones(3, dtype=param_dtype), torch.zeros(3, dtype=param_dtype),
+                    torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype))
     stats = ["aten::empty"] * 2  # mean, invstd (CPU outputs come from normext's cache)
     for training in (True, False):
         calls = _operator_calls(
@@ -712,6 +716,8 @@ def test_fused_ops_make_no_other_operator_calls(dtype):
         assert calls == stats + ["normext::batch_norm_forward"]
     _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
     dy = torch.randn_like(x)
-    calls = _operator_calls(lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, True))
-    # sum_dy, sum_dy_xmu, grad_weight, grad_bias
-    assert calls == ["aten::empty"] * 4 + ["normext::batch_norm_backward"]
+    for training in (True, False):
+        calls = _operator_calls(
+            lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, training))
+        # sum_dy, sum_dy_xmu, grad_weight, grad_bias
+        assert calls == ["aten::empty"] * 4 + ["normext::batch_norm_backward"]

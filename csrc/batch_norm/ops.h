@@ -61,11 +61,10 @@ struct BatchNormOps {
                   "batch_norm_finalize: running stats on ", (*running)->device(),
                   " but the statistics are on ", mean.device());
     }
-    TORCH_CHECK(!running_mean.has_value() ||
+    TORCH_CHECK(!running_mean.has_value() ||  // both or neither (check_running_pair)
                     running_mean->scalar_type() == running_var->scalar_type(),
                 "batch_norm_finalize: expected running_mean and running_var of one dtype, got ",
-                running_mean.has_value() ? c10::toString(running_mean->scalar_type()) : "",
-                " and ", running_var.has_value() ? c10::toString(running_var->scalar_type()) : "");
+                running_mean->scalar_type(), " and ", running_var->scalar_type());
     at::Tensor invstd = at::empty_like(m);
     Kernels::finalize(m, v, count, value_or_undefined(running_mean),
                       value_or_undefined(running_var), momentum, eps, invstd);
@@ -134,14 +133,14 @@ struct BatchNormOps {
     check_running_pair(running_mean, running_var);
     check_params(input, weight, bias, running_mean, running_var);
     const ChannelView view = channel_view(input);
-    at::Tensor mean = new_stat(input, true), invstd = new_stat(input, true);
+    const bool empty_batch = training && view.count() == 0;
+    at::Tensor mean = new_stat(input, !empty_batch), invstd = new_stat(input, true);
     if (!training) {
       Kernels::running_stats(*running_mean, *running_var, eps, mean, invstd);
-    } else if (view.count() > 0) {
+    } else if (!empty_batch) {
       Kernels::batch_stats(view, value_or_undefined(running_mean),
                            value_or_undefined(running_var), momentum, eps, mean, invstd);
-    } else {  // an empty batch leaves the running stats alone, as in torch
-      mean.zero_();
+    } else {  // mean and variance 0 (mean serves as both); the running stats are left alone
       Kernels::finalize(mean, mean, 0.0, {}, {}, momentum, eps, invstd);
     }
     at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});

@@ -187,9 +187,9 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
     } else {
       reduce_contiguous<scalar_t>(grad_out, input, m.data(), s, sx);
     }
-    std::vector<acc_t> weight_grad = cpu::channel_values<acc_t>(invstd, C, 0);
-    for (int64_t c = 0; c < C; ++c) weight_grad[c] *= sx[c];
-    cpu::store_channel_values(weight_grad, grad_weight);
+    std::vector<acc_t> grad_w = cpu::channel_values<acc_t>(invstd, C, 0);
+    for (int64_t c = 0; c < C; ++c) grad_w[c] *= sx[c];
+    cpu::store_channel_values(grad_w, grad_weight);
     cpu::store_channel_values(std::vector<acc_t>(s, s + C), grad_bias);
   });
 }
