@@ -189,8 +189,8 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
     }
     std::vector<acc_t> grad_w = cpu::channel_values<acc_t>(invstd, C, 0);
     for (int64_t c = 0; c < C; ++c) grad_w[c] *= sx[c];
-    cpu::store_channel_values(grad_w, grad_weight);
-    cpu::store_channel_values(std::vector<acc_t>(s, s + C), grad_bias);
+    cpu::store_channel_values<acc_t>(grad_w, grad_weight);
+    cpu::store_channel_values<acc_t>({s, static_cast<size_t>(C)}, grad_bias);
   });
 }
 

@@ -478,7 +478,7 @@ std::vector<acc_t> channel_values(const at::Tensor& t, int64_t channels, acc_t f
 
 // Writes accumulate-type values to a per-channel tensor of any float dtype.
 template <typename acc_t>
-void store_channel_values(const std::vector<acc_t>& values, const at::Tensor& t) {
+void store_channel_values(c10::ArrayRef<acc_t> values, const at::Tensor& t) {
   const at::Tensor dense = t.is_contiguous() ? t : t.new_empty(t.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm", [&] {
     std::copy(values.begin(), values.end(), dense.mutable_data_ptr<scalar_t>());

@@ -241,8 +241,8 @@ void finalize_channels(const acc_t* mean, const acc_t* var, int64_t C, double co
     rm[c] = running_update(rm[c], mean[c], acc_t(momentum));
     rv[c] = running_update(rv[c], unbiased_from_biased(var[c], acc_t(count)), acc_t(momentum));
   }
-  cpu::store_channel_values(rm, running_mean);
-  cpu::store_channel_values(rv, running_var);
+  cpu::store_channel_values<acc_t>(rm, running_mean);
+  cpu::store_channel_values<acc_t>(rv, running_var);
 }
 
 }  // namespace
