@@ -17,13 +17,11 @@ _REPLACEMENTS = {
 
 
 def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A module of class `cls` holding the very same parameters, buffers,
-    hooks and flags, so optimizers that already reference them keep working."""
+    """A module of class `cls` sharing `module`'s state: the very same
+    parameters and buffers (optimizers that reference them keep working), flags
+    and hook dicts (handles taken before the swap still remove their hooks)."""
     swapped = cls.__new__(cls)
-    state = {}
-    for key, value in module.__dict__.items():
-        state[key] = value.copy() if isinstance(value, (dict, set)) else value
-    swapped.__dict__.update(state)
+    swapped.__dict__.update(module.__dict__)
     return swapped
 
 

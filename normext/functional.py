@@ -2,6 +2,7 @@
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
@@ -32,6 +33,18 @@ def _check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def _needs_torch_rules(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """True under torch.func transforms (vmap, grad, jvp, ...) and for inputs
+    carrying forward-mode AD tangents: normext's op has neither batching rules
+    nor a forward derivative, torch's batch_norm has both."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tangents
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+               for t in (input, weight, bias))
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -42,7 +55,8 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Same signature, behaviour and errors as torch.nn.functional.batch_norm."""
+    """Same signature, behaviour and errors as torch.nn.functional.batch_norm.
+    Under torch.func transforms and forward-mode AD it is torch's batch_norm."""
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input,
@@ -51,4 +65,7 @@ def batch_norm(
     if training:
         torch.nn.functional._verify_batch_size(input.size())
     _check_eps(eps, training)
+    if _needs_torch_rules(input, weight, bias):
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps)
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)

@@ -108,6 +108,7 @@ def test_convert_keeps_parameters_buffers_and_flags():
     model.blocks[1].eval()  # a mixed training flag
     hook_calls = []
     model.stem[1].register_forward_hook(lambda *args: hook_calls.append(1))
+    removed = model.stem[1].register_forward_pre_hook(lambda *args: hook_calls.append("removed"))
     before_modules = dict(model.named_modules())
     params = {name: p for name, p in model.named_parameters()}
     buffers = {name: b for name, b in model.named_buffers()}
@@ -136,7 +137,8 @@ def test_convert_keeps_parameters_buffers_and_flags():
             assert m is before_modules[name], name  # other modules are untouched
     # state_dict keys and values unchanged
     assert list(converted.state_dict()) == list(before_modules[""].state_dict())
-    # hooks carried over
+    # hooks carried over, and a handle taken before the conversion still removes its hook
+    removed.remove()
     converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert hook_calls == [1]
 

@@ -72,7 +72,9 @@ TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor grad_input =
       training ? (g - g.mean(dims, true) - x_hat * (g * x_hat).mean(dims, true)) * scale
                : g * scale;
-  return {grad_input.to(input.scalar_type()), (g * x_hat).sum(dims), g.sum(dims)};
+  // In the input's layout, as the fused backward and torch give it.
+  return {grad_input.to(input.scalar_type()).contiguous(input.suggest_memory_format()),
+          (g * x_hat).sum(dims), g.sum(dims)};
 }
 
 // `t` converted to `type`, without an op call when it already has it.
@@ -82,6 +84,10 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
 
 bool requires_grad(const OptionalTensor& t) {
   return t.has_value() && t->defined() && t->requires_grad();
+}
+
+bool has_tangent(const OptionalTensor& t) {
+  return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
 }
 
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
@@ -134,10 +140,22 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
                                const OptionalTensor& running_var, bool training,
                                double momentum, double eps) {
-  if (at::GradMode::is_enabled() &&
-      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps);
+  // A torch::autograd::Function would silently drop the tangents.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !has_tangent(input) && !has_tangent(weight) && !has_tangent(bias),
+      "normext::batch_norm has no forward-mode AD formula; normext.functional.batch_norm "
+      "computes inputs with tangents with torch's batch_norm");
+  if (at::GradMode::is_enabled()) {
+    for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
+                                     {&running_var, "running_var"}}) {
+      TORCH_CHECK(!requires_grad(*stat), "The function 'normext::batch_norm' is not "
+                  "differentiable with respect to argument '", name,
+                  "'. This input cannot have requires_grad True.");
+    }
+    if (input.requires_grad() || requires_grad(weight) || requires_grad(bias)) {
+      return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
+                                      momentum, eps);
+    }
   }
   // Nothing to differentiate: no node, straight to the backend's kernel.
   return std::get<0>(

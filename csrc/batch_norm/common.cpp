@@ -59,6 +59,9 @@ void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weig
     const at::Tensor& t = **param;
     TORCH_CHECK(t.numel() == channels, name, " should contain ", channels, " elements not ",
                 t.numel());
+    // torch takes weight and bias of any shape with C elements, running stats 1-D only.
+    TORCH_CHECK(t.dim() == 1 || param == &weight || param == &bias, "batch_norm: expected ", name,
+                " of shape [", channels, "] but got ", t.sizes());
     TORCH_CHECK(t.device() == input.device(), "batch_norm: expected ", name,
                 " on the input's device ", input.device(), " but it is on ", t.device());
     if (!param_type) {

@@ -81,10 +81,13 @@ C10_HOST_DEVICE inline T normalize(T x, T mean, T scale, T bias) {
   return (x - mean) * scale + bias;
 }
 
-// The input gradient  dx = (dy - mean_dy - (x - mean) * projection) * scale
-// with scale = invstd * weight and, under batch statistics,
-// mean_dy = sum(dy) / n and projection = sum(dy * (x - mean)) * invstd^2 / n
-// (eval: both 0), written per channel as dx = dy * a + (x - mean) * b + c.
+// The input gradient under batch statistics
+//   dx = (dy - mean_dy - (x - mean) * projection) * scale
+// with scale = invstd * weight, mean_dy = sum(dy) / n and
+// projection = sum(dy * (x - mean)) * invstd^2 / n, written per channel as
+// dx = dy * a + (x - mean) * b + c. (Under running statistics dx = dy * scale:
+// normalize() with mean 0 and bias 0, which leaves x unread, so an inf in x
+// gives no inf * 0 = NaN.)
 template <typename T>
 struct GradInputCoefficients {
   T dy_scale;
@@ -94,9 +97,8 @@ struct GradInputCoefficients {
 
 template <typename T>
 C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
-    T sum_dy, T sum_dy_xmu, T invstd, T weight, T count, bool batch_stats) {
+    T sum_dy, T sum_dy_xmu, T invstd, T weight, T count) {
   const T scale = invstd * weight;
-  if (!batch_stats) return {scale, T(0), T(0)};
   const T projection = sum_dy_xmu * invstd * invstd / count;
   return {scale, -projection * scale, -sum_dy / count * scale};
 }

@@ -55,8 +55,9 @@ struct BatchNormOps {
     const at::Tensor m = mean.contiguous(), v = var.contiguous();
     for (const auto* running : {&running_mean, &running_var}) {
       if (!running->has_value()) continue;
-      TORCH_CHECK((*running)->numel() == mean.numel(), "running stats should contain ",
-                  mean.numel(), " elements not ", (*running)->numel());
+      TORCH_CHECK((*running)->dim() == 1 && (*running)->numel() == mean.numel(),
+                  "batch_norm_finalize: expected running stats of shape ", mean.sizes(),
+                  " but got ", (*running)->sizes());
       TORCH_CHECK((*running)->device() == mean.device(),
                   "batch_norm_finalize: running stats on ", (*running)->device(),
                   " but the statistics are on ", mean.device());
@@ -116,7 +117,7 @@ struct BatchNormOps {
     }
     const ChannelView view = channel_view(input);
     return grad_input(in_layout_of(view, grad_out), view, mean, invstd, weight, sum_dy,
-                      sum_dy_xmu, count, true);
+                      sum_dy_xmu, count);
   }
 
   // Single-process forward: (output, mean, invstd). Training uses the batch
@@ -174,8 +175,9 @@ struct BatchNormOps {
     const at::Tensor dy = in_layout_of(view, grad_out);
     auto [sum_dy, sum_dy_xmu, grad_weight, grad_bias] =
         reduce(dy, view, save_mean, save_invstd, weight);
-    at::Tensor dx = grad_input(dy, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
-                               static_cast<double>(view.count()), training);
+    at::Tensor dx = training ? grad_input(dy, view, save_mean, save_invstd, weight, sum_dy,
+                                          sum_dy_xmu, static_cast<double>(view.count()))
+                             : eval_grad_input(dy, view, save_invstd, weight);
     return {dx, grad_weight, grad_bias};
   }
 
@@ -203,17 +205,31 @@ struct BatchNormOps {
     return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
   }
 
-  // `dy` is in view's layout.
+  // The input gradient under batch statistics; `dy` is in view's layout.
   static at::Tensor grad_input(const at::Tensor& dy, const ChannelView& view,
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const OptionalTensor& weight, const at::Tensor& sum_dy,
-                               const at::Tensor& sum_dy_xmu, double count, bool batch_stats) {
+                               const at::Tensor& sum_dy_xmu, double count) {
     ChannelView dy_view = view;
     dy_view.data = dy;
     at::Tensor dx = Kernels::empty_output(view, {dy.const_data_ptr(), view.data.const_data_ptr()});
     if (view.data.numel() > 0) {
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
-                              sum_dy_xmu, count, batch_stats, dx);
+                              sum_dy_xmu, count, dx);
+    }
+    return dx;
+  }
+
+  // Under running statistics dx = dy * invstd * weight: normalize over dy
+  // with mean 0 and no bias (one read, not two).
+  static at::Tensor eval_grad_input(const at::Tensor& dy, const ChannelView& view,
+                                    const at::Tensor& invstd, const OptionalTensor& weight) {
+    ChannelView dy_view = view;
+    dy_view.data = dy;
+    at::Tensor dx = Kernels::empty_output(view, {dy.const_data_ptr()});
+    if (view.data.numel() > 0) {
+      Kernels::normalize(dy_view, at::Tensor(), invstd, value_or_undefined(weight), at::Tensor(),
+                         dx);
     }
     return dx;
   }

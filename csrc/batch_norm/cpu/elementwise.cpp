@@ -1,4 +1,5 @@
-// Elementwise passes: normalize (1 read + 1 write) and the input gradient
+// Elementwise passes: normalize (1 read + 1 write; also the input gradient
+// under running statistics) and the input gradient under batch statistics
 // (2 reads + 1 write), with per-channel coefficients computed once (math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -176,7 +177,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
 void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                                 const at::Tensor& mean, const at::Tensor& invstd,
                                 const at::Tensor& weight, const at::Tensor& sum_dy,
-                                const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
+                                const at::Tensor& sum_dy_xmu, double count,
                                 at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
@@ -191,7 +192,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       const auto k =
-          grad_input_coefficients(sdy[c], sdyx[c], istd[c], w[c], acc_t(count), batch_stats);
+          grad_input_coefficients(sdy[c], sdyx[c], istd[c], w[c], acc_t(count));
       dy_scale[c] = k.dy_scale;
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;

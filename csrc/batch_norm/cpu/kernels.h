@@ -39,6 +39,8 @@ struct CpuKernels {
   // The eval statistics: running_mean and 1/sqrt(running_var + eps) in the accumulate type.
   static void running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                             double eps, at::Tensor& mean, at::Tensor& invstd);
+  // (x - mean) * invstd * weight + bias; an undefined mean, weight or bias
+  // counts as 0, 1 or 0.
   static void normalize(const ChannelView& input, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& output);
@@ -48,11 +50,11 @@ struct CpuKernels {
                               const at::Tensor& mean, const at::Tensor& invstd,
                               at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
                               at::Tensor& grad_weight, at::Tensor& grad_bias);
+  // The input gradient under batch statistics (math.h: grad_input).
   static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& sum_dy,
-                             const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
-                             at::Tensor& grad_input);
+                             const at::Tensor& sum_dy_xmu, double count, at::Tensor& grad_input);
 };
 
 namespace cpu {

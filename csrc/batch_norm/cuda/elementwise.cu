@@ -1,4 +1,5 @@
-// Elementwise passes: normalize (1 read + 1 write) and the input gradient
+// Elementwise passes: normalize (1 read + 1 write; also the input gradient
+// under running statistics) and the input gradient under batch statistics
 // (2 reads + 1 write), in 16-byte packs where shape and alignment allow.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,8 +13,8 @@ namespace {
 
 using cuda::Pack;
 
-// Per-channel statistics (accumulate type) and parameters (their own type;
-// null where absent).
+// Per-channel statistics (accumulate type) and parameters (their own type);
+// mean, weight and bias are null where absent.
 template <typename acc_t, typename param_t>
 struct ChannelParams {
   const acc_t* mean;
@@ -21,6 +22,7 @@ struct ChannelParams {
   const param_t* weight;
   const param_t* bias;
 
+  __device__ acc_t mean_or_zero(int64_t c) const { return mean ? mean[c] : acc_t(0); }
   __device__ acc_t weight_or_one(int64_t c) const {
     return weight ? static_cast<acc_t>(weight[c]) : acc_t(1);
   }
@@ -44,7 +46,7 @@ struct NormalizeOp {
       const index_t ch = channels_last ? c + k : c;
       const acc_t scale = p.invstd[ch] * p.weight_or_one(ch);
       out.value[k] = static_cast<scalar_t>(batch_norm::normalize(
-          static_cast<acc_t>(in.value[k]), p.mean[ch], scale, p.bias_or_zero(ch)));
+          static_cast<acc_t>(in.value[k]), p.mean_or_zero(ch), scale, p.bias_or_zero(ch)));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
@@ -59,7 +61,6 @@ struct GradInputOp {
   const acc_t* sum_dy;
   const acc_t* sum_dy_xmu;
   acc_t count;
-  bool batch_stats;
 
   template <int size, bool channels_last, typename index_t>
   __device__ void apply(index_t first, index_t c) const {
@@ -71,7 +72,7 @@ struct GradInputOp {
       const index_t ch = channels_last ? c + k : c;
       const GradInputCoefficients<acc_t> coefficients =
           grad_input_coefficients(sum_dy[ch], sum_dy_xmu[ch], p.invstd[ch],
-                                  p.weight_or_one(ch), count, batch_stats);
+                                  p.weight_or_one(ch), count);
       dx.value[k] = static_cast<scalar_t>(
           batch_norm::grad_input(static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]),
                                  p.mean[ch], coefficients));
@@ -149,11 +150,11 @@ void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::with_param_type<scalar_t, acc_t>(param_type(w, b, m.scalar_type()), [&](auto param) {
+    cuda::with_param_type<scalar_t, acc_t>(param_type(w, b, istd.scalar_type()), [&](auto param) {
       using param_t = decltype(param);
       const NormalizeOp<scalar_t, acc_t, param_t> op{
           input.data.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-          {m.const_data_ptr<acc_t>(), istd.const_data_ptr<acc_t>(),
+          {cuda::data_or_null<acc_t>(m), istd.const_data_ptr<acc_t>(),
            cuda::data_or_null<param_t>(w), cuda::data_or_null<param_t>(b)}};
       run_elementwise<scalar_t>(input, op, {op.input, op.output});
     });
@@ -163,7 +164,7 @@ void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
 void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& weight, const at::Tensor& sum_dy,
-                                 const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
+                                 const at::Tensor& sum_dy_xmu, double count,
                                  at::Tensor& grad_input) {
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd), w = cuda::dense(weight);
@@ -181,8 +182,7 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
            cuda::data_or_null<param_t>(w), nullptr},
           sdy.const_data_ptr<acc_t>(),
           sdy_xmu.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(count),
-          batch_stats};
+          static_cast<acc_t>(count)};
       run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
     });
   });

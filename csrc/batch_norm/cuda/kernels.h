@@ -33,8 +33,7 @@ struct CudaKernels {
   static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& sum_dy,
-                             const at::Tensor& sum_dy_xmu, double count, bool batch_stats,
-                             at::Tensor& grad_input);
+                             const at::Tensor& sum_dy_xmu, double count, at::Tensor& grad_input);
 };
 
 }  // namespace normext::batch_norm
