@@ -1,6 +1,6 @@
 """torch.compile of models built with normext modules: no graph breaks, and
 the compiled model matches eager (outputs, grads, running stats) over
-training steps and an eval step."""
+training steps and an eval step. torch.fx symbolic tracing."""
 
 import copy
 
@@ -159,3 +159,34 @@ def test_compiled_autograd_matches_eager(device):
     traced_params = dict(traced.named_parameters())
     for name, p in eager.named_parameters():
         assert_close(traced_params[name].grad, p.grad, msg=f"grad of {name}")
+
+
+def _torch_twin(model):
+    """The same model with torch.nn's BatchNorm layers, in the same state."""
+    twin = copy.deepcopy(model)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            layer = getattr(torch.nn, type(module).__name__)(
+                module.num_features, module.eps, module.momentum, dtype=module.weight.dtype)
+            layer.load_state_dict(module.state_dict())
+            twin.set_submodule(name, layer)
+    return twin
+
+
+def test_fx_symbolic_trace_takes_layers_as_leaves():
+    """torch.fx records normext layers as call_module nodes, as it does
+    torch.nn's (tools such as torchvision's feature extraction depend on it);
+    tracing leaves the running stats alone, and the graph runs like the model."""
+    model = SmallCNN().double()
+    reference = _torch_twin(model)
+    traced, traced_reference = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(reference)
+    nodes = [(node.op, node.target) for node in traced.graph.nodes]
+    assert nodes == [(node.op, node.target) for node in traced_reference.graph.nodes]
+    assert ("call_module", "bn1") in nodes and ("call_module", "bn3") in nodes
+    assert int(model.bn1.num_batches_tracked) == 0
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    assert_close(traced(x), traced_reference(x))
+    for name in ("bn1", "bn2", "bn3"):
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(getattr(model, name), buffer),
+                         getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")

@@ -1,6 +1,7 @@
 """normext.functional.batch_norm against torch.nn.functional.batch_norm:
-every flag combination in float64, gradcheck/gradgradcheck, and double
-backward (create_graph=True) against torch's second derivatives."""
+every flag combination in float64, gradcheck/gradgradcheck, double backward
+(create_graph=True) against torch's second derivatives, forward-mode AD and
+torch.func transforms."""
 
 import contextlib
 import itertools
@@ -8,6 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as fwAD
 from torch.autograd import gradcheck, gradgradcheck
 
 import normext
@@ -166,9 +168,11 @@ def _case_id(case):
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=_case_id)
+# torch's forward-AD check scripts a helper of its own
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_gradcheck(case, device):
     fn, inputs = _gradcheck_inputs(case, device)
-    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, check_forward_ad=True)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
@@ -256,6 +260,24 @@ def test_double_backward_reduced_precision_with_float32_params(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_input_gradient_in_the_input_layout(training, device):
+    """A channels-last input with a contiguous grad_output: the create_graph
+    input gradient is channels-last, as torch's is."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    running = (torch.zeros(3, dtype=torch.float64, device=device),
+               torch.ones(3, dtype=torch.float64, device=device))
+    g = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device)
+    (grad,) = torch.autograd.grad(batch_norm(x, *running, training=training), x, g,
+                                  create_graph=True)
+    (expected,) = torch.autograd.grad(F.batch_norm(x, *running, training=training), x, g,
+                                      create_graph=True)
+    assert grad.stride() == expected.stride()
+    assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_first_backward_without_create_graph_uses_fused_kernel(device):
     """Sanity: a plain backward and a create_graph backward agree."""
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
@@ -318,3 +340,80 @@ def test_strided_running_stats(training, device):
     assert_close(out, expected)
     assert_close(buffers[0], buffers_ref[0])
     assert_close(buffers[1], buffers_ref[1])
+
+
+# ---------------------------------------------------------------------------
+# forward-mode AD and torch.func transforms: torch's batch_norm computes them
+
+
+def _transform_args(training, device):
+    """(x, running_mean, running_var, weight, bias) in float64; no running
+    stats in training (vmap cannot update unbatched running stats in place)."""
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 3, 5, **opts) * 2 + 0.5
+    running = (None, None) if training else (torch.randn(3, **opts), torch.rand(3, **opts) + 0.5)
+    return x, *running, torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_ad_matches_torch(training, device):
+    """Tangents of input, weight and bias, through forward_ad and torch.func.jvp;
+    the running stats are updated as without tangents."""
+    x, rm, rv, w, b = _transform_args(training, device)
+    if training:
+        rm, rv = torch.zeros(3, dtype=x.dtype, device=device), torch.ones(3, dtype=x.dtype,
+                                                                          device=device)
+    tangents = [torch.randn_like(t) for t in (x, w, b)]
+    results = {}
+    for name, fn in (("normext", batch_norm), ("torch", F.batch_norm)):
+        running = (rm.clone(), rv.clone())
+        with fwAD.dual_level():
+            dual = [fwAD.make_dual(t, dt) for t, dt in zip((x, w, b), tangents)]
+            out = fwAD.unpack_dual(fn(dual[0], *running, dual[1], dual[2], training))
+        _, jvp_tangent = torch.func.jvp(
+            lambda x, w, b: fn(x, rm.clone(), rv.clone(), w, b, training), (x, w, b),
+            tuple(tangents))
+        results[name] = (out.primal, out.tangent, jvp_tangent, *running)
+    for name, ours, expected in zip(["output", "tangent", "jvp tangent", "running_mean",
+                                     "running_var"], results["normext"], results["torch"]):
+        assert ours is not None, name
+        assert_close(ours, expected, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "jacfwd", "hessian", "vmap"])
+def test_func_transforms_match_torch(transform, training, device):
+    x, rm, rv, w, b = _transform_args(training, device)
+
+    def run(fn):
+        def loss(x, w, b):
+            return fn(x, rm, rv, w, b, training).sin().sum()
+        if transform == "grad":
+            return torch.func.grad(loss, argnums=(0, 1, 2))(x, w, b)
+        if transform == "vjp":
+            out, pullback = torch.func.vjp(lambda x, w: fn(x, rm, rv, w, b, training), x, w)
+            return (out, *pullback(torch.ones_like(out)))
+        if transform == "jacrev":
+            return torch.func.jacrev(loss, argnums=(1, 2))(x, w, b)
+        if transform == "jacfwd":
+            return torch.func.jacfwd(loss, argnums=(1, 2))(x, w, b)
+        if transform == "hessian":
+            return (torch.func.hessian(loss, argnums=1)(x, w, b),)
+        # a batch of 2 independent batch norms over x's batch dim
+        return (torch.func.vmap(lambda x: fn(x, rm, rv, w, b, training), in_dims=1,
+                                out_dims=1)(x.view(2, 2, 3, 5).transpose(0, 1)),)
+
+    ours, expected = run(batch_norm), run(F.batch_norm)
+    assert len(ours) == len(expected)
+    for mine, theirs in zip(ours, expected):
+        assert_close(mine, theirs)
+
+
+def test_op_rejects_tangents():
+    """The op itself has no forward derivative: an error, not a zero tangent."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.ops.normext.batch_norm(fwAD.make_dual(x, torch.ones_like(x)), None, None, None,
+                                     None, True, 0.1, 1e-5)

@@ -363,11 +363,19 @@ def test_nan_inf_propagate_like_torch(values, layout, training, device):
     torch_module.cpu()
     ours.train(training)
     torch_module.train(training)
-    x = _poisoned_input(device, values).contiguous(memory_format=layout)
-    out, expected = ours(x), torch_module(x.cpu())
+    x = _poisoned_input(device, values).contiguous(memory_format=layout).requires_grad_()
+    x_cpu = x.detach().cpu().requires_grad_()
+    out, expected = ours(x), torch_module(x_cpu)
     _compare_masks(out, expected, "output")
     _compare_masks(ours.running_mean, torch_module.running_mean, "running_mean")
     _compare_masks(ours.running_var, torch_module.running_var, "running_var")
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(device))
+    expected.backward(grad)
+    # In eval the input gradient is dy * invstd * weight: finite where x is not.
+    _compare_masks(x.grad, x_cpu.grad, "grad_input")
+    _compare_masks(ours.weight.grad, torch_module.weight.grad, "grad_weight")
+    _compare_masks(ours.bias.grad, torch_module.bias.grad, "grad_bias")
 
 
 # ---------------------------------------------------------------------------
@@ -517,6 +525,27 @@ def test_error_channel_mismatch_functional(which, training):
         tensors[which] = torch.ones(4)
         return lambda: _functional(impl)(torch.randn(2, 3, 4), training=training, **tensors)
     assert_same_error(call, f"{which} should contain 3 elements not 4")
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_error_running_stat_requires_grad(which, training):
+    def call(impl):
+        tensors = dict(running_mean=torch.zeros(3), running_var=torch.ones(3))
+        tensors[which].requires_grad_()
+        return lambda: _functional(impl)(torch.randn(2, 3, 4), training=training, **tensors)
+    assert_same_error(call, f"not differentiable with respect to argument '{which}'")
+    with torch.no_grad():  # as in torch, fine without autograd
+        call("normext")()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_error_running_stats_not_1d(training):
+    def call(impl):
+        return lambda: _functional(impl)(torch.randn(2, 3, 4), torch.zeros(3, 1),
+                                         torch.ones(3, 1), training=training)
+    error = assert_same_error(call)
+    assert "expected running_mean of shape [3] but got [3, 1]" in str(error)
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.int64, "Long"), (torch.int32, "Int"),
