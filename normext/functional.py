@@ -23,8 +23,9 @@ def _torch_allows_zero_eps_in_eval() -> bool:
 _ZERO_EPS_IN_EVAL = _torch_allows_zero_eps_in_eval()
 
 
-def _check_eps(eps: float, training: bool) -> None:
-    if not _ZERO_EPS_IN_EVAL:
+# The flag is a default argument: TorchScript takes those, not global bools.
+def _check_eps(eps: float, training: bool, zero_eps_in_eval: bool = _ZERO_EPS_IN_EVAL) -> None:
+    if not zero_eps_in_eval:
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     elif training and eps <= 0.0:
@@ -65,7 +66,8 @@ def batch_norm(
     if training:
         torch.nn.functional._verify_batch_size(input.size())
     _check_eps(eps, training)
-    if _needs_torch_rules(input, weight, bias):
-        return torch.nn.functional.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not torch.jit.is_scripting():  # TorchScript has neither transforms nor tangents
+        if _needs_torch_rules(input, weight, bias):
+            return torch.nn.functional.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps)
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)

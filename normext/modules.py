@@ -13,11 +13,12 @@ class _NormextForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward with normext's batch_norm."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.fx.Proxy):
-            # torch.fx's default tracer takes torch.nn's layers as leaves (by
-            # their __module__) and would trace into this one; be a leaf too.
-            tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                # torch.fx's default tracer takes torch.nn's layers as leaves
+                # (by their __module__) and would trace into this one.
+                tracer = input.tracer
+                return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

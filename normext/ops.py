@@ -67,7 +67,8 @@ def batch_norm(
     """torch.nn.functional.batch_norm's output, differentiable through a C++
     autograd node (the fused forward and backward); updates the running stats
     in training."""
-    return _ops.batch_norm.default(
+    # Spelled out (the op packet, no alias) so that TorchScript can compile it.
+    return torch.ops.normext.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps)
 
 

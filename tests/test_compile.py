@@ -190,3 +190,30 @@ def test_fx_symbolic_trace_takes_layers_as_leaves():
         for buffer in ("running_mean", "running_var", "num_batches_tracked"):
             assert_close(getattr(getattr(model, name), buffer),
                          getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated in recent torch
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_torchscript_matches_eager(momentum, tmp_path):
+    """torch.jit.script of a model with normext layers, saved and loaded:
+    outputs, input gradients and running stats of torch's layers over training
+    steps and an eval step."""
+    model = SmallCNN().double()
+    model.bn2.momentum = momentum
+    reference = _torch_twin(model)
+    torch.jit.save(torch.jit.script(model), tmp_path / "model.pt")
+    loaded = torch.jit.load(tmp_path / "model.pt")
+    for step, training in enumerate([True, True, False]):
+        loaded.train(training)
+        reference.train(training)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, expected = loaded(x), reference(x_ref)
+        assert_close(out, expected, msg=f"step {step}")
+        out.sum().backward()
+        expected.sum().backward()
+        assert_close(x.grad, x_ref.grad, msg=f"step {step}")
+    for name in ("bn1", "bn2", "bn3"):
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(getattr(loaded, name), buffer),
+                         getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")
