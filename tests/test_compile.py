@@ -192,7 +192,7 @@ def test_fx_symbolic_trace_takes_layers_as_leaves():
                          getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated in recent torch
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated in recent torch
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_torchscript_matches_eager(momentum, tmp_path):
     """torch.jit.script of a model with normext layers, saved and loaded:

@@ -169,7 +169,7 @@ def _case_id(case):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=_case_id)
 # torch's forward-AD check scripts a helper of its own
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_gradcheck(case, device):
     fn, inputs = _gradcheck_inputs(case, device)
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, check_forward_ad=True)
