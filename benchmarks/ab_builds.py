@@ -120,6 +120,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
         "eval": lambda: ops.batch_norm_forward(x, weight, bias, running_mean, running_var,
                                                False, MOMENTUM, EPS),
         "backward": lambda: ops.batch_norm_backward(grad, x, weight, mean, invstd, True),
+        "eval_backward": lambda: ops.batch_norm_backward(grad, x, weight, mean, invstd, False),
         "fwdbwd": forward_backward,
         "moments": lambda: ops.batch_norm_moments(x),
         "elemt": lambda: ops.batch_norm_elemt(x, weight, bias, mean, invstd),
@@ -129,8 +130,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
     }
 
 
-OPS = ("train", "eval", "backward", "fwdbwd", "moments", "elemt", "backward_reduce",
-       "backward_elemt")
+OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt",
+       "backward_reduce", "backward_elemt")
 
 
 def compare(args) -> None:
