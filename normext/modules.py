@@ -9,16 +9,21 @@ from . import functional
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+def traced_as_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """`module` called on `input` as one call_module node. torch.fx's default
+    tracer takes torch.nn's layers as leaves (by their __module__) and would
+    trace into normext's."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
 class _NormextForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward with normext's batch_norm."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting():  # (TorchScript cannot compile the fx check)
             if isinstance(input, torch.fx.Proxy):
-                # torch.fx's default tracer takes torch.nn's layers as leaves
-                # (by their __module__) and would trace into this one.
-                tracer = input.tracer
-                return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+                return traced_as_leaf(self, input)
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import functional, ops
+from .modules import traced_as_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -111,6 +112,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum

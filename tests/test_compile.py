@@ -173,11 +173,14 @@ def _torch_twin(model):
     return twin
 
 
-def test_fx_symbolic_trace_takes_layers_as_leaves():
+@pytest.mark.parametrize("sync", [False, True], ids=["BatchNorm", "SyncBatchNorm"])
+def test_fx_symbolic_trace_takes_layers_as_leaves(sync):
     """torch.fx records normext layers as call_module nodes, as it does
     torch.nn's (tools such as torchvision's feature extraction depend on it);
     tracing leaves the running stats alone, and the graph runs like the model."""
     model = SmallCNN().double()
+    if sync:  # (no process group: it runs the local kernels, as torch's does)
+        model.bn2 = normext.SyncBatchNorm(6, momentum=0.3, dtype=torch.float64)
     reference = _torch_twin(model)
     traced, traced_reference = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(reference)
     nodes = [(node.op, node.target) for node in traced.graph.nodes]
