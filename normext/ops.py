@@ -98,13 +98,26 @@ def _like_input(input: Tensor) -> Tensor:
     return torch.empty_like(input, memory_format=memory_format)
 
 
-def _check_same_device(input: Tensor, **tensors: Tensor | None) -> None:
-    """The device check of the kernels, so that a meta tensor among CPU ones
-    raises instead of reaching this fake kernel and returning garbage."""
-    for name, t in tensors.items():
-        if t is not None and t.device != input.device:
+def _check_args(input: Tensor, grad_output: Tensor | None = None,
+                **per_channel: Tensor | None) -> None:
+    """The kernels' rank, shape and device checks (csrc/batch_norm/common.cpp),
+    so that a fake run (torch.compile, meta tensors) raises where the kernels
+    would instead of returning shapes for arguments they reject."""
+    if input.dim() < 2:
+        raise RuntimeError("batch_norm: expected an input of shape (N, C, ...) with at least "
+                           f"2 dims, got {input.dim()} dims")
+    if grad_output is not None and grad_output.shape != input.shape:
+        raise RuntimeError(f"batch_norm: expected grad_output of shape {list(input.shape)} "
+                           f"but got {list(grad_output.shape)}")
+    channels = input.shape[1]
+    for name, t in dict(per_channel, grad_output=grad_output).items():
+        if t is None:
+            continue
+        if t.device != input.device:
             raise RuntimeError(f"batch_norm: expected {name} on the input's device "
                                f"{input.device} but it is on {t.device}")
+        if name != "grad_output" and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
 def _stat(input: Tensor) -> Tensor:
@@ -117,52 +130,56 @@ def _param_dtype(input: Tensor, weight: Tensor | None) -> torch.dtype:
 
 @torch.library.register_fake("normext::batch_norm_moments")
 def _(input):
+    _check_args(input)
     return _stat(input), _stat(input)
 
 
 @torch.library.register_fake("normext::batch_norm_finalize")
 def _(mean, var, count, running_mean, running_var, momentum, eps):
-    _check_same_device(mean, var=var, running_mean=running_mean, running_var=running_var)
+    for name, t in (("var", var), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (t.device != mean.device or t.numel() != mean.numel()):
+            raise RuntimeError(f"batch_norm_finalize: expected {name} of shape "
+                               f"{list(mean.shape)} on {mean.device}")
     return torch.empty_like(mean, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("normext::batch_norm_elemt")
 def _(input, weight, bias, mean, invstd):
-    _check_same_device(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
+    _check_args(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward_reduce")
 def _(grad_out, input, mean, invstd, weight):
-    _check_same_device(input, grad_output=grad_out, mean=mean, invstd=invstd, weight=weight)
+    _check_args(input, grad_out, mean=mean, invstd=invstd, weight=weight)
     grad_type = _param_dtype(input, weight)
     return _stat(input), _stat(input), _stat(input).to(grad_type), _stat(input).to(grad_type)
 
 
 @torch.library.register_fake("normext::batch_norm_backward_elemt")
 def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-    _check_same_device(input, grad_output=grad_out, mean=mean, invstd=invstd, weight=weight,
+    _check_args(input, grad_out, mean=mean, invstd=invstd, weight=weight,
                        sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_forward")
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+    _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                        bias=bias)
     return _like_input(input), _stat(input), _stat(input)
 
 
 @torch.library.register_fake("normext::batch_norm")
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+    _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                        bias=bias)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward")
 def _(grad_out, input, weight, save_mean, save_invstd, training):
-    _check_same_device(input, grad_output=grad_out, weight=weight, save_mean=save_mean,
+    _check_args(input, grad_out, weight=weight, save_mean=save_mean,
                        save_invstd=save_invstd)
     grad_type = _param_dtype(input, weight)
     return _like_input(input), _stat(input).to(grad_type), _stat(input).to(grad_type)

@@ -3,6 +3,9 @@ numerics of the building blocks, their composition into the fused ops, and
 build_info."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -417,6 +420,70 @@ def test_finalize_rejects_running_stats_of_two_dtypes(device):
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("count", [0.0, -3.0, float("nan"), float("inf")])
+def test_ops_reject_element_counts_that_are_not_positive(count, device):
+    """The count per channel of finalize and backward_elemt: a bad one raises
+    instead of writing NaN or garbage into running stats or gradients."""
+    x = torch.randn(4, 3, 5, device=device)
+    mean, var = ops.batch_norm_moments(x)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="positive element count"):
+        ops.batch_norm_finalize(mean, var, count, rm, rv, 0.1, 1e-5)
+    assert torch.equal(rm, torch.zeros(3, device=device))
+    assert torch.equal(rv, torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="positive element count"):
+        ops.batch_norm_backward_elemt(x, x, mean, var, None, mean, var, count)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_finalize_rejects_running_stats_that_require_grad(device):
+    mean, var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    rm = torch.zeros(3, device=device, requires_grad=True)
+    rv = torch.ones(3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="cannot have requires_grad True"):
+        ops.batch_norm_finalize(mean, var, 4, rm, rv, 0.1, 1e-5)
+    with torch.no_grad():  # like torch: an in-place update outside autograd is fine
+        ops.batch_norm_finalize(mean, var, 4, rm, rv, 0.1, 1e-5)
+    assert_close(rv, torch.full((3,), 0.9 + 0.1 * 4 / 3, device=device))
+
+
+def test_statistics_of_another_shape_are_named():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match=r"expected mean of shape \[3\] but got \[1, 3\]"):
+        ops.batch_norm_elemt(x, None, None, torch.zeros(1, 3), torch.ones(3))
+
+
+@pytest.mark.parametrize("case", [
+    ("1-D input", lambda: ops.batch_norm_forward(torch.empty(3, device="meta"), None, None,
+                                                 None, None, True, 0.1, 1e-5),
+     "at least 2 dims"),
+    ("weight of 7 for C=3", lambda: ops.batch_norm_forward(
+        torch.empty(2, 3, 4, device="meta"), torch.empty(7, device="meta"), None, None, None,
+        True, 0.1, 1e-5), "weight should contain 3 elements not 7"),
+    ("running stats of 9", lambda: torch.ops.normext.batch_norm(
+        torch.empty(2, 3, device="meta"), None, None, torch.empty(9, device="meta"),
+        torch.empty(9, device="meta"), True, 0.1, 1e-5),
+     "running_mean should contain 3 elements not 9"),
+    ("mean of 4", lambda: ops.batch_norm_elemt(
+        torch.empty(2, 3, device="meta"), None, None, torch.empty(4, device="meta"),
+        torch.empty(3, device="meta")), "mean should contain 3 elements not 4"),
+    ("grad_output of another shape", lambda: ops.batch_norm_backward(
+        torch.empty(2, 3, 5, device="meta"), torch.empty(2, 3, 4, device="meta"), None,
+        torch.empty(3, device="meta"), torch.empty(3, device="meta"), True),
+     "grad_output of shape"),
+    ("finalize var of 4", lambda: ops.batch_norm_finalize(
+        torch.empty(3, device="meta"), torch.empty(4, device="meta"), 4, None, None, 0.1, 1e-5),
+     "expected var of shape"),
+], ids=lambda case: case[0] if isinstance(case, tuple) else None)
+def test_fake_kernels_reject_what_the_kernels_reject(case):
+    """Meta tensors (and FakeTensorMode under torch.compile) reach the fake
+    kernels, which raise where the kernels would."""
+    _, call, message = case
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_empty_input_ops(device):
     x = torch.randn(0, 3, 4, device=device)
     mean, var = ops.batch_norm_moments(x)
@@ -551,6 +618,86 @@ def test_cpu_output_cache_reuses_the_block_freed_last():
                                                                      eps=1e-5))
         del y
     assert normext.release_cpu_cache() > 0
+
+
+def _run_python(code, cache_mb=None):
+    """`code` in a fresh interpreter (the cache reads NORMEXT_CPU_CACHE_MB once
+    per process); returns its stdout and stderr."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env.pop("NORMEXT_CPU_CACHE_MB", None)
+    if cache_mb is not None:
+        env["NORMEXT_CPU_CACHE_MB"] = cache_mb
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stderr
+
+
+def test_cpu_output_cache_evicts_the_blocks_freed_longest_ago():
+    """A full cache makes room for a freed block by unmapping the oldest ones,
+    so a loop's current shape is cached even after other shapes filled it."""
+    out, _ = _run_python("""
+        import torch, normext
+        def output(mib):  # a float32 batch_norm_elemt output of `mib` MiB
+            x = torch.randn(1, 1, mib << 18)
+            return normext.ops.batch_norm_elemt(x, None, None, torch.zeros(1), torch.ones(1))
+        outputs = [output(mib) for mib in (2, 3, 4, 5)]
+        while outputs:
+            del outputs[0]  # freed oldest first
+            print(0, normext.cached_cpu_bytes() >> 20)
+        for _ in range(3):
+            y = output(6)
+            address = y.data_ptr()
+            del y
+            print(address, normext.cached_cpu_bytes() >> 20)
+        """, cache_mb="8")
+    rows = [line.split() for line in out.splitlines()]
+    # 8 MiB cap: 2; 2+3; 4 evicts 2; 5 evicts 3 and 4; 6 evicts 5, then is reused
+    assert [int(row[1]) for row in rows] == [2, 5, 7, 5, 6, 6, 6]
+    assert rows[-1][0] == rows[-2][0]
+
+
+def test_cpu_output_cache_size_must_be_a_number():
+    _, err = _run_python("""
+        import warnings, torch, normext
+        warnings.simplefilter("always")
+        normext.ops.batch_norm_elemt(torch.randn(1, 1, 1 << 19), None, None, torch.zeros(1),
+                                     torch.ones(1))
+        """, cache_mb="-1")
+    assert 'NORMEXT_CPU_CACHE_MB="-1" is not a number of megabytes; using 2048' in err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_cpu_output_cache_forks_while_threads_allocate():
+    """Forks while other threads take and return cached blocks: each child
+    allocates from the cache and exits (the lock is held across fork, so a
+    child cannot inherit it locked by a thread it does not have)."""
+    out, _ = _run_python("""
+        import os, threading, torch, normext
+        torch.set_num_threads(1)
+        x = torch.randn(1, 1, 1 << 18)  # 1 MiB outputs: cached
+        stop = False
+        def allocate():
+            while not stop:
+                normext.ops.batch_norm_elemt(x, None, None, torch.zeros(1), torch.ones(1))
+        threads = [threading.Thread(target=allocate) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        codes = []
+        for _ in range(50):
+            pid = os.fork()
+            if pid == 0:
+                y = normext.ops.batch_norm_elemt(x, None, None, torch.zeros(1), torch.ones(1))
+                os._exit(0 if torch.equal(y, x) else 1)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        stop = True
+        for thread in threads:
+            thread.join()
+        print(codes.count(0))
+        """)
+    assert out.split() == ["50"]
 
 
 def _mapping_of(address):

@@ -82,8 +82,10 @@ void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weig
 }
 
 void check_stat(const at::Tensor& input, const at::Tensor& stat, const char* name) {
-  TORCH_CHECK(stat.dim() == 1 && stat.numel() == input.size(1), name, " should contain ",
-              input.size(1), " elements not ", stat.numel());
+  TORCH_CHECK(stat.numel() == input.size(1), name, " should contain ", input.size(1),
+              " elements not ", stat.numel());
+  TORCH_CHECK(stat.dim() == 1, "batch_norm: expected ", name, " of shape [", input.size(1),
+              "] but got ", stat.sizes());
   TORCH_CHECK(stat.device() == input.device(), "batch_norm: expected ", name,
               " on the input's device ", input.device(), " but it is on ", stat.device());
   TORCH_CHECK(stat.scalar_type() == accumulate_type(input.scalar_type()), "batch_norm: expected ",

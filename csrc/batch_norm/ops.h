@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "batch_norm/common.h"
@@ -27,6 +28,13 @@ inline void check_running_pair(const OptionalTensor& running_mean,
                                const OptionalTensor& running_var) {
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean and running_var must either both be None or neither be None");
+}
+
+// The element count per channel of the ops that take it (the statistics of a
+// batch spread over processes): a positive finite number.
+inline void check_count(double count, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(count) && count > 0, op,
+                    ": expected a positive element count per channel, got ", count);
 }
 
 template <class Kernels>
@@ -52,9 +60,13 @@ struct BatchNormOps {
                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
                 "batch_norm_finalize: expected float32 or float64 mean and var of one dtype");
     check_running_pair(running_mean, running_var);
+    check_count(count, "batch_norm_finalize");
     const at::Tensor m = mean.contiguous(), v = var.contiguous();
     for (const auto* running : {&running_mean, &running_var}) {
       if (!running->has_value()) continue;
+      TORCH_CHECK(!(at::GradMode::is_enabled() && (*running)->requires_grad()),
+                  "batch_norm_finalize: the running stats are updated in place and cannot "
+                  "have requires_grad True");
       TORCH_CHECK((*running)->dim() == 1 && (*running)->numel() == mean.numel(),
                   "batch_norm_finalize: expected running stats of shape ", mean.sizes(),
                   " but got ", (*running)->sizes());
@@ -115,6 +127,7 @@ struct BatchNormOps {
                                      {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}}) {
       check_stat(input, *stat, name);
     }
+    check_count(count, "batch_norm_backward_elemt");
     const ChannelView view = channel_view(input);
     return grad_input(in_layout_of(view, grad_out), view, mean, invstd, weight, sum_dy,
                       sum_dy_xmu, count);

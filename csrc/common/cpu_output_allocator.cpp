@@ -6,13 +6,17 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
+#include <list>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 namespace normext {
@@ -44,9 +48,19 @@ uintptr_t page_offset_apart_from(c10::ArrayRef<const void*> inputs) {
 }
 
 size_t cache_limit_bytes() {
+  constexpr unsigned long long kDefaultMegabytes = 2048;
   const char* env = std::getenv("NORMEXT_CPU_CACHE_MB");
-  const size_t megabytes = env ? std::strtoull(env, nullptr, 10) : 2048;
-  return megabytes << 20;
+  if (env == nullptr) return kDefaultMegabytes << 20;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long megabytes = std::strtoull(env, &end, 10);
+  // Digits only, and few enough that the byte count fits.
+  if (end == env || *end != '\0' || *env == '-' || errno != 0 || megabytes > (1ULL << 40)) {
+    TORCH_WARN("normext: NORMEXT_CPU_CACHE_MB=\"", env, "\" is not a number of megabytes; using ",
+               kDefaultMegabytes);
+    return kDefaultMegabytes << 20;
+  }
+  return static_cast<size_t>(megabytes) << 20;
 }
 
 // A cached block: `mapped` bytes at ptr, which is 2 MiB-aligned, of which the
@@ -64,6 +78,9 @@ struct Block {
   void* ptr;
   size_t size;
   size_t mapped;
+  // Where a cached block sits in the cache's two indexes.
+  std::multimap<size_t, Block*>::iterator by_size;
+  std::list<Block*>::iterator by_age;
 
   static Block* map(size_t size) {
     const size_t mapped = (size + 2 * kPageBytes - 1) / kPageBytes * kPageBytes;
@@ -81,7 +98,7 @@ struct Block {
 #ifdef MADV_HUGEPAGE
     madvise(ptr, mapped, MADV_HUGEPAGE);  // a hint: without THP, 4 KiB pages
 #endif
-    return new Block{ptr, size, mapped};
+    return new Block{ptr, size, mapped, {}, {}};
   }
 
   static void unmap(Block* block) {
@@ -115,11 +132,14 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   size_t release_all() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const size_t released = cached_bytes_;
-    for (auto& [size, block] : cache_) Block::unmap(block);
-    cache_.clear();
-    cached_bytes_ = 0;
+    std::vector<Block*> evicted;
+    size_t released = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      released = cached_bytes_;
+      while (!by_age_.empty()) evicted.push_back(evict_oldest());
+    }
+    for (Block* block : evicted) Block::unmap(block);
     return released;
   }
 
@@ -129,7 +149,14 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   static CachingCpuAllocator& instance() {
-    static auto* allocator = new CachingCpuAllocator();  // outlives every tensor
+    static auto* allocator = [] {
+      auto* created = new CachingCpuAllocator();  // outlives every tensor
+      // A fork while another thread holds the lock would leave it locked
+      // forever in the child (a DataLoader worker, say): fork holds it instead.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return created;
+    }();
     return *allocator;
   }
 
@@ -146,9 +173,36 @@ class CachingCpuAllocator final : public c10::Allocator {
     if (it == cache_.end() || it->first > n + n / 8) return nullptr;
     it = std::prev(cache_.upper_bound(it->first));
     Block* block = it->second;
-    cache_.erase(it);
-    cached_bytes_ -= block->size;
+    remove(block);
     return block;
+  }
+
+  // Caches a freed block, evicting the blocks freed longest ago to make room
+  // (a loop's current shapes are worth more than those of earlier ones);
+  // returns the blocks to unmap, `block` itself when it exceeds the limit.
+  std::vector<Block*> cache(Block* block) {
+    std::vector<Block*> evicted;
+    if (block->size > limit_) {
+      evicted.push_back(block);
+      return evicted;
+    }
+    while (cached_bytes_ + block->size > limit_) evicted.push_back(evict_oldest());
+    block->by_size = cache_.emplace(block->size, block);
+    block->by_age = by_age_.insert(by_age_.end(), block);
+    cached_bytes_ += block->size;
+    return evicted;
+  }
+
+  void remove(Block* block) {
+    cache_.erase(block->by_size);
+    by_age_.erase(block->by_age);
+    cached_bytes_ -= block->size;
+  }
+
+  Block* evict_oldest() {
+    Block* oldest = by_age_.front();
+    remove(oldest);
+    return oldest;
   }
 
   static void release(void* context) {
@@ -156,16 +210,13 @@ class CachingCpuAllocator final : public c10::Allocator {
     CachingCpuAllocator& self = instance();
     void* const ptr = block->ptr;
     const int64_t size = static_cast<int64_t>(block->size);
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
       self.in_use_bytes_ -= block->size;
-      if (self.cached_bytes_ + block->size <= self.limit_) {
-        self.cache_.emplace(block->size, block);
-        self.cached_bytes_ += block->size;
-        block = nullptr;
-      }
+      evicted = self.cache(block);
     }
-    if (block != nullptr) Block::unmap(block);
+    for (Block* old : evicted) Block::unmap(old);  // outside the lock: munmap takes time
     self.report(ptr, -size);
   }
 
@@ -184,7 +235,8 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   const size_t limit_ = cache_limit_bytes();
   std::mutex mutex_;
-  std::multimap<size_t, Block*> cache_;
+  std::multimap<size_t, Block*> cache_;  // by size; equal sizes in the order freed
+  std::list<Block*> by_age_;              // oldest freed first
   size_t cached_bytes_ = 0;
   size_t in_use_bytes_ = 0;
 };

@@ -13,9 +13,10 @@ namespace normext {
 
 // An uninitialized CPU tensor with these sizes and strides; blocks of at least
 // 1 MiB are taken from and returned to the cache (at most
-// NORMEXT_CPU_CACHE_MB megabytes are kept, default 2048; 0 disables it) and
-// placed at page offsets away from those of `inputs`, the tensors the kernel
-// writing the output reads.
+// NORMEXT_CPU_CACHE_MB megabytes are kept, default 2048, the blocks freed
+// longest ago making room for new ones; 0 disables it) and placed at page
+// offsets away from those of `inputs`, the tensors the kernel writing the
+// output reads. The cache is safe to fork with.
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype,
                             c10::ArrayRef<const void*> inputs);
 
