@@ -263,7 +263,8 @@ def test_double_backward_reduced_precision_with_float32_params(dtype, device):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_double_backward_input_gradient_in_the_input_layout(training, device):
     """A channels-last input with a contiguous grad_output: the create_graph
-    input gradient is channels-last, as torch's is."""
+    input gradient has torch's layout (channels-last, except in eval on CUDA,
+    where torch keeps grad_output's)."""
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device).contiguous(
         memory_format=torch.channels_last).requires_grad_()
     running = (torch.zeros(3, dtype=torch.float64, device=device),

@@ -640,9 +640,11 @@ def test_cpu_output_cache_evicts_the_blocks_freed_longest_ago():
     so a loop's current shape is cached even after other shapes filled it."""
     out, _ = _run_python("""
         import torch, normext
+        inputs = {mib: torch.randn(1, 1, mib << 18) for mib in (2, 3, 4, 5, 6)}
         def output(mib):  # a float32 batch_norm_elemt output of `mib` MiB
-            x = torch.randn(1, 1, mib << 18)
-            return normext.ops.batch_norm_elemt(x, None, None, torch.zeros(1), torch.ones(1))
+            # (one input per size: an output's offset in its block follows the input's)
+            return normext.ops.batch_norm_elemt(inputs[mib], None, None, torch.zeros(1),
+                                                torch.ones(1))
         outputs = [output(mib) for mib in (2, 3, 4, 5)]
         while outputs:
             del outputs[0]  # freed oldest first
@@ -671,9 +673,11 @@ def test_cpu_output_cache_size_must_be_a_number():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_cpu_output_cache_forks_while_threads_allocate():
-    """Forks while other threads take and return cached blocks: each child
-    allocates from the cache and exits (the lock is held across fork, so a
-    child cannot inherit it locked by a thread it does not have)."""
+    """A smoke test: forks while other threads take and return cached blocks,
+    and each child allocates from the cache. (The lock is held across fork, so
+    a child cannot inherit it locked by a thread it does not have; the lock is
+    held too briefly for 50 forks to catch a build without that: the audit's
+    reproducer needed about 2000 forks per hang.)"""
     out, _ = _run_python("""
         import os, threading, torch, normext
         torch.set_num_threads(1)

@@ -72,9 +72,11 @@ TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor grad_input =
       training ? (g - g.mean(dims, true) - x_hat * (g * x_hat).mean(dims, true)) * scale
                : g * scale;
-  // In the input's layout, as the fused backward and torch give it.
-  return {grad_input.to(input.scalar_type()).contiguous(input.suggest_memory_format()),
-          (g * x_hat).sum(dims), g.sum(dims)};
+  // torch's layout: the input's, except in eval on CUDA, where its dy * scale
+  // keeps grad_output's.
+  at::Tensor dx = grad_input.to(input.scalar_type());
+  if (training || !input.is_cuda()) dx = dx.contiguous(input.suggest_memory_format());
+  return {dx, (g * x_hat).sum(dims), g.sum(dims)};
 }
 
 // `t` converted to `type`, without an op call when it already has it.

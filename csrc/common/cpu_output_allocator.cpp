@@ -149,15 +149,21 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   static CachingCpuAllocator& instance() {
-    static auto* allocator = [] {
-      auto* created = new CachingCpuAllocator();  // outlives every tensor
-      // A fork while another thread holds the lock would leave it locked
-      // forever in the child (a DataLoader worker, say): fork holds it instead.
-      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                     [] { instance().mutex_.unlock(); });
-      return created;
-    }();
+    static auto* allocator = new CachingCpuAllocator();  // outlives every tensor
     return *allocator;
+  }
+
+  // A fork while another thread holds the lock would leave it locked forever
+  // in the child (a DataLoader worker, say): fork takes it first.
+  static void register_fork_handlers() {
+    instance();
+    const int error = pthread_atfork([] { instance().mutex_.lock(); },
+                                     [] { instance().mutex_.unlock(); },
+                                     [] { instance().mutex_.unlock(); });
+    if (error != 0) {
+      TORCH_WARN("normext: no fork handlers for the CPU output cache (error ", error,
+                 "); a child forked while another thread allocates may hang");
+    }
   }
 
  private:
@@ -240,6 +246,10 @@ class CachingCpuAllocator final : public c10::Allocator {
   size_t cached_bytes_ = 0;
   size_t in_use_bytes_ = 0;
 };
+
+// As the library loads, before a thread of the process can use the cache.
+[[maybe_unused]] const bool fork_handlers_registered =
+    (CachingCpuAllocator::register_fork_handlers(), true);
 
 }  // namespace
 
