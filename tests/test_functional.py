@@ -278,6 +278,37 @@ def test_double_backward_input_gradient_in_the_input_layout(training, device):
     assert_close(grad, expected)
 
 
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")  # torch 2.11's profiler
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("layout,grad_layout", [
+    (torch.contiguous_format, torch.contiguous_format),
+    (torch.channels_last, torch.channels_last),
+    (torch.channels_last, torch.contiguous_format)], ids=["nchw", "nhwc", "nhwc-dy-nchw"])
+def test_eval_backward_with_frozen_parameters(layout, grad_layout, dtype, param_dtype, device):
+    """Eval with parameters that want no gradient: the input gradient alone,
+    by the normalize op over dy (no reduction), torch's in value and layout."""
+    from torch.profiler import ProfilerActivity, profile
+    opts = dict(dtype=param_dtype, device=device)
+    w, b = torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
+    rm, rv = torch.randn(3, **opts), torch.rand(3, **opts) + 0.5
+    x = (torch.randn(4, 3, 5, 6, device=device) * 2 + 1).to(dtype).contiguous(
+        memory_format=layout).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 3, 5, 6, device=device).to(dtype).contiguous(memory_format=grad_layout)
+    out = batch_norm(x, rm, rv, w, b, False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(g)
+    F.batch_norm(x_ref, rm, rv, w, b, False).backward(g)
+    assert_close(x.grad, x_ref.grad, dtype)
+    assert x.grad.stride() == x_ref.grad.stride()
+    if device == "cpu":  # (the CPU backward runs on this thread)
+        names = {event.name for event in prof.events()}
+        assert "normext::batch_norm_elemt" in names and "normext::batch_norm_backward" not in names
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_first_backward_without_create_graph_uses_fused_kernel(device):
     """Sanity: a plain backward and a create_graph backward agree."""
