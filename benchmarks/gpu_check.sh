@@ -39,6 +39,20 @@ fi
 echo "built in $(( $(date +%s) - start )) s"
 $python -c "import normext; print(normext.build_info())" | tee -a "$out/machine.txt"
 
+# A C++ error (TORCH_CHECK) must reach Python as an exception. A review run on
+# a lent H100 (2026-11-27) saw every such error crash the process instead
+# (SIGSEGV), with the compiler and torch of that image.
+echo "== error path"
+$python -c "
+import torch, normext
+try:
+    torch.ops.normext.batch_norm_moments(torch.ones(3))
+except RuntimeError as error:
+    print('a 1-D input raises RuntimeError:', str(error).splitlines()[0])
+" 2>&1 | tail -3
+error_rc=${PIPESTATUS[0]}
+[ $error_rc -ne 0 ] && echo "gpu_check: the error path CRASHED (exit $error_rc): C++ exceptions do not reach Python"
+
 echo "== CUDA tests"
 # Every device-parametrized test plus the CUDA-only file, the slow >2^31 test
 # too; in parallel workers when pytest-xdist is there (a sticky CUDA error
@@ -63,7 +77,7 @@ sed -n '/^| mode/,$p' "$out/overhead.md"
 
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
   echo "== benchmarks skipped (SKIP_BENCH=1)"
-  exit $(( tests_rc != 0 || overhead_rc != 0 ))
+  exit $(( tests_rc != 0 || overhead_rc != 0 || error_rc != 0 ))
 fi
 
 echo "== BatchNorm benchmark"
@@ -89,8 +103,8 @@ timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
 
-echo "== results (tests rc=$tests_rc, overhead rc=$overhead_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
+echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
 cat "$out/resnet50.md"
 # the BatchNorm report's speedup summary (the full table is in bench.md)
 sed -n '/Speedup summary/,$p' "$out/bench.md"
-exit $(( tests_rc != 0 || overhead_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))
+exit $(( error_rc != 0 || tests_rc != 0 || overhead_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))
