@@ -4,6 +4,8 @@ Statistics tensors (mean, var, invstd, sums) are 1-D with C elements in the
 accumulate dtype: float32, or float64 for a float64 input.
 """
 
+import math
+
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
@@ -118,6 +120,14 @@ def _check_args(input: Tensor, grad_output: Tensor | None = None,
                                f"{input.device} but it is on {t.device}")
         if name != "grad_output" and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if name.startswith("running_") and t.dim() != 1:
+            raise RuntimeError(f"batch_norm: expected {name} of shape [{channels}] but got "
+                               f"{list(t.shape)}")
+
+
+def _check_count(count: float, op: str) -> None:
+    if not (math.isfinite(count) and count > 0):
+        raise ValueError(f"{op}: expected a positive element count per channel, got {count}")
 
 
 def _stat(input: Tensor) -> Tensor:
@@ -136,6 +146,7 @@ def _(input):
 
 @torch.library.register_fake("normext::batch_norm_finalize")
 def _(mean, var, count, running_mean, running_var, momentum, eps):
+    _check_count(count, "batch_norm_finalize")
     for name, t in (("var", var), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (t.device != mean.device or t.numel() != mean.numel()):
             raise RuntimeError(f"batch_norm_finalize: expected {name} of shape "
@@ -158,6 +169,7 @@ def _(grad_out, input, mean, invstd, weight):
 
 @torch.library.register_fake("normext::batch_norm_backward_elemt")
 def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    _check_count(count, "batch_norm_backward_elemt")
     _check_args(input, grad_out, mean=mean, invstd=invstd, weight=weight,
                        sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _like_input(input)

@@ -474,12 +474,19 @@ def test_statistics_of_another_shape_are_named():
     ("finalize var of 4", lambda: ops.batch_norm_finalize(
         torch.empty(3, device="meta"), torch.empty(4, device="meta"), 4, None, None, 0.1, 1e-5),
      "expected var of shape"),
+    ("2-D running stats", lambda: ops.batch_norm_forward(
+        torch.empty(2, 3, device="meta"), None, None, torch.empty(3, 1, device="meta"),
+        torch.empty(3, 1, device="meta"), True, 0.1, 1e-5),
+     r"expected running_mean of shape \[3\] but got \[3, 1\]"),
+    ("count 0", lambda: ops.batch_norm_finalize(
+        torch.empty(3, device="meta"), torch.empty(3, device="meta"), 0, None, None, 0.1, 1e-5),
+     "positive element count"),
 ], ids=lambda case: case[0] if isinstance(case, tuple) else None)
 def test_fake_kernels_reject_what_the_kernels_reject(case):
     """Meta tensors (and FakeTensorMode under torch.compile) reach the fake
-    kernels, which raise where the kernels would."""
+    kernels, which raise where the kernels would (the same exception types)."""
     _, call, message = case
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((RuntimeError, ValueError), match=message):
         call()
 
 
