@@ -1,8 +1,8 @@
 """Backward of an eval-mode BatchNorm whose weight and bias are frozen (no
 gradient wanted), on the CPU: torch, normext through autograd (the input
 gradient alone: one normalize pass over dy), and normext's fused backward op
-(which also reduces dy and x for the parameter gradients). Medians of 15
-interleaved rounds, in ms.
+with parameter gradients (which also reduces dy and x for them). Medians of
+15 interleaved rounds, in ms.
 
     python benchmarks/bench_frozen_eval_backward.py
 """

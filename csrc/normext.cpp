@@ -35,8 +35,8 @@ TORCH_LIBRARY(normext, m) {
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
-      "Tensor save_invstd, bool training) -> (Tensor grad_input, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "Tensor save_invstd, bool training, bool parameter_grads=True) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // torch.nn.functional.batch_norm's contract: the output only, differentiable
   // (batch_norm/autograd.cpp), for eager calls.
   m.def(

@@ -76,11 +76,12 @@ def batch_norm(
 
 def batch_norm_backward(
     grad_out: Tensor, input: Tensor, weight: Tensor | None, save_mean: Tensor,
-    save_invstd: Tensor, training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused backward: (grad_input, grad_weight, grad_bias)."""
+    save_invstd: Tensor, training: bool, parameter_grads: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Fused backward: (grad_input, grad_weight, grad_bias); without
+    parameter_grads the last two are None, and in eval nothing is reduced."""
     return _ops.batch_norm_backward.default(
-        grad_out, input, weight, save_mean, save_invstd, training)
+        grad_out, input, weight, save_mean, save_invstd, training, parameter_grads)
 
 
 # ---- fake kernels: shapes, dtypes and strides of the outputs, for torch.compile
@@ -171,27 +172,28 @@ def _(grad_out, input, mean, invstd, weight):
 def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     _check_count(count, "batch_norm_backward_elemt")
     _check_args(input, grad_out, mean=mean, invstd=invstd, weight=weight,
-                       sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
+                sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_forward")
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
-                       bias=bias)
+                bias=bias)
     return _like_input(input), _stat(input), _stat(input)
 
 
 @torch.library.register_fake("normext::batch_norm")
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
-                       bias=bias)
+                bias=bias)
     return _like_input(input)
 
 
 @torch.library.register_fake("normext::batch_norm_backward")
-def _(grad_out, input, weight, save_mean, save_invstd, training):
-    _check_args(input, grad_out, weight=weight, save_mean=save_mean,
-                       save_invstd=save_invstd)
+def _(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads=True):
+    _check_args(input, grad_out, weight=weight, save_mean=save_mean, save_invstd=save_invstd)
+    if not parameter_grads:
+        return _like_input(input), None, None
     grad_type = _param_dtype(input, weight)
     return _like_input(input), _stat(input).to(grad_type), _stat(input).to(grad_type)

@@ -79,6 +79,10 @@ def _opcheck_samples(device):
                      (x, None, None, None, None, True, 0.1, 1e-5)),
                     (f"backward-eval-noweight-{tag}", "batch_norm_backward",
                      (dy, x, None, rm.clone(), torch.rsqrt(rv + 1e-5), False)),
+                    (f"backward-eval-frozen-{tag}", "batch_norm_backward",
+                     (dy, x, w, rm.clone(), torch.rsqrt(rv + 1e-5), False, False)),
+                    (f"backward-train-frozen-{tag}", "batch_norm_backward",
+                     (dy, x, w, mean, invstd, True, False)),
                     (f"finalize-{tag}", "batch_norm_finalize",
                      (mean, var, count, rm.clone(), rv.clone(), 0.1, 1e-5)),
                     (f"finalize-norunning-{tag}", "batch_norm_finalize",
@@ -879,3 +883,6 @@ def test_fused_ops_make_no_other_operator_calls(dtype, param_dtype):
             lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, training))
         # sum_dy, sum_dy_xmu, grad_weight, grad_bias
         assert calls == ["aten::empty"] * 4 + ["normext::batch_norm_backward"]
+    # frozen parameters in eval: no sums at all
+    calls = _operator_calls(lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, False, False))
+    assert calls == ["normext::batch_norm_backward"]

@@ -38,31 +38,14 @@ TensorTriple fused_forward(const at::Tensor& input, const OptionalTensor& weight
 
 TensorTriple fused_backward(const at::Tensor& grad_out, const at::Tensor& input,
                             const OptionalTensor& weight, const at::Tensor& save_mean,
-                            const at::Tensor& save_invstd, bool training) {
+                            const at::Tensor& save_invstd, bool training, bool parameter_grads) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("normext::batch_norm_backward", "")
           .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                              const at::Tensor&, const at::Tensor&, bool)>();
+                              const at::Tensor&, const at::Tensor&, bool, bool)>();
   const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, input, weight, save_mean, save_invstd, training);
-}
-
-// The input gradient under running statistics, dy * invstd * weight, for a
-// backward that wants no parameter gradient (frozen parameters): the
-// normalize op over dy with mean 0, 1 read + 1 write, where the fused backward
-// also reduces dy and x for the parameters. `input` is dense in its suggested
-// layout, which `dy` is put in, as the fused backward does.
-at::Tensor eval_grad_input(const at::Tensor& grad_out, const at::Tensor& input,
-                           const OptionalTensor& weight, const at::Tensor& invstd) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("normext::batch_norm_elemt", "")
-          .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                            const at::Tensor&, const at::Tensor&)>();
-  const at::Tensor dy = in_layout_of(channel_view(input), grad_out);
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(dy, weight, c10::nullopt, at::zeros_like(invstd), invstd);
+  return op.call(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads);
 }
 
 // The backward in differentiable ATen ops, for create_graph=True (double
@@ -138,15 +121,12 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
           differentiable_backward(grad_outputs[0], input, weight, saved[2], saved[3], training,
                                   ctx->saved_data["eps"].toDouble());
     } else {
-      const OptionalTensor w = weight.defined() ? OptionalTensor(weight) : c10::nullopt;
-      const bool input_only =
-          !ctx->saved_data["weight_grad"].toBool() && !ctx->saved_data["bias_grad"].toBool();
-      if (!training && input_only && input.is_contiguous(input.suggest_memory_format())) {
-        grad_input = eval_grad_input(grad_outputs[0], input, w, saved[3]);
-      } else {
-        std::tie(grad_input, grad_weight, grad_bias) =
-            fused_backward(grad_outputs[0], input, w, saved[2], saved[3], training);
-      }
+      // Frozen parameters: no sums to reduce for them (none at all in eval).
+      const bool parameter_grads =
+          ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
+      std::tie(grad_input, grad_weight, grad_bias) = fused_backward(
+          grad_outputs[0], input, weight.defined() ? OptionalTensor(weight) : c10::nullopt,
+          saved[2], saved[3], training, parameter_grads);
     }
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(8);

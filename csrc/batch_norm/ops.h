@@ -175,10 +175,13 @@ struct BatchNormOps {
   }
 
   // Single-process backward: (grad_input, grad_weight, grad_bias) with one
-  // reduction pass and one elementwise pass.
+  // reduction pass and one elementwise pass. Without parameter_grads the
+  // parameter gradients are undefined (None), and in eval, where the input
+  // gradient needs no sums, the reduction is skipped (frozen parameters).
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_out, const at::Tensor& input, const OptionalTensor& weight,
-      const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training) {
+      const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+      bool parameter_grads) {
     check_input(input);
     check_same_as_input(input, grad_out, "grad_output");
     check_params(input, weight, {}, {}, {});
@@ -186,11 +189,15 @@ struct BatchNormOps {
     check_stat(input, save_invstd, "save_invstd");
     const ChannelView view = channel_view(input);
     const at::Tensor dy = in_layout_of(view, grad_out);
+    if (!training && !parameter_grads) {
+      return {eval_grad_input(dy, view, save_invstd, weight), at::Tensor(), at::Tensor()};
+    }
     auto [sum_dy, sum_dy_xmu, grad_weight, grad_bias] =
         reduce(dy, view, save_mean, save_invstd, weight);
     at::Tensor dx = training ? grad_input(dy, view, save_mean, save_invstd, weight, sum_dy,
                                           sum_dy_xmu, static_cast<double>(view.count()))
                              : eval_grad_input(dy, view, save_invstd, weight);
+    if (!parameter_grads) return {dx, at::Tensor(), at::Tensor()};
     return {dx, grad_weight, grad_bias};
   }
 
