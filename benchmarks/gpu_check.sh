@@ -40,18 +40,36 @@ echo "built in $(( $(date +%s) - start )) s"
 $python -c "import normext; print(normext.build_info())" | tee -a "$out/machine.txt"
 
 # A C++ error (TORCH_CHECK) must reach Python as an exception. A review run on
-# a lent H100 (2026-11-27) saw every such error crash the process instead
-# (SIGSEGV), with the compiler and torch of that image.
+# a lent H100 (2026-11-27) saw such errors crash the process instead (SIGSEGV)
+# with that image's compiler and torch; the same code raises with torch 2.11
+# (cu130) and Python 3.12 on a machine without a GPU. Each probe runs in its
+# own process; a crash is followed by a native backtrace when cuda-gdb exists.
 echo "== error path"
-$python -c "
-import torch, normext
+{ c++ --version | head -1; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'; } \
+  >> "$out/machine.txt"
+error_rc=0
+for probe in "cpu" "cpu after CUDA init" "cuda"; do
+  code="import torch, normext
+device = 'cuda' if '$probe' == 'cuda' else 'cpu'
+if 'init' in '$probe': torch.cuda.init()
 try:
-    torch.ops.normext.batch_norm_moments(torch.ones(3))
+    torch.ops.normext.batch_norm_moments(torch.ones(3, device=device))
 except RuntimeError as error:
-    print('a 1-D input raises RuntimeError:', str(error).splitlines()[0])
-" 2>&1 | tail -3
-error_rc=${PIPESTATUS[0]}
-[ $error_rc -ne 0 ] && echo "gpu_check: the error path CRASHED (exit $error_rc): C++ exceptions do not reach Python"
+    print('$probe: a 1-D input raises RuntimeError:', str(error).splitlines()[0])"
+  timeout 60 $python -X faulthandler -c "$code" > "$out/error_path.log" 2>&1
+  rc=$?
+  tail -3 "$out/error_path.log"
+  if [ $rc -ne 0 ]; then
+    error_rc=$rc
+    if [ $rc -gt 128 ]; then
+      echo "gpu_check: the error path CRASHED ($probe, signal $(( rc - 128 ))): C++ exceptions do not reach Python"
+    else
+      echo "gpu_check: the error path failed ($probe, exit $rc)"
+    fi
+    command -v cuda-gdb > /dev/null && timeout 90 cuda-gdb -batch -ex run -ex bt \
+      --args $python -c "$code" 2>&1 | grep -E "^#|signal" | head -40
+  fi
+done
 
 echo "== CUDA tests"
 # Every device-parametrized test plus the CUDA-only file, the slow >2^31 test

@@ -1,5 +1,7 @@
 """normext.functional.batch_norm: torch.nn.functional.batch_norm on normext's kernels."""
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -34,6 +36,18 @@ def _check_eps(eps: float, training: bool, zero_eps_in_eval: bool = _ZERO_EPS_IN
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def _check_momentum(momentum: float) -> None:
+    """torch's argument parser's TypeError for a momentum that is not a float:
+    the op's own parser would raise RuntimeError, and take a 1-element 1-D
+    tensor that torch rejects."""
+    if isinstance(momentum, numbers.Real):
+        return
+    if isinstance(momentum, Tensor) and momentum.dim() == 0 and not momentum.requires_grad:
+        return
+    raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, "
+                    f"not {type(momentum).__name__}")
+
+
 def _needs_torch_rules(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """True under torch.func transforms (vmap, grad, jvp, ...) and for inputs
     carrying forward-mode AD tangents: normext's op has neither batching rules
@@ -66,7 +80,9 @@ def batch_norm(
     if training:
         torch.nn.functional._verify_batch_size(input.size())
     _check_eps(eps, training)
-    if not torch.jit.is_scripting():  # TorchScript has neither transforms nor tangents
+    # TorchScript checks argument types, and has neither transforms nor tangents.
+    if not torch.jit.is_scripting():
+        _check_momentum(momentum)
         if _needs_torch_rules(input, weight, bias):
             return torch.nn.functional.batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -5,6 +5,7 @@ errors."""
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -696,6 +697,29 @@ def test_eps_zero_in_eval_is_allowed():
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     assert_close(normext.functional.batch_norm(x, rm, rv, eps=0.0),
                  F.batch_norm(x, rm, rv, eps=0.0))
+
+
+@pytest.mark.parametrize("momentum,type_name", [
+    (None, "NoneType"), ("0.1", "str"), (torch.tensor([0.1]), "Tensor")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_error_momentum_not_a_float(momentum, type_name, training):
+    assert_same_error(
+        lambda impl: lambda: _functional(impl)(torch.randn(2, 3), torch.zeros(3), torch.ones(3),
+                                               training=training, momentum=momentum),
+        f"argument 'momentum' (position 7) must be float, not {type_name}")
+
+
+@pytest.mark.parametrize("momentum", [1, True, np.float32(0.5), torch.tensor(0.5)],
+                         ids=["int", "bool", "numpy", "0-dim-tensor"])
+def test_momentum_types_torch_takes(momentum):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    stats = [(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+             for _ in range(2)]
+    out = normext.functional.batch_norm(x, *stats[0], training=True, momentum=momentum)
+    expected = F.batch_norm(x, *stats[1], training=True, momentum=momentum)
+    assert_close(out, expected)
+    for ours, torchs in zip(*stats):
+        assert_close(ours, torchs)
 
 
 @pytest.mark.parametrize("args,error", [
