@@ -220,3 +220,47 @@ def test_torchscript_matches_eager(momentum, tmp_path):
         for buffer in ("running_mean", "running_var", "num_batches_tracked"):
             assert_close(getattr(getattr(loaded, name), buffer),
                          getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_export_matches_torch(training, device):
+    """torch.export.export of a model with normext layers: the graph holds
+    normext's op, and the exported module gives the outputs, input gradients
+    and running stats of the same model with torch's layers."""
+    model = SmallCNN().to(device=device, dtype=torch.float64).train(training)
+    reference = _torch_twin(model).train(training)
+    x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64)
+    exported = torch.export.export(model, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.normext.batch_norm.default) == 3
+    module = exported.module()
+    for step in range(2):
+        x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, expected = module(x), reference(x_ref)
+        assert_close(out, expected, msg=f"step {step}")
+        out.sum().backward()
+        expected.sum().backward()
+        assert_close(x.grad, x_ref.grad, msg=f"step {step}: input grad")
+    state = module.state_dict()
+    for name, value in reference.state_dict().items():
+        assert_close(state[name], value, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compile_dynamic_shapes_matches_torch(device):
+    """torch.compile(dynamic=True): one graph serves other batch and spatial
+    sizes (the fake kernels' shapes are symbolic), with torch's results."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = SmallCNN().to(device=device, dtype=torch.float64)
+    reference = _torch_twin(model)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    for batch, size in [(2, 5), (3, 7), (6, 4)]:
+        x = torch.randn(batch, 3, size, size + 1, device=device, dtype=torch.float64)
+        assert_close(compiled(x), reference(x), msg=f"batch {batch}, size {size}")
+    assert counters["stats"]["unique_graphs"] == 1
+    for name, value in reference.state_dict().items():
+        assert_close(model.state_dict()[name], value, msg=name)
