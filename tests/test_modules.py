@@ -739,7 +739,7 @@ def test_op_errors_raise_not_crash(args, error):
 
 def test_one_value_per_channel_op_matches_aten():
     """The op itself does not validate the batch size (like aten): a single
-    value per channel gives an output of bias and an infinite running_var."""
+    value per channel gives an output of bias and a NaN running_var (0 / 0)."""
     x = torch.randn(1, 3, dtype=torch.float64)
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)

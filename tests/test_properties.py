@@ -124,3 +124,65 @@ def _run(case, device):
 def test_random_cases_match_torch(case, device):
     torch.manual_seed(0)
     _run(case, device)
+
+
+@st.composite
+def reduced_precision_cases(draw):
+    rank = draw(st.sampled_from([2, 3, 4, 5]))
+    shape = [draw(st.integers(1, 16)), draw(st.sampled_from([1, 3, 8, 17, 64]))] + [
+        draw(st.integers(1, 12 if rank <= 4 else 5)) for _ in range(rank - 2)]
+    return dict(
+        shape=shape,
+        layout=draw(st.sampled_from(LAYOUTS)),
+        dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),
+        float32_params=draw(st.booleans()),
+        training=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        shift=draw(st.sampled_from([0.0, 3.0, 1000.0])),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=reduced_precision_cases())
+def test_random_reduced_precision_cases_match_float64(case, device):
+    """float16/bfloat16 inputs (with parameters and running stats of their
+    dtype or float32) against torch's batch_norm in float64 on the same,
+    exactly upcast, values: output, every gradient and the running stats."""
+    torch.manual_seed(0)
+    shape, dtype, training = case["shape"], case["dtype"], case["training"]
+    C = shape[1]
+    if training and torch.Size(shape).numel() == C:
+        return  # one value per channel: an error, tested elsewhere
+    param_dtype = torch.float32 if case["float32_params"] else dtype
+    leaf, view = _make_input(shape, case["layout"], dtype, device, 1.0, case["shift"])
+
+    def param(values):
+        return values.to(device=device, dtype=param_dtype).requires_grad_()
+
+    weight = param(torch.rand(C) + 0.5) if case["affine"] else None
+    bias = param(torch.randn(C)) if case["affine"] else None
+    running = [t.to(device, param_dtype) for t in (torch.randn(C), torch.rand(C) + 0.5)]
+    leaf64 = leaf.detach().double().requires_grad_()
+    params64 = [None if p is None else p.detach().double().requires_grad_() for p in (weight, bias)]
+    running64 = [t.double() for t in running]
+    out = normext.functional.batch_norm(view(leaf), *running, weight, bias, training, 0.1, 1e-5)
+    expected = torch.nn.functional.batch_norm(view(leaf64), *running64, *params64, training,
+                                              0.1, 1e-5)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, msg="output")
+    grad = torch.randn(expected.shape, device=device).to(dtype)
+    out.backward(grad)
+    expected.backward(grad.double())
+    # sums of |dy| * |x_hat| terms: a few ulps of the largest term
+    assert_close(leaf.grad, leaf64.grad, factor=4.0, msg="input grad")
+    # float32 sums of x - mean lose log2(|mean| / std) bits; a 16-bit result
+    # rounds that away, and one past its range is inf
+    factor = max(4.0, case["shift"]) if param_dtype == torch.float32 else 4.0
+    for name, mine, reference in zip(("weight", "bias"), (weight, bias), params64):
+        if mine is not None:
+            assert_close(mine.grad, reference.grad.to(param_dtype), factor=factor,
+                         msg=f"{name} grad")
+    for name, mine, reference in zip(("running_mean", "running_var"), running, running64):
+        assert_close(mine, reference, msg=name)

@@ -67,7 +67,7 @@ C10_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
   return running * (T(1) - momentum) + batch * momentum;
 }
 
-// Bessel's correction, used for running_var; a single sample gives inf like torch.
+// Bessel's correction, used for running_var; a single sample gives 0 / 0 = NaN, as torch does.
 template <typename T>
 C10_HOST_DEVICE inline T unbiased_from_biased(T biased_var, T count) {
   return biased_var * count / (count - T(1));
