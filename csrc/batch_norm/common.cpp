@@ -20,7 +20,14 @@ ChannelView channel_view(const at::Tensor& input) {
 }
 
 at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor) {
-  if (tensor.strides() == view.data.strides()) return tensor;
+  // Dense in the view's layout is enough: the kernels compute offsets from the
+  // sizes, so strides of size-1 dims (which is_contiguous ignores) don't matter.
+  // With inner == 1 both layouts are the plain row-major one.
+  const at::MemoryFormat format =
+      !view.channels_last || view.inner == 1 ? at::MemoryFormat::Contiguous
+      : tensor.dim() == 4                    ? at::MemoryFormat::ChannelsLast
+                                             : at::MemoryFormat::ChannelsLast3d;
+  if (tensor.is_contiguous(format)) return tensor;
   at::Tensor out = at::empty_strided(view.data.sizes(), view.data.strides(), tensor.options());
   out.copy_(tensor);
   return out;

@@ -25,7 +25,7 @@ struct ChannelView {
 // torch does), copying the input only when it is not dense in that layout.
 ChannelView channel_view(const at::Tensor& input);
 
-// `tensor` (same shape as view.data) in view's layout, copied only if needed.
+// `tensor` (same shape as view.data) dense in view's layout, copied only if it is not.
 at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor);
 
 // Float32 for float/half/bfloat16 inputs, float64 for float64: the dtype of
