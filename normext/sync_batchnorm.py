@@ -23,9 +23,9 @@ def _merge_moments(gathered: torch.Tensor, channels: int):
     counts = gathered[:, 0]
     seen = gathered[:, 1]
     bad = (seen != channels).nonzero().flatten().tolist()
-    if bad:
+    if bad:  # RuntimeError, as torch's size checks of the per-channel tensors
         rank = bad[0]
-        raise ValueError(
+        raise RuntimeError(
             f"SyncBatchNorm: rank {rank} of the process group got an input with "
             f"{int(seen[rank])} channels but the layer has {channels}")
     means = gathered[:, 2:2 + channels]
@@ -35,6 +35,20 @@ def _merge_moments(gathered: torch.Tensor, channels: int):
     mean = (weights * means).sum(0)
     var = (weights * (variances + (means - mean) ** 2)).sum(0)
     return float(total), mean, var
+
+
+def _agreed_channel_count(input: torch.Tensor, group) -> int:
+    """The channel count every rank's input has (one small all_gather), for a
+    layer without per-channel tensors; a RuntimeError on every rank if they
+    differ, where gathering differently sized statistics would abort gloo."""
+    local = torch.tensor([input.size(1)], dtype=torch.float64, device=input.device)
+    counts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, local, group=group)
+    seen = [int(c) for c in torch.cat(counts).tolist()]
+    if len(set(seen)) > 1:
+        raise RuntimeError(
+            f"SyncBatchNorm: the ranks of the process group got inputs with {seen} channels")
+    return seen[0]
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -53,15 +67,18 @@ class _SyncBatchNorm(torch.autograd.Function):
         rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(rows, local, group=group)
         total, global_mean, global_var = _merge_moments(torch.stack(rows), channels)
-        if total <= 1:
+        if total == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
-                f"{input.size()} on this rank and {int(total)} value(s) per channel in all")
+                f"{input.size()} on this rank and 1 value per channel in all")
         stat_dtype = ops.accumulate_dtype(input.dtype)
         global_mean = global_mean.to(stat_dtype)
-        invstd = ops.batch_norm_finalize(
-            global_mean, global_var.to(stat_dtype), total, running_mean, running_var, momentum,
-            eps)
+        if total == 0:  # every rank's batch is empty: BatchNorm's empty batch, stats unchanged
+            invstd = torch.zeros_like(global_mean)
+        else:
+            invstd = ops.batch_norm_finalize(
+                global_mean, global_var.to(stat_dtype), total, running_mean, running_var,
+                momentum, eps)
         ctx.save_for_backward(input, weight, global_mean, invstd)
         ctx.total, ctx.group = total, group
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -78,8 +95,11 @@ class _SyncBatchNorm(torch.autograd.Function):
             sums = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(sums, group=ctx.group)
             sum_dy, sum_dy_xmu = sums.chunk(2)
-            grad_input = ops.batch_norm_backward_elemt(
-                grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, ctx.total)
+            if ctx.total == 0:
+                grad_input = torch.empty_like(grad_out)
+            else:
+                grad_input = ops.batch_norm_backward_elemt(
+                    grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, ctx.total)
         # Parameter gradients stay local: DistributedDataParallel averages them.
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
@@ -131,8 +151,15 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 and dist.get_world_size(group) > 1):
             return functional.batch_norm(input, running_mean, running_var, self.weight,
                                          self.bias, use_batch_stats, factor, self.eps)
+        functional._check_eps(self.eps, True)
+        functional._check_momentum(factor)
+        # A layer without per-channel tensors takes any channel count, as
+        # BatchNorm does; the ranks must still agree on it.
+        has_channel_state = any(t is not None for t in (self.weight, self.bias, running_mean,
+                                                        running_var))
+        channels = self.num_features if has_channel_state else _agreed_channel_count(input, group)
         return _SyncBatchNorm.apply(input, self.weight, self.bias, running_mean, running_var,
-                                    self.eps, factor, self.num_features, group)
+                                    self.eps, factor, channels, group)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

@@ -93,7 +93,8 @@ def _check_layer(rank, world_size, sizes, memory_format, dtype, momentum, device
     torch.testing.assert_close(sync(x[mine]), reference(x)[mine], **tol)
 
 
-@pytest.mark.parametrize("sizes", [[3, 4], [2, 0, 5]], ids=["2ranks", "3ranks-one-empty"])
+@pytest.mark.parametrize("sizes", [[3, 4], [2, 0, 5], [0, 0]],
+                         ids=["2ranks", "3ranks-one-empty", "all-empty"])
 def test_sync_matches_full_batch(sizes):
     _run(len(sizes), _check_layer, sizes, torch.contiguous_format, torch.float64, 0.1)
 
@@ -133,12 +134,50 @@ def test_sync_bfloat16_input():
 def _check_channel_mismatch(rank, world_size):
     layer = normext.SyncBatchNorm(4)
     channels = 4 if rank == 0 else 3
-    with pytest.raises(ValueError, match="rank 1 of the process group got an input with 3 channels"):
+    # RuntimeError, as torch's "running_mean should contain 4 elements not 3"
+    with pytest.raises(RuntimeError, match="rank 1 of the process group got an input with 3 "
+                                           "channels"):
         layer(torch.randn(2, channels, 3, 3))
 
 
 def test_sync_channel_mismatch_raises_on_every_rank():
     _run(2, _check_channel_mismatch)
+
+
+def _check_stateless_layer_any_channel_count(rank, world_size):
+    """Without weight, bias or running stats, num_features constrains nothing,
+    as in BatchNorm: every rank's 3 channels are normalized over the group."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 2, 2, dtype=torch.float64)
+    flags = dict(affine=False, track_running_stats=False)
+    layer = normext.SyncBatchNorm(4, **flags)
+    mine = _slices([3, 4])[rank]
+    torch.testing.assert_close(layer(x[mine]), torch.nn.BatchNorm2d(4, **flags)(x)[mine])
+    # ranks that disagree all raise (gathering statistics of two sizes would abort gloo)
+    with pytest.raises(RuntimeError, match=r"got inputs with \[3, 2\] channels"):
+        layer(torch.randn(2, 3 - rank, 2, 2))
+
+
+def test_sync_stateless_layer_takes_any_channel_count():
+    _run(2, _check_stateless_layer_any_channel_count)
+
+
+def _check_invalid_arguments(rank, world_size):
+    """The checks of BatchNorm's eps and momentum, raised on every rank before
+    any collective."""
+    x = torch.randn(2, 3, 2, 2)
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match="batch_norm eps must be positive"):
+            normext.SyncBatchNorm(3, eps=eps)(x)
+    for momentum, name in (("0.1", "str"), (torch.tensor([0.1]), "Tensor")):
+        with pytest.raises(TypeError, match=f"argument 'momentum' .* must be float, not {name}"):
+            normext.SyncBatchNorm(3, momentum=momentum)(x)
+    layer = normext.SyncBatchNorm(3)  # the group still works
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_sync_invalid_arguments_raise_like_batchnorm():
+    _run(2, _check_invalid_arguments)
 
 
 class _SmallCNN(torch.nn.Module):
