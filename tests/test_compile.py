@@ -195,6 +195,18 @@ def test_fx_symbolic_trace_takes_layers_as_leaves(sync):
                          getattr(getattr(reference, name), buffer), msg=f"{name}.{buffer}")
 
 
+def _check_step(model, reference, step, device="cpu"):
+    """A forward and backward of `model` and of its torch twin on one random
+    input: outputs and input gradients."""
+    x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = model(x), reference(x_ref)
+    assert_close(out, expected, msg=f"step {step}: output")
+    out.sum().backward()
+    expected.sum().backward()
+    assert_close(x.grad, x_ref.grad, msg=f"step {step}: input grad")
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated in recent torch
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_torchscript_matches_eager(momentum, tmp_path):
@@ -209,13 +221,7 @@ def test_torchscript_matches_eager(momentum, tmp_path):
     for step, training in enumerate([True, True, False]):
         loaded.train(training)
         reference.train(training)
-        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_()
-        out, expected = loaded(x), reference(x_ref)
-        assert_close(out, expected, msg=f"step {step}")
-        out.sum().backward()
-        expected.sum().backward()
-        assert_close(x.grad, x_ref.grad, msg=f"step {step}")
+        _check_step(loaded, reference, step)
     for name in ("bn1", "bn2", "bn3"):
         for buffer in ("running_mean", "running_var", "num_batches_tracked"):
             assert_close(getattr(getattr(loaded, name), buffer),
@@ -236,13 +242,7 @@ def test_torch_export_matches_torch(training, device):
     assert targets.count(torch.ops.normext.batch_norm.default) == 3
     module = exported.module()
     for step in range(2):
-        x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_()
-        out, expected = module(x), reference(x_ref)
-        assert_close(out, expected, msg=f"step {step}")
-        out.sum().backward()
-        expected.sum().backward()
-        assert_close(x.grad, x_ref.grad, msg=f"step {step}: input grad")
+        _check_step(module, reference, step, device)
     state = module.state_dict()
     for name, value in reference.state_dict().items():
         assert_close(state[name], value, msg=name)
