@@ -117,7 +117,7 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
   const auto* x = cpu::loop_data<scalar_t>(x_view.data);
   const int64_t C = x_view.channels, L = x_view.inner;
   if (cpu::is_short_row<scalar_t>(L) && C >= at::get_num_threads()) {
-    cpu::for_each_short_row_block(x_view, [&](int64_t c0, int64_t channels) {
+    cpu::for_each_short_row_block(x_view, 0, [&](int64_t c0, int64_t channels) {
       if (channels == 1) {
         channel_sums(dy, x, x_view.outer, C, L, c0, mean[c0], sum_dy[c0], sum_dy_xmu[c0]);
       } else {
@@ -132,7 +132,8 @@ void reduce_contiguous(const ChannelView& dy_view, const ChannelView& x_view, co
   blocks.for_each([&](int64_t c, int64_t offset, int64_t length, int64_t index) {
     run_sums(dy + offset, x + offset, length, mean[c], block_dy[index], block_dy_xmu[index]);
   });
-  at::parallel_for(0, x_view.channels, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = cpu::grain_for(blocks.per_channel());
+  at::parallel_for(0, x_view.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       acc_t s = 0, sx = 0;
       for (int64_t p = c * blocks.per_channel(); p < (c + 1) * blocks.per_channel(); ++p) {

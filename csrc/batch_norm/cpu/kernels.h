@@ -61,6 +61,10 @@ namespace cpu {
 
 // Elements one task handles at least: enough to amortize scheduling.
 constexpr int64_t kGrainElements = 32768;
+// The grain of a parallel loop whose items cost `item_cost` element sums each.
+inline int64_t grain_for(int64_t item_cost) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, item_cost));
+}
 // Elements one block of a row holds in the blocked reductions.
 constexpr int64_t kBlockElements = 4096;
 
@@ -86,7 +90,7 @@ struct RowBlocks {
   template <typename F>
   void for_each(const F& fn) const {
     const int64_t typical = std::min(inner, kBlockElements);
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, typical));
+    const int64_t grain = grain_for(typical);
     at::parallel_for(0, outer * channels * blocks_per_row, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task % blocks_per_row;
@@ -104,7 +108,7 @@ struct RowChunks {
   int64_t rows, chunks;
 
   RowChunks(int64_t rows, int64_t channels) : rows(rows) {
-    const int64_t min_rows = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, channels));
+    const int64_t min_rows = grain_for(channels);
     chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                     (rows + min_rows - 1) / min_rows));
   }
@@ -187,13 +191,15 @@ inline int64_t short_row_block(int64_t channels, int64_t length) {
 }
 
 // fn(first channel, channels) over the blocks of a contiguous (N, C, L)
-// tensor with short rows, in parallel. A channel's sums do not depend on its
-// block: each is added row by row in the same order either way.
+// tensor with short rows, in parallel when there is enough work: a channel
+// costs its count of elements plus `channel_cost` more (in element sums), and
+// a small tensor stays on one thread, where waking the others would cost more
+// than its sums. A channel's sums do not depend on its block: each is added
+// row by row in the same order either way.
 template <typename F>
-void for_each_short_row_block(const ChannelView& v, const F& fn) {
+void for_each_short_row_block(const ChannelView& v, int64_t channel_cost, const F& fn) {
   const int64_t block = short_row_block(v.channels, v.inner);
-  const int64_t grain =
-      block > 1 ? 1 : std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, v.count()));
+  const int64_t grain = grain_for(block * (v.count() + channel_cost));
   at::parallel_for(0, (v.channels + block - 1) / block, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       fn(i * block, std::min(block, v.channels - i * block));
@@ -293,7 +299,7 @@ inline void prefetch_ahead(const T* begin, const T* end, const T* limit) {
 // fn(first row, end row) over channels-last rows in parallel.
 template <typename F>
 void for_each_row_range(const ChannelView& v, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, v.channels));
+  const int64_t grain = grain_for(v.channels);
   at::parallel_for(0, v.outer * v.inner, grain, fn);
 }
 
