@@ -48,17 +48,20 @@ echo "== error path"
 { c++ --version | head -1; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'; } \
   >> "$out/machine.txt"
 error_rc=0
+probe_log=$(mktemp)
 for probe in "cpu" "cpu after CUDA init" "cuda"; do
   code="import torch, normext
 device = 'cuda' if '$probe' == 'cuda' else 'cpu'
 if 'init' in '$probe': torch.cuda.init()
+x = torch.ones(3, device=device)
 try:
-    torch.ops.normext.batch_norm_moments(torch.ones(3, device=device))
+    torch.ops.normext.batch_norm_moments(x)
 except RuntimeError as error:
     print('$probe: a 1-D input raises RuntimeError:', str(error).splitlines()[0])"
-  timeout 60 $python -X faulthandler -c "$code" > "$out/error_path.log" 2>&1
+  timeout $(limit 60 420) $python -X faulthandler -c "$code" > "$probe_log" 2>&1
   rc=$?
-  tail -3 "$out/error_path.log"
+  tail -3 "$probe_log"
+  { echo "== $probe (exit $rc)"; cat "$probe_log"; } >> "$out/error_path.log"
   if [ $rc -ne 0 ]; then
     error_rc=$rc
     if [ $rc -gt 128 ]; then
@@ -66,10 +69,11 @@ except RuntimeError as error:
     else
       echo "gpu_check: the error path failed ($probe, exit $rc)"
     fi
-    command -v cuda-gdb > /dev/null && timeout 90 cuda-gdb -batch -ex run -ex bt \
-      --args $python -c "$code" 2>&1 | grep -E "^#|signal" | head -40
+    command -v cuda-gdb > /dev/null && timeout $(limit 90 420) cuda-gdb -batch -ex run -ex bt \
+      --args $python -c "$code" 2>&1 | grep -E "^#|signal" | tee -a "$out/error_path.log" | head -40
   fi
 done
+rm -f "$probe_log"
 
 echo "== CUDA tests"
 # Every device-parametrized test plus the CUDA-only file, the slow >2^31 test

@@ -1,6 +1,6 @@
 """normext.functional.batch_norm: torch.nn.functional.batch_norm on normext's kernels."""
 
-import numbers
+import sys
 
 import torch
 from torch import Tensor
@@ -36,16 +36,32 @@ def _check_eps(eps: float, training: bool, zero_eps_in_eval: bool = _ZERO_EPS_IN
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def _type_name(value) -> str:
+    """The name torch's argument errors give a value's type (C's tp_name): the
+    bare name for classes defined in Python and for builtins, else module.name."""
+    cls = type(value)
+    if cls.__flags__ & _HEAP_TYPE or cls.__module__ == "builtins":
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+
+
 def _check_momentum(momentum: float) -> None:
     """torch's argument parser's TypeError for a momentum that is not a float:
     the op's own parser would raise RuntimeError, and take a 1-element 1-D
-    tensor that torch rejects."""
-    if isinstance(momentum, numbers.Real):
+    tensor that torch rejects. torch takes Python numbers, numpy's number and
+    bool scalars, symbolic numbers, and 0-dim tensors."""
+    if isinstance(momentum, (float, int, torch.SymFloat, torch.SymInt)):
+        return
+    np = sys.modules.get("numpy")  # not imported: the value cannot be a numpy scalar
+    if np is not None and isinstance(momentum, (np.number, np.bool_)):
         return
     if isinstance(momentum, Tensor) and momentum.dim() == 0 and not momentum.requires_grad:
         return
     raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, "
-                    f"not {type(momentum).__name__}")
+                    f"not {_type_name(momentum)}")
 
 
 def _needs_torch_rules(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:

@@ -16,12 +16,21 @@ from .modules import traced_as_leaf
 __all__ = ["SyncBatchNorm"]
 
 
+def _check_ranks_have_channels(seen: list) -> None:
+    """torch's error for an input without channels, on every rank (raised on
+    the offending rank alone, it would leave the others in a collective)."""
+    if 0 in seen:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero (rank "
+                         f"{seen.index(0)} of the process group got an input with 0 channels)")
+
+
 def _merge_moments(gathered: torch.Tensor, channels: int):
     """Global (count, mean, biased var) from the ranks' [count, channels,
     mean(C), var(C)] rows, in float64: sum(n_i * (var_i + (mean_i - mean)^2))
     adds non-negative terms only, so nothing cancels."""
     counts = gathered[:, 0]
     seen = gathered[:, 1]
+    _check_ranks_have_channels(seen.tolist())
     bad = (seen != channels).nonzero().flatten().tolist()
     if bad:  # RuntimeError, as torch's size checks of the per-channel tensors
         rank = bad[0]
@@ -45,6 +54,7 @@ def _agreed_channel_count(input: torch.Tensor, group) -> int:
     counts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(counts, local, group=group)
     seen = [int(c) for c in torch.cat(counts).tolist()]
+    _check_ranks_have_channels(seen)
     if len(set(seen)) > 1:
         raise RuntimeError(
             f"SyncBatchNorm: the ranks of the process group got inputs with {seen} channels")
@@ -135,7 +145,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if isinstance(input, torch.fx.Proxy):
             return traced_as_leaf(self, input)
         self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
+        group = self.process_group or (dist.group.WORLD if dist.is_available() else None)
+        distributed = (self.training and dist.is_available() and dist.is_initialized()
+                       and dist.get_world_size(group) > 1)
+        if not distributed:  # (the distributed path raises it on every rank, after a collective)
+            self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -145,10 +159,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         pass_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
-
-        group = self.process_group or (dist.group.WORLD if dist.is_available() else None)
-        if not (use_batch_stats and self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(group) > 1):
+        if not distributed:
             return functional.batch_norm(input, running_mean, running_var, self.weight,
                                          self.bias, use_batch_stats, factor, self.eps)
         functional._check_eps(self.eps, True)

@@ -3,6 +3,8 @@ several train/eval steps, layouts, dtypes and flags; state dicts and reprs;
 errors."""
 
 import copy
+import decimal
+import fractions
 import itertools
 
 import numpy as np
@@ -700,7 +702,9 @@ def test_eps_zero_in_eval_is_allowed():
 
 
 @pytest.mark.parametrize("momentum,type_name", [
-    (None, "NoneType"), ("0.1", "str"), (torch.tensor([0.1]), "Tensor")])
+    (None, "NoneType"), ("0.1", "str"), (torch.tensor([0.1]), "Tensor"),
+    (fractions.Fraction(1, 10), "Fraction"), (decimal.Decimal("0.1"), "decimal.Decimal"),
+    (np.array(0.1), "numpy.ndarray")])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_error_momentum_not_a_float(momentum, type_name, training):
     assert_same_error(
@@ -709,8 +713,8 @@ def test_error_momentum_not_a_float(momentum, type_name, training):
         f"argument 'momentum' (position 7) must be float, not {type_name}")
 
 
-@pytest.mark.parametrize("momentum", [1, True, np.float32(0.5), torch.tensor(0.5)],
-                         ids=["int", "bool", "numpy", "0-dim-tensor"])
+@pytest.mark.parametrize("momentum", [1, True, np.float32(0.5), np.bool_(True), torch.tensor(0.5)],
+                         ids=["int", "bool", "numpy", "numpy-bool", "0-dim-tensor"])
 def test_momentum_types_torch_takes(momentum):
     x = torch.randn(4, 3, dtype=torch.float64)
     stats = [(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))

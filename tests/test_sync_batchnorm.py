@@ -144,6 +144,19 @@ def test_sync_channel_mismatch_raises_on_every_rank():
     _run(2, _check_channel_mismatch)
 
 
+def _check_no_channels(rank, world_size):
+    """torch's ValueError for an input without channels, on every rank: the
+    rank that has it does not leave the others waiting in a collective."""
+    for flags in (dict(), dict(affine=False, track_running_stats=False)):
+        layer = normext.SyncBatchNorm(3, **flags)
+        with pytest.raises(ValueError, match="number of input channels should be non-zero"):
+            layer(torch.randn(2, 3 if rank == 0 else 0, 2, 2))
+
+
+def test_sync_input_without_channels_raises_on_every_rank():
+    _run(2, _check_no_channels)
+
+
 def _check_stateless_layer_any_channel_count(rank, world_size):
     """Without weight, bias or running stats, num_features constrains nothing,
     as in BatchNorm: every rank's 3 channels are normalized over the group."""
@@ -241,6 +254,12 @@ def test_no_process_group_runs_locally():
     layer = normext.SyncBatchNorm(3)
     torch.testing.assert_close(layer(x), reference(x))
     torch.testing.assert_close(layer.running_var, reference.running_var)
+    for module in (torch.nn.SyncBatchNorm(3), layer):
+        tracked = int(module.num_batches_tracked)
+        with pytest.raises(ValueError, match="SyncBatchNorm number of input channels should be "
+                                             "non-zero"):
+            module(torch.randn(2, 0, 2, 2))
+        assert int(module.num_batches_tracked) == tracked  # raised before counting the batch
 
 
 def test_convert_sync_keeps_parameters():
