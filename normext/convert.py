@@ -2,17 +2,22 @@
 
 import torch
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+                      LazyBatchNorm3d)
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["convert"]
 
-# Exact types only: subclasses (SyncBatchNorm, lazy or user classes) may
-# change behaviour that a swap would lose.
+# Exact types only: subclasses (SyncBatchNorm or user classes) may change
+# behaviour that a swap would lose. A lazy layer not yet initialized becomes
+# normext's lazy layer, which turns into normext's layer at its first input.
 _REPLACEMENTS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 
 
@@ -27,8 +32,8 @@ def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
 
 def convert(module: torch.nn.Module, sync: bool = False,
             process_group=None) -> torch.nn.Module:
-    """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
-    normext class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the
+    """Return `module` with every torch.nn.BatchNorm1d/2d/3d (and
+    LazyBatchNorm1d/2d/3d) replaced by the normext class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the
     converted layers share parameters and buffers with the originals (same
     device, dtype, requires_grad and training flag), containers are updated in
     place, and other modules are left alone.

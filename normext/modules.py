@@ -6,7 +6,8 @@ import torch
 
 from . import functional
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
+           "LazyBatchNorm3d"]
 
 
 def traced_as_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
@@ -56,3 +57,23 @@ class BatchNorm2d(_NormextForward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_NormextForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on normext kernels; input (N, C, D, H, W)."""
+
+
+class LazyBatchNorm1d(_NormextForward, torch.nn.LazyBatchNorm1d):
+    """torch.nn.LazyBatchNorm1d on normext kernels: num_features is taken from
+    the first input, which turns the layer into a normext.BatchNorm1d."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_NormextForward, torch.nn.LazyBatchNorm2d):
+    """torch.nn.LazyBatchNorm2d on normext kernels; becomes a normext.BatchNorm2d."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_NormextForward, torch.nn.LazyBatchNorm3d):
+    """torch.nn.LazyBatchNorm3d on normext kernels; becomes a normext.BatchNorm3d."""
+
+    cls_to_become = BatchNorm3d
+

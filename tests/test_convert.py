@@ -1,5 +1,6 @@
-"""normext.convert: swaps exact torch.nn.BatchNorm{1,2,3}d for normext's,
-sharing parameters and buffers, and leaves everything else alone."""
+"""normext.convert: swaps exact torch.nn.BatchNorm{1,2,3}d (and the lazy
+ones) for normext's, sharing parameters and buffers, and leaves everything
+else alone."""
 
 import copy
 
@@ -146,15 +147,49 @@ def test_convert_keeps_parameters_buffers_and_flags():
 def test_convert_leaves_other_modules_alone():
     sync = torch.nn.SyncBatchNorm(4)
     custom = MyBatchNorm2d(4)
-    lazy = torch.nn.LazyBatchNorm2d()
     instance = torch.nn.InstanceNorm2d(4)
-    model = torch.nn.Sequential(sync, custom, lazy, instance, torch.nn.BatchNorm2d(4))
+    model = torch.nn.Sequential(sync, custom, instance, torch.nn.BatchNorm2d(4))
     normext.convert(model)
     assert model[0] is sync and type(model[0]) is torch.nn.SyncBatchNorm
     assert model[1] is custom and type(model[1]) is MyBatchNorm2d
-    assert model[2] is lazy and type(model[2]) is torch.nn.LazyBatchNorm2d
-    assert model[3] is instance
-    assert type(model[4]) is normext.BatchNorm2d
+    assert model[2] is instance
+    assert type(model[3]) is normext.BatchNorm2d
+
+
+LAZY = [(torch.nn.LazyBatchNorm1d, normext.LazyBatchNorm1d, normext.BatchNorm1d, (4, 5, 3)),
+        (torch.nn.LazyBatchNorm2d, normext.LazyBatchNorm2d, normext.BatchNorm2d, (4, 5, 3, 3)),
+        (torch.nn.LazyBatchNorm3d, normext.LazyBatchNorm3d, normext.BatchNorm3d,
+         (4, 5, 2, 3, 3))]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("lazy,ours,final,shape", LAZY, ids=["1d", "2d", "3d"])
+def test_convert_lazy_layers_matches_torch(lazy, ours, final, shape, device):
+    """A lazy layer becomes normext's lazy layer (still an instance of
+    torch's), which takes num_features from its first input and then is
+    normext's layer; normext's kernels run from that first call on. Outputs,
+    gradients and buffers match torch's lazy layer over training and eval steps."""
+    reference = lazy(momentum=None, device=device, dtype=torch.float64)
+    model = torch.nn.Sequential(lazy(momentum=None, device=device, dtype=torch.float64))
+    layer = normext.convert(model)[0]
+    assert type(layer) is ours and isinstance(layer, lazy)
+    for step, training in enumerate([True, True, False]):
+        reference.train(training)
+        layer.train(training)
+        x = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, expected = layer(x), reference(x_ref)
+        assert type(layer) is final
+        assert "normext" in out.grad_fn.name()
+        assert_close(out, expected, msg=f"step {step}")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        assert_close(x.grad, x_ref.grad, msg=f"step {step}: input grad")
+        for name, value in reference.state_dict().items():
+            assert_close(layer.state_dict()[name], value, msg=f"step {step}: {name}")
+    assert_close(layer.weight.grad, reference.weight.grad)
+    assert_close(layer.bias.grad, reference.bias.grad)
 
 
 @pytest.mark.parametrize("cls", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d,
