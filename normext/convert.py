@@ -33,10 +33,11 @@ def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
 def convert(module: torch.nn.Module, sync: bool = False,
             process_group=None) -> torch.nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d (and
-    LazyBatchNorm1d/2d/3d) replaced by the normext class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the
-    converted layers share parameters and buffers with the originals (same
-    device, dtype, requires_grad and training flag), containers are updated in
-    place, and other modules are left alone.
+    LazyBatchNorm1d/2d/3d) replaced by the normext class, like
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm: the converted layers share
+    parameters and buffers with the originals (same device, dtype,
+    requires_grad and training flag), containers are updated in place, and
+    other modules are left alone.
 
     With sync=True every torch.nn or normext BatchNorm layer becomes a
     normext.SyncBatchNorm over `process_group` (default: the whole world)."""

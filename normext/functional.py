@@ -36,6 +36,9 @@ def _check_eps(eps: float, training: bool, zero_eps_in_eval: bool = _ZERO_EPS_IN
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
+
+
 def _type_name(value) -> str:
     """The name torch's argument errors give a value's type (C's tp_name): the
     bare name for classes defined in Python and for builtins, else module.name."""
@@ -43,9 +46,6 @@ def _type_name(value) -> str:
     if cls.__flags__ & _HEAP_TYPE or cls.__module__ == "builtins":
         return cls.__name__
     return f"{cls.__module__}.{cls.__name__}"
-
-
-_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
 
 
 def _check_momentum(momentum: float) -> None:

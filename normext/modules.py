@@ -76,4 +76,3 @@ class LazyBatchNorm3d(_NormextForward, torch.nn.LazyBatchNorm3d):
     """torch.nn.LazyBatchNorm3d on normext kernels; becomes a normext.BatchNorm3d."""
 
     cls_to_become = BatchNorm3d
-
