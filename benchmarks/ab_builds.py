@@ -1,4 +1,4 @@
-"""Two builds of normext's CPU kernels timed against each other in one process.
+"""Two builds of normext's kernels timed against each other in one process.
 
 On a shared machine an op's time moves by up to 2x between processes, so two
 builds timed in separate runs say little about a 10% change. This tool builds
@@ -11,9 +11,13 @@ reports the median of the per-pair ratios and their interquartile range.
     python benchmarks/ab_builds.py build base=HEAD new      # new: the working tree
     python benchmarks/ab_builds.py compare base new --ops backward --layouts channels_last
 
+The name `normext` in `compare` is the package itself as imported (no build needed).
+
 Two builds of one revision (`build aa1=HEAD aa2=HEAD`, then `compare aa1 aa2`)
 show the noise floor: differences inside their spread are not measured.
-Builds go to build/ab/NAME (CPU only); they need git and a compiler.
+Builds go to build/ab/NAME, CPU only unless `build --cuda` (then as setup.py
+decides: CUDA too where a toolkit and a CUDA torch exist); they need git and a
+compiler. `compare --device cuda` times CUDA builds on the GPU.
 """
 
 import argparse
@@ -39,9 +43,13 @@ MOMENTUM, EPS = 0.1, 1e-5
 
 
 def _source_tar(revision: str | None) -> bytes:
-    """The tree at `revision` (git archive), or the working tree's tracked
-    and unignored files when None."""
+    """The tree at `revision` (git archive; a path to a .tar file: that
+    archive, for a copy of the repository without that commit), or the
+    working tree's tracked and unignored files when None."""
     root = str(common.REPO_ROOT)
+    if revision and revision.endswith(".tar"):
+        with open(revision, "rb") as archive:
+            return archive.read()
     if revision:
         return subprocess.run(["git", "archive", revision], cwd=root, check=True,
                               capture_output=True).stdout
@@ -70,7 +78,7 @@ def _rename_namespace(source_dir: str, name: str) -> None:
                     handle.write(renamed)
 
 
-def build(spec: str) -> None:
+def build(spec: str, cuda: bool = False) -> None:
     name, _, revision = spec.partition("=")
     if not name.isidentifier() or name == "normext":
         sys.exit(f"error: build name {name!r} must be an identifier other than normext")
@@ -85,7 +93,7 @@ def build(spec: str) -> None:
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest,
                               stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "NORMEXT_CPU_ONLY": "1"})
+                              env={**os.environ, "NORMEXT_CPU_ONLY": "0" if cuda else "1"})
     if done.returncode != 0:
         sys.exit(f"error: building {name} failed; see {log}")
 
@@ -94,6 +102,9 @@ def build(spec: str) -> None:
 
 
 def load(name: str):
+    if name == "normext":  # the package itself (its in-place build or installed copy)
+        import normext  # noqa: F401  (registers torch.ops.normext)
+        return torch.ops.normext
     libraries = sorted((AB_DIR / name / "normext").glob("_C.*"))
     if not libraries:
         sys.exit(f"error: no build {name!r} under {AB_DIR}; run `ab_builds.py build {name}=REV`")
@@ -136,6 +147,7 @@ OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt
 
 def compare(args) -> None:
     a_ops, b_ops = load(args.a), load(args.b)
+    device = torch.device(args.device)
     print(f"| op | dtype | layout | shape | {args.a} ms | {args.b} ms | {args.a}/{args.b} "
           "median | IQR |")
     print("|---|---|---|---|---:|---:|---:|---|")
@@ -150,16 +162,18 @@ def compare(args) -> None:
                     return torch.randn(size, generator=gen)
 
                 channels = shape[1]
-                x = (make(*shape) * 2 + 0.5).to(dtype).contiguous(
+                x = (make(*shape) * 2 + 0.5).to(device, dtype).contiguous(
                     memory_format=common.LAYOUTS[layout])
-                grad = make(*shape).to(dtype).contiguous(memory_format=common.LAYOUTS[layout])
-                params = [(make(channels).abs() + 0.5).to(dtype), make(channels).to(dtype),
-                          make(channels).to(dtype), (make(channels).abs() + 0.5).to(dtype)]
+                grad = make(*shape).to(device, dtype).contiguous(
+                    memory_format=common.LAYOUTS[layout])
+                params = [(make(channels).abs() + 0.5).to(device, dtype),
+                          make(channels).to(device, dtype), make(channels).to(device, dtype),
+                          (make(channels).abs() + 0.5).to(device, dtype)]
                 calls = [op_calls(ops, x, grad, *params) for ops in (a_ops, b_ops)]
                 for op in common.split_list(args.ops):
                     # Two functions rotated every round: ABBA order.
                     timings = common.interleaved_timings(
-                        {"a": calls[0][op], "b": calls[1][op]}, torch.device("cpu"),
+                        {"a": calls[0][op], "b": calls[1][op]}, device,
                         args.pairs, args.min_time)
                     times_a, times_b = timings["a"].samples, timings["b"].samples
                     ratios = [t_a / t_b for t_a, t_b in zip(times_a, times_b)]
@@ -180,6 +194,8 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build NAME=REV (REV omitted: working tree)")
     build_parser.add_argument("specs", nargs="+", metavar="NAME[=REV]")
+    build_parser.add_argument("--cuda", action="store_true",
+                              help="build the CUDA kernels too (setup.py's rules)")
     compare_parser = commands.add_parser("compare", help="time build A against build B")
     compare_parser.add_argument("a")
     compare_parser.add_argument("b")
@@ -193,10 +209,11 @@ def main(argv=None) -> None:
     compare_parser.add_argument("--min-time", type=float, default=0.02,
                                 help="seconds each measurement of a pair lasts at least")
     compare_parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
+    compare_parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     if args.command == "build":
         for spec in args.specs:
-            build(spec)
+            build(spec, args.cuda)
         return
     unknown = set(common.split_list(args.ops)) - set(OPS)
     if unknown:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: builds normext in place for this machine's GPU, runs the CUDA
 # tests and the per-call overhead check, then the BatchNorm benchmark on GPU
-# shapes and a ResNet-50 step (skipped with SKIP_BENCH=1).
+# shapes and a ResNet-50 step (skipped with SKIP_BENCH=1). With AB_BASE=REV
+# (a commit, or a .tar of one: `git archive REV -o .ab/base.tar`, for a copy
+# of the repository without that commit) it also builds REV beside it and
+# times the two builds' ops against each other in one process (ab_builds.py).
 # Logs and Markdown tables go under $OUT (else build/gpu_check); a summary is
 # printed last. Needs a CUDA torch, nvcc, ninja, pytest, pytest-timeout and
 # hypothesis (pytest-xdist used when present); no internet. About 6-8 min on
@@ -27,10 +30,16 @@ export CUDA_HOME="${CUDA_HOME:-$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $python -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
-  git rev-parse --short HEAD 2>/dev/null
+  echo "commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   date -u +%Y-%m-%dT%H:%MZ
 } | tee "$out/machine.txt"
 
+if [ -n "${AB_BASE:-}" ]; then  # half the cores each
+  export MAX_JOBS=$(( (MAX_JOBS + 1) / 2 ))
+  timeout $(limit 300 200) $python benchmarks/ab_builds.py build --cuda "base=$AB_BASE" \
+    > "$out/ab_build.log" 2>&1 &
+  ab_build_pid=$!
+fi
 echo "== build (sm_$arch, $MAX_JOBS jobs)"
 start=$(date +%s)
 if ! timeout $(limit 300 200) $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
@@ -97,15 +106,27 @@ overhead_rc=$?
 [ $overhead_rc -ne 0 ] && tail -5 "$out/overhead.log"
 sed -n '/^| mode/,$p' "$out/overhead.md"
 
+ab_rc=0
+if [ -n "${AB_BASE:-}" ]; then
+  echo "== A/B: base ($AB_BASE) against this tree, in one process"
+  wait $ab_build_pid || { ab_rc=1; tail -5 "$out/ab_build.log"; }
+  [ $ab_rc -eq 0 ] && timeout $(limit 90 150) $python benchmarks/ab_builds.py compare base normext \
+    --device cuda --ops train,eval,backward,fwdbwd --dtypes float32,float16 \
+    --shapes "${AB_SHAPES:-64/56,256/28,2048/7}" --pairs 7 --min-time 0.01 > "$out/ab.md" 2>&1
+  ab_rc=$(( ab_rc || $? ))
+  tail -3 "$out/ab.md"
+fi
+
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
   echo "== benchmarks skipped (SKIP_BENCH=1)"
-  exit $(( tests_rc != 0 || overhead_rc != 0 || error_rc != 0 ))
+  exit $(( tests_rc != 0 || overhead_rc != 0 || error_rc != 0 || ab_rc != 0 ))
 fi
 
 echo "== BatchNorm benchmark"
 bench() {
   timeout $(limit 200 60) $python benchmarks/bench_batchnorm.py --device cuda \
-    --repeats "${BENCH_REPEATS:-5}" --json "$out/bench.json" "$@" > "$out/bench.md" 2>> "$out/bench.log"
+    --repeats "${BENCH_REPEATS:-5}" ${BENCH_ARGS:-} --json "$out/bench.json" "$@" \
+    > "$out/bench.md" 2>> "$out/bench.log"
 }
 bench
 bench_rc=$?
@@ -125,8 +146,9 @@ timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
 
-echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
+echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, ab rc=$ab_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
 cat "$out/resnet50.md"
 # the BatchNorm report's speedup summary (the full table is in bench.md)
 sed -n '/Speedup summary/,$p' "$out/bench.md"
-exit $(( error_rc != 0 || tests_rc != 0 || overhead_rc != 0 || bench_rc != 0 || resnet_rc != 0 ))
+exit $(( error_rc != 0 || tests_rc != 0 || overhead_rc != 0 || ab_rc != 0 || bench_rc != 0 \
+  || resnet_rc != 0 ))

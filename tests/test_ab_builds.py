@@ -28,3 +28,18 @@ def test_renames_every_registration_of_csrc(tmp_path):
     after = registrations(tmp_path / "csrc")
     assert len(after) == len(before)
     assert all("abtest" in r and "normext" not in r for r in after), after
+
+
+def test_source_from_an_archive_file(tmp_path):
+    # gpu_check.sh's AB_BASE: a commit the device's copy of the repository lacks
+    archive = tmp_path / "base.tar"
+    archive.write_bytes(b"tar bytes")
+    assert ab_builds._source_tar(str(archive)) == b"tar bytes"
+
+
+def test_the_package_itself_is_build_normext():
+    import torch
+
+    import normext  # noqa: F401
+
+    assert ab_builds.load("normext") is torch.ops.normext

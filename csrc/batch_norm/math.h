@@ -45,10 +45,15 @@ template <typename T, typename Load>
 C10_HOST_DEVICE inline T channel_shift(int64_t count, const Load& load) {
   const int size = count < kShiftSample ? static_cast<int>(count) : kShiftSample;
   if (size == 0) return T(0);
+  // Every sample is loaded before any is compared, so that a GPU thread has
+  // all its loads in flight at once.
   double sample[kShiftSample];
-  for (int k = 0; k < size; ++k) {
-    const double value = load(k * count / size);
-    int i = k;  // insertion sort
+  for (int k = 0; k < kShiftSample; ++k) {
+    if (k < size) sample[k] = load(k * count / size);
+  }
+  for (int k = 1; k < size; ++k) {  // insertion sort
+    const double value = sample[k];
+    int i = k;
     for (; i > 0 && sample[i - 1] > value; --i) sample[i] = sample[i - 1];
     sample[i] = value;
   }
@@ -95,12 +100,14 @@ struct GradInputCoefficients {
   T shift;
 };
 
+// inv_count = 1 / n: a GPU computes the coefficients per element, where
+// divisions would cost more than the memory traffic.
 template <typename T>
 C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
-    T sum_dy, T sum_dy_xmu, T invstd, T weight, T count) {
+    T sum_dy, T sum_dy_xmu, T invstd, T weight, T inv_count) {
   const T scale = invstd * weight;
-  const T projection = sum_dy_xmu * invstd * invstd / count;
-  return {scale, -projection * scale, -sum_dy / count * scale};
+  const T projection = sum_dy_xmu * invstd * invstd * inv_count;
+  return {scale, -projection * scale, -sum_dy * inv_count * scale};
 }
 
 template <typename T>

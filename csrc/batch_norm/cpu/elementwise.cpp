@@ -190,9 +190,9 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     const std::vector<acc_t> sdyx = cpu::channel_values<acc_t>(sum_dy_xmu, C, 0);
     // Struct-of-arrays so the channels-last loop vectorizes across C.
     std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
+    const acc_t inv_count = static_cast<acc_t>(1.0 / count);
     for (int64_t c = 0; c < C; ++c) {
-      const auto k =
-          grad_input_coefficients(sdy[c], sdyx[c], istd[c], w[c], acc_t(count));
+      const auto k = grad_input_coefficients(sdy[c], sdyx[c], istd[c], w[c], inv_count);
       dy_scale[c] = k.dy_scale;
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;

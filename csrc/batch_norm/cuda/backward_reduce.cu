@@ -11,21 +11,31 @@ namespace {
 
 using cuda::Sums;
 
-template <typename scalar_t, typename accumulate_t>
+template <typename scalar_type, typename accumulate_t>
 struct GradSumsReducer {
+  using scalar_t = scalar_type;
   using acc_t = accumulate_t;
   using Context = acc_t;  // the channel's mean
+  template <int size>
+  struct Loaded {
+    cuda::Pack<scalar_t, size> dy, x;
+  };
   const scalar_t* grad_out;
   const scalar_t* input;
   const acc_t* mean;
 
   __device__ acc_t context(int64_t c) const { return mean[c]; }
 
-  template <typename index_t>
-  __device__ void add(Sums<acc_t>& s, index_t element, acc_t channel_mean) const {
-    const acc_t dy = static_cast<acc_t>(grad_out[element]);
+  template <int size, typename index_t>
+  __device__ Loaded<size> load(index_t first) const {
+    return {cuda::load_pack<size>(grad_out, first), cuda::load_pack<size>(input, first)};
+  }
+
+  template <int size>
+  __device__ void add(Sums<acc_t>& s, const Loaded<size>& v, int k, acc_t channel_mean) const {
+    const acc_t dy = static_cast<acc_t>(v.dy.value[k]);
     s.first += dy;
-    s.second += dy * (static_cast<acc_t>(input[element]) - channel_mean);
+    s.second += dy * (static_cast<acc_t>(v.x.value[k]) - channel_mean);
   }
 };
 
@@ -69,7 +79,7 @@ void CudaKernels::backward_reduce(const ChannelView& grad_out, const ChannelView
           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
           istd.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<param_t>(),
           grad_bias.mutable_data_ptr<param_t>()};
-      cuda::reduce_per_channel(input, reducer, finish);
+      cuda::reduce_per_channel(input, reducer, finish, {reducer.grad_out, reducer.input});
     });
   });
 }

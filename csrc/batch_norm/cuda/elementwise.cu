@@ -1,6 +1,7 @@
 // Elementwise passes: normalize (1 read + 1 write; also the input gradient
 // under running statistics) and the input gradient under batch statistics
-// (2 reads + 1 write), in 16-byte packs where shape and alignment allow.
+// (2 reads + 1 write), in 16-byte packs where alignment allows (a pack may
+// span channels).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -37,16 +38,16 @@ struct NormalizeOp {
   scalar_t* output;
   ChannelParams<acc_t, param_t> p;
 
-  template <int size, bool channels_last, typename index_t>
-  __device__ void apply(index_t first, index_t c) const {
-    const auto in = *reinterpret_cast<const Pack<scalar_t, size>*>(input + first);
+  template <int size, typename index_t>
+  __device__ void apply(index_t first, const index_t (&channel)[size]) const {
+    const auto in = cuda::load_pack<size>(input, first);
     Pack<scalar_t, size> out;
 #pragma unroll
     for (int k = 0; k < size; ++k) {
-      const index_t ch = channels_last ? c + k : c;
-      const acc_t scale = p.invstd[ch] * p.weight_or_one(ch);
+      const index_t c = channel[k];
+      const acc_t scale = p.invstd[c] * p.weight_or_one(c);
       out.value[k] = static_cast<scalar_t>(batch_norm::normalize(
-          static_cast<acc_t>(in.value[k]), p.mean_or_zero(ch), scale, p.bias_or_zero(ch)));
+          static_cast<acc_t>(in.value[k]), p.mean_or_zero(c), scale, p.bias_or_zero(c)));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
@@ -60,77 +61,95 @@ struct GradInputOp {
   ChannelParams<acc_t, param_t> p;
   const acc_t* sum_dy;
   const acc_t* sum_dy_xmu;
-  acc_t count;
+  acc_t inv_count;
 
-  template <int size, bool channels_last, typename index_t>
-  __device__ void apply(index_t first, index_t c) const {
-    const auto dy = *reinterpret_cast<const Pack<scalar_t, size>*>(grad_out + first);
-    const auto x = *reinterpret_cast<const Pack<scalar_t, size>*>(input + first);
+  template <int size, typename index_t>
+  __device__ void apply(index_t first, const index_t (&channel)[size]) const {
+    const auto dy = cuda::load_pack<size>(grad_out, first);
+    const auto x = cuda::load_pack<size>(input, first);
     Pack<scalar_t, size> dx;
 #pragma unroll
     for (int k = 0; k < size; ++k) {
-      const index_t ch = channels_last ? c + k : c;
-      const GradInputCoefficients<acc_t> coefficients =
-          grad_input_coefficients(sum_dy[ch], sum_dy_xmu[ch], p.invstd[ch],
-                                  p.weight_or_one(ch), count);
+      const index_t c = channel[k];
+      const GradInputCoefficients<acc_t> coefficients = grad_input_coefficients(
+          sum_dy[c], sum_dy_xmu[c], p.invstd[c], p.weight_or_one(c), inv_count);
       dx.value[k] = static_cast<scalar_t>(
           batch_norm::grad_input(static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]),
-                                 p.mean[ch], coefficients));
+                                 p.mean[c], coefficients));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
   }
 };
 
-// Grid-stride loop over packs of `size` elements that share a channel
-// (contiguous) or span `size` adjacent channels (channels-last).
-template <int size, bool channels_last, typename index_t, class Op>
+// How the `size` elements of a pack map to channels. The tensor is a
+// sequence of rows of `row` elements (the inner size when contiguous, 1 when
+// channels-last), row r belonging to channel r % C.
+enum class PackChannels {
+  kOne,       // one channel (row % size == 0)
+  kAdjacent,  // size adjacent channels (channels-last, C % size == 0)
+  kStepping,  // any: the channel steps at each row end
+};
+
+// Grid-stride loop over packs of `size` elements.
+template <int size, PackChannels mapping, typename index_t, class Op>
 __global__ void __launch_bounds__(cuda::kThreads)
-    elementwise_kernel(const Op op, index_t packs, index_t channels, index_t inner) {
+    elementwise_kernel(const Op op, index_t packs, index_t channels, index_t row) {
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
        p += stride) {
     const index_t first = p * size;
-    const index_t c = channels_last ? first % channels : (first / inner) % channels;
-    op.template apply<size, channels_last>(first, c);
+    const index_t r = first / row;
+    index_t c = r % channels;
+    index_t channel[size];
+    if constexpr (mapping == PackChannels::kStepping) {
+      index_t position = first - r * row;
+#pragma unroll
+      for (int k = 0; k < size; ++k) {
+        channel[k] = c;
+        if (++position == row) {
+          position = 0;
+          c = c + 1 == channels ? 0 : c + 1;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < size; ++k) channel[k] = mapping == PackChannels::kAdjacent ? c + k : c;
+    }
+    op.template apply<size>(first, channel);
   }
 }
 
-template <int size, typename scalar_t, class Op>
+template <int size, PackChannels mapping, class Op>
 void launch_elementwise(const ChannelView& view, const Op& op) {
   const at::Device device = view.data.device();
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t packs = view.data.numel() / size;
   const int64_t max_blocks = static_cast<int64_t>(cuda::multiprocessor_count(device)) * 16;
-  const unsigned blocks = static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>((packs + cuda::kThreads - 1) / cuda::kThreads, max_blocks)));
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(
+      1, std::min<int64_t>((packs + cuda::kThreads - 1) / cuda::kThreads, max_blocks)));
+  const int64_t row = view.channels_last ? 1 : view.inner;
   cuda::with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
-    if (view.channels_last) {
-      elementwise_kernel<size, true, index_t><<<blocks, cuda::kThreads, 0, stream>>>(
-          op, packs, view.channels, view.inner);
-    } else {
-      elementwise_kernel<size, false, index_t><<<blocks, cuda::kThreads, 0, stream>>>(
-          op, packs, view.channels, view.inner);
-    }
+    elementwise_kernel<size, mapping, index_t>
+        <<<blocks, cuda::kThreads, 0, stream>>>(op, packs, view.channels, row);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// 16-byte packs when every pack stays inside one row (contiguous) or one
-// pixel's channels (channels-last) and all pointers are aligned; else scalars.
+// 16-byte packs when the element count is a multiple of a pack and all
+// pointers are aligned, else scalars.
 template <typename scalar_t, class Op>
 void run_elementwise(const ChannelView& view, const Op& op,
                      std::initializer_list<const void*> pointers) {
   constexpr int kPack = 16 / sizeof(scalar_t);
-  const int64_t row = view.channels_last ? view.channels : view.inner;
-  bool packed = row % kPack == 0;
-  for (const void* ptr : pointers) {
-    packed = packed && cuda::pack_aligned<kPack>(static_cast<const scalar_t*>(ptr));
-  }
-  if (packed) {
-    launch_elementwise<kPack, scalar_t>(view, op);
+  if (view.data.numel() % kPack != 0 || cuda::pack_size<scalar_t>(pointers) != kPack) {
+    launch_elementwise<1, PackChannels::kOne>(view, op);
+  } else if (!view.channels_last && view.inner % kPack == 0) {
+    launch_elementwise<kPack, PackChannels::kOne>(view, op);
+  } else if (view.channels_last && view.channels % kPack == 0) {
+    launch_elementwise<kPack, PackChannels::kAdjacent>(view, op);
   } else {
-    launch_elementwise<1, scalar_t>(view, op);
+    launch_elementwise<kPack, PackChannels::kStepping>(view, op);
   }
 }
 
@@ -182,7 +201,7 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
            cuda::data_or_null<param_t>(w), nullptr},
           sdy.const_data_ptr<acc_t>(),
           sdy_xmu.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(count)};
+          static_cast<acc_t>(1.0 / count)};
       run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
     });
   });

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <limits>
 
 #include "batch_norm/common.h"
@@ -74,14 +75,14 @@ void with_param_type(at::ScalarType type, const F& f) {
 
 // Splits of each channel's reduction: enough blocks to fill the GPU several
 // times over when there are few channel blocks, each still with real work
-// (16 or more elements per thread; a block covers `step` elements of a
-// channel per pass). It depends only on the shape and the device, so results
+// (8 or more loads per thread; a block covers `step` elements or rows of a
+// channel per load). It depends only on the shape and the device, so results
 // are reproducible.
 inline int64_t reduction_splits(int64_t channel_blocks, int64_t per_channel, int64_t step,
                                 const at::Device& device) {
   const int64_t target_blocks = 4 * static_cast<int64_t>(multiprocessor_count(device));
   const int64_t by_occupancy = (target_blocks + channel_blocks - 1) / channel_blocks;
-  const int64_t by_work = (per_channel + step * 16 - 1) / (step * 16);
+  const int64_t by_work = (per_channel + step * 8 - 1) / (step * 8);
   return std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_work, 65535}));
 }
 
@@ -91,9 +92,18 @@ struct alignas(sizeof(T) * size) Pack {
   T value[size];
 };
 
-template <int size, typename T>
-bool pack_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * size) == 0;
+template <int size, typename T, typename index_t>
+__device__ inline Pack<T, size> load_pack(const T* data, index_t first) {
+  return *reinterpret_cast<const Pack<T, size>*>(data + first);
+}
+
+// Elements of T in a 16-byte pack when every pointer is 16-byte aligned, else 1.
+template <typename T>
+int pack_size(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return 16 / sizeof(T);
 }
 
 }  // namespace normext::batch_norm::cuda

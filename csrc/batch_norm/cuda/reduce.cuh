@@ -1,15 +1,19 @@
 // Two-stage per-channel reduction of two sums, used by the statistics and the
 // backward reduction: stage 1 reduces slices of each channel into partial
 // sums (many blocks per channel when channels are few), stage 2 adds each
-// channel's partials in a fixed order. Each thread adds kChunk elements at a
-// time in the accumulate type and those chunk sums in double, so neither the
-// rounding nor an overflow of float32 grows with the slice length. No
+// channel's partials in a fixed order, a warp per channel. A thread loads
+// kUnroll packs (16 bytes where shape and alignment allow) before adding any,
+// so that several loads are in flight; it adds about kChunk elements of a
+// channel in the accumulate type and those chunk sums in double, so neither
+// the rounding nor an overflow of float32 grows with the slice length. No
 // atomics: the same input gives bit-identical results on every run.
 //
 // A Reducer provides
-//   using acc_t;                                       // chunk sums
-//   struct Context; Context context(int64_t channel) const;  // read once per thread
-//   void add(Sums<acc_t>&, index_t element, const Context&) const;
+//   using scalar_t; using acc_t;                        // element and chunk-sum types
+//   struct Context; Context context(int64_t channel) const;  // once per block and channel
+//   template <int size> struct Loaded;                  // one pack of what add reads
+//   template <int size, typename index_t> Loaded<size> load(index_t first) const;
+//   template <int size> void add(Sums<acc_t>&, const Loaded<size>&, int k, const Context&) const;
 // and a Finish, run by stage 2 once per channel (its own type, so that the
 // stage-1 kernels are compiled once per reducer whatever the finish writes):
 //   void operator()(const Reducer&, int64_t channel, const Sums<double>&) const;
@@ -31,131 +35,223 @@ __device__ inline void add_to(Sums<T>& total, const Sums<U>& part) {
 }
 
 constexpr int kChunk = 64;
+constexpr int kUnroll = 4;
+constexpr int kWarp = 32;
+// Stage-1 blocks resident per SM at least (caps registers at 128 a thread:
+// a channels-last thread holds sums of up to 8 channels).
+constexpr int kMinBlocks = 2;
 
-// A thread's running sums: the current chunk in acc_t, the rest in double.
-template <typename acc_t>
-struct ThreadSums {
-  Sums<acc_t> chunk{acc_t(0), acc_t(0)};
-  Sums<double> total{0.0, 0.0};
-  int filled = 0;
-
-  template <class R, typename index_t, typename Context>
-  __device__ void add(const R& reducer, index_t element, const Context& context) {
-    reducer.add(chunk, element, context);
-    if (++filled == kChunk) {
-      add_to(total, chunk);
-      chunk = {acc_t(0), acc_t(0)};
-      filled = 0;
-    }
-  }
-
-  __device__ Sums<double> sum() const {
-    Sums<double> all = total;
-    add_to(all, chunk);
-    return all;
-  }
-};
-
-// Contiguous (N, C, L): block (c, split) reduces elements
-// [split * per_split, ...) of channel c's N*L elements, then tree-adds the
-// block's sums in shared memory.
-template <class R, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    reduce_contiguous_kernel(const R reducer, index_t channels, index_t inner,
-                             index_t per_channel, index_t per_split, Sums<double>* partials) {
-  __shared__ Sums<double> shared[kThreads];
-  const index_t c = blockIdx.x;
-  const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
-  const index_t end = begin + per_split < per_channel ? begin + per_split : per_channel;
-  const auto context = reducer.context(c);
-  ThreadSums<typename R::acc_t> sums;
-  for (index_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    const index_t n = j / inner;
-    sums.add(reducer, (n * channels + c) * inner + (j - n * inner), context);
-  }
-  shared[threadIdx.x] = sums.sum();
-  for (unsigned offset = blockDim.x / 2; offset > 0; offset /= 2) {
+// Tree-adds the kThreads sums in `shared` (blocks of kThreads threads) into shared[0].
+__device__ inline void block_tree_add(Sums<double>* shared) {
+  for (unsigned offset = kThreads / 2; offset > 0; offset /= 2) {
     __syncthreads();
     if (threadIdx.x < offset) add_to(shared[threadIdx.x], shared[threadIdx.x + offset]);
   }
+}
+
+// Contiguous (N, C, L) read in packs of `size` (L % size == 0): block
+// (c, split) reduces packs [split * per_split, ...) of channel c's N * L / size.
+template <class R, int size, typename index_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    reduce_contiguous_kernel(const R reducer, index_t channels, index_t row_packs, index_t packs,
+                             index_t per_split, Sums<double>* partials) {
+  using acc_t = typename R::acc_t;
+  using Context = typename R::Context;
+  constexpr int kChunkPasses = kChunk / (kUnroll * size) > 1 ? kChunk / (kUnroll * size) : 1;
+  __shared__ Context shared_context;
+  __shared__ Sums<double> shared[kThreads];
+  const index_t c = blockIdx.x;
+  if (threadIdx.x == 0) shared_context = reducer.context(c);
+  __syncthreads();
+  const Context context = shared_context;
+  const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
+  const index_t end = begin + per_split < packs ? begin + per_split : packs;
+  Sums<acc_t> chunk{acc_t(0), acc_t(0)};
+  Sums<double> total{0.0, 0.0};
+  int passes = 0;
+  for (index_t first = begin + threadIdx.x; first < end; first += kUnroll * kThreads) {
+    typename R::template Loaded<size> loaded[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const index_t p = first + u * kThreads;
+      if (p < end) {
+        const index_t n = p / row_packs;
+        loaded[u] = reducer.template load<size>(
+            ((n * channels + c) * row_packs + (p - n * row_packs)) * size);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (first + u * kThreads < end) {
+#pragma unroll
+        for (int k = 0; k < size; ++k) reducer.add(chunk, loaded[u], k, context);
+      }
+    }
+    if (++passes == kChunkPasses) {
+      add_to(total, chunk);
+      chunk = {acc_t(0), acc_t(0)};
+      passes = 0;
+    }
+  }
+  add_to(total, chunk);
+  shared[threadIdx.x] = total;
+  block_tree_add(shared);
   if (threadIdx.x == 0) partials[c * gridDim.y + blockIdx.y] = shared[0];
 }
 
-// Channels-last (rows, C): a warp spans 32 adjacent channels (coalesced),
-// kRowLanes warps split the rows, and blockIdx.y picks a slice of rows.
-constexpr int kChannelLanes = 32;
-constexpr int kRowLanes = kThreads / kChannelLanes;
-
-template <class R, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+// Channels-last (rows, C) read in packs of `size` adjacent channels
+// (C % size == 0): a block is blockDim.x lanes of packs by blockDim.y rows,
+// so a warp spans whole rows when channels are few and no lane idles;
+// blockIdx.y picks a slice of rows.
+template <class R, int size, typename index_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
                                 index_t per_split, Sums<double>* partials) {
-  __shared__ Sums<double> shared[kRowLanes][kChannelLanes];
-  const index_t c = static_cast<index_t>(blockIdx.x) * kChannelLanes + threadIdx.x;
+  using acc_t = typename R::acc_t;
+  using Context = typename R::Context;
+  constexpr int kChunkPasses = kChunk / kUnroll;
+  __shared__ Context shared_context[kThreads];
+  __shared__ Sums<double> shared[kThreads];
+  const int lanes = blockDim.x;
+  const int thread = threadIdx.y * lanes + threadIdx.x;
+  // The block's lanes * size <= kThreads channels, a thread each.
+  const index_t block_channel = static_cast<index_t>(blockIdx.x) * lanes * size;
+  if (thread < lanes * size && block_channel + thread < channels) {
+    shared_context[thread] = reducer.context(block_channel + thread);
+  }
+  __syncthreads();
+  const index_t c = block_channel + threadIdx.x * size;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
   const index_t end = begin + per_split < rows ? begin + per_split : rows;
-  ThreadSums<typename R::acc_t> sums;
+  Sums<double> total[size];
+#pragma unroll
+  for (int k = 0; k < size; ++k) total[k] = {0.0, 0.0};
   if (c < channels) {
-    const auto context = reducer.context(c);
-    for (index_t r = begin + threadIdx.y; r < end; r += kRowLanes) {
-      sums.add(reducer, r * channels + c, context);
+    Context context[size];
+    Sums<acc_t> chunk[size];
+#pragma unroll
+    for (int k = 0; k < size; ++k) {
+      context[k] = shared_context[threadIdx.x * size + k];
+      chunk[k] = {acc_t(0), acc_t(0)};
     }
-  }
-  shared[threadIdx.y][threadIdx.x] = sums.sum();
-  for (int offset = kRowLanes / 2; offset > 0; offset /= 2) {
-    __syncthreads();
-    if (threadIdx.y < offset) {
-      add_to(shared[threadIdx.y][threadIdx.x], shared[threadIdx.y + offset][threadIdx.x]);
+    int passes = 0;
+    for (index_t row = begin + threadIdx.y; row < end; row += kUnroll * blockDim.y) {
+      typename R::template Loaded<size> loaded[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const index_t r = row + u * blockDim.y;
+        if (r < end) loaded[u] = reducer.template load<size>(r * channels + c);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (row + u * blockDim.y < end) {
+#pragma unroll
+          for (int k = 0; k < size; ++k) reducer.add(chunk[k], loaded[u], k, context[k]);
+        }
+      }
+      if (++passes == kChunkPasses) {
+#pragma unroll
+        for (int k = 0; k < size; ++k) {
+          add_to(total[k], chunk[k]);
+          chunk[k] = {acc_t(0), acc_t(0)};
+        }
+        passes = 0;
+      }
     }
+#pragma unroll
+    for (int k = 0; k < size; ++k) add_to(total[k], chunk[k]);
   }
-  if (threadIdx.y == 0 && c < channels) {
-    partials[c * gridDim.y + blockIdx.y] = shared[0][threadIdx.x];
+  // Each of the thread's channels in turn: a tree over the block's rows.
+#pragma unroll
+  for (int k = 0; k < size; ++k) {
+    shared[thread] = total[k];
+    for (unsigned offset = blockDim.y / 2; offset > 0; offset /= 2) {
+      __syncthreads();
+      if (threadIdx.y < offset) add_to(shared[thread], shared[thread + offset * lanes]);
+    }
+    if (threadIdx.y == 0 && c < channels) {
+      partials[(c + k) * gridDim.y + blockIdx.y] = shared[thread];
+    }
+    __syncthreads();  // before the next channel overwrites shared
   }
 }
 
+// Stage 2: a warp per channel; lane l adds partials l, l + 32, ..., then a
+// fixed shuffle tree adds the lanes, and lane 0 runs the finish.
 template <class R, class F>
-__global__ void reduce_finish_kernel(const R reducer, const F finish, const Sums<double>* partials,
-                                     int64_t splits, int64_t channels) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+__global__ void __launch_bounds__(kThreads)
+    reduce_finish_kernel(const R reducer, const F finish, const Sums<double>* partials,
+                         int64_t splits, int64_t channels) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
+  if (c >= channels) return;  // whole warps: c is the same across a warp
+  const int lane = threadIdx.x % kWarp;
   Sums<double> total{0.0, 0.0};
-  for (int64_t s = 0; s < splits; ++s) add_to(total, partials[c * splits + s]);
-  finish(reducer, c, total);
+  const Sums<double>* channel_partials = partials + c * splits;
+#pragma unroll 4
+  for (int64_t s = lane; s < splits; s += kWarp) add_to(total, channel_partials[s]);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    total.first += __shfl_down_sync(0xffffffffu, total.first, offset);
+    total.second += __shfl_down_sync(0xffffffffu, total.second, offset);
+  }
+  if (lane == 0) finish(reducer, c, total);
 }
 
-// Runs both stages for `view` (the reducer and the finish hold their own pointers).
+// Runs both stages for `view` (the reducer and the finish hold their own
+// pointers; `pointers` are the tensors the reducer reads, for their alignment).
 template <class R, class F>
-void reduce_per_channel(const ChannelView& view, const R& reducer, const F& finish) {
+void reduce_per_channel(const ChannelView& view, const R& reducer, const F& finish,
+                        std::initializer_list<const void*> pointers) {
   using Partial = Sums<double>;
+  constexpr int kPack = 16 / sizeof(typename R::scalar_t);
   const at::Device device = view.data.device();
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t channels = view.channels;
   const int64_t per_channel = view.count();
   if (channels == 0 || per_channel == 0) return;
-  const int64_t channel_blocks =
-      view.channels_last ? (channels + kChannelLanes - 1) / kChannelLanes : channels;
-  // A block steps through kThreads elements of one channel (contiguous) or
-  // kRowLanes rows of 32 channels (channels-last) at a time.
-  const int64_t splits = reduction_splits(channel_blocks, per_channel,
-                                          view.channels_last ? kRowLanes : kThreads, device);
-  const int64_t per_split = (per_channel + splits - 1) / splits;
+  const int64_t row = view.channels_last ? channels : view.inner;
+  const int size = row % kPack == 0 ? pack_size<typename R::scalar_t>(pointers) : 1;
+  // Channels-last: lanes of packs across a row (a power of two up to a warp),
+  // the rest of the block's threads over rows.
+  const int64_t groups = channels / size;
+  int lanes = 1;
+  while (lanes < kWarp && lanes < groups) lanes *= 2;
+  const int rows_per_pass = kThreads / lanes;
+  const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
+  // A block steps through kThreads packs of one channel (contiguous) or
+  // rows_per_pass rows of its channels (channels-last) at a time.
+  const int64_t splits =
+      view.channels_last
+          ? reduction_splits(channel_blocks, per_channel, rows_per_pass, device)
+          : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * size, device);
   at::Tensor workspace = at::empty({static_cast<int64_t>(channels * splits * sizeof(Partial))},
                                    view.data.options().dtype(at::kByte));
   Partial* partials = reinterpret_cast<Partial*>(workspace.mutable_data_ptr());
+  const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
-    const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
-    if (view.channels_last) {
-      reduce_channels_last_kernel<R, index_t>
-          <<<grid, dim3(kChannelLanes, kRowLanes), 0, stream>>>(
-              reducer, channels, per_channel, per_split, partials);
+    const auto launch = [&](auto pack) {
+      constexpr int kSize = decltype(pack)::value;
+      if (view.channels_last) {
+        const int64_t per_split = (per_channel + splits - 1) / splits;
+        reduce_channels_last_kernel<R, kSize, index_t>
+            <<<grid, dim3(lanes, rows_per_pass), 0, stream>>>(reducer, channels, per_channel,
+                                                             per_split, partials);
+      } else {
+        const int64_t packs = per_channel / kSize;
+        const int64_t per_split = (packs + splits - 1) / splits;
+        reduce_contiguous_kernel<R, kSize, index_t><<<grid, kThreads, 0, stream>>>(
+            reducer, channels, view.inner / kSize, packs, per_split, partials);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (size == kPack) {
+      launch(std::integral_constant<int, kPack>{});
     } else {
-      reduce_contiguous_kernel<R, index_t><<<grid, kThreads, 0, stream>>>(
-          reducer, channels, view.inner, per_channel, per_split, partials);
+      launch(std::integral_constant<int, 1>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const unsigned finish_blocks = static_cast<unsigned>((channels + kThreads - 1) / kThreads);
+  const unsigned finish_blocks =
+      static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
   reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(reducer, finish, partials,
                                                                      splits, channels);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,10 +14,13 @@ using cuda::Sums;
 
 // sum(d) and sum(d^2) of d = x - shift; one read of the input, no division
 // per element.
-template <typename scalar_t, typename accumulate_t>
+template <typename scalar_type, typename accumulate_t>
 struct ShiftedSumsReducer {
+  using scalar_t = scalar_type;
   using acc_t = accumulate_t;
   using Context = acc_t;  // the channel's shift
+  template <int size>
+  using Loaded = cuda::Pack<scalar_t, size>;
   const scalar_t* input;
   int64_t channels;
   int64_t inner;
@@ -31,9 +34,14 @@ struct ShiftedSumsReducer {
     });
   }
 
-  template <typename index_t>
-  __device__ void add(Sums<acc_t>& s, index_t element, acc_t shift) const {
-    const acc_t d = static_cast<acc_t>(input[element]) - shift;
+  template <int size, typename index_t>
+  __device__ Loaded<size> load(index_t first) const {
+    return cuda::load_pack<size>(input, first);
+  }
+
+  template <int size>
+  __device__ void add(Sums<acc_t>& s, const Loaded<size>& x, int k, acc_t shift) const {
+    const acc_t d = static_cast<acc_t>(x.value[k]) - shift;
     s.first += d;
     s.second += d * d;
   }
@@ -149,7 +157,8 @@ void CudaKernels::moments(const ChannelView& input, at::Tensor& mean, at::Tensor
     using acc_t = at::opmath_type<scalar_t>;
     cuda::reduce_per_channel(
         input, shifted_sums_reducer<scalar_t, acc_t>(input),
-        MomentsFinish<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()});
+        MomentsFinish<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()},
+        {input.data.const_data_ptr()});
   });
 }
 
@@ -173,7 +182,8 @@ void CudaKernels::batch_stats(const ChannelView& input, const at::Tensor& runnin
           static_cast<acc_t>(input.count()),
           static_cast<acc_t>(momentum),
           static_cast<acc_t>(eps)};
-      cuda::reduce_per_channel(input, shifted_sums_reducer<scalar_t, acc_t>(input), finish);
+      cuda::reduce_per_channel(input, shifted_sums_reducer<scalar_t, acc_t>(input), finish,
+                               {input.data.const_data_ptr()});
     });
   });
   running.write_back(running_mean, running_var);
