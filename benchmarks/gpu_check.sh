@@ -117,6 +117,11 @@ if [ -n "${AB_BASE:-}" ]; then
   tail -3 "$out/ab.md"
 fi
 
+echo "== GPU time per kernel of a training step (normext and torch)"
+timeout $(limit 60 150) $python benchmarks/profile_cuda_kernels.py --steps 10 \
+  > "$out/kernels.md" 2> "$out/kernels.log" || tail -5 "$out/kernels.log"
+grep "total" "$out/kernels.md"
+
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
   echo "== benchmarks skipped (SKIP_BENCH=1)"
   exit $(( tests_rc != 0 || overhead_rc != 0 || error_rc != 0 || ab_rc != 0 ))
