@@ -120,7 +120,13 @@ def make_extension():
     cxx = ["-O3", "-fopenmp"] + cpu_arch_flags() + define
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        # The shared libstdc++ that torch uses, also where the compiler links
+        # it statically by default (some toolchains do): a static copy's
+        # iostreams in a shared library are not initialized, so the messages
+        # of C++ errors lost their numbers (gcc 12) or crashed the process
+        # when formatted (gcc 13, seen on a lent H100's image).
+        extra_link_args=["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++",
+                         "-Wl,--pop-state"],
     )
 
     use_cuda = want_cuda(torch, cuda_home) and bool(cuda_sources())

@@ -34,12 +34,6 @@ export CUDA_HOME="${CUDA_HOME:-$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2
   date -u +%Y-%m-%dT%H:%MZ
 } | tee "$out/machine.txt"
 
-if [ -n "${AB_BASE:-}" ]; then  # half the cores each
-  export MAX_JOBS=$(( (MAX_JOBS + 1) / 2 ))
-  timeout $(limit 300 200) $python benchmarks/ab_builds.py build --cuda "base=$AB_BASE" \
-    > "$out/ab_build.log" 2>&1 &
-  ab_build_pid=$!
-fi
 echo "== build (sm_$arch, $MAX_JOBS jobs)"
 start=$(date +%s)
 if ! timeout $(limit 300 200) $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
@@ -47,6 +41,11 @@ if ! timeout $(limit 300 200) $python setup.py build_ext --inplace > "$out/build
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $python -c "import normext; print(normext.build_info())" | tee -a "$out/machine.txt"
+if [ -n "${AB_BASE:-}" ]; then  # built while the probes and tests run
+  timeout $(limit 300 200) $python benchmarks/ab_builds.py build --cuda "base=$AB_BASE" \
+    > "$out/ab_build.log" 2>&1 &
+  ab_build_pid=$!
+fi
 
 # A C++ error (TORCH_CHECK) must reach Python as an exception. A review run on
 # a lent H100 (2026-11-27) saw such errors crash the process instead (SIGSEGV)

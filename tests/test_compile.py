@@ -167,7 +167,8 @@ def _torch_twin(model):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             layer = getattr(torch.nn, type(module).__name__)(
-                module.num_features, module.eps, module.momentum, dtype=module.weight.dtype)
+                module.num_features, module.eps, module.momentum, device=module.weight.device,
+                dtype=module.weight.dtype)
             layer.load_state_dict(module.state_dict())
             twin.set_submodule(name, layer)
     return twin

@@ -354,9 +354,12 @@ def _compare_masks(a, b, what):
     pytest.param((1.0, float("inf"), float("-inf")), id="inf"),
     pytest.param((float("nan"), float("inf"), float("-inf"), 1.0), id="nan-inf"),
     # finite, but the squares overflow float32: torch gets an infinite
-    # variance (output = bias), not NaN
+    # variance (output = bias), not NaN. (Not closer to the float32 maximum:
+    # there, whether the backward's float32 sum of dy * (x - mean) overflows
+    # depends on the order of the additions, and torch's CPU kernel, its CUDA
+    # kernel and normext's order differ.)
     pytest.param((1.0, 1.0, 1.0, 1e38), id="huge-finite"),
-    pytest.param((1.0, -3e38, 1.0, 1e30), id="huge-finite-2"),
+    pytest.param((1.0, -1e37, 1.0, 1e30), id="huge-finite-2"),
 ])
 def test_nan_inf_propagate_like_torch(values, layout, training, device):
     """normext gives torch's CPU answers on every device. (torch's CUDA

@@ -458,6 +458,20 @@ def test_statistics_of_another_shape_are_named():
         ops.batch_norm_elemt(x, None, None, torch.zeros(1, 3), torch.ones(3))
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_cpp_error_messages_carry_their_numbers(device):
+    """The kernels' C++ error messages reach Python whole. (Linked with a
+    static libstdc++, the extension's iostreams are not initialized: the
+    numbers went missing with gcc 12, and formatting crashed with gcc 13.)"""
+    with pytest.raises(RuntimeError, match="at least 2 dims, got 1 dims"):
+        torch.ops.normext.batch_norm_moments(torch.ones(3, device=device))
+    x = torch.ones(2, 3, 4, device=device)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements not 7"):
+        torch.ops.normext.batch_norm_elemt(x, torch.ones(7, device=device), None,
+                                           torch.zeros(3, device=device),
+                                           torch.ones(3, device=device))
+
+
 @pytest.mark.parametrize("case", [
     ("1-D input", lambda: ops.batch_norm_forward(torch.empty(3, device="meta"), None, None,
                                                  None, None, True, 0.1, 1e-5),

@@ -50,7 +50,7 @@ struct GradSumsFinish {
   param_t* grad_bias;
 
   template <class R>
-  __device__ void operator()(const R&, int64_t c, const Sums<double>& total) const {
+  __device__ void operator()(const R&, int64_t c, const Sums<double>& total, acc_t) const {
     const acc_t s = static_cast<acc_t>(total.first), s_xmu = static_cast<acc_t>(total.second);
     sum_dy[c] = s;
     sum_dy_xmu[c] = s_xmu;

@@ -32,22 +32,30 @@ struct ChannelParams {
   }
 };
 
+// An Op provides per-channel Coefficients, computed once per channel a
+// thread touches, and applies them to a pack of `size` elements.
 template <typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
   const scalar_t* input;
   scalar_t* output;
   ChannelParams<acc_t, param_t> p;
 
+  struct Coefficients {
+    acc_t mean, scale, bias;
+  };
+
+  __device__ Coefficients coefficients(int64_t c) const {
+    return {p.mean_or_zero(c), p.invstd[c] * p.weight_or_one(c), p.bias_or_zero(c)};
+  }
+
   template <int size, typename index_t>
-  __device__ void apply(index_t first, const index_t (&channel)[size]) const {
+  __device__ void apply(index_t first, const Coefficients (&k)[size]) const {
     const auto in = cuda::load_pack<size>(input, first);
     Pack<scalar_t, size> out;
 #pragma unroll
-    for (int k = 0; k < size; ++k) {
-      const index_t c = channel[k];
-      const acc_t scale = p.invstd[c] * p.weight_or_one(c);
-      out.value[k] = static_cast<scalar_t>(batch_norm::normalize(
-          static_cast<acc_t>(in.value[k]), p.mean_or_zero(c), scale, p.bias_or_zero(c)));
+    for (int i = 0; i < size; ++i) {
+      out.value[i] = static_cast<scalar_t>(batch_norm::normalize(
+          static_cast<acc_t>(in.value[i]), k[i].mean, k[i].scale, k[i].bias));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
@@ -63,93 +71,142 @@ struct GradInputOp {
   const acc_t* sum_dy_xmu;
   acc_t inv_count;
 
+  struct Coefficients {
+    acc_t mean;
+    GradInputCoefficients<acc_t> grad;
+  };
+
+  __device__ Coefficients coefficients(int64_t c) const {
+    return {p.mean[c], grad_input_coefficients(sum_dy[c], sum_dy_xmu[c], p.invstd[c],
+                                               p.weight_or_one(c), inv_count)};
+  }
+
   template <int size, typename index_t>
-  __device__ void apply(index_t first, const index_t (&channel)[size]) const {
+  __device__ void apply(index_t first, const Coefficients (&k)[size]) const {
     const auto dy = cuda::load_pack<size>(grad_out, first);
     const auto x = cuda::load_pack<size>(input, first);
     Pack<scalar_t, size> dx;
 #pragma unroll
-    for (int k = 0; k < size; ++k) {
-      const index_t c = channel[k];
-      const GradInputCoefficients<acc_t> coefficients = grad_input_coefficients(
-          sum_dy[c], sum_dy_xmu[c], p.invstd[c], p.weight_or_one(c), inv_count);
-      dx.value[k] = static_cast<scalar_t>(
-          batch_norm::grad_input(static_cast<acc_t>(dy.value[k]), static_cast<acc_t>(x.value[k]),
-                                 p.mean[c], coefficients));
+    for (int i = 0; i < size; ++i) {
+      dx.value[i] = static_cast<scalar_t>(batch_norm::grad_input(
+          static_cast<acc_t>(dy.value[i]), static_cast<acc_t>(x.value[i]), k[i].mean,
+          k[i].grad));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
   }
 };
 
-// How the `size` elements of a pack map to channels. The tensor is a
-// sequence of rows of `row` elements (the inner size when contiguous, 1 when
-// channels-last), row r belonging to channel r % C.
-enum class PackChannels {
-  kOne,       // one channel (row % size == 0)
-  kAdjacent,  // size adjacent channels (channels-last, C % size == 0)
-  kStepping,  // any: the channel steps at each row end
-};
-
-// Grid-stride loop over packs of `size` elements.
-template <int size, PackChannels mapping, typename index_t, class Op>
+// Contiguous (N, C, L): a grid-stride loop over packs of `size` elements,
+// each in one channel (L % size == 0) or, with `stepping`, in any: the
+// channel then steps at each row end within the pack.
+template <int size, bool stepping, typename index_t, class Op>
 __global__ void __launch_bounds__(cuda::kThreads)
-    elementwise_kernel(const Op op, index_t packs, index_t channels, index_t row) {
+    contiguous_kernel(const Op op, index_t packs, index_t channels, index_t inner) {
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
        p += stride) {
     const index_t first = p * size;
-    const index_t r = first / row;
-    index_t c = r % channels;
-    index_t channel[size];
-    if constexpr (mapping == PackChannels::kStepping) {
-      index_t position = first - r * row;
+    const index_t row = first / inner;
+    index_t c = row % channels;
+    typename Op::Coefficients k[size];
+    if constexpr (stepping) {
+      index_t position = first - row * inner;
 #pragma unroll
-      for (int k = 0; k < size; ++k) {
-        channel[k] = c;
-        if (++position == row) {
+      for (int i = 0; i < size; ++i) {
+        k[i] = op.coefficients(c);
+        if (++position == inner) {
           position = 0;
           c = c + 1 == channels ? 0 : c + 1;
         }
       }
     } else {
+      const typename Op::Coefficients one = op.coefficients(c);
 #pragma unroll
-      for (int k = 0; k < size; ++k) channel[k] = mapping == PackChannels::kAdjacent ? c + k : c;
+      for (int i = 0; i < size; ++i) k[i] = one;
     }
-    op.template apply<size>(first, channel);
+    op.template apply<size>(first, k);
   }
 }
 
-template <int size, PackChannels mapping, class Op>
-void launch_elementwise(const ChannelView& view, const Op& op) {
+// Channels-last (rows, C) with C % size == 0: threadIdx.x spans packs of
+// `size` adjacent channels (lanes shaped to C, as in the reductions),
+// threadIdx.y and blockIdx.y the rows; a thread computes its channels'
+// coefficients once and applies them to every row it visits.
+template <int size, typename index_t, class Op>
+__global__ void __launch_bounds__(cuda::kThreads)
+    channels_last_kernel(const Op op, index_t channels, index_t rows) {
+  const index_t c = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * size;
+  if (c >= channels) return;
+  typename Op::Coefficients k[size];
+#pragma unroll
+  for (int i = 0; i < size; ++i) k[i] = op.coefficients(c + i);
+  const index_t row_stride = static_cast<index_t>(gridDim.y) * blockDim.y;
+  for (index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += row_stride) {
+    op.template apply<size>(r * channels + c, k);
+  }
+}
+
+// Blocks enough to fill every SM many times over (the loops stride the rest).
+int64_t elementwise_blocks(const at::Device& device) {
+  return static_cast<int64_t>(cuda::multiprocessor_count(device)) * 16;
+}
+
+template <int size, bool stepping, class Op>
+void launch_contiguous(const ChannelView& view, const Op& op) {
   const at::Device device = view.data.device();
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t packs = view.data.numel() / size;
-  const int64_t max_blocks = static_cast<int64_t>(cuda::multiprocessor_count(device)) * 16;
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(
-      1, std::min<int64_t>((packs + cuda::kThreads - 1) / cuda::kThreads, max_blocks)));
-  const int64_t row = view.channels_last ? 1 : view.inner;
+      1, std::min<int64_t>((packs + cuda::kThreads - 1) / cuda::kThreads,
+                           elementwise_blocks(device))));
   cuda::with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
-    elementwise_kernel<size, mapping, index_t>
-        <<<blocks, cuda::kThreads, 0, stream>>>(op, packs, view.channels, row);
+    contiguous_kernel<size, stepping, index_t>
+        <<<blocks, cuda::kThreads, 0, stream>>>(op, packs, view.channels, view.inner);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// 16-byte packs when the element count is a multiple of a pack and all
-// pointers are aligned, else scalars.
+template <int size, class Op>
+void launch_channels_last(const ChannelView& view, const Op& op) {
+  const at::Device device = view.data.device();
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const int64_t groups = view.channels / size;
+  const int lanes = cuda::channel_lanes(groups);
+  const int rows_per_block = cuda::kThreads / lanes;
+  const int64_t channel_blocks = (groups + lanes - 1) / lanes;
+  const int64_t rows = view.count();
+  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>(
+      {(rows + rows_per_block - 1) / rows_per_block,
+       elementwise_blocks(device) / channel_blocks, 65535}));
+  const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(row_blocks));
+  cuda::with_index_type(view.data, [&](auto index) {
+    using index_t = decltype(index);
+    channels_last_kernel<size, index_t><<<grid, dim3(lanes, rows_per_block), 0, stream>>>(
+        op, view.channels, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// 16-byte packs where alignment and shape allow, else scalars.
 template <typename scalar_t, class Op>
 void run_elementwise(const ChannelView& view, const Op& op,
                      std::initializer_list<const void*> pointers) {
   constexpr int kPack = 16 / sizeof(scalar_t);
-  if (view.data.numel() % kPack != 0 || cuda::pack_size<scalar_t>(pointers) != kPack) {
-    launch_elementwise<1, PackChannels::kOne>(view, op);
-  } else if (!view.channels_last && view.inner % kPack == 0) {
-    launch_elementwise<kPack, PackChannels::kOne>(view, op);
-  } else if (view.channels_last && view.channels % kPack == 0) {
-    launch_elementwise<kPack, PackChannels::kAdjacent>(view, op);
+  const bool aligned = cuda::pack_size<scalar_t>(pointers) == kPack;
+  if (view.channels_last) {
+    if (aligned && view.channels % kPack == 0) {
+      launch_channels_last<kPack>(view, op);
+    } else {
+      launch_channels_last<1>(view, op);
+    }
+  } else if (!aligned || view.data.numel() % kPack != 0) {
+    launch_contiguous<1, false>(view, op);
+  } else if (view.inner % kPack == 0) {
+    launch_contiguous<kPack, false>(view, op);
   } else {
-    launch_elementwise<kPack, PackChannels::kStepping>(view, op);
+    launch_contiguous<kPack, true>(view, op);
   }
 }
 

@@ -17,6 +17,7 @@
 namespace normext::batch_norm::cuda {
 
 constexpr int kThreads = 256;
+constexpr int kWarp = 32;
 
 // Queried once per device: a device attribute query costs host time on every call.
 inline int multiprocessor_count(const at::Device& device) {
@@ -84,6 +85,15 @@ inline int64_t reduction_splits(int64_t channel_blocks, int64_t per_channel, int
   const int64_t by_occupancy = (target_blocks + channel_blocks - 1) / channel_blocks;
   const int64_t by_work = (per_channel + step * 8 - 1) / (step * 8);
   return std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_work, 65535}));
+}
+
+// Channels-last blocks: lanes across a row's `groups` packs of channels (a
+// power of two up to a warp, so a warp spans whole rows when channels are
+// few and no lane idles), the rest of the block's threads over rows.
+inline int channel_lanes(int64_t groups) {
+  int lanes = 1;
+  while (lanes < kWarp && lanes < groups) lanes *= 2;
+  return lanes;
 }
 
 // 16-byte packs: `size` elements of T loaded or stored at once.

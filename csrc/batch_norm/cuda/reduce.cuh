@@ -15,8 +15,9 @@
 //   template <int size, typename index_t> Loaded<size> load(index_t first) const;
 //   template <int size> void add(Sums<acc_t>&, const Loaded<size>&, int k, const Context&) const;
 // and a Finish, run by stage 2 once per channel (its own type, so that the
-// stage-1 kernels are compiled once per reducer whatever the finish writes):
-//   void operator()(const Reducer&, int64_t channel, const Sums<double>&) const;
+// stage-1 kernels are compiled once per reducer whatever the finish writes),
+// given the channel's Context as stage 1 computed it:
+//   void operator()(const Reducer&, int64_t channel, const Sums<double>&, const Context&) const;
 #pragma once
 
 #include "batch_norm/cuda/launch.cuh"
@@ -36,7 +37,6 @@ __device__ inline void add_to(Sums<T>& total, const Sums<U>& part) {
 
 constexpr int kChunk = 64;
 constexpr int kUnroll = 4;
-constexpr int kWarp = 32;
 // Stage-1 blocks resident per SM at least (caps registers at 128 a thread:
 // a channels-last thread holds sums of up to 8 channels).
 constexpr int kMinBlocks = 2;
@@ -54,14 +54,18 @@ __device__ inline void block_tree_add(Sums<double>* shared) {
 template <class R, int size, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_contiguous_kernel(const R reducer, index_t channels, index_t row_packs, index_t packs,
-                             index_t per_split, Sums<double>* partials) {
+                             index_t per_split, Sums<double>* partials,
+                             typename R::Context* contexts) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   constexpr int kChunkPasses = kChunk / (kUnroll * size) > 1 ? kChunk / (kUnroll * size) : 1;
   __shared__ Context shared_context;
   __shared__ Sums<double> shared[kThreads];
   const index_t c = blockIdx.x;
-  if (threadIdx.x == 0) shared_context = reducer.context(c);
+  if (threadIdx.x == 0) {
+    shared_context = reducer.context(c);
+    if (blockIdx.y == 0) contexts[c] = shared_context;
+  }
   __syncthreads();
   const Context context = shared_context;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
@@ -100,13 +104,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 }
 
 // Channels-last (rows, C) read in packs of `size` adjacent channels
-// (C % size == 0): a block is blockDim.x lanes of packs by blockDim.y rows,
-// so a warp spans whole rows when channels are few and no lane idles;
-// blockIdx.y picks a slice of rows.
+// (C % size == 0): a block is blockDim.x lanes of packs by blockDim.y rows
+// (launch.cuh: channel_lanes); blockIdx.y picks a slice of rows.
 template <class R, int size, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
-                                index_t per_split, Sums<double>* partials) {
+                                index_t per_split, Sums<double>* partials,
+                                typename R::Context* contexts) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   constexpr int kChunkPasses = kChunk / kUnroll;
@@ -118,6 +122,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const index_t block_channel = static_cast<index_t>(blockIdx.x) * lanes * size;
   if (thread < lanes * size && block_channel + thread < channels) {
     shared_context[thread] = reducer.context(block_channel + thread);
+    if (blockIdx.y == 0) contexts[block_channel + thread] = shared_context[thread];
   }
   __syncthreads();
   const index_t c = block_channel + threadIdx.x * size;
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 template <class R, class F>
 __global__ void __launch_bounds__(kThreads)
     reduce_finish_kernel(const R reducer, const F finish, const Sums<double>* partials,
-                         int64_t splits, int64_t channels) {
+                         const typename R::Context* contexts, int64_t splits, int64_t channels) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
   if (c >= channels) return;  // whole warps: c is the same across a warp
   const int lane = threadIdx.x % kWarp;
@@ -193,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
     total.first += __shfl_down_sync(0xffffffffu, total.first, offset);
     total.second += __shfl_down_sync(0xffffffffu, total.second, offset);
   }
-  if (lane == 0) finish(reducer, c, total);
+  if (lane == 0) finish(reducer, c, total, contexts[c]);
 }
 
 // Runs both stages for `view` (the reducer and the finish hold their own
@@ -210,11 +215,8 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   if (channels == 0 || per_channel == 0) return;
   const int64_t row = view.channels_last ? channels : view.inner;
   const int size = row % kPack == 0 ? pack_size<typename R::scalar_t>(pointers) : 1;
-  // Channels-last: lanes of packs across a row (a power of two up to a warp),
-  // the rest of the block's threads over rows.
   const int64_t groups = channels / size;
-  int lanes = 1;
-  while (lanes < kWarp && lanes < groups) lanes *= 2;
+  const int lanes = channel_lanes(groups);
   const int rows_per_pass = kThreads / lanes;
   const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
   // A block steps through kThreads packs of one channel (contiguous) or
@@ -223,9 +225,15 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
       view.channels_last
           ? reduction_splits(channel_blocks, per_channel, rows_per_pass, device)
           : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * size, device);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(channels * splits * sizeof(Partial))},
-                                   view.data.options().dtype(at::kByte));
+  // One buffer: the partials, then each channel's context.
+  using Context = typename R::Context;
+  const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
+  at::Tensor workspace =
+      at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
+                view.data.options().dtype(at::kByte));
   Partial* partials = reinterpret_cast<Partial*>(workspace.mutable_data_ptr());
+  Context* contexts =
+      reinterpret_cast<Context*>(static_cast<char*>(workspace.mutable_data_ptr()) + partial_bytes);
   const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
@@ -235,12 +243,12 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
         const int64_t per_split = (per_channel + splits - 1) / splits;
         reduce_channels_last_kernel<R, kSize, index_t>
             <<<grid, dim3(lanes, rows_per_pass), 0, stream>>>(reducer, channels, per_channel,
-                                                             per_split, partials);
+                                                             per_split, partials, contexts);
       } else {
         const int64_t packs = per_channel / kSize;
         const int64_t per_split = (packs + splits - 1) / splits;
         reduce_contiguous_kernel<R, kSize, index_t><<<grid, kThreads, 0, stream>>>(
-            reducer, channels, view.inner / kSize, packs, per_split, partials);
+            reducer, channels, view.inner / kSize, packs, per_split, partials, contexts);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -253,7 +261,7 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   const unsigned finish_blocks =
       static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
   reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(reducer, finish, partials,
-                                                                     splits, channels);
+                                                                     contexts, splits, channels);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -46,11 +46,11 @@ struct ShiftedSumsReducer {
     s.second += d * d;
   }
 
-  // The mean and biased variance of channel c from its sums.
-  __device__ void moments(int64_t c, const Sums<double>& total, acc_t& mean, acc_t& var) const {
+  // The mean and biased variance of a channel from its sums and shift.
+  __device__ void moments(const Sums<double>& total, acc_t shift, acc_t& mean, acc_t& var) const {
     double m, m2;
     const double n = static_cast<double>(count);
-    shifted_moments(static_cast<double>(context(c)), total.first, total.second, n, m, m2);
+    shifted_moments(static_cast<double>(shift), total.first, total.second, n, m, m2);
     mean = static_cast<acc_t>(m);
     var = static_cast<acc_t>(m2 / n);
   }
@@ -73,8 +73,9 @@ struct MomentsFinish {
   acc_t* var;
 
   template <class R>
-  __device__ void operator()(const R& reducer, int64_t c, const Sums<double>& total) const {
-    reducer.moments(c, total, mean[c], var[c]);
+  __device__ void operator()(const R& reducer, int64_t c, const Sums<double>& total,
+                             acc_t shift) const {
+    reducer.moments(total, shift, mean[c], var[c]);
   }
 };
 
@@ -91,9 +92,10 @@ struct BatchStatsFinish {
   acc_t eps;
 
   template <class R>
-  __device__ void operator()(const R& reducer, int64_t c, const Sums<double>& total) const {
+  __device__ void operator()(const R& reducer, int64_t c, const Sums<double>& total,
+                             acc_t shift) const {
     acc_t m, v;
-    reducer.moments(c, total, m, v);
+    reducer.moments(total, shift, m, v);
     mean[c] = m;
     invstd[c] = inverse_std(v, eps);
     if (running_mean != nullptr) {
