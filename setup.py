@@ -120,13 +120,12 @@ def make_extension():
     cxx = ["-O3", "-fopenmp"] + cpu_arch_flags() + define
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
-        # The shared libstdc++ that torch uses, also where the compiler links
-        # it statically by default (some toolchains do): a static copy's
-        # iostreams in a shared library are not initialized, so the messages
-        # of C++ errors lost their numbers (gcc 12) or crashed the process
-        # when formatted (gcc 13, seen on a lent H100's image).
-        extra_link_args=["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++",
-                         "-Wl,--pop-state"],
+        # The shared libstdc++ runtime that torch uses, named by its soname:
+        # a compiler with only libstdc++.a beside it (the lent H100's image
+        # sets CXX to one) otherwise links a static copy, whose iostreams are
+        # not initialized in a shared library, so formatting a C++ error's
+        # message crashed the process (gcc 13) or dropped its numbers (gcc 12).
+        extra_link_args=["-fopenmp", "-l:libstdc++.so.6"],
     )
 
     use_cuda = want_cuda(torch, cuda_home) and bool(cuda_sources())

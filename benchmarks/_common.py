@@ -295,6 +295,10 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """HEAD, or NORMEXT_GIT_COMMIT where set (gpu_check.sh sets it from
+    GIT_COMMIT: a lent machine's copy of the tree can carry a stale .git)."""
+    if os.environ.get("NORMEXT_GIT_COMMIT"):
+        return os.environ["NORMEXT_GIT_COMMIT"]
     commit = _git("rev-parse", "--short", "HEAD")
     if commit and _git("status", "--porcelain", "--untracked-files=no"):
         commit += " (uncommitted changes)"

@@ -16,6 +16,8 @@ out="${OUT:-build/gpu_check}"
 mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# GIT_COMMIT: the commit sent, for the reports (the copy's .git may be stale)
+[ -n "${GIT_COMMIT:-}" ] && export NORMEXT_GIT_COMMIT="$GIT_COMMIT"
 # Every stage is cut short so that the whole script ends within BUDGET seconds.
 deadline=$(( $(date +%s) + ${BUDGET:-540} ))
 limit() {  # limit STAGE_MAX RESERVE: seconds for a stage, keeping RESERVE for later ones
@@ -47,13 +49,14 @@ if [ -n "${AB_BASE:-}" ]; then  # built while the probes and tests run
   ab_build_pid=$!
 fi
 
-# A C++ error (TORCH_CHECK) must reach Python as an exception. A review run on
-# a lent H100 (2026-11-27) saw such errors crash the process instead (SIGSEGV)
-# with that image's compiler and torch; the same code raises with torch 2.11
-# (cu130) and Python 3.12 on a machine without a GPU. Each probe runs in its
-# own process; a crash is followed by a native backtrace when cuda-gdb exists.
+# A C++ error (TORCH_CHECK) must reach Python as an exception. On the lent
+# H100s' image (2026-11-27) such errors crashed the process (SIGSEGV): its CXX
+# (/opt/gcc, gcc 13) has only a static libstdc++, whose iostreams are not
+# initialized in a shared library; setup.py now links the shared one by its
+# soname. Each probe runs in its own process; a crash is followed by a native
+# backtrace when cuda-gdb exists.
 echo "== error path"
-{ c++ --version | head -1; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'; } \
+{ echo "CXX=${CXX:-c++}: $(${CXX:-c++} --version | head -1)"; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'; } \
   >> "$out/machine.txt"
 error_rc=0
 probe_log=$(mktemp)
@@ -98,6 +101,11 @@ echo "tests in $(( $(date +%s) - start )) s"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 tail -3 "$out/tests.log"
 
+ab_rc=0
+if [ -n "${AB_BASE:-}" ]; then  # the timings below want the CPU to themselves
+  wait $ab_build_pid || { ab_rc=1; tail -5 "$out/ab_build.log"; }
+fi
+
 echo "== per-call overhead (small BatchNorm2d: time, ops and GPU kernels per call)"
 timeout $(limit 120 150) $python benchmarks/bench_overhead.py --device cuda --shape 32,64,8,8 \
   --repeats 5 --min-time 0.05 > "$out/overhead.md" 2> "$out/overhead.log"
@@ -105,13 +113,11 @@ overhead_rc=$?
 [ $overhead_rc -ne 0 ] && tail -5 "$out/overhead.log"
 sed -n '/^| mode/,$p' "$out/overhead.md"
 
-ab_rc=0
-if [ -n "${AB_BASE:-}" ]; then
+if [ -n "${AB_BASE:-}" ] && [ $ab_rc -eq 0 ]; then
   echo "== A/B: base ($AB_BASE) against this tree, in one process"
-  wait $ab_build_pid || { ab_rc=1; tail -5 "$out/ab_build.log"; }
-  [ $ab_rc -eq 0 ] && timeout $(limit 90 150) $python benchmarks/ab_builds.py compare base normext \
-    --device cuda --ops train,eval,backward,fwdbwd --dtypes float32,float16 \
-    --shapes "${AB_SHAPES:-64/56,256/28,2048/7}" --pairs 7 --min-time 0.01 > "$out/ab.md" 2>&1
+  timeout $(limit 90 150) $python benchmarks/ab_builds.py compare base normext \
+    --device cuda --ops train,backward,fwdbwd --dtypes float32,float16 \
+    --shapes "${AB_SHAPES:-64/56,2048/7}" --pairs 5 --min-time 0.01 > "$out/ab.md" 2>&1
   ab_rc=$(( ab_rc || $? ))
   tail -3 "$out/ab.md"
 fi
