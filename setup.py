@@ -125,7 +125,8 @@ def make_extension():
         # sets CXX to one) otherwise links a static copy, whose iostreams are
         # not initialized in a shared library, so formatting a C++ error's
         # message crashed the process (gcc 13) or dropped its numbers (gcc 12).
-        extra_link_args=["-fopenmp", "-l:libstdc++.so.6"],
+        extra_link_args=["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux")
+                                        else []),
     )
 
     use_cuda = want_cuda(torch, cuda_home) and bool(cuda_sources())

@@ -56,7 +56,8 @@ fi
 # soname. Each probe runs in its own process; a crash is followed by a native
 # backtrace when cuda-gdb exists.
 echo "== error path"
-{ echo "CXX=${CXX:-c++}: $(${CXX:-c++} --version | head -1)"; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'; } \
+{ echo "CXX=${CXX:-c++}: $(${CXX:-c++} --version | head -1)"; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'
+  echo "libstdc++ code inside the extension (0 expected): $(nm -D --defined-only normext/_C*.so | grep -c -E '__cxa_throw|_ZNSt8ios_base4Init')"; } \
   >> "$out/machine.txt"
 error_rc=0
 probe_log=$(mktemp)

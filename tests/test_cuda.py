@@ -63,6 +63,15 @@ CASES = [
     ((64, 32, 7, 7), "channels_last", torch.float16, torch.float32),
     ((3, 256, 2, 2), "channels_last", torch.float32, torch.float32),
     ((2, 3, 128, 130), "contiguous", torch.float32, torch.float32),
+    # the kernels' paths: 16-byte packs within rows (inner % 8 == 0), packs
+    # across row ends (7x7), few channels over many blocks per channel (and
+    # channels-last lanes shaped to C: 2 channels, 3 packs of 8), (N, C) rows
+    ((8, 16, 8, 8), "contiguous", torch.float16, torch.float16),
+    ((4, 64, 7, 7), "contiguous", torch.bfloat16, torch.float32),
+    ((16, 2, 64, 64), "contiguous", torch.float32, torch.float32),
+    ((16, 2, 64, 64), "channels_last", torch.float16, torch.float32),
+    ((8, 24, 6, 6), "channels_last", torch.float16, torch.float16),
+    ((4096, 8), "contiguous", torch.float16, torch.float32),
 ]
 
 

@@ -3,6 +3,8 @@ numerics of the building blocks, their composition into the fused ops, and
 build_info."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -470,6 +472,18 @@ def test_cpp_error_messages_carry_their_numbers(device):
         torch.ops.normext.batch_norm_elemt(x, torch.ones(7, device=device), None,
                                            torch.zeros(3, device=device),
                                            torch.ones(3, device=device))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF symbols")
+def test_extension_carries_no_libstdcxx_code():
+    """The extension uses the shared libstdc++ (setup.py names it): a static
+    copy inside it, even a partial one, is what broke the messages above."""
+    if shutil.which("nm") is None:
+        pytest.skip("needs nm (binutils)")
+    import normext._C
+    symbols = subprocess.run(["nm", "-D", "--defined-only", normext._C.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"\b(__cxa_throw|_ZNSt8ios_base4Init\w*)\b", symbols)
 
 
 @pytest.mark.parametrize("case", [
