@@ -56,9 +56,12 @@ fi
 # soname. Each probe runs in its own process; a crash is followed by a native
 # backtrace when cuda-gdb exists.
 echo "== error path"
-{ echo "CXX=${CXX:-c++}: $(${CXX:-c++} --version | head -1)"; ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'
-  echo "libstdc++ code inside the extension (0 expected): $(nm -D --defined-only normext/_C*.so | grep -c -E '__cxa_throw|_ZNSt8ios_base4Init')"; } \
-  >> "$out/machine.txt"
+{
+  echo "CXX=${CXX:-c++}: $(${CXX:-c++} --version | head -1)"
+  ldd normext/_C*.so | grep -E "stdc|gcc_s|gomp" | sed 's/ (0x.*//'
+  command -v nm > /dev/null && echo "libstdc++ code inside the extension (0 expected):" \
+    "$(nm -D --defined-only normext/_C*.so | grep -c -E '__cxa_throw|_ZNSt8ios_base4Init')"
+} >> "$out/machine.txt"
 error_rc=0
 probe_log=$(mktemp)
 for probe in "cpu" "cpu after CUDA init" "cuda"; do
@@ -77,7 +80,7 @@ except RuntimeError as error:
   if [ $rc -ne 0 ]; then
     error_rc=$rc
     if [ $rc -gt 128 ]; then
-      echo "gpu_check: the error path CRASHED ($probe, signal $(( rc - 128 ))): C++ exceptions do not reach Python"
+      echo "gpu_check: the error path CRASHED ($probe, signal $(( rc - 128 ))): C++ exceptions do not reach Python (libstdc++ code inside the extension? see machine.txt)"
     else
       echo "gpu_check: the error path failed ($probe, exit $rc)"
     fi
