@@ -4,7 +4,8 @@
 # shapes and a ResNet-50 step (skipped with SKIP_BENCH=1). With AB_BASE=REV
 # (a commit, or a .tar of one: `git archive REV -o .ab/base.tar`, for a copy
 # of the repository without that commit) it also builds REV beside it and
-# times the two builds' ops against each other in one process (ab_builds.py).
+# times the two builds' ops against each other in one process (ab_builds.py;
+# AB_OPS, AB_DTYPES, AB_LAYOUTS and AB_SHAPES pick the rows).
 # Logs and Markdown tables go under $OUT (else build/gpu_check); a summary is
 # printed last. Needs a CUDA torch, nvcc, ninja, pytest, pytest-timeout and
 # hypothesis (pytest-xdist used when present); no internet. About 6-8 min on
@@ -120,8 +121,9 @@ sed -n '/^| mode/,$p' "$out/overhead.md"
 if [ -n "${AB_BASE:-}" ] && [ $ab_rc -eq 0 ]; then
   echo "== A/B: base ($AB_BASE) against this tree, in one process"
   timeout $(limit 90 150) $python benchmarks/ab_builds.py compare base normext \
-    --device cuda --ops train,backward,fwdbwd --dtypes float32,float16 \
-    --shapes "${AB_SHAPES:-64/56,2048/7}" --pairs 5 --min-time 0.01 > "$out/ab.md" 2>&1
+    --device cuda --ops "${AB_OPS:-train,backward,fwdbwd}" --dtypes "${AB_DTYPES:-float32,float16}" \
+    --layouts "${AB_LAYOUTS:-nchw,channels_last}" --shapes "${AB_SHAPES:-64/56,2048/7}" \
+    --pairs 5 --min-time 0.01 > "$out/ab.md" 2>&1
   ab_rc=$(( ab_rc || $? ))
   tail -3 "$out/ab.md"
 fi

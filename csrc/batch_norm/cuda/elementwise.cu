@@ -33,7 +33,8 @@ struct ChannelParams {
 };
 
 // An Op provides per-channel Coefficients, computed once per channel a
-// thread touches, and applies them to a pack of `size` elements.
+// thread touches, loads a pack of `size` elements' inputs and stores their
+// outputs (separate steps, so that a thread can have several loads in flight).
 template <typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
   const scalar_t* input;
@@ -48,9 +49,17 @@ struct NormalizeOp {
     return {p.mean_or_zero(c), p.invstd[c] * p.weight_or_one(c), p.bias_or_zero(c)};
   }
 
+  template <int size>
+  using Loaded = Pack<scalar_t, size>;
+
   template <int size, typename index_t>
-  __device__ void apply(index_t first, const Coefficients (&k)[size]) const {
-    const auto in = cuda::load_pack<size>(input, first);
+  __device__ Loaded<size> load(index_t first) const {
+    return cuda::load_pack<size>(input, first);
+  }
+
+  template <int size, typename index_t>
+  __device__ void store(index_t first, const Loaded<size>& in,
+                        const Coefficients (&k)[size]) const {
     Pack<scalar_t, size> out;
 #pragma unroll
     for (int i = 0; i < size; ++i) {
@@ -81,15 +90,24 @@ struct GradInputOp {
                                                p.weight_or_one(c), inv_count)};
   }
 
+  template <int size>
+  struct Loaded {
+    Pack<scalar_t, size> dy, x;
+  };
+
   template <int size, typename index_t>
-  __device__ void apply(index_t first, const Coefficients (&k)[size]) const {
-    const auto dy = cuda::load_pack<size>(grad_out, first);
-    const auto x = cuda::load_pack<size>(input, first);
+  __device__ Loaded<size> load(index_t first) const {
+    return {cuda::load_pack<size>(grad_out, first), cuda::load_pack<size>(input, first)};
+  }
+
+  template <int size, typename index_t>
+  __device__ void store(index_t first, const Loaded<size>& in,
+                        const Coefficients (&k)[size]) const {
     Pack<scalar_t, size> dx;
 #pragma unroll
     for (int i = 0; i < size; ++i) {
       dx.value[i] = static_cast<scalar_t>(batch_norm::grad_input(
-          static_cast<acc_t>(dy.value[i]), static_cast<acc_t>(x.value[i]), k[i].mean,
+          static_cast<acc_t>(in.dy.value[i]), static_cast<acc_t>(in.x.value[i]), k[i].mean,
           k[i].grad));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
@@ -124,26 +142,35 @@ __global__ void __launch_bounds__(cuda::kThreads)
 #pragma unroll
       for (int i = 0; i < size; ++i) k[i] = one;
     }
-    op.template apply<size>(first, k);
+    op.template store<size>(first, op.template load<size>(first), k);
   }
 }
 
 // Channels-last (rows, C) with C % size == 0: threadIdx.x spans packs of
 // `size` adjacent channels (lanes shaped to C, as in the reductions),
 // threadIdx.y and blockIdx.y the rows; a thread computes its channels'
-// coefficients once and applies them to every row it visits.
+// coefficients once and applies them to every row it visits, kUnroll rows'
+// loads in flight at a time.
 template <int size, typename index_t, class Op>
 __global__ void __launch_bounds__(cuda::kThreads)
     channels_last_kernel(const Op op, index_t channels, index_t rows) {
+  constexpr int kUnroll = 4;
   const index_t c = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * size;
   if (c >= channels) return;
   typename Op::Coefficients k[size];
 #pragma unroll
   for (int i = 0; i < size; ++i) k[i] = op.coefficients(c + i);
-  const index_t row_stride = static_cast<index_t>(gridDim.y) * blockDim.y;
-  for (index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
-       r += row_stride) {
-    op.template apply<size>(r * channels + c, k);
+  const index_t step = static_cast<index_t>(gridDim.y) * blockDim.y;
+  index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  for (; r + (kUnroll - 1) * step < rows; r += kUnroll * step) {
+    typename Op::template Loaded<size> in[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<size>((r + u * step) * channels + c);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) op.template store<size>((r + u * step) * channels + c, in[u], k);
+  }
+  for (; r < rows; r += step) {
+    op.template store<size>(r * channels + c, op.template load<size>(r * channels + c), k);
   }
 }
 
@@ -168,6 +195,9 @@ void launch_contiguous(const ChannelView& view, const Op& op) {
   });
 }
 
+// At most one wave of blocks, so that a thread's coefficients serve as many
+// rows as the GPU allows (at large C a thread's `size` channels cost several
+// loads each).
 template <int size, class Op>
 void launch_channels_last(const ChannelView& view, const Op& op) {
   const at::Device device = view.data.device();
@@ -177,14 +207,14 @@ void launch_channels_last(const ChannelView& view, const Op& op) {
   const int rows_per_block = cuda::kThreads / lanes;
   const int64_t channel_blocks = (groups + lanes - 1) / lanes;
   const int64_t rows = view.count();
-  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>(
-      {(rows + rows_per_block - 1) / rows_per_block,
-       elementwise_blocks(device) / channel_blocks, 65535}));
-  const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(row_blocks));
   cuda::with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
-    channels_last_kernel<size, index_t><<<grid, dim3(lanes, rows_per_block), 0, stream>>>(
-        op, view.channels, rows);
+    constexpr auto kernel = channels_last_kernel<size, index_t, Op>;
+    const int64_t row_blocks = std::max<int64_t>(
+        1, std::min<int64_t>({(rows + rows_per_block - 1) / rows_per_block,
+                              cuda::wave_blocks<kernel>(device) / channel_blocks, 65535}));
+    const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(row_blocks));
+    kernel<<<grid, dim3(lanes, rows_per_block), 0, stream>>>(op, view.channels, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

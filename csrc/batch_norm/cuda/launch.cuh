@@ -19,17 +19,42 @@ namespace normext::batch_norm::cuda {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
-// Queried once per device: a device attribute query costs host time on every call.
-inline int multiprocessor_count(const at::Device& device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> counts[kMaxDevices] = {};
-  const int index = device.index();
-  int count = index < kMaxDevices ? counts[index].load(std::memory_order_relaxed) : 0;
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, index));
-    if (index < kMaxDevices) counts[index].store(count, std::memory_order_relaxed);
+constexpr int kMaxDevices = 64;
+
+// A per-device value computed by query() once: device attribute and occupancy
+// queries cost host time on every call.
+template <typename Query>
+int cached_per_device(std::atomic<int> (&cache)[kMaxDevices], int index, const Query& query) {
+  int value = index < kMaxDevices ? cache[index].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    value = query();
+    if (index < kMaxDevices) cache[index].store(value, std::memory_order_relaxed);
   }
-  return count;
+  return value;
+}
+
+inline int multiprocessor_count(const at::Device& device) {
+  static std::atomic<int> counts[kMaxDevices] = {};
+  return cached_per_device(counts, device.index(), [&] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()));
+    return count;
+  });
+}
+
+// Blocks of kThreads threads of `kernel` resident on the whole GPU at once:
+// one wave. Launched no larger, a grid has no tail wave, and a thread does
+// more work for each per-channel value it loads. (The current device must be
+// `device`.)
+template <auto kernel>
+int64_t wave_blocks(const at::Device& device) {
+  static std::atomic<int> per_multiprocessor[kMaxDevices] = {};
+  const int blocks = cached_per_device(per_multiprocessor, device.index(), [] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0));
+    return std::max(count, 1);
+  });
+  return int64_t{blocks} * multiprocessor_count(device);
 }
 
 // 32-bit indexes with room for the loops' last strides past the end (a
@@ -74,15 +99,14 @@ void with_param_type(at::ScalarType type, const F& f) {
   }
 }
 
-// Splits of each channel's reduction: enough blocks to fill the GPU several
-// times over when there are few channel blocks, each still with real work
-// (8 or more loads per thread; a block covers `step` elements or rows of a
-// channel per load). It depends only on the shape and the device, so results
-// are reproducible.
+// Splits of each channel's reduction: as many as fill one wave of `wave`
+// blocks when there are few channel blocks, each still with real work (8 or
+// more loads per thread; a block covers `step` elements or rows of a channel
+// per load). It depends only on the shape and the device, so results are
+// reproducible.
 inline int64_t reduction_splits(int64_t channel_blocks, int64_t per_channel, int64_t step,
-                                const at::Device& device) {
-  const int64_t target_blocks = 4 * static_cast<int64_t>(multiprocessor_count(device));
-  const int64_t by_occupancy = (target_blocks + channel_blocks - 1) / channel_blocks;
+                                int64_t wave) {
+  const int64_t by_occupancy = wave / channel_blocks;
   const int64_t by_work = (per_channel + step * 8 - 1) / (step * 8);
   return std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_work, 65535}));
 }

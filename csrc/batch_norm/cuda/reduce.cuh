@@ -58,23 +58,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                              typename R::Context* contexts) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
+  using Loaded = typename R::template Loaded<size>;
   constexpr int kChunkPasses = kChunk / (kUnroll * size) > 1 ? kChunk / (kUnroll * size) : 1;
   __shared__ Context shared_context;
   __shared__ Sums<double> shared[kThreads];
   const index_t c = blockIdx.x;
-  if (threadIdx.x == 0) {
-    shared_context = reducer.context(c);
-    if (blockIdx.y == 0) contexts[c] = shared_context;
-  }
-  __syncthreads();
-  const Context context = shared_context;
   const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
   const index_t end = begin + per_split < packs ? begin + per_split : packs;
-  Sums<acc_t> chunk{acc_t(0), acc_t(0)};
-  Sums<double> total{0.0, 0.0};
-  int passes = 0;
-  for (index_t first = begin + threadIdx.x; first < end; first += kUnroll * kThreads) {
-    typename R::template Loaded<size> loaded[kUnroll];
+  Loaded loaded[kUnroll];
+  const auto load_batch = [&](index_t first) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const index_t p = first + u * kThreads;
@@ -84,6 +76,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             ((n * channels + c) * row_packs + (p - n * row_packs)) * size);
       }
     }
+  };
+  index_t first = begin + threadIdx.x;
+  load_batch(first);  // in flight while thread 0 computes the context
+  if (threadIdx.x == 0) {
+    shared_context = reducer.context(c);
+    if (blockIdx.y == 0) contexts[c] = shared_context;
+  }
+  __syncthreads();
+  const Context context = shared_context;
+  Sums<acc_t> chunk{acc_t(0), acc_t(0)};
+  Sums<double> total{0.0, 0.0};
+  int passes = 0;
+  while (first < end) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (first + u * kThreads < end) {
@@ -91,6 +96,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int k = 0; k < size; ++k) reducer.add(chunk, loaded[u], k, context);
       }
     }
+    first += kUnroll * kThreads;
+    load_batch(first);
     if (++passes == kChunkPasses) {
       add_to(total, chunk);
       chunk = {acc_t(0), acc_t(0)};
@@ -105,7 +112,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // Channels-last (rows, C) read in packs of `size` adjacent channels
 // (C % size == 0): a block is blockDim.x lanes of packs by blockDim.y rows
-// (launch.cuh: channel_lanes); blockIdx.y picks a slice of rows.
+// (launch.cuh: channel_lanes); blockIdx.y picks a slice of rows. A thread's
+// double totals live in shared memory (fewer registers, more resident
+// blocks), where one tree over the block's rows then adds every channel's.
 template <class R, int size, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
@@ -113,25 +122,39 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                                 typename R::Context* contexts) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
+  using Loaded = typename R::template Loaded<size>;
   constexpr int kChunkPasses = kChunk / kUnroll;
   __shared__ Context shared_context[kThreads];
-  __shared__ Sums<double> shared[kThreads];
+  __shared__ Sums<double> shared[size][kThreads];
   const int lanes = blockDim.x;
   const int thread = threadIdx.y * lanes + threadIdx.x;
-  // The block's lanes * size <= kThreads channels, a thread each.
+  // The block's lanes * size <= kThreads channels; thread t < lanes * size
+  // computes the context of the t-th and writes its partial.
   const index_t block_channel = static_cast<index_t>(blockIdx.x) * lanes * size;
-  if (thread < lanes * size && block_channel + thread < channels) {
+  const bool writes_channel = thread < lanes * size && block_channel + thread < channels;
+  const index_t c = block_channel + threadIdx.x * size;
+  const bool active = c < channels;
+  const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
+  const index_t end = begin + per_split < rows ? begin + per_split : rows;
+  const index_t step = blockDim.y;
+  Loaded loaded[kUnroll];
+  const auto load_batch = [&](index_t row) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const index_t r = row + u * step;
+      if (r < end) loaded[u] = reducer.template load<size>(r * channels + c);
+    }
+  };
+  index_t row = begin + threadIdx.y;
+  if (active) load_batch(row);  // in flight while the contexts are computed
+  if (writes_channel) {
     shared_context[thread] = reducer.context(block_channel + thread);
     if (blockIdx.y == 0) contexts[block_channel + thread] = shared_context[thread];
   }
-  __syncthreads();
-  const index_t c = block_channel + threadIdx.x * size;
-  const index_t begin = static_cast<index_t>(blockIdx.y) * per_split;
-  const index_t end = begin + per_split < rows ? begin + per_split : rows;
-  Sums<double> total[size];
 #pragma unroll
-  for (int k = 0; k < size; ++k) total[k] = {0.0, 0.0};
-  if (c < channels) {
+  for (int k = 0; k < size; ++k) shared[k][thread] = {0.0, 0.0};
+  __syncthreads();
+  if (active) {
     Context context[size];
     Sums<acc_t> chunk[size];
 #pragma unroll
@@ -140,44 +163,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       chunk[k] = {acc_t(0), acc_t(0)};
     }
     int passes = 0;
-    for (index_t row = begin + threadIdx.y; row < end; row += kUnroll * blockDim.y) {
-      typename R::template Loaded<size> loaded[kUnroll];
+    while (row < end) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const index_t r = row + u * blockDim.y;
-        if (r < end) loaded[u] = reducer.template load<size>(r * channels + c);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (row + u * blockDim.y < end) {
+        if (row + u * step < end) {
 #pragma unroll
           for (int k = 0; k < size; ++k) reducer.add(chunk[k], loaded[u], k, context[k]);
         }
       }
-      if (++passes == kChunkPasses) {
+      row += kUnroll * step;
+      load_batch(row);
+      if (++passes == kChunkPasses || row >= end) {
 #pragma unroll
         for (int k = 0; k < size; ++k) {
-          add_to(total[k], chunk[k]);
+          add_to(shared[k][thread], chunk[k]);
           chunk[k] = {acc_t(0), acc_t(0)};
         }
         passes = 0;
       }
     }
-#pragma unroll
-    for (int k = 0; k < size; ++k) add_to(total[k], chunk[k]);
   }
-  // Each of the thread's channels in turn: a tree over the block's rows.
+  for (unsigned offset = blockDim.y / 2; offset > 0; offset /= 2) {
+    __syncthreads();
+    if (threadIdx.y < offset) {
 #pragma unroll
-  for (int k = 0; k < size; ++k) {
-    shared[thread] = total[k];
-    for (unsigned offset = blockDim.y / 2; offset > 0; offset /= 2) {
-      __syncthreads();
-      if (threadIdx.y < offset) add_to(shared[thread], shared[thread + offset * lanes]);
+      for (int k = 0; k < size; ++k) add_to(shared[k][thread], shared[k][thread + offset * lanes]);
     }
-    if (threadIdx.y == 0 && c < channels) {
-      partials[(c + k) * gridDim.y + blockIdx.y] = shared[thread];
-    }
-    __syncthreads();  // before the next channel overwrites shared
+  }
+  __syncthreads();
+  if (writes_channel) {
+    partials[(block_channel + thread) * gridDim.y + blockIdx.y] =
+        shared[thread % size][thread / size];
   }
 }
 
@@ -207,6 +223,7 @@ template <class R, class F>
 void reduce_per_channel(const ChannelView& view, const R& reducer, const F& finish,
                         std::initializer_list<const void*> pointers) {
   using Partial = Sums<double>;
+  using Context = typename R::Context;
   constexpr int kPack = 16 / sizeof(typename R::scalar_t);
   const at::Device device = view.data.device();
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -219,35 +236,45 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   const int lanes = channel_lanes(groups);
   const int rows_per_pass = kThreads / lanes;
   const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
-  // A block steps through kThreads packs of one channel (contiguous) or
-  // rows_per_pass rows of its channels (channels-last) at a time.
-  const int64_t splits =
-      view.channels_last
-          ? reduction_splits(channel_blocks, per_channel, rows_per_pass, device)
-          : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * size, device);
-  // One buffer: the partials, then each channel's context.
-  using Context = typename R::Context;
-  const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
-  at::Tensor workspace =
-      at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
-                view.data.options().dtype(at::kByte));
-  Partial* partials = reinterpret_cast<Partial*>(workspace.mutable_data_ptr());
-  Context* contexts =
-      reinterpret_cast<Context*>(static_cast<char*>(workspace.mutable_data_ptr()) + partial_bytes);
-  const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
+  // Stage 1 writes each channel's partials and context into one buffer.
+  const auto workspace = [&](int64_t splits, Partial*& partials, Context*& contexts) {
+    const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
+    at::Tensor buffer =
+        at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
+                  view.data.options().dtype(at::kByte));
+    char* data = static_cast<char*>(buffer.mutable_data_ptr());
+    partials = reinterpret_cast<Partial*>(data);
+    contexts = reinterpret_cast<Context*>(data + partial_bytes);
+    return buffer;
+  };
+  int64_t splits = 1;
+  Partial* partials = nullptr;
+  Context* contexts = nullptr;
+  at::Tensor buffer;
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
     const auto launch = [&](auto pack) {
       constexpr int kSize = decltype(pack)::value;
+      // A block steps through rows_per_pass rows of its channels
+      // (channels-last) or kThreads packs of one channel (contiguous) at a time.
       if (view.channels_last) {
+        constexpr auto kernel = reduce_channels_last_kernel<R, kSize, index_t>;
+        splits = reduction_splits(channel_blocks, per_channel, rows_per_pass,
+                                  wave_blocks<kernel>(device));
+        buffer = workspace(splits, partials, contexts);
         const int64_t per_split = (per_channel + splits - 1) / splits;
-        reduce_channels_last_kernel<R, kSize, index_t>
-            <<<grid, dim3(lanes, rows_per_pass), 0, stream>>>(reducer, channels, per_channel,
-                                                             per_split, partials, contexts);
+        kernel<<<dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits)),
+                 dim3(lanes, rows_per_pass), 0, stream>>>(
+            reducer, channels, per_channel, per_split, partials, contexts);
       } else {
+        constexpr auto kernel = reduce_contiguous_kernel<R, kSize, index_t>;
+        splits = reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * kSize,
+                                  wave_blocks<kernel>(device));
+        buffer = workspace(splits, partials, contexts);
         const int64_t packs = per_channel / kSize;
         const int64_t per_split = (packs + splits - 1) / splits;
-        reduce_contiguous_kernel<R, kSize, index_t><<<grid, kThreads, 0, stream>>>(
+        kernel<<<dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits)),
+                 kThreads, 0, stream>>>(
             reducer, channels, view.inner / kSize, packs, per_split, partials, contexts);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,94 @@
+"""Where a ResNet-50 training step's time goes, torch.nn vs normext.convert.
+
+    python benchmarks/profile_resnet50.py --layouts nchw --steps 3
+
+For each layout: the step's wall time (synchronized), the GPU time (sum of
+kernel, copy and fill durations) and the host time the profiler saw in
+operators, then the GPU kernels whose time per step differs most between the
+two models. A wall time well above the GPU time means a host-bound step. Same
+models and step as bench_resnet50.py (needs torchvision and a GPU).
+"""
+
+import argparse
+import sys
+import time
+
+import _common as common
+from bench_resnet50 import make_models, train_step
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def step_profile(step, steps, device):
+    """(wall ms, GPU ms, operator host ms, {kernel: GPU ms}) per step."""
+    def run():
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    step()
+    run()
+    start = time.perf_counter()
+    run()
+    wall = (time.perf_counter() - start) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    kernels, host = {}, 0.0
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.key] = event.device_time_total / steps / 1e3
+        elif event.key.startswith(("aten::", "normext::")):
+            host += event.self_cpu_time_total / steps / 1e3
+    return wall * 1e3, sum(kernels.values()), host, kernels
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layouts", default="nchw,channels_last")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    try:
+        import torchvision
+    except ImportError:
+        sys.exit("profile_resnet50 needs torchvision")
+    device = common.parse_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    dtype = common.DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    for layout in common.split_list(args.layouts):
+        memory_format = common.LAYOUTS[layout]
+        images = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(
+            device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        labels = torch.randint(1000, (args.batch,), generator=gen).to(device)
+        models, _ = make_models(torchvision, device, dtype, memory_format)
+        results = {}
+        for name, model in models.items():
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            results[name] = step_profile(
+                lambda m=model, o=optimizer: train_step(m, o, images, labels), args.steps, device)
+        print(f"\n### {args.dtype} {layout}, batch {args.batch}, {args.size}x{args.size}\n")
+        print("| model | wall ms/step | GPU ms/step | operator host ms/step | GPU activities |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (wall, gpu, host, kernels) in results.items():
+            print(f"| {name} | {wall:.2f} | {gpu:.2f} | {host:.2f} | {len(kernels)} |")
+        torch_kernels, normext_kernels = results["torch"][3], results["normext"][3]
+        names = set(torch_kernels) | set(normext_kernels)
+        diffs = sorted(names, key=lambda k: -abs(normext_kernels.get(k, 0) - torch_kernels.get(k, 0)))
+        print("\n| kernel | torch ms/step | normext ms/step |\n|---|---:|---:|")
+        for key in diffs[:args.top]:
+            label = key if len(key) <= 100 else key[:97] + "..."
+            print(f"| `{label}` | {torch_kernels.get(key, 0):.3f} | {normext_kernels.get(key, 0):.3f} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
