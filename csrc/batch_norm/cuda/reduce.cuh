@@ -36,10 +36,7 @@ __device__ inline void add_to(Sums<T>& total, const Sums<U>& part) {
 }
 
 constexpr int kChunk = 64;
-// Packs a thread loads before adding any: about 128 bytes in flight (8 packs
-// of one tensor, 4 of two).
-template <class R, int size>
-constexpr int kUnrollFor = sizeof(typename R::template Loaded<size>) >= 32 ? 4 : 8;
+constexpr int kUnroll = 4;
 // Stage-1 blocks resident per SM at least (caps registers at 128 a thread:
 // a channels-last thread holds sums of up to 8 channels).
 constexpr int kMinBlocks = 2;
@@ -62,7 +59,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   using Loaded = typename R::template Loaded<size>;
-  constexpr int kUnroll = kUnrollFor<R, size>;
   constexpr int kChunkPasses = kChunk / (kUnroll * size) > 1 ? kChunk / (kUnroll * size) : 1;
   __shared__ Context shared_context;
   __shared__ Sums<double> shared[kThreads];
@@ -127,7 +123,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   using Loaded = typename R::template Loaded<size>;
-  constexpr int kUnroll = kUnrollFor<R, size>;
   constexpr int kChunkPasses = kChunk / kUnroll;
   __shared__ Context shared_context[kThreads];
   __shared__ Sums<double> shared[size][kThreads];
