@@ -82,11 +82,13 @@ def main(argv=None):
             print(f"| {name} | {wall:.2f} | {gpu:.2f} | {host:.2f} | {len(kernels)} |")
         torch_kernels, normext_kernels = results["torch"][3], results["normext"][3]
         names = set(torch_kernels) | set(normext_kernels)
-        diffs = sorted(names, key=lambda k: -abs(normext_kernels.get(k, 0) - torch_kernels.get(k, 0)))
+        diffs = sorted(names, key=lambda k: -abs(normext_kernels.get(k, 0)
+                                                 - torch_kernels.get(k, 0)))
         print("\n| kernel | torch ms/step | normext ms/step |\n|---|---:|---:|")
         for key in diffs[:args.top]:
             label = key if len(key) <= 100 else key[:97] + "..."
-            print(f"| `{label}` | {torch_kernels.get(key, 0):.3f} | {normext_kernels.get(key, 0):.3f} |")
+            print(f"| `{label}` | {torch_kernels.get(key, 0):.3f} | "
+                  f"{normext_kernels.get(key, 0):.3f} |")
         sys.stdout.flush()
 
 

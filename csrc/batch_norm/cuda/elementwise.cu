@@ -165,9 +165,13 @@ __global__ void __launch_bounds__(cuda::kThreads)
   for (; r + (kUnroll - 1) * step < rows; r += kUnroll * step) {
     typename Op::template Loaded<size> in[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<size>((r + u * step) * channels + c);
+    for (int u = 0; u < kUnroll; ++u) {
+      in[u] = op.template load<size>((r + u * step) * channels + c);
+    }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) op.template store<size>((r + u * step) * channels + c, in[u], k);
+    for (int u = 0; u < kUnroll; ++u) {
+      op.template store<size>((r + u * step) * channels + c, in[u], k);
+    }
   }
   for (; r < rows; r += step) {
     op.template store<size>(r * channels + c, op.template load<size>(r * channels + c), k);
