@@ -39,6 +39,8 @@ def step_profile(step, steps, device):
         run()
     kernels, host = {}, 0.0
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False):
+            continue  # a range on the GPU timeline (the optimizer's step), not an activity
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.key] = event.device_time_total / steps / 1e3
         elif event.key.startswith(("aten::", "normext::")):
