@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(cuda::kThreads)
   for (int i = 0; i < size; ++i) k[i] = op.coefficients(c + i);
   const index_t step = static_cast<index_t>(gridDim.y) * blockDim.y;
   index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  for (; r + (kUnroll - 1) * step < rows; r += kUnroll * step) {
+  // r + (kUnroll - 1) * step < rows, spelled so that no index grows past rows + step
+  for (; r < rows - (kUnroll - 1) * step; r += kUnroll * step) {
     typename Op::template Loaded<size> in[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

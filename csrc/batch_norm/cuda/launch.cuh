@@ -44,12 +44,12 @@ inline int multiprocessor_count(const at::Device& device) {
 
 // Blocks of kThreads threads of `kernel` resident on the whole GPU at once:
 // one wave. Launched no larger, a grid has no tail wave, and a thread does
-// more work for each per-channel value it loads. (The current device must be
-// `device`.)
+// more work for each per-channel value it loads.
 template <auto kernel>
 int64_t wave_blocks(const at::Device& device) {
   static std::atomic<int> per_multiprocessor[kMaxDevices] = {};
-  const int blocks = cached_per_device(per_multiprocessor, device.index(), [] {
+  const int blocks = cached_per_device(per_multiprocessor, device.index(), [&] {
+    const c10::cuda::CUDAGuard guard(device);  // the query reads the current device
     int count = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0));
     return std::max(count, 1);
