@@ -236,47 +236,44 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   const int lanes = channel_lanes(groups);
   const int rows_per_pass = kThreads / lanes;
   const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
-  // Stage 1 writes each channel's partials and context into one buffer.
-  const auto workspace = [&](int64_t splits, Partial*& partials, Context*& contexts) {
-    const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
-    at::Tensor buffer =
-        at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
-                  view.data.options().dtype(at::kByte));
-    char* data = static_cast<char*>(buffer.mutable_data_ptr());
-    partials = reinterpret_cast<Partial*>(data);
-    contexts = reinterpret_cast<Context*>(data + partial_bytes);
-    return buffer;
-  };
-  int64_t splits = 1;
-  Partial* partials = nullptr;
-  Context* contexts = nullptr;
-  at::Tensor buffer;
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
     const auto launch = [&](auto pack) {
       constexpr int kSize = decltype(pack)::value;
+      constexpr auto channels_last_stage1 = reduce_channels_last_kernel<R, kSize, index_t>;
+      constexpr auto contiguous_stage1 = reduce_contiguous_kernel<R, kSize, index_t>;
       // A block steps through rows_per_pass rows of its channels
       // (channels-last) or kThreads packs of one channel (contiguous) at a time.
+      const int64_t splits =
+          view.channels_last
+              ? reduction_splits(channel_blocks, per_channel, rows_per_pass,
+                                 wave_blocks<channels_last_stage1>(device))
+              : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * kSize,
+                                 wave_blocks<contiguous_stage1>(device));
+      // Stage 1 writes each channel's partials and context into one buffer.
+      const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
+      const at::Tensor workspace =
+          at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
+                    view.data.options().dtype(at::kByte));
+      char* data = static_cast<char*>(workspace.mutable_data_ptr());
+      Partial* partials = reinterpret_cast<Partial*>(data);
+      Context* contexts = reinterpret_cast<Context*>(data + partial_bytes);
+      const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
       if (view.channels_last) {
-        constexpr auto kernel = reduce_channels_last_kernel<R, kSize, index_t>;
-        splits = reduction_splits(channel_blocks, per_channel, rows_per_pass,
-                                  wave_blocks<kernel>(device));
-        buffer = workspace(splits, partials, contexts);
         const int64_t per_split = (per_channel + splits - 1) / splits;
-        kernel<<<dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits)),
-                 dim3(lanes, rows_per_pass), 0, stream>>>(
+        channels_last_stage1<<<grid, dim3(lanes, rows_per_pass), 0, stream>>>(
             reducer, channels, per_channel, per_split, partials, contexts);
       } else {
-        constexpr auto kernel = reduce_contiguous_kernel<R, kSize, index_t>;
-        splits = reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * kSize,
-                                  wave_blocks<kernel>(device));
-        buffer = workspace(splits, partials, contexts);
         const int64_t packs = per_channel / kSize;
         const int64_t per_split = (packs + splits - 1) / splits;
-        kernel<<<dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits)),
-                 kThreads, 0, stream>>>(
+        contiguous_stage1<<<grid, kThreads, 0, stream>>>(
             reducer, channels, view.inner / kSize, packs, per_split, partials, contexts);
       }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const unsigned finish_blocks =
+          static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
+      reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(
+          reducer, finish, partials, contexts, splits, channels);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (size == kPack) {
@@ -285,11 +282,6 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
       launch(std::integral_constant<int, 1>{});
     }
   });
-  const unsigned finish_blocks =
-      static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
-  reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(reducer, finish, partials,
-                                                                     contexts, splits, channels);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace normext::batch_norm::cuda
