@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "batch_norm/common.h"
+#include "common/cpu/reduce.h"
 
 namespace normext::batch_norm {
 
@@ -59,175 +60,12 @@ struct CpuKernels {
 
 namespace cpu {
 
-// Elements one task handles at least: enough to amortize scheduling.
-constexpr int64_t kGrainElements = 32768;
-// The grain of a parallel loop whose items cost `item_cost` element sums each.
-inline int64_t grain_for(int64_t item_cost) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, item_cost));
-}
-// Elements one block of a row holds in the blocked reductions.
-constexpr int64_t kBlockElements = 4096;
+using namespace normext::cpu;  // the reducer and its loop constants
 
-// Contiguous (N, C, L) layout, cut into blocks of at most kBlockElements
-// along L so that few channels with long rows still use every core. Blocks
-// are indexed channel-major, [c][n][b], so each channel's partials are
-// adjacent; the cut does not depend on the thread count, so results do not.
-struct RowBlocks {
-  int64_t outer, channels, inner, blocks_per_row;
-
-  explicit RowBlocks(const ChannelView& v)
-      : outer(v.outer), channels(v.channels), inner(v.inner),
-        blocks_per_row((v.inner + kBlockElements - 1) / kBlockElements) {}
-
-  int64_t per_channel() const { return outer * blocks_per_row; }
-  int64_t size() const { return channels * per_channel(); }
-  int64_t block_length(int64_t b) const {
-    return std::min(kBlockElements, inner - b * kBlockElements);
-  }
-
-  // fn(c, offset of the block in the tensor, length, partial index [c][n][b]),
-  // run in parallel in memory order.
-  template <typename F>
-  void for_each(const F& fn) const {
-    const int64_t typical = std::min(inner, kBlockElements);
-    const int64_t grain = grain_for(typical);
-    at::parallel_for(0, outer * channels * blocks_per_row, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task % blocks_per_row;
-        const int64_t row = task / blocks_per_row;
-        const int64_t c = row % channels;
-        const int64_t n = row / channels;
-        fn(c, row * inner + b * kBlockElements, block_length(b), (c * outer + n) * blocks_per_row + b);
-      }
-    });
-  }
-};
-
-// Channels-last layout, (rows, C): rows cut into one range per thread.
-struct RowChunks {
-  int64_t rows, chunks;
-
-  RowChunks(int64_t rows, int64_t channels) : rows(rows) {
-    const int64_t min_rows = grain_for(channels);
-    chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                    (rows + min_rows - 1) / min_rows));
-  }
-
-  // fn(chunk, first row, end row), chunks in parallel.
-  template <typename F>
-  void for_each(const F& fn) const {
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        fn(chunk, rows * chunk / chunks, rows * (chunk + 1) / chunks);
-      }
-    });
-  }
-};
-
-constexpr int64_t kCacheLineBytes = 64;
-
-// Per-chunk partial sums: `arrays` arrays of `channels` values per chunk,
-// each chunk's on cache lines of its own. Threads storing to adjacent
-// chunks' sums on one shared line pass it back and forth on every store
-// (false sharing: the channels-last backward reduction at 32x128x28x28
-// float32, which stores its sums every row, took 0.77-2.3 ms instead of
-// 0.50-0.64 ms, depending on where malloc had put them).
-template <typename T>
-class ChunkPartials {
- public:
-  ChunkPartials(int64_t chunks, int64_t channels, int arrays)
-      : chunks_(chunks),
-        stride_((channels + kLineValues - 1) / kLineValues * kLineValues),
-        arrays_(arrays),
-        storage_(chunks * arrays * stride_ + kLineValues, T(0)) {
-    const auto address = reinterpret_cast<uintptr_t>(storage_.data());
-    data_ = storage_.data() +
-            (kCacheLineBytes - address % kCacheLineBytes) % kCacheLineBytes / sizeof(T);
-  }
-
-  // Array `array` of chunk `chunk`.
-  T* get(int64_t chunk, int array) { return data_ + (chunk * arrays_ + array) * stride_; }
-  // Array `array`'s value for channel c, added over the chunks in order.
-  T total(int array, int64_t c) {
-    T sum = 0;
-    for (int64_t chunk = 0; chunk < chunks_; ++chunk) sum += get(chunk, array)[c];
-    return sum;
-  }
-
- private:
-  static constexpr int64_t kLineValues = kCacheLineBytes / sizeof(T);
-  int64_t chunks_, stride_, arrays_;
-  std::vector<T> storage_;
-  T* data_;
-};
-
-// Rows of fewer bytes than this are reduced per channel across samples,
-// with vector accumulators kept across rows: a horizontal sum per short row
-// would cost more than the row itself (measured: 7x7 and bfloat16 14x14 rows
-// gain 1.5-4x, float32 14x14 rows lose 25%).
-constexpr int64_t kShortRowBytes = 512;
-
-template <typename scalar_t>
-inline bool is_short_row(int64_t length) {
-  return length * static_cast<int64_t>(sizeof(scalar_t)) < kShortRowBytes;
-}
-constexpr int kLanes = 16;
-// Rows between flushes of the float32 lane accumulators into double sums.
-constexpr int64_t kFlushRows = 256;
-
-// Channels one short-row task reduces together, sample by sample: their rows
-// are adjacent, so a task reads runs of up to kShortRowChannels * L elements
-// in memory order instead of jumping C * L elements from row to row. That
-// pays for rows of under 4 vectors (7x7 in an in-process A/B: statistics
-// 2.2x faster in bfloat16 on 1 thread and 1.2-1.8x in float32 on 2,
-// backward reduce 1.7x and 1.2-1.8x); longer short rows (bfloat16 14x14)
-// were 20% slower in blocks, whose lane accumulators live in L1 rather than
-// in registers, and are reduced one channel at a time.
-constexpr int64_t kShortRowChannels = 64;
-
-inline int64_t short_row_block(int64_t channels, int64_t length) {
-  if (length >= 4 * kLanes) return 1;
-  return std::clamp<int64_t>(channels / at::get_num_threads(), 1, kShortRowChannels);
-}
-
-// fn(first channel, channels) over the blocks of a contiguous (N, C, L)
-// tensor with short rows, in parallel when there is enough work: a channel
-// costs its count of elements plus `channel_cost` more (in element sums), and
-// a small tensor stays on one thread, where waking the others would cost more
-// than its sums. A channel's sums do not depend on its block: each is added
-// row by row in the same order either way.
-template <typename F>
-void for_each_short_row_block(const ChannelView& v, int64_t channel_cost, const F& fn) {
-  const int64_t block = short_row_block(v.channels, v.inner);
-  const int64_t grain = grain_for(block * (v.count() + channel_cost));
-  at::parallel_for(0, (v.channels + block - 1) / block, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      fn(i * block, std::min(block, v.channels - i * block));
-    }
-  });
-}
-
-// fn(b, row offset) for the rows of channels [c_begin, c_begin + channels)
-// in samples [n_begin, n_end) of a contiguous (N, C, L) tensor, in memory
-// order, with b the channel's index in the block.
-template <typename F>
-inline void for_each_block_row(int64_t n_begin, int64_t n_end, int64_t C, int64_t L,
-                               int64_t c_begin, int64_t channels, const F& fn) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    for (int64_t b = 0; b < channels; ++b) fn(b, (n * C + c_begin + b) * L);
-  }
-}
-
-// fn(lane, i) for i in [0, length): element i goes to lane i % kLanes, so
-// lane-indexed accumulators vectorize.
-template <typename F>
-inline void for_each_in_lanes(int64_t length, const F& fn) {
-  int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) fn(k, i + k);
-  }
-  for (int k = 0; i < length; ++i, ++k) fn(k, i);
+// A channel view as the reducer's groups: channels-last data is (rows, C, 1).
+inline GroupedShape groups_of(const ChannelView& v) {
+  return v.channels_last ? GroupedShape{v.count(), v.channels, 1}
+                         : GroupedShape{v.outer, v.channels, v.inner};
 }
 
 // fn(c, begin, end) over flat element ranges of a contiguous (N, C, L) tensor,
@@ -254,7 +92,6 @@ void for_each_row_segment(const ChannelView& v, const F& fn) {
 // save (measured on Zen 4, 1 thread, in-cache tensors: elementwise and
 // backward reduce at 128-1024 channels 10-30% slower grouped; statistics
 // 1.3-3.5x faster grouped at every width).
-constexpr int kRowGroup = 4;
 constexpr int64_t kGroupedArrayBytes = 12 * 1024;
 
 // Whether an elementwise or backward-reduce loop reading `arrays`
@@ -262,38 +99,6 @@ constexpr int64_t kGroupedArrayBytes = 12 * 1024;
 template <typename acc_t>
 inline bool group_rows(int64_t channels, int arrays) {
   return channels * arrays * static_cast<int64_t>(sizeof(acc_t)) > kGroupedArrayBytes;
-}
-
-// fn(first row, std::integral_constant<int, rows>) over [begin, end): groups
-// of kRowGroup rows when `grouped`, then single rows.
-template <typename F>
-inline void for_each_row_group(int64_t begin, int64_t end, bool grouped, const F& fn) {
-  int64_t r = begin;
-  if (grouped) {
-    for (; r + kRowGroup <= end; r += kRowGroup) fn(r, std::integral_constant<int, kRowGroup>{});
-  }
-  for (; r < end; ++r) fn(r, std::integral_constant<int, 1>{});
-}
-
-// A group of channels-last rows of this many bytes each or more is read as
-// kRowGroup streams a row apart, which the hardware prefetchers do not
-// follow well: the statistics prefetch ahead there. In-process A/B
-// (benchmarks/ab_builds.py, moments, against no prefetch): float32
-// 1.2-2.1x at 128-512 channels from 28x28 up and 1.15x at 1024x14x14,
-// bfloat16 1.9x at 512x28x28; rows of 2 KiB and more that sit in cache
-// 0.88-0.99x.
-constexpr int64_t kPrefetchRowBytes = 512;
-constexpr int64_t kPrefetchBytes = 4096;
-
-// Prefetches [begin, end) shifted ahead by kPrefetchBytes or by its own
-// length if longer (so as not to prefetch what is being read), short of `limit`.
-template <typename T>
-inline void prefetch_ahead(const T* begin, const T* end, const T* limit) {
-  const int64_t distance = std::max<int64_t>(kPrefetchBytes, (end - begin) * sizeof(T));
-  const char* ahead = reinterpret_cast<const char*>(begin) + distance;
-  const char* stop = std::min(reinterpret_cast<const char*>(end) + distance,
-                              reinterpret_cast<const char*>(limit));
-  for (; ahead < stop; ahead += kCacheLineBytes) __builtin_prefetch(ahead);
 }
 
 // fn(first row, end row) over channels-last rows in parallel.

@@ -1,0 +1,307 @@
+// The CPU reduction every norm's statistics and backward sums run on: per-group
+// sums of an op's terms over a dense (outer, groups, inner) tensor, where group
+// g holds the elements (o, g, i) for every o and i. A batch norm's groups are
+// its channels (channels-last data is (rows, C, 1)); a layer norm's are its
+// rows (1, rows, features).
+//
+// The work is cut into units by the shape alone, each unit sums its elements
+// in float lanes (element i of a run to lane i % kLanes) and adds them in
+// double, and the units' partials are added in a fixed order: the sums are
+// bit-identical at any thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace normext::cpu {
+
+// Elements one task handles at least: enough to amortize scheduling.
+constexpr int64_t kGrainElements = 32768;
+// The grain of a parallel loop whose items cost `item_cost` element sums each.
+inline int64_t grain_for(int64_t item_cost) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, item_cost));
+}
+
+constexpr int64_t kCacheLineBytes = 64;
+// Float accumulators per sum of a run: element i goes to lane i % kLanes, so
+// the lanes vectorize at any vector width and add up the same way on each.
+constexpr int kLanes = 16;
+// Elements of a long run one unit sums (a unit's lanes stay in registers).
+constexpr int64_t kBlockElements = 4096;
+// Runs of fewer bytes than this are short: a unit sums a group's runs across
+// kUnitRows outer indices into the same lanes, since adding the lanes up per
+// run would cost more than the run.
+constexpr int64_t kShortRunBytes = 512;
+// Outer indices (short runs) or rows (channels-last) whose float sums one
+// unit keeps before they are added in double.
+constexpr int64_t kUnitRows = 256;
+// Groups whose short runs one unit sums together, outer index by outer index:
+// their runs are adjacent, so the unit reads memory in order.
+constexpr int64_t kShortRunGroups = 64;
+
+// Channels-last rows are taken kRowGroup at a time where the op asks for it,
+// so that each group's accumulators are loaded and stored once per kRowGroup rows.
+constexpr int kRowGroup = 4;
+// Rows of this many bytes or more, read kRowGroup streams a row apart, which
+// the hardware prefetchers do not follow well: ops that ask prefetch them.
+constexpr int64_t kPrefetchRowBytes = 512;
+constexpr int64_t kPrefetchBytes = 4096;
+
+// fn(first row, std::integral_constant<int, rows>) over [begin, end): groups
+// of kRowGroup rows when `grouped`, then single rows.
+template <typename F>
+inline void for_each_row_group(int64_t begin, int64_t end, bool grouped, const F& fn) {
+  int64_t r = begin;
+  if (grouped) {
+    for (; r + kRowGroup <= end; r += kRowGroup) fn(r, std::integral_constant<int, kRowGroup>{});
+  }
+  for (; r < end; ++r) fn(r, std::integral_constant<int, 1>{});
+}
+
+// The dense tensor a reduction runs over; `inner == 1` is the channels-last case.
+struct GroupedShape {
+  int64_t outer, groups, inner;
+  int64_t count() const { return outer * inner; }  // elements per group
+};
+
+// An Op gives the reducer:
+//   using acc_t;                        float lanes' type (float for 16-bit data)
+//   static constexpr int kTerms;        sums per group
+//   static constexpr int64_t kElementBytes;  bytes of one input element
+//   void terms(int64_t g, int64_t offset, acc_t (&t)[kTerms]) const;
+//                                       the terms of the element at `offset`, in group g
+//   bool group_rows(int64_t groups) const;   channels-last: take kRowGroup rows at a time
+//   static constexpr bool kPrefetch;    channels-last: prefetch long rows ahead
+//   void prefetch(int64_t begin, int64_t end, int64_t limit) const;  (if kPrefetch)
+// reduce_groups returns the sums as double, [term][group].
+
+// Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
+template <class Op, typename acc_t = typename Op::acc_t>
+inline void add_run_in_lanes(const Op& op, int64_t g, int64_t offset, int64_t length,
+                             acc_t (*__restrict__ lanes)[kLanes]) {
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t t[Op::kTerms];
+      op.terms(g, offset + i + k, t);
+      for (int q = 0; q < Op::kTerms; ++q) lanes[q][k] += t[q];
+    }
+  }
+  for (int k = 0; i < length; ++i, ++k) {
+    acc_t t[Op::kTerms];
+    op.terms(g, offset + i, t);
+    for (int q = 0; q < Op::kTerms; ++q) lanes[q][k] += t[q];
+  }
+}
+
+namespace detail {
+
+// Lanes added in double, in lane order.
+template <int kTerms, typename acc_t>
+inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
+  for (int q = 0; q < kTerms; ++q) {
+    double sum = 0;
+    for (int k = 0; k < kLanes; ++k) sum += lanes[q][k];
+    partial[q] = sum;
+  }
+}
+
+// Contiguous data (inner > 1). A unit is a block of one run (long runs) or a
+// group's runs across kUnitRows outer indices (short runs); units of
+// neighbouring groups are scheduled together where runs are short. Partials
+// are stored [term][group][unit] and added per group in unit order.
+template <class Op>
+void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
+  using acc_t = typename Op::acc_t;
+  constexpr int K = Op::kTerms;
+  const bool short_runs = s.inner * Op::kElementBytes < kShortRunBytes;
+  const int64_t run_length = short_runs ? s.inner : std::min(s.inner, kBlockElements);
+  const int64_t blocks_per_run = (s.inner + run_length - 1) / run_length;
+  const int64_t rows_per_unit = short_runs ? kUnitRows : 1;
+  const int64_t row_units = (s.outer + rows_per_unit - 1) / rows_per_unit;
+  const int64_t units_per_group = row_units * blocks_per_run;
+  // Short runs of a few vectors: several groups per task, so reading runs in
+  // memory order; this is scheduling only, each group's sums are the same.
+  const int64_t task_groups =
+      short_runs && s.inner < 4 * kLanes
+          ? std::clamp<int64_t>(s.groups / at::get_num_threads(), 1, kShortRunGroups)
+          : 1;
+  const int64_t group_tasks = (s.groups + task_groups - 1) / task_groups;
+  std::vector<double> partials(static_cast<size_t>(K * s.groups * units_per_group));
+  const auto partial = [&](int q, int64_t g, int64_t unit) {
+    return &partials[(q * s.groups + g) * units_per_group + unit];
+  };
+  const int64_t unit_cost = task_groups * rows_per_unit * run_length;
+  // Tasks in memory order: row unit, then group block, then run block.
+  at::parallel_for(0, row_units * group_tasks * blocks_per_run, grain_for(unit_cost),
+                   [&](int64_t begin, int64_t end) {
+    acc_t block_lanes[kShortRunGroups][K][kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks_per_run;
+      const int64_t group_task = task / blocks_per_run % group_tasks;
+      const int64_t row_unit = task / blocks_per_run / group_tasks;
+      const int64_t g0 = group_task * task_groups;
+      const int64_t groups = std::min(task_groups, s.groups - g0);
+      const int64_t o_begin = row_unit * rows_per_unit;
+      const int64_t o_end = std::min(s.outer, o_begin + rows_per_unit);
+      const int64_t i0 = block * run_length;
+      const int64_t length = std::min(run_length, s.inner - i0);
+      const int64_t unit = row_unit * blocks_per_run + block;
+      const auto store = [&](int64_t g, const acc_t(*lanes)[kLanes]) {
+        double unit_sums[K];
+        add_lanes<K>(lanes, unit_sums);
+        for (int q = 0; q < K; ++q) *partial(q, g, unit) = unit_sums[q];
+      };
+      if (groups == 1) {  // lanes of their own, which stay in registers
+        acc_t lanes[K][kLanes] = {};
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, lanes);
+        }
+        store(g0, lanes);
+        continue;
+      }
+      std::fill_n(&block_lanes[0][0][0], groups * K * kLanes, acc_t(0));
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        for (int64_t b = 0; b < groups; ++b) {
+          add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
+                           block_lanes[b]);
+        }
+      }
+      for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_lanes[b]);
+    }
+  });
+  at::parallel_for(0, s.groups, grain_for(units_per_group), [&](int64_t begin, int64_t end) {
+    for (int q = 0; q < K; ++q) {
+      for (int64_t g = begin; g < end; ++g) {
+        const double* p = partial(q, g, 0);
+        double sum = 0;
+        for (int64_t unit = 0; unit < units_per_group; ++unit) sum += p[unit];
+        sums[q * s.groups + g] = sum;
+      }
+    }
+  });
+}
+
+// Adds the terms of Rows channels-last rows from row r to per-group float sums.
+template <int Rows, class Op, typename acc_t = typename Op::acc_t>
+inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* const* __restrict__ sums) {
+#pragma omp simd
+  for (int64_t g = 0; g < groups; ++g) {
+    acc_t total[Op::kTerms];
+    op.terms(g, r * groups + g, total);
+    for (int k = 1; k < Rows; ++k) {
+      acc_t t[Op::kTerms];
+      op.terms(g, (r + k) * groups + g, t);
+      for (int q = 0; q < Op::kTerms; ++q) total[q] += t[q];
+    }
+    for (int q = 0; q < Op::kTerms; ++q) sums[q][g] += total[q];
+  }
+}
+
+// Channels-last data (inner == 1): a unit is kUnitRows rows (fewer when rows
+// are long, so that its float sums stay in L1), summed in float vectors
+// across groups; its sums become a double partial per unit, [unit][term][group],
+// added per group in unit order.
+template <class Op, bool kPrefetch>
+void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
+  using acc_t = typename Op::acc_t;
+  constexpr int K = Op::kTerms;
+  const int64_t rows = s.outer, G = s.groups;
+  const int64_t unit_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
+  const int64_t units = (rows + unit_rows - 1) / unit_rows;
+  constexpr int64_t kLineValues = kCacheLineBytes / sizeof(double);
+  const int64_t stride = (G + kLineValues - 1) / kLineValues * kLineValues;
+  std::vector<double> partials(static_cast<size_t>(units * K * stride));
+  const bool grouped = op.group_rows(G);
+  at::parallel_for(0, units, grain_for(unit_rows * G), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> unit_sums(K * G);
+    acc_t* sum_of[K];
+    for (int q = 0; q < K; ++q) sum_of[q] = unit_sums.data() + q * G;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      std::fill(unit_sums.begin(), unit_sums.end(), acc_t(0));
+      const int64_t r_begin = unit * unit_rows, r_end = std::min(rows, r_begin + unit_rows);
+      for_each_row_group(r_begin, r_end, grouped, [&](int64_t r, auto group) {
+        if constexpr (kPrefetch) op.prefetch(r * G, (r + group()) * G, rows * G);
+        add_rows<group()>(op, r, G, sum_of);
+      });
+      double* partial = partials.data() + unit * K * stride;
+      for (int q = 0; q < K; ++q) {
+#pragma omp simd
+        for (int64_t g = 0; g < G; ++g) partial[q * stride + g] = sum_of[q][g];
+      }
+    }
+  });
+  at::parallel_for(0, G, grain_for(units * K), [&](int64_t begin, int64_t end) {
+    for (int q = 0; q < K; ++q) {
+      double* total = sums + q * G;
+      std::fill(total + begin, total + end, 0.0);
+      for (int64_t unit = 0; unit < units; ++unit) {
+        const double* partial = partials.data() + (unit * K + q) * stride;
+#pragma omp simd
+        for (int64_t g = begin; g < end; ++g) total[g] += partial[g];
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+// The per-group sums of op's terms over `shape`, as double, [term][group]
+// (Op: above). The result does not depend on the thread count.
+template <class Op>
+std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
+  std::vector<double> sums(static_cast<size_t>(Op::kTerms * shape.groups), 0.0);
+  if (shape.count() == 0 || shape.groups == 0) return sums;
+  if (shape.inner > 1) {
+    detail::reduce_runs(shape, op, sums.data());
+  } else if (Op::kPrefetch && shape.groups * Op::kElementBytes >= kPrefetchRowBytes) {
+    detail::reduce_rows<Op, Op::kPrefetch>(shape, op, sums.data());
+  } else {
+    detail::reduce_rows<Op, false>(shape, op, sums.data());
+  }
+  return sums;
+}
+
+// Prefetches elements [begin, end) of `data` ahead by kPrefetchBytes or by the
+// range's own length if longer (not to prefetch what is being read), short of `limit`.
+template <typename T>
+inline void prefetch_ahead(const T* data, int64_t begin, int64_t end, int64_t limit) {
+  const int64_t distance = std::max<int64_t>(kPrefetchBytes, (end - begin) * sizeof(T));
+  const char* ahead = reinterpret_cast<const char*>(data + begin) + distance;
+  const char* stop = std::min(reinterpret_cast<const char*>(data + end) + distance,
+                              reinterpret_cast<const char*>(data + limit));
+  for (; ahead < stop; ahead += kCacheLineBytes) __builtin_prefetch(ahead);
+}
+
+// The reduction of one-pass moments: sums of d = x - shift and d^2 per group
+// (math.h of a norm: shifted_moments turns them into the mean and m2). T is
+// the loop's element type, convertible to acc_t.
+template <typename T, typename acc_t_>
+struct ShiftedSums {
+  using acc_t = acc_t_;
+  static constexpr int kTerms = 2;
+  static constexpr int64_t kElementBytes = sizeof(T);
+  // Channels-last statistics read a row per group's two float sums: grouped
+  // rows halve their loads and stores at every width.
+  static constexpr bool kPrefetch = true;
+
+  const T* x;
+  const acc_t* shift;  // per group
+
+  void terms(int64_t g, int64_t offset, acc_t (&t)[2]) const {
+    const acc_t d = static_cast<acc_t>(x[offset]) - shift[g];
+    t[0] = d;
+    t[1] = d * d;
+  }
+  bool group_rows(int64_t) const { return true; }
+  void prefetch(int64_t begin, int64_t end, int64_t limit) const {
+    prefetch_ahead(x, begin, end, limit);
+  }
+};
+
+}  // namespace normext::cpu
