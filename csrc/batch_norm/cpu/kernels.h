@@ -89,9 +89,7 @@ void for_each_row_segment(const ChannelView& v, const F& fn) {
 // L1 beside the rows (over kGroupedArrayBytes), in the statistics at every
 // width (their per-row accumulator stores bound them) and in the backward
 // reduction of short rows. Elsewhere the interleaved rows cost more than they
-// save (measured on Zen 4, 1 thread, in-cache tensors: elementwise and
-// backward reduce at 128-1024 channels 10-30% slower grouped; statistics
-// 1.3-3.5x faster grouped at every width).
+// save (benchmarks/history: the in-cache A/B of grouped rows).
 constexpr int64_t kGroupedArrayBytes = 12 * 1024;
 
 // Whether an elementwise or backward-reduce loop reading `arrays`
@@ -135,8 +133,7 @@ inline void store(c10::BFloat16* out, int64_t i, float value) {
 }
 
 // float16 as the CPU loops read and write it. c10::Half converts one element
-// at a time (F16C's scalar vcvtph2ps), which GCC does not vectorize: the
-// float16 kernels ran 3-8x slower than torch's. These conversions are
+// at a time (F16C's scalar vcvtph2ps), which GCC does not vectorize. These conversions are
 // branch-free bit arithmetic that GCC vectorizes (the method of c10's
 // portable fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value: exact
 // widening; narrowing rounds to nearest even, NaN to a quiet NaN).
@@ -179,10 +176,9 @@ inline void store(Float16* out, int64_t i, float value) {
 // float16 vectors in registers, converted by F16C (one instruction per
 // vector, where Float16's bit arithmetic takes about ten): with these the
 // elementwise passes apply math.h's formulas to whole vectors (GCC's vector
-// operators). ab_builds.py against the bit arithmetic, float16 at 4 shapes x
-// 2 layouts: eval 2.5-4.1x, backward elementwise 2.0-4.0x, fwd+bwd 1.4-2.0x.
-// (Staging through float32 buffers instead gained 1.3x.) The statistics and
-// backward sums still convert with Float16.
+// operators); an A/B against the bit arithmetic and against staging through
+// float32 buffers chose them. The statistics and backward sums still convert
+// with Float16.
 #if defined(__AVX512F__)
 #define NORMEXT_FLOAT16_VECTORS 1
 using Float16Vector = __m512;
@@ -212,10 +208,9 @@ inline __m256 splat(float v) { return _mm256_set1_ps(v); }
 #if defined(NORMEXT_FLOAT16_VECTORS)
 // The first n (<= kFloat16Lanes) values at p as a vector, the other lanes 0;
 // and the first n lanes of v stored at p. Masked loads and stores where
-// AVX-512 has them for 16-bit elements; else through a small array (a
-// store-forwarding stall: NCHW 7x7 runs took 2x as long that way). Whole
-// vectors take the plain loads and stores: masked ones with every lane set
-// made channels-last rows 8-22% slower.
+// AVX-512 has them for 16-bit elements, whose small-array alternative stalls
+// on store forwarding; else through a small array. Whole vectors take the
+// plain loads and stores, which are faster than masked ones with every lane set.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 inline __m512 load_float16(const Float16* p, int64_t n) {
