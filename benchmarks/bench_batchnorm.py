@@ -3,6 +3,7 @@
     python benchmarks/bench_batchnorm.py                  # ResNet-50's BN shapes, all modes
     python benchmarks/bench_batchnorm.py --quick          # a smoke run
     python benchmarks/bench_batchnorm.py --device cpu --threads 8 --json bn.json
+    python benchmarks/bench_batchnorm.py --chart speed.png   # also a bar chart (matplotlib)
 
 For each dtype, memory layout and shape both implementations run interleaved
 in the same process, next to a copy of the same tensor (the memory-bandwidth
@@ -252,41 +253,64 @@ def have_matplotlib(path: str) -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        log(f"warning: no --plot {path}: matplotlib is not installed (pip install matplotlib); "
-            "the tables and --json are written as usual")
+        log(f"warning: no --chart {path}: matplotlib is not installed (pip install matplotlib, "
+            "or the `bench` extra); the tables and --json are written as usual")
         return False
     return True
 
 
-def plot(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+CHART_MODE_TITLES = {"train": "training forward", "eval": "eval forward",
+                     "fwdbwd": "training forward + backward"}
+
+
+def chart(rows: list[dict], modes: list[str], path: str, info: dict, args) -> None:
+    """Bar chart of the speedup over torch (torch ms / normext ms) of every
+    row: one panel per mode, one group of bars per shape, one bar per dtype
+    and layout, each labelled with its value; the geometric mean of each
+    series in the legend. matplotlib is imported here only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     modes = [mode for mode in modes if any(row["mode"] == mode for row in rows)]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.2 * len(modes)), squeeze=False)
+    shapes = list(dict.fromkeys(_shape(row) for row in rows))
+    series = list(dict.fromkeys((row["dtype"], row["layout"]) for row in rows))
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(7.0, 1.1 * len(shapes) * len(series)
+                                                         + 2.0), 2.9 * len(modes) + 0.8),
+                             squeeze=False, sharex=True)
+    top = max(row["speedup"] for row in rows)
     for ax, mode in zip(axes[:, 0], modes):
         mode_rows = [row for row in rows if row["mode"] == mode]
-        shapes = list(dict.fromkeys(_shape(row) for row in mode_rows))
-        series = list(dict.fromkeys((row["dtype"], row["layout"]) for row in mode_rows))
-        width = 0.8 / len(series)
         for i, (dtype, layout) in enumerate(series):
             speedup = {_shape(r): r["speedup"] for r in mode_rows
                        if (r["dtype"], r["layout"]) == (dtype, layout)}
+            if not speedup:
+                continue
             xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes)
                   if s in speedup]
-            ax.bar(xs, [speedup[s] for s in shapes if s in speedup], width,
-                   label=f"{dtype} {layout}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
-        ax.set_ylabel("speedup vs torch")
-        ax.set_title(MODE_TITLES[mode], fontsize=10)
-        ax.legend(fontsize=7, ncol=len(series))
-    axes[-1, 0].set_xlabel("shape (N,C,H,W)")
-    fig.suptitle(title, fontsize=10)
+            values = [speedup[s] for s in shapes if s in speedup]
+            bars = ax.bar(xs, values, width * 0.95, label=f"{dtype} {layout} "
+                          f"(geomean {common.geomean(values):.2f}x)")
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylim(0, top * 1.18)
+        ax.set_ylabel("speedup over torch")
+        ax.set_title(CHART_MODE_TITLES[mode], fontsize=10, loc="left")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(range(len(shapes)), [s.replace(",", "x") for s in shapes],
+                           fontsize=8)
+    axes[-1, 0].set_xlabel("shape N x C x H x W (> 1: normext faster; dashed line: torch)")
+    machine = info.get("gpu") or info["cpu"]
+    fig.suptitle(f"normext vs torch.nn.functional.batch_norm, {args.device.type} ({machine}, "
+                 f"{info['torch_threads']} threads)\ntorch {info['torch']}, normext "
+                 f"{info['git_commit'] or '?'}, {info['date'][:10]}; medians of "
+                 f"{args.repeats} rounds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     log(f"wrote {path}")
 
 
@@ -331,8 +355,10 @@ def parse_args(argv=None):
                         help="skip the check that normext matches torch before timing")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
     parser.add_argument("--markdown-out", metavar="FILE",
-                        help="also append the Markdown report to FILE (e.g. benchmarks/RESULTS.md)")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (matplotlib)")
+                        help="also append the Markdown report to FILE (e.g. benchmarks/history/2026-12.md)")
+    parser.add_argument("--chart", "--plot", dest="chart", metavar="FILE.png",
+                        help="bar chart of the speedups over torch, a panel per mode "
+                             "(needs matplotlib: the `bench` extra)")
     args = parser.parse_args(argv)
 
     args.device = common.parse_device(args.device)
@@ -349,8 +375,8 @@ def parse_args(argv=None):
         args.min_time = 0.02 if args.quick or on_cuda else 0.1
     if args.batch < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error("--batch and --repeats must be positive, --min-time > 0")
-    if args.plot and not have_matplotlib(args.plot):
-        args.plot = None
+    if args.chart and not have_matplotlib(args.chart):
+        args.chart = None
     return args
 
 
@@ -388,9 +414,8 @@ def main(argv=None) -> None:
             "modes": args.modes, "batch": args.batch, "repeats": args.repeats,
             "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS,
             "ideal_passes": IDEAL_PASSES, "check": not args.no_check}, "rows": rows})
-    if args.plot:
-        plot(rows, args.modes, args.plot, f"normext vs torch batch_norm, {args.device.type}: "
-                                          f"{info.get('gpu') or info['cpu']}")
+    if args.chart:
+        chart(rows, args.modes, args.chart, info, args)
 
 
 if __name__ == "__main__":
