@@ -263,24 +263,28 @@ CHART_MODE_TITLES = {"train": "training forward", "eval": "eval forward",
                      "fwdbwd": "training forward + backward"}
 
 
-def chart(rows: list[dict], modes: list[str], path: str, info: dict, args) -> None:
+def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: int) -> None:
     """Bar chart of the speedup over torch (torch ms / normext ms) of every
     row: one panel per mode, one group of bars per shape, one bar per dtype
     and layout, each labelled with its value; the geometric mean of each
-    series in the legend. matplotlib is imported here only."""
+    series in the legend. Bars start at 1x on a log scale, so that 2x faster
+    and 2x slower are the same length. matplotlib is imported here only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     modes = [mode for mode in modes if any(row["mode"] == mode for row in rows)]
     shapes = list(dict.fromkeys(_shape(row) for row in rows))
     series = list(dict.fromkeys((row["dtype"], row["layout"]) for row in rows))
     width = 0.8 / len(series)
     fig, axes = plt.subplots(len(modes), 1, figsize=(max(7.0, 1.1 * len(shapes) * len(series)
-                                                         + 2.0), 2.9 * len(modes) + 0.8),
+                                                         + 2.0), 2.6 * len(modes) + 0.9),
                              squeeze=False, sharex=True)
-    top = max(row["speedup"] for row in rows)
+    low = min(0.5, min(row["speedup"] for row in rows) / 1.3)
+    high = max(2.0, max(row["speedup"] for row in rows) * 1.6)
+    ticks = [2.0 ** k for k in range(-6, 8) if low <= 2.0 ** k <= high]
     for ax, mode in zip(axes[:, 0], modes):
         mode_rows = [row for row in rows if row["mode"] == mode]
         for i, (dtype, layout) in enumerate(series):
@@ -291,27 +295,42 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, args) -> No
             xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes)
                   if s in speedup]
             values = [speedup[s] for s in shapes if s in speedup]
-            bars = ax.bar(xs, values, width * 0.95, label=f"{dtype} {layout} "
+            # bars grow from the 1x line: up where normext is faster, down where slower
+            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0, label=f"{dtype} {layout} "
                           f"(geomean {common.geomean(values):.2f}x)")
             ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_ylim(0, top * 1.18)
         ax.set_ylabel("speedup over torch")
         ax.set_title(CHART_MODE_TITLES[mode], fontsize=10, loc="left")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xticks(range(len(shapes)), [s.replace(",", "x") for s in shapes],
                            fontsize=8)
-    axes[-1, 0].set_xlabel("shape N x C x H x W (> 1: normext faster; dashed line: torch)")
+    axes[-1, 0].set_xlabel("shape N x C x H x W (> 1x: normext faster; dashed line: torch)")
     machine = info.get("gpu") or info["cpu"]
-    fig.suptitle(f"normext vs torch.nn.functional.batch_norm, {args.device.type} ({machine}, "
+    fig.suptitle(f"normext vs torch.nn.functional.batch_norm, {info['device']} ({machine}, "
                  f"{info['torch_threads']} threads)\ntorch {info['torch']}, normext "
                  f"{info['git_commit'] or '?'}, {info['date'][:10]}; medians of "
-                 f"{args.repeats} rounds", fontsize=9)
+                 f"{repeats} rounds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     log(f"wrote {path}")
+
+
+def chart_from_json(json_path: str, path: str) -> None:
+    """Redraws --chart from the --json of an earlier run (no timing)."""
+    import json
+
+    with open(json_path) as saved:
+        payload = json.load(saved)
+    settings = payload["settings"]
+    chart(payload["rows"], settings["modes"], path, payload["metadata"], settings["repeats"])
 
 
 # -------------------------------------------------------------------- main
@@ -359,6 +378,8 @@ def parse_args(argv=None):
     parser.add_argument("--chart", "--plot", dest="chart", metavar="FILE.png",
                         help="bar chart of the speedups over torch, a panel per mode "
                              "(needs matplotlib: the `bench` extra)")
+    parser.add_argument("--chart-from", metavar="FILE.json",
+                        help="only draw --chart from an earlier run's --json, then exit")
     args = parser.parse_args(argv)
 
     args.device = common.parse_device(args.device)
@@ -382,6 +403,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.chart_from:
+        if not args.chart:
+            sys.exit("error: --chart-from needs --chart FILE.png")
+        chart_from_json(args.chart_from, args.chart)
+        return
     common.apply_threads(args.threads)
     torch.manual_seed(0)
     info = common.metadata(args.device, "bench_batchnorm")
@@ -415,7 +441,7 @@ def main(argv=None) -> None:
             "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS,
             "ideal_passes": IDEAL_PASSES, "check": not args.no_check}, "rows": rows})
     if args.chart:
-        chart(rows, args.modes, args.chart, info, args)
+        chart(rows, args.modes, args.chart, info, args.repeats)
 
 
 if __name__ == "__main__":
