@@ -296,8 +296,8 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: in
                   if s in speedup]
             values = [speedup[s] for s in shapes if s in speedup]
             # bars grow from the 1x line: up where normext is faster, down where slower
-            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0, label=f"{dtype} {layout} "
-                          f"(geomean {common.geomean(values):.2f}x)")
+            label = f"{dtype} {layout} (geomean {common.geomean(values):.2f}x)"
+            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0, label=label)
             ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
         ax.set_yscale("log")
         ax.set_ylim(low, high)
@@ -374,7 +374,8 @@ def parse_args(argv=None):
                         help="skip the check that normext matches torch before timing")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
     parser.add_argument("--markdown-out", metavar="FILE",
-                        help="also append the Markdown report to FILE (e.g. benchmarks/history/2026-12.md)")
+                        help="also append the Markdown report to FILE "
+                             "(e.g. benchmarks/history/2026-12.md)")
     parser.add_argument("--chart", "--plot", dest="chart", metavar="FILE.png",
                         help="bar chart of the speedups over torch, a panel per mode "
                              "(needs matplotlib: the `bench` extra)")
