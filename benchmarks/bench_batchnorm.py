@@ -267,7 +267,7 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: in
     """Bar chart of the speedup over torch (torch ms / normext ms) of every
     row: one panel per mode, one group of bars per shape, one bar per dtype
     and layout, each labelled with its value; the geometric mean of each
-    series in the legend. Bars start at 1x on a log scale, so that 2x faster
+    series in the panel's title. Bars start at 1x on a log scale, so that 2x faster
     and 2x slower are the same length. matplotlib is imported here only."""
     import matplotlib
 
@@ -283,10 +283,11 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: in
                                                          + 2.0), 2.6 * len(modes) + 0.9),
                              squeeze=False, sharex=True)
     low = min(0.5, min(row["speedup"] for row in rows) / 1.3)
-    high = max(2.0, max(row["speedup"] for row in rows) * 1.6)
+    high = max(2.0, max(row["speedup"] for row in rows) * 1.5)
     ticks = [2.0 ** k for k in range(-6, 8) if low <= 2.0 ** k <= high]
     for ax, mode in zip(axes[:, 0], modes):
         mode_rows = [row for row in rows if row["mode"] == mode]
+        means = []
         for i, (dtype, layout) in enumerate(series):
             speedup = {_shape(r): r["speedup"] for r in mode_rows
                        if (r["dtype"], r["layout"]) == (dtype, layout)}
@@ -295,9 +296,10 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: in
             xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes)
                   if s in speedup]
             values = [speedup[s] for s in shapes if s in speedup]
+            means.append(f"{dtype} {layout} {common.geomean(values):.2f}x")
             # bars grow from the 1x line: up where normext is faster, down where slower
-            label = f"{dtype} {layout} (geomean {common.geomean(values):.2f}x)"
-            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0, label=label)
+            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0,
+                          label=f"{dtype} {layout}", color=f"C{i}")
             ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
         ax.set_yscale("log")
         ax.set_ylim(low, high)
@@ -306,18 +308,22 @@ def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: in
         ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_ylabel("speedup over torch")
-        ax.set_title(CHART_MODE_TITLES[mode], fontsize=10, loc="left")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(f"{CHART_MODE_TITLES[mode]} (geomean: {', '.join(means)})", fontsize=9,
+                     loc="left")
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xticks(range(len(shapes)), [s.replace(",", "x") for s in shapes],
                            fontsize=8)
     axes[-1, 0].set_xlabel("shape N x C x H x W (> 1x: normext faster; dashed line: torch)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0 - 0.6 / fig.get_figheight()))
     machine = info.get("gpu") or info["cpu"]
+    threads = info["torch_threads"]
     fig.suptitle(f"normext vs torch.nn.functional.batch_norm, {info['device']} ({machine}, "
-                 f"{info['torch_threads']} threads)\ntorch {info['torch']}, normext "
-                 f"{info['git_commit'] or '?'}, {info['date'][:10]}; medians of "
+                 f"{threads} thread{'s' if threads != 1 else ''})\ntorch {info['torch']}, "
+                 f"normext {info['git_commit'] or '?'}, {info['date'][:10]}; medians of "
                  f"{repeats} rounds", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.85 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     log(f"wrote {path}")
