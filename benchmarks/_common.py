@@ -403,7 +403,7 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def append_markdown(path: str, text: str) -> None:
-    """Appends a report to a Markdown file such as benchmarks/RESULTS.md,
+    """Appends a report to a Markdown file such as benchmarks/history/2026-12.md,
     starting it with a title if it is new."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a") as out:

@@ -3,6 +3,7 @@
     python benchmarks/bench_batchnorm.py                  # ResNet-50's BN shapes, all modes
     python benchmarks/bench_batchnorm.py --quick          # a smoke run
     python benchmarks/bench_batchnorm.py --device cpu --threads 8 --json bn.json
+    python benchmarks/bench_batchnorm.py --chart speed.png   # also a bar chart (matplotlib)
 
 For each dtype, memory layout and shape both implementations run interleaved
 in the same process, next to a copy of the same tensor (the memory-bandwidth
@@ -252,42 +253,90 @@ def have_matplotlib(path: str) -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        log(f"warning: no --plot {path}: matplotlib is not installed (pip install matplotlib); "
-            "the tables and --json are written as usual")
+        log(f"warning: no --chart {path}: matplotlib is not installed (pip install matplotlib, "
+            "or the `bench` extra); the tables and --json are written as usual")
         return False
     return True
 
 
-def plot(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+CHART_MODE_TITLES = {"train": "training forward", "eval": "eval forward",
+                     "fwdbwd": "training forward + backward"}
+
+
+def chart(rows: list[dict], modes: list[str], path: str, info: dict, repeats: int) -> None:
+    """Bar chart of the speedup over torch (torch ms / normext ms) of every
+    row: one panel per mode, one group of bars per shape, one bar per dtype
+    and layout, each labelled with its value; the geometric mean of each
+    series in the panel's title. Bars start at 1x on a log scale, so that 2x faster
+    and 2x slower are the same length. matplotlib is imported here only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     modes = [mode for mode in modes if any(row["mode"] == mode for row in rows)]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.2 * len(modes)), squeeze=False)
+    shapes = list(dict.fromkeys(_shape(row) for row in rows))
+    series = list(dict.fromkeys((row["dtype"], row["layout"]) for row in rows))
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(7.0, 1.1 * len(shapes) * len(series)
+                                                         + 2.0), 2.6 * len(modes) + 0.9),
+                             squeeze=False, sharex=True)
+    low = min(0.5, min(row["speedup"] for row in rows) / 1.3)
+    high = max(2.0, max(row["speedup"] for row in rows) * 1.5)
+    ticks = [2.0 ** k for k in range(-6, 8) if low <= 2.0 ** k <= high]
     for ax, mode in zip(axes[:, 0], modes):
         mode_rows = [row for row in rows if row["mode"] == mode]
-        shapes = list(dict.fromkeys(_shape(row) for row in mode_rows))
-        series = list(dict.fromkeys((row["dtype"], row["layout"]) for row in mode_rows))
-        width = 0.8 / len(series)
+        means = []
         for i, (dtype, layout) in enumerate(series):
             speedup = {_shape(r): r["speedup"] for r in mode_rows
                        if (r["dtype"], r["layout"]) == (dtype, layout)}
+            if not speedup:
+                continue
             xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes)
                   if s in speedup]
-            ax.bar(xs, [speedup[s] for s in shapes if s in speedup], width,
-                   label=f"{dtype} {layout}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
-        ax.set_ylabel("speedup vs torch")
-        ax.set_title(MODE_TITLES[mode], fontsize=10)
-        ax.legend(fontsize=7, ncol=len(series))
-    axes[-1, 0].set_xlabel("shape (N,C,H,W)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            values = [speedup[s] for s in shapes if s in speedup]
+            means.append(f"{dtype} {layout} {common.geomean(values):.2f}x")
+            # bars grow from the 1x line: up where normext is faster, down where slower
+            bars = ax.bar(xs, [v - 1.0 for v in values], width * 0.95, bottom=1.0,
+                          label=f"{dtype} {layout}", color=f"C{i}")
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylabel("speedup over torch")
+        ax.set_title(f"{CHART_MODE_TITLES[mode]} (geomean: {', '.join(means)})", fontsize=9,
+                     loc="left")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(range(len(shapes)), [s.replace(",", "x") for s in shapes],
+                           fontsize=8)
+    axes[-1, 0].set_xlabel("shape N x C x H x W (> 1x: normext faster; dashed line: torch)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0 - 0.6 / fig.get_figheight()))
+    machine = info.get("gpu") or info["cpu"]
+    threads = info["torch_threads"]
+    fig.suptitle(f"normext vs torch.nn.functional.batch_norm, {info['device']} ({machine}, "
+                 f"{threads} thread{'s' if threads != 1 else ''})\ntorch {info['torch']}, "
+                 f"normext {info['git_commit'] or '?'}, {info['date'][:10]}; medians of "
+                 f"{repeats} rounds", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.85 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     log(f"wrote {path}")
+
+
+def chart_from_json(json_path: str, path: str) -> None:
+    """Redraws --chart from the --json of an earlier run (no timing)."""
+    import json
+
+    with open(json_path) as saved:
+        payload = json.load(saved)
+    settings = payload["settings"]
+    chart(payload["rows"], settings["modes"], path, payload["metadata"], settings["repeats"])
 
 
 # -------------------------------------------------------------------- main
@@ -331,8 +380,13 @@ def parse_args(argv=None):
                         help="skip the check that normext matches torch before timing")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
     parser.add_argument("--markdown-out", metavar="FILE",
-                        help="also append the Markdown report to FILE (e.g. benchmarks/RESULTS.md)")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (matplotlib)")
+                        help="also append the Markdown report to FILE "
+                             "(e.g. benchmarks/history/2026-12.md)")
+    parser.add_argument("--chart", "--plot", dest="chart", metavar="FILE.png",
+                        help="bar chart of the speedups over torch, a panel per mode "
+                             "(needs matplotlib: the `bench` extra)")
+    parser.add_argument("--chart-from", metavar="FILE.json",
+                        help="only draw --chart from an earlier run's --json, then exit")
     args = parser.parse_args(argv)
 
     args.device = common.parse_device(args.device)
@@ -349,13 +403,18 @@ def parse_args(argv=None):
         args.min_time = 0.02 if args.quick or on_cuda else 0.1
     if args.batch < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error("--batch and --repeats must be positive, --min-time > 0")
-    if args.plot and not have_matplotlib(args.plot):
-        args.plot = None
+    if args.chart and not have_matplotlib(args.chart):
+        args.chart = None
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.chart_from:
+        if not args.chart:
+            sys.exit("error: --chart-from needs --chart FILE.png")
+        chart_from_json(args.chart_from, args.chart)
+        return
     common.apply_threads(args.threads)
     torch.manual_seed(0)
     info = common.metadata(args.device, "bench_batchnorm")
@@ -388,9 +447,8 @@ def main(argv=None) -> None:
             "modes": args.modes, "batch": args.batch, "repeats": args.repeats,
             "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS,
             "ideal_passes": IDEAL_PASSES, "check": not args.no_check}, "rows": rows})
-    if args.plot:
-        plot(rows, args.modes, args.plot, f"normext vs torch batch_norm, {args.device.type}: "
-                                          f"{info.get('gpu') or info['cpu']}")
+    if args.chart:
+        chart(rows, args.modes, args.chart, info, args.repeats)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def parse_args(argv=None):
                         help="skip the check that both models give the same first-step loss")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
     parser.add_argument("--markdown-out", metavar="FILE",
-                        help="also append the Markdown report to FILE (e.g. benchmarks/RESULTS.md)")
+                        help="also append the Markdown report to FILE "
+                             "(e.g. benchmarks/history/2026-12.md)")
     args = parser.parse_args(argv)
     args.device = common.parse_device(args.device)
     args.dtypes = common.parse_dtypes(args.dtypes)

@@ -105,30 +105,41 @@ def _check_args(input: Tensor, grad_output: Tensor | None = None,
                 **per_channel: Tensor | None) -> None:
     """The kernels' rank, shape and device checks (csrc/batch_norm/common.cpp),
     so that a fake run (torch.compile, meta tensors) raises where the kernels
-    would instead of returning shapes for arguments they reject."""
-    if input.dim() < 2:
-        raise RuntimeError("batch_norm: expected an input of shape (N, C, ...) with at least "
-                           f"2 dims, got {input.dim()} dims")
-    if grad_output is not None and grad_output.shape != input.shape:
-        raise RuntimeError(f"batch_norm: expected grad_output of shape {list(input.shape)} "
-                           f"but got {list(grad_output.shape)}")
+    would instead of returning shapes for arguments they reject.
+
+    Conditions on sizes go through torch._check (a RuntimeError, like the
+    kernels' TORCH_CHECK): on symbolic sizes it records a runtime assertion
+    instead of guarding on them, so torch.compile(dynamic=True) does not
+    recompile for another batch or spatial size."""
+    torch._check(input.dim() >= 2, lambda: (
+        "batch_norm: expected an input of shape (N, C, ...) with at least "
+        f"2 dims, got {input.dim()} dims"))
+    if grad_output is not None:
+        def grad_shape_message():
+            return (f"batch_norm: expected grad_output of shape {list(input.shape)} "
+                    f"but got {list(grad_output.shape)}")
+        torch._check(grad_output.dim() == input.dim(), grad_shape_message)
+        for grad_size, size in zip(grad_output.shape, input.shape):
+            torch._check(grad_size == size, grad_shape_message)
     channels = input.shape[1]
     for name, t in dict(per_channel, grad_output=grad_output).items():
         if t is None:
             continue
-        if t.device != input.device:
-            raise RuntimeError(f"batch_norm: expected {name} on the input's device "
-                               f"{input.device} but it is on {t.device}")
-        if name != "grad_output" and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-        if name.startswith("running_") and t.dim() != 1:
-            raise RuntimeError(f"batch_norm: expected {name} of shape [{channels}] but got "
-                               f"{list(t.shape)}")
+        torch._check(t.device == input.device, lambda: (
+            f"batch_norm: expected {name} on the input's device {input.device} but it is on "
+            f"{t.device}"))
+        if name != "grad_output":
+            torch._check(t.numel() == channels,
+                         lambda: f"{name} should contain {channels} elements not {t.numel()}")
+        if name.startswith("running_"):
+            torch._check(t.dim() == 1, lambda: (
+                f"batch_norm: expected {name} of shape [{channels}] but got {list(t.shape)}"))
 
 
 def _check_count(count: float, op: str) -> None:
-    if not (math.isfinite(count) and count > 0):
-        raise ValueError(f"{op}: expected a positive element count per channel, got {count}")
+    # ValueError, as the kernels raise (TORCH_CHECK_VALUE)
+    torch._check_value(math.isfinite(count) and count > 0, lambda: (
+        f"{op}: expected a positive element count per channel, got {count}"))
 
 
 def _stat(input: Tensor) -> Tensor:
@@ -149,9 +160,12 @@ def _(input):
 def _(mean, var, count, running_mean, running_var, momentum, eps):
     _check_count(count, "batch_norm_finalize")
     for name, t in (("var", var), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (t.device != mean.device or t.numel() != mean.numel()):
-            raise RuntimeError(f"batch_norm_finalize: expected {name} of shape "
-                               f"{list(mean.shape)} on {mean.device}")
+        if t is not None:
+            def message():
+                return f"batch_norm_finalize: expected {name} of shape {list(mean.shape)} on " \
+                       f"{mean.device}"
+            torch._check(t.device == mean.device, message)
+            torch._check(t.numel() == mean.numel(), message)
     return torch.empty_like(mean, memory_format=torch.contiguous_format)
 
 

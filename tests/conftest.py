@@ -5,6 +5,9 @@
 * ``device`` fixture / ``DEVICE_PARAMS``: parametrizes a test over "cpu" and
   "cuda"; the CUDA case is skipped (not silently dropped) without a GPU.
 * ``tolerances`` / ``assert_close``: per-dtype tolerances.
+* ``layout_variants``: a tensor as contiguous, channels-last and strided inputs.
+* ``num_threads`` fixture: pins torch's thread count for tests whose code
+  path depends on it, restored afterwards.
 * ``slow`` marker: skipped unless NORMEXT_SLOW_TESTS=1.
 """
 
@@ -136,6 +139,31 @@ def assert_layout_like_torch(out, out_torch, x, msg=None):
     else:
         assert memory_formats_of(out) == memory_formats_of(out_torch), (
             msg, out.stride(), out_torch.stride())
+
+
+def layout_variants(x: torch.Tensor) -> dict:
+    """`x` (4-D) as the layouts the kernels take apart: dense NCHW, dense
+    channels-last, and a strided view that is dense in neither."""
+    return {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "sliced": torch.cat([x, x], dim=-1)[..., ::2],  # strided, not dense
+    }
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+
+@pytest.fixture
+def num_threads():
+    """torch.set_num_threads for one test: the CPU kernels choose their splits
+    (channel blocks of short rows, channels-last row chunks) by the thread
+    count, so a test of one such path pins it. Call it with the count; the
+    previous count comes back after the test."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
 
 
 # ---------------------------------------------------------------------------

@@ -265,3 +265,70 @@ def test_compile_dynamic_shapes_matches_torch(device):
     assert counters["stats"]["unique_graphs"] == 1
     for name, value in reference.state_dict().items():
         assert_close(model.state_dict()[name], value, msg=name)
+
+
+
+def _ops_step(x, w, b, dy):
+    """The ops whose arguments are tensors and flags: the building blocks and
+    the fused ops of a training step."""
+    mean, var = normext.ops.batch_norm_moments(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    out = normext.ops.batch_norm_elemt(x, w, b, mean, invstd)
+    sums = normext.ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+    fused, save_mean, save_invstd = normext.ops.batch_norm_forward(x, w, b, None, None, True,
+                                                                   0.1, 1e-5)
+    fused_grads = normext.ops.batch_norm_backward(dy, x, w, save_mean, save_invstd, True)
+    return out, *sums, fused, *fused_grads, normext.ops.batch_norm(x, w, b, None, None, True,
+                                                                   0.1, 1e-5)
+
+
+def _count_step(x, dy):
+    """The ops that take an element count per channel (a float), given the
+    count of this input."""
+    count = x.numel() // x.shape[1]
+    mean, var = normext.ops.batch_norm_moments(x)
+    invstd = normext.ops.batch_norm_finalize(mean, var, count, None, None, 0.1, 1e-5)
+    sum_dy, sum_dy_xmu, _, _ = normext.ops.batch_norm_backward_reduce(dy, x, mean, invstd, None)
+    return invstd, normext.ops.batch_norm_backward_elemt(dy, x, mean, invstd, None, sum_dy,
+                                                         sum_dy_xmu, count)
+
+
+def _compile_twice(fn, make_args, device, memory_format):
+    """fn compiled with dynamic=True, called on two batch and spatial sizes
+    with recompiling an error; compares with eager, returns the graph count."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, size in [(2, 5), (7, 3)]:
+            x = torch.randn(batch, 3, size, size + 2, device=device, dtype=torch.float64)
+            x = x.contiguous(memory_format=memory_format)
+            args = make_args(x)
+            for mine, expected in zip(compiled(*args), fn(*args)):
+                assert_close(mine, expected, msg=f"batch {batch}, size {size}")
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_compile_dynamic_ops_do_not_recompile(memory_format, device):
+    """torch.compile(dynamic=True) over two batch sizes (and spatial sizes):
+    the fake kernels check sizes with torch._check, which guards on nothing,
+    so the second call reuses the first graph; results are eager's."""
+    opts = dict(device=device, dtype=torch.float64)
+    w, b = torch.rand(3, **opts) + 0.5, torch.randn(3, **opts)
+    graphs = _compile_twice(_ops_step, lambda x: (x, w, b, torch.randn_like(x)), device,
+                            memory_format)
+    assert graphs == 1
+
+
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.RecompileError,
+                   reason="the schemas' `float count` specializes a count computed from "
+                          "symbolic sizes: a new graph per count")
+def test_compile_dynamic_count_ops_do_not_recompile():
+    """finalize and backward_elemt with the count of a dynamic input: passes
+    (and this xfail turns into an error) once their count stops specializing."""
+    _compile_twice(_count_step, lambda x: (x, torch.randn_like(x)), "cpu",
+                   torch.contiguous_format)

@@ -310,18 +310,31 @@ def test_eval_backward_with_frozen_parameters(layout, grad_layout, dtype, param_
         assert "normext::batch_norm_backward" in names and "aten::empty" not in names
 
 
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")  # torch 2.11's profiler
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_first_backward_without_create_graph_uses_fused_kernel(device):
-    """Sanity: a plain backward and a create_graph backward agree."""
+    """A plain backward runs the fused backward op; a create_graph backward
+    the differentiable composite instead. Both give torch's gradients."""
+    from torch.profiler import ProfilerActivity, profile
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     g = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
     out = batch_norm(x, None, None, w, b, True)
-    fused = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
-    composite = torch.autograd.grad(out, (x, w, b), g, create_graph=True)
-    for a, c in zip(fused, composite):
-        assert_close(a, c)
+    ops_run = {}
+    for create_graph in (False, True):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops_run[create_graph] = torch.autograd.grad(out, (x, w, b), g, retain_graph=True,
+                                                        create_graph=create_graph)
+        ops_run[create_graph, "names"] = {event.name for event in prof.events()}
+    assert "normext::batch_norm_backward" in ops_run[False, "names"]
+    assert "normext::batch_norm_backward" not in ops_run[True, "names"]
+    refs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    expected = torch.autograd.grad(F.batch_norm(refs[0], None, None, refs[1], refs[2], True),
+                                   refs, g)
+    for fused, composite, reference in zip(ops_run[False], ops_run[True], expected):
+        assert_close(fused, reference)
+        assert_close(composite, reference)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)

@@ -468,7 +468,12 @@ def test_to_dtype_and_device_moves_state():
     assert all(t.dtype == torch.float64 for t in (m.weight, m.bias, m.running_mean,
                                                   m.running_var))
     assert m.num_batches_tracked.dtype == torch.long
-    m(torch.randn(2, 3, 2, 2, dtype=torch.float64))
+    reference = torch.nn.BatchNorm2d(3).to(torch.float64)
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    out = m(x)
+    assert out.dtype == torch.float64
+    assert_close(out, reference(x))
+    assert_close(m.running_var, reference.running_var)
 
 
 # ---------------------------------------------------------------------------

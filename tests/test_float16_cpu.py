@@ -1,0 +1,80 @@
+"""float16 on the CPU: the F16C vector conversions of the elementwise passes
+and the bit arithmetic of the statistics, bit for bit against torch's
+conversions, and every op against float32 arithmetic on the same values."""
+
+import pytest
+import torch
+
+from normext import ops
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_float16_conversions_are_exact(layout):
+    """The CPU elementwise passes convert float16 with F16C vectors (partial
+    vectors for tails) where the build has F16C, else with cpu::Float16's bit
+    arithmetic (CI's portable build), not with c10::Half's scalar conversion: every
+    float16 value must widen exactly, and narrowing must round to nearest
+    even like torch, subnormals, overflow to infinity and NaN included. With mean 0, invstd 1
+    and bias -0.0, normalize computes x * weight exactly in float32."""
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    # 4 x 16387 elements: runs and pieces end in tails shorter than a vector.
+    x = torch.cat([every_value, every_value[:12]]).reshape(1, 4, 1, 16387)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    finite_or_inf = ~torch.isnan(x)
+    mean, invstd, bias = torch.zeros(4), torch.ones(4), torch.full((4,), -0.0)
+    for exponent in [-24, -14, -1, 0, 1, 15]:
+        weight = torch.tensor([2.0 ** exponent, 1.2345, -3.0, 2.0 ** -exponent])
+        y = ops.batch_norm_elemt(x, weight, bias, mean, invstd)
+        expected = (x.float() * weight.view(1, 4, 1, 1)).half()
+        assert torch.equal(y.view(torch.int16)[finite_or_inf],
+                           expected.view(torch.int16)[finite_or_inf]), exponent
+        assert torch.isnan(y[~finite_or_inf]).all()
+
+
+def test_cpu_float16_widening_is_exact():
+    """The statistics read float16 through cpu::Float16's bit arithmetic: a
+    channel whose samples are all one finite float16 value has exactly that
+    mean and variance 0, for every finite float16 value."""
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = every_value[torch.isfinite(every_value)]
+    x = finite.repeat(3, 1)  # (N=3, C=63488), each channel one value
+    mean, var = ops.batch_norm_moments(x)
+    assert torch.equal(mean, finite.float())
+    assert torch.equal(var, torch.zeros_like(var))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_float16_ops_match_float32(layout):
+    """Every CPU op on float16 against torch's float32 arithmetic on the same
+    values, with 35 channels (two full vectors and a partial one of 16 lanes)
+    and a non-zero mean, weight and bias."""
+    torch.manual_seed(0)
+    x = (3 + torch.randn(6, 35, 7, 9)).half()
+    dy = torch.randn(x.shape).half()
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    w, b = torch.rand(35) + 0.5, torch.randn(35)
+    mean, var = ops.batch_norm_moments(x)
+    xf = x.float()
+    torch.testing.assert_close(mean, xf.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, xf.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    invstd = torch.rsqrt(var + 1e-5)
+    per_channel = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    y = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    y_ref = (xf - per_channel(mean)) * per_channel(invstd * w) + per_channel(b)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-3, atol=2e-3)  # float16 rounding
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+    dyf = dy.float()
+    torch.testing.assert_close(sum_dy, dyf.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xmu, (dyf * (xf - per_channel(mean))).sum((0, 2, 3)),
+                               rtol=1e-5, atol=1e-4)
+    count = x.numel() / 35
+    dx = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+    dx_ref = (dyf - per_channel(sum_dy / count)
+              - (xf - per_channel(mean)) * per_channel(sum_dy_xmu / count * invstd ** 2)) \
+        * per_channel(invstd * w)
+    torch.testing.assert_close(dx.float(), dx_ref, rtol=1e-3, atol=2e-3)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=memory_format)
+    assert dx.is_contiguous(memory_format=memory_format)

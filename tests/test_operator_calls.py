@@ -1,0 +1,80 @@
+"""Per-call host work of the fused ops, counted with torch.profiler: the
+ATen ops a call makes besides normext's own (allocating per-channel results
+only), and no copy of a grad_output that differs from the input only on
+size-1 dims."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normext import ops
+from conftest import DEVICE_PARAMS, assert_close
+
+
+def _operator_calls(fn):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted(e.name for e in prof.events() if e.name.startswith(("aten::", "normext::")))
+
+
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")  # torch 2.11's profiler
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=lambda t: str(t)[6:])
+def test_fused_ops_make_no_other_operator_calls(dtype, param_dtype):
+    """Per-call host work of the fused ops (it bounds small layers, on a GPU
+    most): besides allocating their per-channel results, no ATen op runs, so
+    no conversion of 16-bit parameters, no copy of the running stats and no
+    separate finalize or parameter-gradient step."""
+    x = torch.randn(2, 3, 4, 4).to(dtype)
+    w, b, rm, rv = (torch.ones(3, dtype=param_dtype), torch.zeros(3, dtype=param_dtype),
+                    torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype))
+    stats = ["aten::empty"] * 2  # mean, invstd (CPU outputs come from normext's cache)
+    for training in (True, False):
+        calls = _operator_calls(
+            lambda: ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5))
+        assert calls == stats + ["normext::batch_norm_forward"]
+    _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    dy = torch.randn_like(x)
+    for training in (True, False):
+        calls = _operator_calls(
+            lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, training))
+        # sum_dy, sum_dy_xmu, grad_weight, grad_bias
+        assert calls == ["aten::empty"] * 4 + ["normext::batch_norm_backward"]
+    # frozen parameters in eval: no sums at all
+    calls = _operator_calls(lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, False, False))
+    assert calls == ["normext::batch_norm_backward"]
+
+
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")  # torch 2.11's profiler
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("shape,layout,grad_strides", [
+    ((2, 3, 1, 1), torch.contiguous_format, (3, 1, 3, 3)),       # a pooled map, permuted grad
+    ((1, 3, 4, 4), torch.channels_last, (999, 1, 12, 3)),        # batch of one
+    ((1, 3, 4, 4), torch.contiguous_format, (0, 16, 4, 1)),
+    ((2, 1, 2, 3, 2), torch.channels_last_3d, (12, 7, 6, 2, 1)),  # one channel
+], ids=["pooled", "channels_last-batch1", "batch1", "channels_last_3d-C1"])
+def test_backward_takes_grad_dense_but_for_size_one_dims(shape, layout, grad_strides, device):
+    """A grad_output whose strides differ from the input's only on size-1
+    dims is the same memory map for the kernels: it is read as it is, not
+    copied, and the gradients are torch's."""
+    x = torch.randn(shape, dtype=torch.float64, device=device).contiguous(memory_format=layout)
+    w = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
+    dy = torch.empty_strided(shape, grad_strides, dtype=torch.float64, device=device)
+    dy.copy_(torch.randn(shape, dtype=torch.float64))
+    _, mean, invstd = ops.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
+    for training in (True, False):
+        calls = _operator_calls(lambda: ops.batch_norm_backward(dy, x, w, mean, invstd, training))
+        assert "aten::copy_" not in calls, calls
+        grads = ops.batch_norm_backward(dy, x, w, mean, invstd, training)
+        # torch's gradients; in eval, with the batch's statistics as running stats
+        x_ref, w_ref, b_ref = (t.detach().clone().requires_grad_()
+                               for t in (x, w, torch.zeros_like(w)))
+        running = (None, None) if training else (mean, invstd.pow(-2) - 1e-5)
+        F.batch_norm(x_ref, *running, w_ref, b_ref, training, 0.1, 1e-5).backward(dy)
+        for name, mine, reference in zip(("input", "weight", "bias"), grads, (x_ref, w_ref, b_ref)):
+            assert_close(mine, reference.grad, msg=f"{name} grad")
