@@ -13,7 +13,6 @@ namespace {
 template <typename T, typename acc_t_>
 struct GradSums {
   using acc_t = acc_t_;
-  static constexpr int kTerms = 2;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
 
@@ -21,10 +20,9 @@ struct GradSums {
   const T* x;
   const acc_t* mean;  // per channel
 
-  void terms(int64_t c, int64_t offset, acc_t (&t)[2]) const {
-    const acc_t g = static_cast<acc_t>(dy[offset]);
-    t[0] = g;
-    t[1] = g * (static_cast<acc_t>(x[offset]) - mean[c]);
+  void terms(int64_t c, int64_t offset, acc_t& g, acc_t& g_xmu) const {
+    g = static_cast<acc_t>(dy[offset]);
+    g_xmu = g * (static_cast<acc_t>(x[offset]) - mean[c]);
   }
   // Channels-last rows in groups where the per-channel arrays spill from L1,
   // and for short rows, whose per-row loop overhead dominates.

@@ -68,41 +68,47 @@ struct GroupedShape {
   int64_t count() const { return outer * inner; }  // elements per group
 };
 
-// An Op gives the reducer:
-//   using acc_t;                        float lanes' type (float for 16-bit data)
-//   static constexpr int kTerms;        sums per group
+// An Op gives the reducer two sums per group (every norm's statistics and
+// backward sums are two; scalar outputs keep the loops in vector registers):
+//   using acc_t;                        the lanes' type (float for 16-bit and float32 data)
 //   static constexpr int64_t kElementBytes;  bytes of one input element
-//   void terms(int64_t g, int64_t offset, acc_t (&t)[kTerms]) const;
+//   void terms(int64_t g, int64_t offset, acc_t& a, acc_t& b) const;
 //                                       the terms of the element at `offset`, in group g
 //   bool group_rows(int64_t groups) const;   channels-last: take kRowGroup rows at a time
 //   static constexpr bool kPrefetch;    channels-last: prefetch long rows ahead
-//   void prefetch(int64_t begin, int64_t end, int64_t limit) const;  (if kPrefetch)
+//   void prefetch(int64_t begin, int64_t end, int64_t limit) const;  (if kPrefetch;
+//                                       always inline: see prefetch_ahead)
 // reduce_groups returns the sums as double, [term][group].
+constexpr int kTerms = 2;
 
 // Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op, int64_t g, int64_t offset, int64_t length,
                              acc_t (*__restrict__ lanes)[kLanes]) {
+  acc_t* __restrict__ lanes_a = lanes[0];
+  acc_t* __restrict__ lanes_b = lanes[1];
   int64_t i = 0;
   for (; i + kLanes <= length; i += kLanes) {
 #pragma omp simd
     for (int k = 0; k < kLanes; ++k) {
-      acc_t t[Op::kTerms];
-      op.terms(g, offset + i + k, t);
-      for (int q = 0; q < Op::kTerms; ++q) lanes[q][k] += t[q];
+      acc_t a, b;
+      op.terms(g, offset + i + k, a, b);
+      lanes_a[k] += a;
+      lanes_b[k] += b;
     }
   }
   for (int k = 0; i < length; ++i, ++k) {
-    acc_t t[Op::kTerms];
-    op.terms(g, offset + i, t);
-    for (int q = 0; q < Op::kTerms; ++q) lanes[q][k] += t[q];
+    acc_t a, b;
+    op.terms(g, offset + i, a, b);
+    lanes_a[k] += a;
+    lanes_b[k] += b;
   }
 }
 
 namespace detail {
 
 // Lanes added in double, in lane order.
-template <int kTerms, typename acc_t>
+template <typename acc_t>
 inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
   for (int q = 0; q < kTerms; ++q) {
     double sum = 0;
@@ -118,7 +124,6 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
 template <class Op>
 void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   using acc_t = typename Op::acc_t;
-  constexpr int K = Op::kTerms;
   const bool short_runs = s.inner * Op::kElementBytes < kShortRunBytes;
   const int64_t run_length = short_runs ? s.inner : std::min(s.inner, kBlockElements);
   const int64_t blocks_per_run = (s.inner + run_length - 1) / run_length;
@@ -132,7 +137,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
           ? std::clamp<int64_t>(s.groups / at::get_num_threads(), 1, kShortRunGroups)
           : 1;
   const int64_t group_tasks = (s.groups + task_groups - 1) / task_groups;
-  std::vector<double> partials(static_cast<size_t>(K * s.groups * units_per_group));
+  std::vector<double> partials(static_cast<size_t>(kTerms * s.groups * units_per_group));
   const auto partial = [&](int q, int64_t g, int64_t unit) {
     return &partials[(q * s.groups + g) * units_per_group + unit];
   };
@@ -140,7 +145,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   // Tasks in memory order: row unit, then group block, then run block.
   at::parallel_for(0, row_units * group_tasks * blocks_per_run, grain_for(unit_cost),
                    [&](int64_t begin, int64_t end) {
-    acc_t block_lanes[kShortRunGroups][K][kLanes];
+    acc_t block_lanes[kShortRunGroups][kTerms][kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks_per_run;
       const int64_t group_task = task / blocks_per_run % group_tasks;
@@ -153,19 +158,19 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       const int64_t length = std::min(run_length, s.inner - i0);
       const int64_t unit = row_unit * blocks_per_run + block;
       const auto store = [&](int64_t g, const acc_t(*lanes)[kLanes]) {
-        double unit_sums[K];
-        add_lanes<K>(lanes, unit_sums);
-        for (int q = 0; q < K; ++q) *partial(q, g, unit) = unit_sums[q];
+        double unit_sums[kTerms];
+        add_lanes(lanes, unit_sums);
+        for (int q = 0; q < kTerms; ++q) *partial(q, g, unit) = unit_sums[q];
       };
       if (groups == 1) {  // lanes of their own, which stay in registers
-        acc_t lanes[K][kLanes] = {};
+        acc_t lanes[kTerms][kLanes] = {};
         for (int64_t o = o_begin; o < o_end; ++o) {
           add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, lanes);
         }
         store(g0, lanes);
         continue;
       }
-      std::fill_n(&block_lanes[0][0][0], groups * K * kLanes, acc_t(0));
+      std::fill_n(&block_lanes[0][0][0], groups * kTerms * kLanes, acc_t(0));
       for (int64_t o = o_begin; o < o_end; ++o) {
         for (int64_t b = 0; b < groups; ++b) {
           add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
@@ -176,7 +181,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
     }
   });
   at::parallel_for(0, s.groups, grain_for(units_per_group), [&](int64_t begin, int64_t end) {
-    for (int q = 0; q < K; ++q) {
+    for (int q = 0; q < kTerms; ++q) {
       for (int64_t g = begin; g < end; ++g) {
         const double* p = partial(q, g, 0);
         double sum = 0;
@@ -187,19 +192,24 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   });
 }
 
-// Adds the terms of Rows channels-last rows from row r to per-group float sums.
+// Adds the terms of Rows channels-last rows from row r to per-group float
+// sums, sums[term * groups + group].
 template <int Rows, class Op, typename acc_t = typename Op::acc_t>
-inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* const* __restrict__ sums) {
+inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* __restrict__ sums_a,
+                     acc_t* __restrict__ sums_b) {
 #pragma omp simd
   for (int64_t g = 0; g < groups; ++g) {
-    acc_t total[Op::kTerms];
-    op.terms(g, r * groups + g, total);
+    // The first row starts the sums: adding it to 0 would cost an add (signed zeros).
+    acc_t a, b;
+    op.terms(g, r * groups + g, a, b);
     for (int k = 1; k < Rows; ++k) {
-      acc_t t[Op::kTerms];
-      op.terms(g, (r + k) * groups + g, t);
-      for (int q = 0; q < Op::kTerms; ++q) total[q] += t[q];
+      acc_t a_k, b_k;
+      op.terms(g, (r + k) * groups + g, a_k, b_k);
+      a += a_k;
+      b += b_k;
     }
-    for (int q = 0; q < Op::kTerms; ++q) sums[q][g] += total[q];
+    sums_a[g] += a;
+    sums_b[g] += b;
   }
 }
 
@@ -210,38 +220,35 @@ inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* const* __re
 template <class Op, bool kPrefetch>
 void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
   using acc_t = typename Op::acc_t;
-  constexpr int K = Op::kTerms;
   const int64_t rows = s.outer, G = s.groups;
   const int64_t unit_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
   const int64_t units = (rows + unit_rows - 1) / unit_rows;
   constexpr int64_t kLineValues = kCacheLineBytes / sizeof(double);
   const int64_t stride = (G + kLineValues - 1) / kLineValues * kLineValues;
-  std::vector<double> partials(static_cast<size_t>(units * K * stride));
+  std::vector<double> partials(static_cast<size_t>(units * kTerms * stride));
   const bool grouped = op.group_rows(G);
   at::parallel_for(0, units, grain_for(unit_rows * G), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> unit_sums(K * G);
-    acc_t* sum_of[K];
-    for (int q = 0; q < K; ++q) sum_of[q] = unit_sums.data() + q * G;
+    std::vector<acc_t> unit_sums(kTerms * G);
     for (int64_t unit = begin; unit < end; ++unit) {
       std::fill(unit_sums.begin(), unit_sums.end(), acc_t(0));
       const int64_t r_begin = unit * unit_rows, r_end = std::min(rows, r_begin + unit_rows);
       for_each_row_group(r_begin, r_end, grouped, [&](int64_t r, auto group) {
         if constexpr (kPrefetch) op.prefetch(r * G, (r + group()) * G, rows * G);
-        add_rows<group()>(op, r, G, sum_of);
+        add_rows<group()>(op, r, G, unit_sums.data(), unit_sums.data() + G);
       });
-      double* partial = partials.data() + unit * K * stride;
-      for (int q = 0; q < K; ++q) {
+      double* partial = partials.data() + unit * kTerms * stride;
+      for (int q = 0; q < kTerms; ++q) {
 #pragma omp simd
-        for (int64_t g = 0; g < G; ++g) partial[q * stride + g] = sum_of[q][g];
+        for (int64_t g = 0; g < G; ++g) partial[q * stride + g] = unit_sums[q * G + g];
       }
     }
   });
-  at::parallel_for(0, G, grain_for(units * K), [&](int64_t begin, int64_t end) {
-    for (int q = 0; q < K; ++q) {
+  at::parallel_for(0, G, grain_for(units * kTerms), [&](int64_t begin, int64_t end) {
+    for (int q = 0; q < kTerms; ++q) {
       double* total = sums + q * G;
       std::fill(total + begin, total + end, 0.0);
       for (int64_t unit = 0; unit < units; ++unit) {
-        const double* partial = partials.data() + (unit * K + q) * stride;
+        const double* partial = partials.data() + (unit * kTerms + q) * stride;
 #pragma omp simd
         for (int64_t g = begin; g < end; ++g) total[g] += partial[g];
       }
@@ -255,7 +262,7 @@ void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
 // (Op: above). The result does not depend on the thread count.
 template <class Op>
 std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
-  std::vector<double> sums(static_cast<size_t>(Op::kTerms * shape.groups), 0.0);
+  std::vector<double> sums(static_cast<size_t>(kTerms * shape.groups), 0.0);
   if (shape.count() == 0 || shape.groups == 0) return sums;
   if (shape.inner > 1) {
     detail::reduce_runs(shape, op, sums.data());
@@ -267,14 +274,16 @@ std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
   return sums;
 }
 
-// Prefetches elements [begin, end) of `data` ahead by kPrefetchBytes or by the
-// range's own length if longer (not to prefetch what is being read), short of `limit`.
+// Prefetches [begin, end) shifted ahead by kPrefetchBytes or by its own
+// length if longer (not to prefetch what is being read), short of `limit`.
+// Always inlined, as is an op's prefetch: GCC deems a function that only
+// prefetches free of effects and drops the calls to it.
 template <typename T>
-inline void prefetch_ahead(const T* data, int64_t begin, int64_t end, int64_t limit) {
+[[gnu::always_inline]] inline void prefetch_ahead(const T* begin, const T* end, const T* limit) {
   const int64_t distance = std::max<int64_t>(kPrefetchBytes, (end - begin) * sizeof(T));
-  const char* ahead = reinterpret_cast<const char*>(data + begin) + distance;
-  const char* stop = std::min(reinterpret_cast<const char*>(data + end) + distance,
-                              reinterpret_cast<const char*>(data + limit));
+  const char* ahead = reinterpret_cast<const char*>(begin) + distance;
+  const char* stop = std::min(reinterpret_cast<const char*>(end) + distance,
+                              reinterpret_cast<const char*>(limit));
   for (; ahead < stop; ahead += kCacheLineBytes) __builtin_prefetch(ahead);
 }
 
@@ -284,7 +293,6 @@ inline void prefetch_ahead(const T* data, int64_t begin, int64_t end, int64_t li
 template <typename T, typename acc_t_>
 struct ShiftedSums {
   using acc_t = acc_t_;
-  static constexpr int kTerms = 2;
   static constexpr int64_t kElementBytes = sizeof(T);
   // Channels-last statistics read a row per group's two float sums: grouped
   // rows halve their loads and stores at every width.
@@ -293,14 +301,13 @@ struct ShiftedSums {
   const T* x;
   const acc_t* shift;  // per group
 
-  void terms(int64_t g, int64_t offset, acc_t (&t)[2]) const {
-    const acc_t d = static_cast<acc_t>(x[offset]) - shift[g];
-    t[0] = d;
-    t[1] = d * d;
+  void terms(int64_t g, int64_t offset, acc_t& d, acc_t& d2) const {
+    d = static_cast<acc_t>(x[offset]) - shift[g];
+    d2 = d * d;
   }
   bool group_rows(int64_t) const { return true; }
-  void prefetch(int64_t begin, int64_t end, int64_t limit) const {
-    prefetch_ahead(x, begin, end, limit);
+  [[gnu::always_inline]] void prefetch(int64_t begin, int64_t end, int64_t limit) const {
+    prefetch_ahead(x + begin, x + end, x + limit);
   }
 };
 
