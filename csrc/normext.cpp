@@ -72,7 +72,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The CPU output cache's bytes, limit, counts and whether it is on");
   m.def("set_cpu_output_cache_enabled", &normext::set_cpu_output_cache_enabled,
-        "Switches the CPU output cache off or back on (benchmarks, tests)", py::arg("enabled"));
+        "Switches the CPU output cache off or back on (benchmarks, tests); returns the previous "
+        "setting",
+        py::arg("enabled"));
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

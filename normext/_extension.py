@@ -72,9 +72,9 @@ def cached_cpu_bytes() -> int:
 def cpu_cache_disabled():
     """Within it, CPU outputs come from torch's allocator as if the cache did not
     exist (the blocks it holds stay cached): for benchmarks and tests that time
-    or check the kernels alone. Not reentrant, and it applies to every thread."""
-    _C.set_cpu_output_cache_enabled(False)
+    or check the kernels alone. It applies to every thread."""
+    was_enabled = _C.set_cpu_output_cache_enabled(False)
     try:
         yield
     finally:
-        _C.set_cpu_output_cache_enabled(True)
+        _C.set_cpu_output_cache_enabled(was_enabled)

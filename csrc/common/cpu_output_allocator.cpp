@@ -50,8 +50,9 @@ uintptr_t page_offset_apart_from(c10::ArrayRef<const void*> inputs) {
   return best;
 }
 
-// What a ResNet-50 training step at batch 32 reuses (float32, either layout),
-// rounded up: such a loop then never maps fresh memory.
+// What a ResNet-50 training step at batch 32 reuses (float32, either layout;
+// benchmarks/cpu_cache_need.py), rounded up: such a loop then never maps
+// fresh memory.
 constexpr size_t kTrainingWorkingSetBytes = size_t{1280} << 20;
 
 // kTrainingWorkingSetBytes, but at most 1/8 of physical memory: freed memory
@@ -169,7 +170,7 @@ class CachingCpuAllocator final : public c10::Allocator {
     return {cached_bytes_, in_use_bytes_, limit_bytes, hits_, misses_, evictions_, enabled()};
   }
 
-  void set_enabled(bool enabled) { switched_on_.store(enabled, std::memory_order_relaxed); }
+  bool set_enabled(bool enabled) { return switched_on_.exchange(enabled); }
 
   static CachingCpuAllocator& instance() {
     static auto* allocator = new CachingCpuAllocator();  // outlives every tensor
@@ -188,8 +189,10 @@ class CachingCpuAllocator final : public c10::Allocator {
                                        instance().mutex_.unlock();
                                      });
     if (error != 0) {
+      // Without the child handler a child would hand out blocks it lacks.
+      instance().set_enabled(false);
       TORCH_WARN("normext: no fork handlers for the CPU output cache (error ", error,
-                 "); a child forked while another thread allocates may hang");
+                 "); the cache is off");
     }
   }
 
@@ -347,8 +350,8 @@ size_t release_cpu_output_cache() { return CachingCpuAllocator::instance().relea
 
 CpuOutputCacheInfo cpu_output_cache_info() { return CachingCpuAllocator::instance().info(); }
 
-void set_cpu_output_cache_enabled(bool enabled) {
-  CachingCpuAllocator::instance().set_enabled(enabled);
+bool set_cpu_output_cache_enabled(bool enabled) {
+  return CachingCpuAllocator::instance().set_enabled(enabled);
 }
 
 }  // namespace normext

@@ -45,7 +45,7 @@ CpuOutputCacheInfo cpu_output_cache_info();
 
 // Switches the cache off (outputs come from torch's CPU allocator, as if it
 // did not exist; what it holds stays cached) or back on, for benchmarks and
-// tests that compare the kernels alone.
-void set_cpu_output_cache_enabled(bool enabled);
+// tests that compare the kernels alone; returns the previous setting.
+bool set_cpu_output_cache_enabled(bool enabled);
 
 }  // namespace normext
