@@ -237,7 +237,8 @@ def test_cpu_output_cache_size_must_be_a_number():
         copy(torch.randn(1, 1, 1 << 19))
         print(normext.cpu_cache_info()["limit_bytes"])
         """)
-    default = min(DEFAULT_CAP_MB * MiB, os.sysconf("SC_PHYS_PAGES") // 8 * os.sysconf("SC_PAGE_SIZE"))
+    eighth_of_ram = os.sysconf("SC_PHYS_PAGES") // 8 * os.sysconf("SC_PAGE_SIZE")
+    default = min(DEFAULT_CAP_MB * MiB, eighth_of_ram)
     assert int(out) == default
     assert (f'NORMEXT_CPU_CACHE_MB="-1" is not a number of megabytes; using the default, '
             f'{default >> 20} MB') in err
