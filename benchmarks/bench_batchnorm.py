@@ -4,10 +4,13 @@
     python benchmarks/bench_batchnorm.py --quick          # a smoke run
     python benchmarks/bench_batchnorm.py --device cpu --threads 8 --json bn.json
     python benchmarks/bench_batchnorm.py --chart speed.png   # also a bar chart (matplotlib)
+    python benchmarks/bench_batchnorm.py --device cpu --cache both   # + the kernels alone
 
 For each dtype, memory layout and shape both implementations run interleaved
 in the same process, next to a copy of the same tensor (the memory-bandwidth
-floor). Progress goes to stderr, a Markdown report to stdout. See README.md.
+floor). On the CPU, --cache both also times normext with its output cache
+switched off (outputs from torch's allocator: the kernels alone). Progress goes
+to stderr, a Markdown report to stdout. See README.md.
 """
 
 import argparse
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import _common as common
 from _common import log, normext
+from normext._extension import cpu_cache_disabled
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +155,25 @@ def check_matches_torch(case: Case, mode: str, tensors: Tensors) -> None:
 # ---------------------------------------------------------------- measuring
 
 
+def without_cache(step: Callable[[], None]) -> Callable[[], None]:
+    """step with normext's CPU output cache switched off (what it holds stays
+    cached for the steps that run with it)."""
+
+    def run():
+        with cpu_cache_disabled():
+            step()
+
+    return run
+
+
 def measure(case: Case, mode: str, tensors: Tensors, args, memory_ok: bool) -> dict:
+    normext_step = tensors.step(normext.functional.batch_norm, mode)
     steps = {"torch": tensors.step(F.batch_norm, mode),
-             "normext": tensors.step(normext.functional.batch_norm, mode),
+             "normext": without_cache(normext_step) if args.cache == "off" else normext_step,
              "copy": tensors.copy}
+    if args.cache == "both":
+        steps["normext cache off"] = without_cache(tensors.step(normext.functional.batch_norm,
+                                                                mode))
     timings = common.interleaved_timings(steps, args.device, args.repeats, args.min_time)
     t_torch, t_normext, t_copy = (timings[name].median for name in ("torch", "normext", "copy"))
     ideal = IDEAL_PASSES[mode] * tensors.nbytes
@@ -171,6 +190,9 @@ def measure(case: Case, mode: str, tensors: Tensors, args, memory_ok: bool) -> d
         "x_copy_floor": t_normext / (ideal / copy_bw),
         "timings": {name: timing.as_dict() for name, timing in timings.items()},
     }
+    if args.cache == "both":
+        t_off = timings["normext cache off"].median
+        row.update(normext_cache_off_ms=t_off * 1e3, speedup_cache_off=t_torch / t_off)
     if mode == "fwdbwd" and memory_ok:
         row["peak_bytes_torch"] = common.peak_memory_bytes(steps["torch"], args.device)
         row["peak_bytes_normext"] = common.peak_memory_bytes(steps["normext"], args.device)
@@ -194,6 +216,9 @@ def mode_table(rows: list[dict], mode: str) -> str:
     with_memory = mode == "fwdbwd"
     if with_memory:
         headers += ["peak MB torch", "peak MB normext"]
+    cache_off = "normext_cache_off_ms" in rows[0]
+    if cache_off:
+        headers += ["normext ms, cache off", "speedup, cache off"]
     lines = []
     for row in rows:
         line = [row["mode"], row["dtype"], row["layout"], _shape(row), _ms(row["torch_ms"]),
@@ -203,11 +228,18 @@ def mode_table(rows: list[dict], mode: str) -> str:
         if with_memory:
             line += [common.fmt_mb(row.get("peak_bytes_torch")),
                      common.fmt_mb(row.get("peak_bytes_normext"))]
+        if cache_off:
+            line += [_ms(row["normext_cache_off_ms"]), f"{row['speedup_cache_off']:.2f}"]
         lines.append(line)
     return common.markdown_table(headers, lines, align="llll" + "r" * (len(headers) - 4))
 
 
 def summary_table(rows: list[dict], modes: list[str], dtypes: list[str]) -> str:
+    cache_off = "speedup_cache_off" in rows[0]
+
+    def cache_off_geomean(group):
+        return [f"{common.geomean(r['speedup_cache_off'] for r in group):.3f}"] if cache_off else []
+
     lines = []
     for mode in modes:
         mode_rows = [row for row in rows if row["mode"] == mode]
@@ -217,14 +249,18 @@ def summary_table(rows: list[dict], modes: list[str], dtypes: list[str]) -> str:
             group = [row for row in mode_rows if row["dtype"] == dtype]
             if group:
                 lines.append([mode, dtype, len(group),
-                              f"{common.geomean(r['speedup'] for r in group):.3f}", "", ""])
+                              f"{common.geomean(r['speedup'] for r in group):.3f}", "", "",
+                              *cache_off_geomean(group)])
         slowest = min(mode_rows, key=lambda r: r["speedup"])
         lines.append([f"**{mode}**", "**all**", len(mode_rows),
                       f"**{common.geomean(r['speedup'] for r in mode_rows):.3f}**",
                       f"{slowest['speedup']:.3f}",
-                      f"{slowest['dtype']} {slowest['layout']} {_shape(slowest)}"])
+                      f"{slowest['dtype']} {slowest['layout']} {_shape(slowest)}",
+                      *cache_off_geomean(mode_rows)])
     headers = ["mode", "dtype", "configs", "geomean speedup", "min speedup", "min at"]
-    return common.markdown_table(headers, lines, align="llrrrl")
+    if cache_off:
+        headers.append("geomean speedup, cache off")
+    return common.markdown_table(headers, lines, align="llrrrlr"[:len(headers)])
 
 
 def build_report(rows: list[dict], info: dict, args, memory_note: str | None) -> str:
@@ -236,7 +272,10 @@ def build_report(rows: list[dict], info: dict, args, memory_note: str | None) ->
         f"interleaved rounds of >= {args.min_time * 1e3:g} ms each. speedup = torch ms / "
         "normext ms (> 1: normext faster); ideal MB = the bytes the mode must move at least; "
         "normext GB/s = ideal MB / normext ms; % copy BW = that over the bandwidth of "
-        "`out.copy_(x)` on the same tensor; x floor = normext ms / (ideal MB / copy bandwidth).")
+        "`out.copy_(x)` on the same tensor; x floor = normext ms / (ideal MB / copy bandwidth)."
+        + {"on": "", "off": " normext runs with its CPU output cache off (the kernels alone).",
+           "both": " The cache-off columns time normext with its CPU output cache switched off "
+                   "(outputs from torch's allocator: the kernels alone)."}[args.cache])
     for mode in args.modes:
         mode_rows = [row for row in rows if row["mode"] == mode]
         if mode_rows:
@@ -376,6 +415,9 @@ def parse_args(argv=None):
                                                        "implementation in a round")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
     parser.add_argument("--quick", action="store_true", help="2 small shapes, few repeats")
+    parser.add_argument("--cache", choices=("on", "off", "both"), default="on",
+                        help="normext's CPU output cache: on (default), off (the kernels "
+                             "alone) or both, side by side; CPU only")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check that normext matches torch before timing")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
@@ -403,6 +445,8 @@ def parse_args(argv=None):
         args.min_time = 0.02 if args.quick or on_cuda else 0.1
     if args.batch < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error("--batch and --repeats must be positive, --min-time > 0")
+    if on_cuda and args.cache != "on":
+        parser.error("--cache off and both are for the CPU: CUDA outputs do not use the cache")
     if args.chart and not have_matplotlib(args.chart):
         args.chart = None
     return args
@@ -438,14 +482,16 @@ def main(argv=None) -> None:
             rows.append(row)
             log(f"[{len(rows)}/{total}] {mode:6} {case.label():34} torch {_ms(row['torch_ms'])} ms"
                 f"  normext {_ms(row['normext_ms'])} ms  speedup {row['speedup']:.2f}"
-                f"  ({100 * row['fraction_of_copy_bw']:.0f}% of copy BW)")
+                f"  ({100 * row['fraction_of_copy_bw']:.0f}% of copy BW)"
+                + (f"  cache off {_ms(row['normext_cache_off_ms'])} ms"
+                   if args.cache == "both" else ""))
         del tensors
 
     common.publish(build_report(rows, info, args, memory_note), args.markdown_out, args.json, {
         "metadata": info, "settings": {
             "device": args.device.type, "dtypes": args.dtypes, "layouts": args.layouts,
             "modes": args.modes, "batch": args.batch, "repeats": args.repeats,
-            "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS,
+            "min_time_s": args.min_time, "momentum": MOMENTUM, "eps": EPS, "cache": args.cache,
             "ideal_passes": IDEAL_PASSES, "check": not args.no_check}, "rows": rows})
     if args.chart:
         chart(rows, args.modes, args.chart, info, args.repeats)

@@ -56,8 +56,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = NORMEXT_TORCH_VERSION;
   m.def("release_cpu_output_cache", &normext::release_cpu_output_cache,
         "Frees the CPU output blocks normext keeps for reuse; returns the bytes freed");
-  m.def("cached_cpu_output_bytes", &normext::cached_cpu_output_bytes,
-        "Bytes of freed CPU output blocks normext keeps for reuse");
+  m.def(
+      "cpu_output_cache_info",
+      [] {
+        const normext::CpuOutputCacheInfo info = normext::cpu_output_cache_info();
+        py::dict state;
+        state["cached_bytes"] = info.cached_bytes;
+        state["in_use_bytes"] = info.in_use_bytes;
+        state["limit_bytes"] = info.limit_bytes;
+        state["hits"] = info.hits;
+        state["misses"] = info.misses;
+        state["evictions"] = info.evictions;
+        state["enabled"] = info.enabled;
+        return state;
+      },
+      "The CPU output cache's bytes, limit, counts and whether it is on");
+  m.def("set_cpu_output_cache_enabled", &normext::set_cpu_output_cache_enabled,
+        "Switches the CPU output cache off or back on (benchmarks, tests); returns the previous "
+        "setting",
+        py::arg("enabled"));
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -5,7 +5,7 @@
 """
 
 from . import functional, ops
-from ._extension import build_info, cached_cpu_bytes, release_cpu_cache
+from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cpu_cache
 from .convert import convert
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d)
@@ -14,4 +14,4 @@ from .sync_batchnorm import SyncBatchNorm
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
            "LazyBatchNorm3d", "SyncBatchNorm", "build_info", "cached_cpu_bytes", "convert",
-           "functional", "ops", "release_cpu_cache"]
+           "cpu_cache_info", "functional", "ops", "release_cpu_cache"]

@@ -1,5 +1,7 @@
 """Loads the compiled kernels (normext._C) and checks they match the installed torch."""
 
+import contextlib
+
 import torch
 
 _REBUILD = (
@@ -44,10 +46,35 @@ def release_cpu_cache() -> int:
     """Free the CPU output blocks normext keeps for reuse (like
     torch.cuda.empty_cache); returns the bytes freed. normext allocates large CPU
     outputs from a cache of freed blocks so that training loops do not page-fault
-    on fresh memory every step; NORMEXT_CPU_CACHE_MB caps it (default 2048, 0 = off)."""
+    on fresh memory every step; NORMEXT_CPU_CACHE_MB caps it (0 = off; read at
+    the first large output, see cpu_cache_info for the limit in effect)."""
     return _C.release_cpu_output_cache()
 
 
+def cpu_cache_info() -> dict:
+    """The state of normext's CPU output cache: ``cached_bytes`` (freed blocks
+    kept for reuse), ``in_use_bytes`` (blocks held by tensors), ``limit_bytes``
+    (the cap on cached_bytes), ``hits`` and ``misses`` (large outputs given a
+    cached block / a newly mapped one), ``evictions`` (cached blocks freed to
+    make room, by release_cpu_cache or to retry a failed mapping) and
+    ``enabled``. Counts start at zero in each process, forked children
+    included. Reads NORMEXT_CPU_CACHE_MB if no large output has yet."""
+    return _C.cpu_output_cache_info()
+
+
 def cached_cpu_bytes() -> int:
-    """Bytes of freed CPU output blocks normext currently keeps for reuse."""
-    return _C.cached_cpu_output_bytes()
+    """Bytes of freed CPU output blocks normext currently keeps for reuse
+    (``cpu_cache_info()["cached_bytes"]``)."""
+    return cpu_cache_info()["cached_bytes"]
+
+
+@contextlib.contextmanager
+def cpu_cache_disabled():
+    """Within it, CPU outputs come from torch's allocator as if the cache did not
+    exist (the blocks it holds stay cached): for benchmarks and tests that time
+    or check the kernels alone. It applies to every thread."""
+    was_enabled = _C.set_cpu_output_cache_enabled(False)
+    try:
+        yield
+    finally:
+        _C.set_cpu_output_cache_enabled(was_enabled)
