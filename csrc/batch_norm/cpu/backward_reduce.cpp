@@ -6,7 +6,7 @@
 
 #include "batch_norm/cpu/kernels.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 using cpu::RowBlocks;
@@ -195,4 +195,4 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
   });
 }
 
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY

@@ -10,7 +10,7 @@
 #include "batch_norm/cpu/kernels.h"
 #include "batch_norm/math.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 using cpu::RowBlocks;
@@ -307,4 +307,4 @@ void CpuKernels::running_stats(const at::Tensor& running_mean, const at::Tensor&
   });
 }
 
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY
