@@ -1,15 +1,18 @@
-"""Builds normext._C: the C++ CPU kernels always, the CUDA kernels when possible.
+"""Builds normext._C: the C++ CPU kernels always, the CUDA kernels where a GPU
+is visible (or FORCE_CUDA=1), a CUDA toolkit is found and torch is a CUDA build.
 
 Environment:
-  NORMEXT_CPU_ONLY=1      skip CUDA even where a toolkit and a CUDA torch exist.
-  FORCE_CUDA=1            build the CUDA sources; a missing toolkit is an error.
+  NORMEXT_CPU_ONLY=1      skip CUDA even where it would be built.
+  FORCE_CUDA=1            build the CUDA sources without a visible GPU; a missing
+                          toolkit or a CPU-only torch is an error.
   CUDA_HOME / CUDA_PATH   the CUDA toolkit root (found from nvcc otherwise).
   TORCH_CUDA_ARCH_LIST    CUDA arches; without a visible GPU the default is
                           DEFAULT_CUDA_ARCHES below.
-  NORMEXT_CPU_ARCH        -march for the CPU code: "native" (the default on x86-64:
-                          the build machine's own vector units, AVX-512 included),
-                          "x86-64-v3" (AVX2/FMA/F16C, for a build that must run on
-                          other machines), or "none" for the compiler's default.
+  NORMEXT_CPU_ARCH        unset: the CPU kernels are compiled once per x86-64
+                          instruction set torch dispatches on (baseline, AVX2,
+                          AVX-512) and the one torch uses runs, so the build
+                          runs on any x86-64 machine. "native": one variant for
+                          the build machine's own vector units (-march=native).
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
@@ -20,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -27,6 +31,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Turing (the oldest arch CUDA 13 supports) through Hopper as machine code,
 # plus PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHES = "7.5;8.0;8.6;9.0+PTX"
+# Objects persist here across builds, `pip install -e .` included (setuptools
+# would use a fresh temporary folder), so ninja recompiles only what changed.
+BUILD_TEMP = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-"
+                                         f"{sys.implementation.cache_tag}")
+# ATen's compile flags for its per-capability kernels (cmake/Codegen.cmake).
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
 
 
 def env_flag(name):
@@ -71,25 +85,59 @@ def cuda_sources():
                   + glob.glob(os.path.join("csrc", "*", "cuda", "*.cpp")))
 
 
-def want_cuda(torch, cuda_home):
+def cuda_plan(torch, cuda_home):
+    """(build the CUDA kernels?, why), torchvision's rule: where a GPU is
+    visible or FORCE_CUDA=1, and a toolkit and a CUDA torch exist."""
     if env_flag("NORMEXT_CPU_ONLY"):
-        return False
+        return False, "NORMEXT_CPU_ONLY=1"
     if env_flag("FORCE_CUDA"):
         if cuda_home is None:
             sys.exit("normext: FORCE_CUDA=1 but no CUDA toolkit was found "
                      "(set CUDA_HOME to the folder holding bin/nvcc)")
         if torch.version.cuda is None:
             sys.exit("normext: FORCE_CUDA=1 but the installed torch is a CPU-only build")
-        return True
-    return cuda_home is not None and torch.version.cuda is not None
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if not torch.cuda.is_available():
+        return False, "no visible GPU; set FORCE_CUDA=1 to compile the CUDA kernels"
+    if cuda_home is None:
+        return False, "no CUDA toolkit found; set CUDA_HOME to the folder holding bin/nvcc"
+    return True, "GPU visible"
 
 
-def cpu_arch_flags():
-    """pip builds normext from source on the machine that runs it, so by
-    default the CPU kernels are compiled for that machine's vector units."""
-    default = "native" if platform.machine() in ("x86_64", "AMD64") else "none"
-    arch = os.environ.get("NORMEXT_CPU_ARCH", default)
-    return [] if arch == "none" else [f"-march={arch}"]
+def cpu_variants():
+    """(name, compile flags) of each variant the CPU kernels are compiled as,
+    baseline first (see BuildExtension.build_extension)."""
+    arch = os.environ.get("NORMEXT_CPU_ARCH", "")
+    if arch == "native":
+        return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE"])]
+    if arch:
+        sys.exit(f"normext: NORMEXT_CPU_ARCH={arch!r}: only 'native' (or unset) is supported")
+    names = ["DEFAULT"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        names += ["AVX2", "AVX512"]
+    # NORMEXT_CPU_CAPABILITY names the kernels' namespace; CPU_CAPABILITY*
+    # select ATen's matching at::vec implementation, as in ATen's own kernels.
+    return [(name, [f"-DNORMEXT_CPU_CAPABILITY={name}", f"-DCPU_CAPABILITY={name}",
+                    f"-DCPU_CAPABILITY_{name}"] + CPU_CAPABILITY_FLAGS[name])
+            for name in names]
+
+
+def cpu_variant_macros(variants):
+    """What the code compiled once (batch_norm/cpu/dispatch.cpp) is told of the variants."""
+    names = [name for name, _ in variants]
+    if names == ["NATIVE"]:
+        return ["-DNORMEXT_CPU_NATIVE"]
+    return [f"-DNORMEXT_WITH_CPU_{name}" for name in names if name != "DEFAULT"]
+
+
+def cpu_kernel_sources():
+    """Sources compiled once per CPU variant: those opening a namespace named
+    NORMEXT_CPU_CAPABILITY (common/cpu/capability.h)."""
+    opens_namespace = re.compile(r"^namespace\s+[\w:]*\bNORMEXT_CPU_CAPABILITY\s*\{", re.M)
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    return [path for path in sources if opens_namespace.search(open(path).read())]
 
 
 def extension_include_dirs():
@@ -112,14 +160,23 @@ def make_extension():
     import torch
     from torch.utils import cpp_extension
 
+    kernel_sources = cpu_kernel_sources()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "*", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "*", "cpu", "*.cpp")))
+    sources = [path for path in sources if path not in kernel_sources]
+    variants = cpu_variants()
     torch_version = torch.__version__.split("+")[0]
     define = [f'-DNORMEXT_TORCH_VERSION="{torch_version}"']
-    cxx = ["-O3", "-fopenmp"] + cpu_arch_flags() + define
+    cxx = ["-O3", "-fopenmp"] + define + cpu_variant_macros(variants)
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
+        # The kernel sources, compiled per variant outside `sources`, and every
+        # header: setuptools relinks only when one of these is newer than the
+        # library; ninja then recompiles just the objects whose inputs changed.
+        depends=kernel_sources + sorted(
+            glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
+            + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True)),
         # The shared libstdc++ runtime that torch uses, named by its soname:
         # a compiler with only libstdc++.a beside it (the lent H100's image
         # sets CXX to one) otherwise links a static copy, whose iostreams are
@@ -128,35 +185,68 @@ def make_extension():
         extra_link_args=["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux")
                                         else []),
     )
+    cpu_names = ", ".join(name.lower() for name, _ in variants)
 
-    use_cuda = want_cuda(torch, cuda_home) and bool(cuda_sources())
+    use_cuda, why = cuda_plan(torch, cuda_home)
     if not use_cuda:
-        if want_cuda(torch, cuda_home):
-            print("normext: no CUDA sources yet; building the CPU kernels only")
-        return cpp_extension.CppExtension(
+        print(f"normext: building CPU kernels ({cpu_names}) only ({why})")
+        ext = cpp_extension.CppExtension(
             "normext._C", sources, extra_compile_args={"cxx": cxx}, **extra
         )
-
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHES
-    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    define += ["-DNORMEXT_WITH_CUDA", f'-DNORMEXT_CUDA_ARCHES="{arches}"']
-    extra["include_dirs"] += extension_include_dirs()
-    return cpp_extension.CUDAExtension(
-        "normext._C",
-        sources + cuda_sources(),
-        extra_compile_args={
-            "cxx": cxx + ["-DNORMEXT_WITH_CUDA", f'-DNORMEXT_CUDA_ARCHES="{arches}"'],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr"] + define,
-        },
-        **extra,
-    )
+    else:
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHES
+        arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        print(f"normext: building CPU kernels ({cpu_names}) and CUDA kernels "
+              f"({why}, arches {arches or 'of the visible GPUs'})")
+        define += ["-DNORMEXT_WITH_CUDA", f'-DNORMEXT_CUDA_ARCHES="{arches}"']
+        extra["include_dirs"] += extension_include_dirs()
+        ext = cpp_extension.CUDAExtension(
+            "normext._C",
+            sources + cuda_sources(),
+            extra_compile_args={
+                "cxx": cxx + ["-DNORMEXT_WITH_CUDA", f'-DNORMEXT_CUDA_ARCHES="{arches}"'],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr"] + define,
+            },
+            **extra,
+        )
+    ext.cpu_kernel_sources = kernel_sources
+    ext.cpu_variants = variants
+    return ext
 
 
 def build_ext_class():
     from torch.utils import cpp_extension
 
-    return cpp_extension.BuildExtension.with_options(use_ninja=True)
+    class BuildExtension(cpp_extension.BuildExtension):
+        """cpp_extension's ninja build, plus the CPU kernel sources compiled once
+        per variant with that variant's flags, in a build folder that persists."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, use_ninja=True, **kwargs)
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = BUILD_TEMP
+
+        def build_extension(self, ext):
+            # Baseline first on the link line: of the copies of an inline
+            # function from outside normext's namespaces (torch's headers) that
+            # several variants compile, the linker keeps the first, which must
+            # run on every machine.
+            ext.extra_objects = []
+            for name, flags in ext.cpu_variants:
+                ext.extra_objects += self.compiler.compile(
+                    ext.cpu_kernel_sources,
+                    output_dir=os.path.join(self.build_temp, f"cpu-{name.lower()}"),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": ext.extra_compile_args["cxx"] + flags, "nvcc": []},
+                    depends=ext.depends,
+                )
+            super().build_extension(ext)
+
+    return BuildExtension
 
 
 setup(

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "batch_norm/cpu/dispatch.h"
 #include "common/cpu_output_allocator.h"
 
 #ifndef NORMEXT_TORCH_VERSION
@@ -54,6 +55,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("backends") = backends;
   m.attr("cuda_arches") = NORMEXT_CUDA_ARCHES;
   m.attr("torch_version") = NORMEXT_TORCH_VERSION;
+  m.attr("cpu_capabilities") = normext::batch_norm::cpu_capabilities();
+  m.def("cpu_capability", &normext::batch_norm::cpu_capability,
+        "The CPU kernel variant this process runs (torch's choice among those compiled)");
   m.def("release_cpu_output_cache", &normext::release_cpu_output_cache,
         "Frees the CPU output blocks normext keeps for reuse; returns the bytes freed");
   m.def(

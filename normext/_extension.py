@@ -1,6 +1,7 @@
 """Loads the compiled kernels (normext._C) and checks they match the installed torch."""
 
 import contextlib
+import warnings
 
 import torch
 
@@ -33,13 +34,35 @@ if _release(_C.torch_version) != _release(torch.__version__):
 
 def build_info() -> dict:
     """What the installed normext was compiled with: the backends (\"cpu\",
-    \"cuda\"), the CUDA arches, whether OpenMP is on, and the torch version."""
+    \"cuda\"), the CPU kernel variants (\"cpu_capabilities\") and the one
+    this process runs (\"cpu_capability\": torch's choice, which
+    ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides), the CUDA arches,
+    whether OpenMP is on, and the torch version."""
     return {
         "backends": list(_C.backends),
+        "cpu_capability": _C.cpu_capability(),
+        "cpu_capabilities": list(_C.cpu_capabilities),
         "cuda_arches": _C.cuda_arches,
         "openmp": bool(_C.openmp),
         "torch_version": _C.torch_version,
     }
+
+
+def warn_if_cuda_unbuilt() -> None:
+    """Warns when a GPU is visible but normext was built without its CUDA
+    kernels (a build on a machine without a GPU skips them): CUDA tensors then
+    have no normext kernels."""
+    if torch.cuda.is_available() and "cuda" not in _C.backends:
+        warnings.warn(
+            "normext was built without its CUDA kernels (no GPU was visible to the build), "
+            "so CUDA tensors cannot use it. Rebuild it from its source folder where the GPU "
+            "is visible, or with FORCE_CUDA=1:\n"
+            "    pip install --no-build-isolation --force-reinstall --no-deps .   "
+            "(-e . for an editable install)",
+            UserWarning, stacklevel=2)
+
+
+warn_if_cuda_unbuilt()
 
 
 def release_cpu_cache() -> int:

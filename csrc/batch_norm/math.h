@@ -10,7 +10,12 @@
 #include <cmath>
 #include <cstdint>
 
+// Per CPU capability in the CPU kernels (common/cpu/capability.h), once elsewhere.
+#ifdef NORMEXT_CPU_CAPABILITY
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
+#else
 namespace normext::batch_norm {
+#endif
 
 // Mean and m2 of `count` values x from sums of d = x - shift: one pass, and
 // stable when the shift is near the mean (cancellation grows with
@@ -115,4 +120,4 @@ C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputCoefficien
   return dy * k.dy_scale + (x - mean) * k.xmu_scale + k.shift;
 }
 
-}  // namespace normext::batch_norm
+}  // namespace

@@ -6,7 +6,7 @@
 
 #include "batch_norm/cpu/kernels.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 // The terms of the backward sums: dy and dy * (x - mean) per channel.
@@ -59,4 +59,4 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
   });
 }
 
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY

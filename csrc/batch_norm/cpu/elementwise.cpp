@@ -8,7 +8,7 @@
 #include "batch_norm/cpu/kernels.h"
 #include "batch_norm/math.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 // y = normalize(x) over one run of a channel (contiguous layout).
@@ -217,4 +217,4 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
   });
 }
 
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY

@@ -19,48 +19,19 @@
 #include <vector>
 
 #include "batch_norm/common.h"
+#include "common/cpu/capability.h"
 #include "common/cpu/reduce.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 
+// The kernels compiled for this capability.
 struct CpuKernels {
-  // An output in the layout of `like`, from normext's CPU block cache, placed
-  // apart from the tensors the kernel writing it `reads`.
-  static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
-  // Biased per-channel variance and mean, in the accumulate type.
-  static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
-  // invstd from var; updates the running stats when they are defined.
-  static void finalize(const at::Tensor& mean, const at::Tensor& var, double count,
-                       const at::Tensor& running_mean, const at::Tensor& running_var,
-                       double momentum, double eps, at::Tensor& invstd);
-  // moments then finalize, without a variance tensor: the training forward's statistics.
-  static void batch_stats(const ChannelView& input, const at::Tensor& running_mean,
-                          const at::Tensor& running_var, double momentum, double eps,
-                          at::Tensor& mean, at::Tensor& invstd);
-  // The eval statistics: running_mean and 1/sqrt(running_var + eps) in the accumulate type.
-  static void running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
-                            double eps, at::Tensor& mean, at::Tensor& invstd);
-  // (x - mean) * invstd * weight + bias; an undefined mean, weight or bias
-  // counts as 0, 1 or 0.
-  static void normalize(const ChannelView& input, const at::Tensor& mean,
-                        const at::Tensor& invstd, const at::Tensor& weight,
-                        const at::Tensor& bias, at::Tensor& output);
-  // sum(dy) and sum(dy * (x - mean)) per channel, and from them the parameter
-  // gradients sum(dy * (x - mean)) * invstd and sum(dy) in their own dtype.
-  static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
-                              const at::Tensor& mean, const at::Tensor& invstd,
-                              at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                              at::Tensor& grad_weight, at::Tensor& grad_bias);
-  // The input gradient under batch statistics (math.h: grad_input).
-  static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
-                             const at::Tensor& mean, const at::Tensor& invstd,
-                             const at::Tensor& weight, const at::Tensor& sum_dy,
-                             const at::Tensor& sum_dy_xmu, double count, at::Tensor& grad_input);
+#include "batch_norm/cpu/kernel_api.h"
 };
 
 namespace cpu {
 
-using namespace normext::cpu;  // the reducer and its loop constants
+using namespace normext::cpu::NORMEXT_CPU_CAPABILITY;  // the reducer and its loop constants
 
 // A channel view as the reducer's groups: channels-last data is (rows, C, 1).
 inline GroupedShape groups_of(const ChannelView& v) {
@@ -295,4 +266,4 @@ void store_channel_values(c10::ArrayRef<acc_t> values, const at::Tensor& t) {
 }
 
 }  // namespace cpu
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY

@@ -1,7 +1,7 @@
 // Registers the CPU kernels for every normext batch-norm op.
 #include <torch/library.h>
 
-#include "batch_norm/cpu/kernels.h"
+#include "batch_norm/cpu/dispatch.h"
 #include "batch_norm/ops.h"
 #include "common/cpu_output_allocator.h"
 

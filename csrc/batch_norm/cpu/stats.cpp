@@ -9,7 +9,7 @@
 #include "batch_norm/cpu/kernels.h"
 #include "batch_norm/math.h"
 
-namespace normext::batch_norm {
+namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 // What one channel's shift (a sorted sample) costs, in element sums: enough
@@ -111,4 +111,4 @@ void CpuKernels::running_stats(const at::Tensor& running_mean, const at::Tensor&
   });
 }
 
-}  // namespace normext::batch_norm
+}  // namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY

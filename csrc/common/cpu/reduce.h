@@ -12,12 +12,14 @@
 
 #include <ATen/Parallel.h>
 
+#include "common/cpu/capability.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
-namespace normext::cpu {
+namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 
 // Elements one task handles at least: enough to amortize scheduling.
 constexpr int64_t kGrainElements = 32768;
@@ -311,4 +313,4 @@ struct ShiftedSums {
   }
 };
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::NORMEXT_CPU_CAPABILITY

@@ -1,0 +1,29 @@
+// The CPU kernels the ops call (register.cpp). setup.py compiles the kernels
+// once per instruction set (common/cpu/capability.h); each call here runs the
+// variant for the instruction set torch's own CPU kernels use.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <string>
+#include <vector>
+
+#include "batch_norm/common.h"
+
+namespace normext::batch_norm {
+
+struct CpuKernels {
+  // An output in the layout of `like`, from normext's CPU block cache, placed
+  // apart from the tensors the kernel writing it `reads`.
+  static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
+#include "batch_norm/cpu/kernel_api.h"
+};
+
+// The variant the kernels run: "default", "avx2", "avx512", or "native" for a
+// NORMEXT_CPU_ARCH=native build (the only variant there).
+std::string cpu_capability();
+// The variants compiled, best last.
+std::vector<std::string> cpu_capabilities();
+
+}  // namespace normext::batch_norm
