@@ -7,13 +7,15 @@ import normext
 
 # Shapes that take each of the reducer's paths: long runs (several blocks a
 # run), short runs (one group and several per task, outer indices over a unit),
-# channels-last rows (several units), and an (N, C) input.
+# channels-last rows (several units, and several units per segment), and an
+# (N, C) input.
 SHAPES = [
     ((3, 5, 70, 70), torch.contiguous_format),
     ((600, 3, 4, 4), torch.contiguous_format),
     ((300, 40, 3, 3), torch.contiguous_format),
     ((2, 80, 7, 7), torch.contiguous_format),
     ((16, 24, 20, 20), torch.channels_last),
+    ((64, 8, 20, 20), torch.channels_last),
     ((4, 600, 5, 5), torch.channels_last),
     ((1000, 37), torch.contiguous_format),
 ]

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -85,8 +86,9 @@ constexpr int kTerms = 2;
 
 // Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
 template <class Op, typename acc_t = typename Op::acc_t>
-inline void add_run_in_lanes(const Op& op, int64_t g, int64_t offset, int64_t length,
+inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
                              acc_t (*__restrict__ lanes)[kLanes]) {
+  const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
   acc_t* __restrict__ lanes_a = lanes[0];
   acc_t* __restrict__ lanes_b = lanes[1];
   int64_t i = 0;
@@ -139,7 +141,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
           ? std::clamp<int64_t>(s.groups / at::get_num_threads(), 1, kShortRunGroups)
           : 1;
   const int64_t group_tasks = (s.groups + task_groups - 1) / task_groups;
-  std::vector<double> partials(static_cast<size_t>(kTerms * s.groups * units_per_group));
+  // Every partial is written before it is read: no zeroing.
+  std::unique_ptr<double[]> partials(new double[kTerms * s.groups * units_per_group]);
   const auto partial = [&](int q, int64_t g, int64_t unit) {
     return &partials[(q * s.groups + g) * units_per_group + unit];
   };
@@ -197,8 +200,9 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
 // Adds the terms of Rows channels-last rows from row r to per-group float
 // sums, sums[term * groups + group].
 template <int Rows, class Op, typename acc_t = typename Op::acc_t>
-inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* __restrict__ sums_a,
+inline void add_rows(const Op& op_ref, int64_t r, int64_t groups, acc_t* __restrict__ sums_a,
                      acc_t* __restrict__ sums_b) {
+  const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
 #pragma omp simd
   for (int64_t g = 0; g < groups; ++g) {
     // The first row starts the sums: adding it to 0 would cost an add (signed zeros).
@@ -217,40 +221,58 @@ inline void add_rows(const Op& op, int64_t r, int64_t groups, acc_t* __restrict_
 
 // Channels-last data (inner == 1): a unit is kUnitRows rows (fewer when rows
 // are long, so that its float sums stay in L1), summed in float vectors
-// across groups; its sums become a double partial per unit, [unit][term][group],
-// added per group in unit order.
+// across groups. Units are added in double into segments of consecutive
+// units, at most kSegments of them by the shape alone, a segment to a task;
+// the segments' partials, [segment][term][group], are added per group in order.
+constexpr int64_t kSegments = 64;
+
 template <class Op, bool kPrefetch>
 void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
   using acc_t = typename Op::acc_t;
   const int64_t rows = s.outer, G = s.groups;
   const int64_t unit_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
   const int64_t units = (rows + unit_rows - 1) / unit_rows;
+  const int64_t segment_units = (units + kSegments - 1) / kSegments;
+  const int64_t segments = (units + segment_units - 1) / segment_units;
   constexpr int64_t kLineValues = kCacheLineBytes / sizeof(double);
   const int64_t stride = (G + kLineValues - 1) / kLineValues * kLineValues;
-  std::vector<double> partials(static_cast<size_t>(units * kTerms * stride));
+  // Every partial is written before it is read: no zeroing.
+  std::unique_ptr<double[]> partials(new double[segments * kTerms * stride]);
   const bool grouped = op.group_rows(G);
-  at::parallel_for(0, units, grain_for(unit_rows * G), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, segments, grain_for(segment_units * unit_rows * G),
+                   [&](int64_t begin, int64_t end) {
     std::vector<acc_t> unit_sums(kTerms * G);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      std::fill(unit_sums.begin(), unit_sums.end(), acc_t(0));
-      const int64_t r_begin = unit * unit_rows, r_end = std::min(rows, r_begin + unit_rows);
-      for_each_row_group(r_begin, r_end, grouped, [&](int64_t r, auto group) {
-        if constexpr (kPrefetch) op.prefetch(r * G, (r + group()) * G, rows * G);
-        add_rows<group()>(op, r, G, unit_sums.data(), unit_sums.data() + G);
-      });
-      double* partial = partials.data() + unit * kTerms * stride;
-      for (int q = 0; q < kTerms; ++q) {
+    for (int64_t segment = begin; segment < end; ++segment) {
+      double* partial = partials.get() + segment * kTerms * stride;
+      const int64_t unit_end = std::min(units, (segment + 1) * segment_units);
+      for (int64_t unit = segment * segment_units; unit < unit_end; ++unit) {
+        std::fill(unit_sums.begin(), unit_sums.end(), acc_t(0));
+        const int64_t r_begin = unit * unit_rows, r_end = std::min(rows, r_begin + unit_rows);
+        for_each_row_group(r_begin, r_end, grouped, [&](int64_t r, auto group) {
+          if constexpr (kPrefetch) op.prefetch(r * G, (r + group()) * G, rows * G);
+          add_rows<group()>(op, r, G, unit_sums.data(), unit_sums.data() + G);
+        });
+        const bool first = unit == segment * segment_units;
+        for (int q = 0; q < kTerms; ++q) {
+          double* __restrict__ p = partial + q * stride;
+          const acc_t* __restrict__ u = unit_sums.data() + q * G;
+          if (first) {
 #pragma omp simd
-        for (int64_t g = 0; g < G; ++g) partial[q * stride + g] = unit_sums[q * G + g];
+            for (int64_t g = 0; g < G; ++g) p[g] = u[g];
+          } else {
+#pragma omp simd
+            for (int64_t g = 0; g < G; ++g) p[g] += u[g];
+          }
+        }
       }
     }
   });
-  at::parallel_for(0, G, grain_for(units * kTerms), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G, grain_for(segments * kTerms), [&](int64_t begin, int64_t end) {
     for (int q = 0; q < kTerms; ++q) {
       double* total = sums + q * G;
       std::fill(total + begin, total + end, 0.0);
-      for (int64_t unit = 0; unit < units; ++unit) {
-        const double* partial = partials.data() + (unit * kTerms + q) * stride;
+      for (int64_t segment = 0; segment < segments; ++segment) {
+        const double* partial = partials.get() + (segment * kTerms + q) * stride;
 #pragma omp simd
         for (int64_t g = begin; g < end; ++g) total[g] += partial[g];
       }
