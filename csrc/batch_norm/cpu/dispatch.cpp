@@ -13,26 +13,26 @@ namespace normext::batch_norm {
 #ifdef NORMEXT_CPU_NATIVE
 namespace NATIVE {
 struct CpuKernels {
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 }  // namespace NATIVE
 #else
 namespace DEFAULT {
 struct CpuKernels {
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 }  // namespace DEFAULT
 #ifdef NORMEXT_WITH_CPU_AVX2
 namespace AVX2 {
 struct CpuKernels {
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 }  // namespace AVX2
 #endif
 #ifdef NORMEXT_WITH_CPU_AVX512
 namespace AVX512 {
 struct CpuKernels {
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 }  // namespace AVX512
 #endif

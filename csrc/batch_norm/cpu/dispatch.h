@@ -17,7 +17,7 @@ struct CpuKernels {
   // An output in the layout of `like`, from normext's CPU block cache, placed
   // apart from the tensors the kernel writing it `reads`.
   static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 
 // The variant the kernels run: "default", "avx2", "avx512", or "native" for a

@@ -26,7 +26,7 @@ namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 
 // The kernels compiled for this capability.
 struct CpuKernels {
-#include "batch_norm/cpu/kernel_api.h"
+#include "batch_norm/kernel_api.h"
 };
 
 namespace cpu {

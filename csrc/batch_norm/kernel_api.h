@@ -1,8 +1,9 @@
-// The CPU kernels' static methods, declared from this one list both in
-// each capability's CpuKernels (cpu/kernels.h), which implements them, and in
-// the CpuKernels the ops use (cpu/dispatch.h), which forwards each call to the
-// capability chosen at run time. Included inside those struct bodies, after
-// batch_norm/common.h and the ATen headers: no include guard, no includes.
+// A backend's kernels, the static methods ops.h composes, declared from this
+// one list in CudaKernels (cuda/kernels.h), in each CPU capability's
+// CpuKernels (cpu/kernels.h), which implement them, and in the CpuKernels the
+// ops use (cpu/dispatch.h), which forwards each call to the capability chosen
+// at run time. Included inside those struct bodies, after batch_norm/common.h
+// and the ATen headers: no include guard, no includes.
 
 // Biased per-channel variance and mean, in the accumulate type.
 static void moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var);
