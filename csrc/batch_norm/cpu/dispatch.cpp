@@ -64,24 +64,30 @@ Variant selected_variant() {
   return variant;
 }
 
-// fn(std::type_identity<K>{}), K the selected variant's CpuKernels.
+// A type as a value (std::type_identity is C++20; torch 2.11 builds C++17).
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// fn(Type<K>{}), K the selected variant's CpuKernels.
 template <typename F>
 void with_kernels(const F& fn) {
   switch (selected_variant()) {
 #ifdef NORMEXT_CPU_NATIVE
     default:
-      return fn(std::type_identity<NATIVE::CpuKernels>{});
+      return fn(Type<NATIVE::CpuKernels>{});
 #else
 #ifdef NORMEXT_WITH_CPU_AVX512
     case Variant::kAvx512:
-      return fn(std::type_identity<AVX512::CpuKernels>{});
+      return fn(Type<AVX512::CpuKernels>{});
 #endif
 #ifdef NORMEXT_WITH_CPU_AVX2
     case Variant::kAvx2:
-      return fn(std::type_identity<AVX2::CpuKernels>{});
+      return fn(Type<AVX2::CpuKernels>{});
 #endif
     default:
-      return fn(std::type_identity<DEFAULT::CpuKernels>{});
+      return fn(Type<DEFAULT::CpuKernels>{});
 #endif
   }
 }
