@@ -32,10 +32,9 @@ constexpr size_t kHugePageBytes = size_t{2} << 20;
 
 // The 64-byte-aligned offset within a 4 KiB page farthest from the page
 // offsets of `inputs`. A load whose address matches an earlier, unresolved
-// store's in the low 12 bits waits for it ("4K aliasing"): an output 64 bytes
-// ahead of its input modulo 4 KiB made the elementwise passes 10-24% slower
-// (128 bytes: 5%; any other offset: no change; Zen 4, 1 thread, float32 and
-// bfloat16, 3.2M-element tensors). Inputs from torch's heap land at any
+// store's in the low 12 bits waits for it ("4K aliasing"): an output just
+// ahead of its input modulo 4 KiB slows the elementwise passes (the measured
+// A/B is in benchmarks/history). Inputs from torch's heap land at any
 // offset, so a block always at the same one would hit this now and then.
 uintptr_t page_offset_apart_from(c10::ArrayRef<const void*> inputs) {
   uintptr_t best = 0, best_distance = 0;
@@ -87,10 +86,8 @@ size_t limit_from_environment() {
 // pages, so a block holds no more memory than its size rounds to, except
 // when reused for a request up to 1/8 smaller). The first write to a huge
 // page may wait for the kernel to compact memory; a cached block pays that
-// once. Outputs in huge pages, against 4 KiB pages
-// (ab_builds.py, 6 ResNet-50 shapes x 2 layouts x float32/bfloat16): float32
-// eval forward over the 32 MiB LLC 1.10-1.29x, fwd+bwd 0.93-1.19x, in-cache
-// rows 0.93-1.06x, geomean 1.04 over 72 rows.
+// once. Huge pages pay for outputs larger than the last-level cache (the
+// A/B against 4 KiB pages is in benchmarks/history).
 struct Block {
   void* ptr;
   size_t size;
@@ -209,9 +206,8 @@ class CachingCpuAllocator final : public c10::Allocator {
   // A cached block of exactly n bytes, or one at most 1/8 larger: of the
   // smallest such size, the one freed last (equal keys keep their insertion
   // order). It is the likeliest to be in cache still; handing out the oldest
-  // instead rotated a loop's output through every cached block of its size
-  // (an eval forward at 32x256x28x28 float32, after calls that left other
-  // blocks of its size cached, took 1.2 ms instead of 0.55-0.69 ms).
+  // instead rotated a loop's output through every cached block of its size,
+  // each one out of cache by then.
   Block* take(size_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.lower_bound(n);
