@@ -168,7 +168,9 @@ def make_extension():
     variants = cpu_variants()
     torch_version = torch.__version__.split("+")[0]
     define = [f'-DNORMEXT_TORCH_VERSION="{torch_version}"']
-    cxx = ["-O3", "-fopenmp"] + define + cpu_variant_macros(variants)
+    # -g0: Python's CFLAGS ask for debug info, which doubles the time the
+    # kernels' template instantiations take to compile.
+    cxx = ["-O3", "-g0", "-fopenmp"] + define + cpu_variant_macros(variants)
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         # The kernel sources, compiled per variant outside `sources`, and every

@@ -65,7 +65,7 @@ def _source_tar(revision: str | None) -> bytes:
 
 def _rename_namespace(source_dir: str, name: str) -> None:
     """Registers the ops of the copy in `source_dir` under torch.ops.<name>."""
-    pattern = re.compile(r'(TORCH_LIBRARY(?:_IMPL)?\()normext,|"normext::')
+    pattern = re.compile(r'(TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?\()normext,|"normext::')
     for folder, _, files in os.walk(os.path.join(source_dir, "csrc")):
         for file in files:
             path = os.path.join(folder, file)

@@ -1,5 +1,9 @@
-// The normext op schemas and the Python extension module's build information.
-#include <torch/extension.h>
+// The normext op library (each norm adds its schemas as a fragment:
+// <norm>/schema.cpp) and the Python extension module's build information.
+// pybind11 alone, not torch/extension.h: the module passes no tensors, and
+// the whole of torch's C++ API would make this the slowest file to compile.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "batch_norm/cpu/dispatch.h"
@@ -12,38 +16,9 @@
 #define NORMEXT_CUDA_ARCHES ""
 #endif
 
-// Per-channel statistics over every dim but dim 1, in float32 (float64 for a
-// float64 input). `count` is the number of elements each channel's statistics
-// cover (across all ranks for a synchronized batch norm).
-TORCH_LIBRARY(normext, m) {
-  m.def("batch_norm_moments(Tensor input) -> (Tensor mean, Tensor var)");
-  m.def(
-      "batch_norm_finalize(Tensor mean, Tensor var, float count, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps) -> Tensor invstd");
-  m.def(
-      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd) -> Tensor");
-  m.def(
-      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
-      "Tensor? weight) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, "
-      "Tensor grad_bias)");
-  m.def(
-      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, float count) -> Tensor");
-  m.def(
-      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
-  m.def(
-      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
-      "Tensor save_invstd, bool training, bool parameter_grads=True) -> (Tensor grad_input, "
-      "Tensor grad_weight, Tensor grad_bias)");
-  // torch.nn.functional.batch_norm's contract: the output only, differentiable
-  // (batch_norm/autograd.cpp), for eager calls.
-  m.def(
-      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
-}
+namespace py = pybind11;
+
+TORCH_LIBRARY(normext, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normext compiled kernels; the ops live in torch.ops.normext";

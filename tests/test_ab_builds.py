@@ -13,7 +13,7 @@ import ab_builds  # noqa: E402
 
 
 def registrations(folder: Path) -> list[str]:
-    pattern = re.compile(r'TORCH_LIBRARY(?:_IMPL)?\(\s*\w+\s*,|"\w+::batch_norm')
+    pattern = re.compile(r'TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?\(\s*\w+\s*,|"\w+::batch_norm')
     return [m.group(0) for path in folder.rglob("*") if path.is_file()
             for m in pattern.finditer(path.read_text())]
 
@@ -22,6 +22,7 @@ def test_renames_every_registration_of_csrc(tmp_path):
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     before = registrations(tmp_path / "csrc")
     assert any(r.startswith("TORCH_LIBRARY(") for r in before)
+    assert any(r.startswith("TORCH_LIBRARY_FRAGMENT(") for r in before)
     assert any(r.startswith("TORCH_LIBRARY_IMPL(") for r in before)
     assert any(r.startswith('"') for r in before)
     ab_builds._rename_namespace(str(tmp_path), "abtest")

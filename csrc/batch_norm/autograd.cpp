@@ -1,9 +1,12 @@
 // normext::batch_norm: the fused forward and backward ops under one C++
 // autograd node, which costs a fraction of a Python autograd.Function's
 // bookkeeping per call (it matters next to a small batch norm).
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <ATen/ops/rsqrt.h>
+#include <ATen/ops/var.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>

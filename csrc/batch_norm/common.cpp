@@ -1,6 +1,6 @@
 #include "batch_norm/common.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty_strided.h>
 
 namespace normext::batch_norm {
 ChannelView channel_view(const at::Tensor& input) {

@@ -1,6 +1,5 @@
 // Backward reduction: sum(dy) and sum(dy * (x - mean)) per channel in one read
 // of x and dy.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 

@@ -1,7 +1,6 @@
 // Elementwise passes: normalize (1 read + 1 write; also the input gradient
 // under running statistics) and the input gradient under batch statistics
 // (2 reads + 1 write), with per-channel coefficients computed once (math.h).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 

@@ -2,7 +2,6 @@
 // read the input once (common/cpu/reduce.h): sums of deviations from a
 // per-channel shift (the median of a small sample of the channel, math.h:
 // channel_shift), turned into moments in double (math.h: shifted_moments).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 

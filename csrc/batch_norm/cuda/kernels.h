@@ -2,7 +2,8 @@
 // in the .cu files beside this one).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
 
 #include "batch_norm/common.h"
 

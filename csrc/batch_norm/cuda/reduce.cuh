@@ -20,6 +20,8 @@
 //   void operator()(const Reducer&, int64_t channel, const Sums<double>&, const Context&) const;
 #pragma once
 
+#include <ATen/ops/empty.h>
+
 #include "batch_norm/cuda/launch.cuh"
 
 namespace normext::batch_norm::cuda {
