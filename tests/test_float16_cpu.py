@@ -1,5 +1,5 @@
-"""float16 on the CPU: the F16C vector conversions of the elementwise passes
-and the bit arithmetic of the statistics, bit for bit against torch's
+"""float16 on the CPU: the F16C vector conversions and the bit arithmetic
+(baseline builds, tails), bit for bit against torch's
 conversions, and every op against float32 arithmetic on the same values."""
 
 import pytest
@@ -32,13 +32,20 @@ def test_cpu_float16_conversions_are_exact(layout):
         assert torch.isnan(y[~finite_or_inf]).all()
 
 
-def test_cpu_float16_widening_is_exact():
-    """The statistics read float16 through cpu::Float16's bit arithmetic: a
-    channel whose samples are all one finite float16 value has exactly that
-    mean and variance 0, for every finite float16 value."""
+@pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_cpu_float16_widening_is_exact(layout):
+    """The statistics read float16 16 elements at a time through F16C vectors
+    (cpu::widen) where the build has F16C, and through cpu::Float16's bit
+    arithmetic otherwise and for tails: a channel whose samples are all one
+    finite float16 value has exactly that mean and variance 0, for every finite
+    float16 value. Rows: channels-last (3, 63488), whole vectors across
+    channels; runs: (2, 63488, 19), a vector and a tail along each run."""
     every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     finite = every_value[torch.isfinite(every_value)]
-    x = finite.repeat(3, 1)  # (N=3, C=63488), each channel one value
+    if layout == "rows":
+        x = finite.repeat(3, 1)
+    else:
+        x = finite.view(1, -1, 1).expand(2, -1, 19).contiguous()
     mean, var = ops.batch_norm_moments(x)
     assert torch.equal(mean, finite.float())
     assert torch.equal(var, torch.zeros_like(var))

@@ -14,6 +14,7 @@ struct GradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
+  static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
 
   const T* dy;
   const T* x;
@@ -22,6 +23,15 @@ struct GradSums {
   void terms(int64_t c, int64_t offset, acc_t& g, acc_t& g_xmu) const {
     g = static_cast<acc_t>(dy[offset]);
     g_xmu = g * (static_cast<acc_t>(x[offset]) - mean[c]);
+  }
+  template <int kGroupStep>
+  void lane_terms(int64_t c, int64_t offset, acc_t (&g)[cpu::kLanes],
+                  acc_t (&g_xmu)[cpu::kLanes]) const {
+    acc_t xs[cpu::kLanes];
+    widen(dy + offset, g);  // found by ADL where T has it (kLaneTerms)
+    widen(x + offset, xs);
+#pragma omp simd
+    for (int k = 0; k < cpu::kLanes; ++k) g_xmu[k] = g[k] * (xs[k] - mean[c + k * kGroupStep]);
   }
   // Channels-last rows in groups where the per-channel arrays spill from L1,
   // and for short rows, whose per-row loop overhead dominates.

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/cpu/capability.h"
+#include "common/cpu/float16.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -81,6 +82,12 @@ struct GroupedShape {
 //   static constexpr bool kPrefetch;    channels-last: prefetch long rows ahead
 //   void prefetch(int64_t begin, int64_t end, int64_t limit) const;  (if kPrefetch;
 //                                       always inline: see prefetch_ahead)
+//   static constexpr bool kLaneTerms;   whether it gives lane_terms (elements that
+//                                       widen faster as vectors: kWidensAsVector)
+//   template <int kGroupStep> void lane_terms(int64_t g, int64_t offset,
+//       acc_t (&a)[kLanes], acc_t (&b)[kLanes]) const;   (if kLaneTerms)
+//                                       the terms of the kLanes elements from
+//                                       `offset`, element k in group g + k * kGroupStep
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
@@ -92,13 +99,25 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
   acc_t* __restrict__ lanes_a = lanes[0];
   acc_t* __restrict__ lanes_b = lanes[1];
   int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
+  if constexpr (Op::kLaneTerms) {
+    for (; i + kLanes <= length; i += kLanes) {
+      acc_t a[kLanes], b[kLanes];
+      op.template lane_terms<0>(g, offset + i, a, b);
 #pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      acc_t a, b;
-      op.terms(g, offset + i + k, a, b);
-      lanes_a[k] += a;
-      lanes_b[k] += b;
+      for (int k = 0; k < kLanes; ++k) {
+        lanes_a[k] += a[k];
+        lanes_b[k] += b[k];
+      }
+    }
+  } else {
+    for (; i + kLanes <= length; i += kLanes) {
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k) {
+        acc_t a, b;
+        op.terms(g, offset + i + k, a, b);
+        lanes_a[k] += a;
+        lanes_b[k] += b;
+      }
     }
   }
   for (int k = 0; i < length; ++i, ++k) {
@@ -203,8 +222,29 @@ template <int Rows, class Op, typename acc_t = typename Op::acc_t>
 inline void add_rows(const Op& op_ref, int64_t r, int64_t groups, acc_t* __restrict__ sums_a,
                      acc_t* __restrict__ sums_b) {
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
+  int64_t g_begin = 0;
+  if constexpr (Op::kLaneTerms) {  // the same sums, kLanes groups at a time
+    for (; g_begin + kLanes <= groups; g_begin += kLanes) {
+      acc_t a[kLanes], b[kLanes];
+      op.template lane_terms<1>(g_begin, r * groups + g_begin, a, b);
+      for (int k = 1; k < Rows; ++k) {
+        acc_t a_k[kLanes], b_k[kLanes];
+        op.template lane_terms<1>(g_begin, (r + k) * groups + g_begin, a_k, b_k);
 #pragma omp simd
-  for (int64_t g = 0; g < groups; ++g) {
+        for (int j = 0; j < kLanes; ++j) {
+          a[j] += a_k[j];
+          b[j] += b_k[j];
+        }
+      }
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        sums_a[g_begin + j] += a[j];
+        sums_b[g_begin + j] += b[j];
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t g = g_begin; g < groups; ++g) {
     // The first row starts the sums: adding it to 0 would cost an add (signed zeros).
     acc_t a, b;
     op.terms(g, r * groups + g, a, b);
@@ -322,12 +362,23 @@ struct ShiftedSums {
   // rows halve their loads and stores at every width.
   static constexpr bool kPrefetch = true;
 
+  static constexpr bool kLaneTerms = kWidensAsVector<T>;
+
   const T* x;
   const acc_t* shift;  // per group
 
   void terms(int64_t g, int64_t offset, acc_t& d, acc_t& d2) const {
     d = static_cast<acc_t>(x[offset]) - shift[g];
     d2 = d * d;
+  }
+  template <int kGroupStep>
+  void lane_terms(int64_t g, int64_t offset, acc_t (&d)[kLanes], acc_t (&d2)[kLanes]) const {
+    widen(x + offset, d);
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      d[k] -= shift[g + k * kGroupStep];
+      d2[k] = d[k] * d[k];
+    }
   }
   bool group_rows(int64_t) const { return true; }
   [[gnu::always_inline]] void prefetch(int64_t begin, int64_t end, int64_t limit) const {
