@@ -111,7 +111,13 @@ def cpu_variants():
     baseline first (see BuildExtension.build_extension)."""
     arch = os.environ.get("NORMEXT_CPU_ARCH", "")
     if arch == "native":
-        return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE"])]
+        # at::vec's implementation follows CPU_CAPABILITY_*: the one torch runs here.
+        import torch
+
+        aten = torch.backends.cpu.get_cpu_capability()
+        aten_macros = ([f"-DCPU_CAPABILITY={aten}", f"-DCPU_CAPABILITY_{aten}"]
+                       if aten in ("AVX2", "AVX512") else [])
+        return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE"] + aten_macros)]
     if arch:
         sys.exit(f"normext: NORMEXT_CPU_ARCH={arch!r}: only 'native' (or unset) is supported")
     names = ["DEFAULT"]

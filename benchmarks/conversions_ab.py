@@ -1,8 +1,8 @@
-"""A/B of normext's hand-written 16-bit conversions against ATen's at::vec,
-in one process: the statistics' inner loop (the reducer's lanes over
+"""A/B of normext's 16-bit loops against the same loops written with ATen's
+at::vec, in one process: the statistics' inner loop (the reducer's lanes over
 cpu::ShiftedSums) and the elementwise pass's loop (y = x * a + b, 16-bit in
-and out), each written both ways and compiled for AVX2 and for AVX-512 (the
-variants setup.py builds; those this CPU runs are timed).
+and out, through common/cpu/vec16.h's vectors), compiled for AVX2 and for
+AVX-512 (the variants setup.py builds; those this CPU runs are timed).
 
     python benchmarks/conversions_ab.py [--elements 32768] [--reps 2000] [--rounds 15]
 
@@ -76,17 +76,14 @@ float stats_vec(const T* x, int64_t n) {
   return out[0];
 }
 
-// y = x * a + b, normext's way: float16 through F16C vectors (kernels.h),
-// bfloat16 widened by c10 and rounded by cpu::store.
-void affine_normext(const cpu::Float16* x, cpu::Float16* y, int64_t n) {
+// y = x * a + b, normext's way (the elementwise passes' cpu::load_vector and
+// store_vector: F16C for float16, at::vec's conversions for bfloat16).
+template <typename T>
+void affine_normext(const T* x, T* y, int64_t n) {
   const auto a = cpu::splat(kScale), b = cpu::splat(kOffset);
-  for (int64_t i = 0; i < n; i += cpu::kFloat16Lanes) {
-    cpu::store_float16(y + i, cpu::load_float16(x + i) * a + b);
+  for (int64_t i = 0; i < n; i += cpu::kVectorLanes) {
+    cpu::store_vector(y + i, cpu::load_vector(x + i) * a + b);
   }
-}
-void affine_normext(const c10::BFloat16* x, c10::BFloat16* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) cpu::store(y, i, static_cast<float>(x[i]) * kScale + kOffset);
 }
 
 template <typename T>

@@ -28,8 +28,8 @@ struct GradSums {
   void lane_terms(int64_t c, int64_t offset, acc_t (&g)[cpu::kLanes],
                   acc_t (&g_xmu)[cpu::kLanes]) const {
     acc_t xs[cpu::kLanes];
-    widen(dy + offset, g);  // found by ADL where T has it (kLaneTerms)
-    widen(x + offset, xs);
+    cpu::widen(dy + offset, g);
+    cpu::widen(x + offset, xs);
 #pragma omp simd
     for (int k = 0; k < cpu::kLanes; ++k) g_xmu[k] = g[k] * (xs[k] - mean[c + k * kGroupStep]);
   }

@@ -60,31 +60,34 @@ void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict
   }
 }
 
-#if defined(NORMEXT_FLOAT16_VECTORS)
-// float16: whole vectors in registers (cpu::load_float16), math.h's formulas
-// on them, and a partial vector for a tail. A run's coefficients are splatted
-// once; rows load a vector of channels' coefficients once for all Rows rows.
-// The coefficients are float (Half's accumulate type, asserted).
-static_assert(std::is_same_v<at::opmath_type<c10::Half>, float>);
-using cpu::Float16;
-using Vec = cpu::Float16Vector;
-constexpr int kLanes = cpu::kFloat16Lanes;
+#if defined(NORMEXT_VECTORS16)
+// float16 and bfloat16: whole vectors in registers (cpu::load_vector), math.h's
+// formulas on them, and a partial vector for a tail. A run's coefficients are
+// splatted once; rows load a vector of channels' coefficients once for all
+// Rows rows. More specialized than the loops above, so chosen for these types.
+// The coefficients are float (the 16-bit types' accumulate type, asserted).
+static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
+              std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
+using Vec = cpu::FloatVector;
+constexpr int kLanes = cpu::kVectorLanes;
+template <typename T>
+using if_vector_element = std::enable_if_t<cpu::kVectorElement<T>, int>;
 
-void normalize_run(const Float16* x, Float16* y, int64_t length, float mean, float scale,
-                   float bias) {
+template <typename T, if_vector_element<T> = 0>
+void normalize_run(const T* x, T* y, int64_t length, float mean, float scale, float bias) {
   const Vec m = cpu::splat(mean), s = cpu::splat(scale), b = cpu::splat(bias);
   int64_t i = 0;
   for (; i + kLanes <= length; i += kLanes) {
-    cpu::store_float16(y + i, normalize(cpu::load_float16(x + i), m, s, b));
+    cpu::store_vector(y + i, normalize(cpu::load_vector(x + i), m, s, b));
   }
   if (const int64_t n = length - i) {
-    cpu::store_float16(y + i, normalize(cpu::load_float16(x + i, n), m, s, b), n);
+    cpu::store_vector(y + i, normalize(cpu::load_vector(x + i, n), m, s, b), n);
   }
 }
 
-template <int Rows>
-void normalize_rows(const Float16* x, Float16* y, int64_t channels, const float* mean,
-                    const float* scale, const float* bias) {
+template <int Rows, typename T, if_vector_element<T> = 0>
+void normalize_rows(const T* x, T* y, int64_t channels, const float* mean, const float* scale,
+                    const float* bias) {
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
@@ -93,34 +96,34 @@ void normalize_rows(const Float16* x, Float16* y, int64_t channels, const float*
     for (int k = 0; k < Rows; ++k) {
       const int64_t i = k * channels + c;
       if (whole) {
-        cpu::store_float16(y + i, normalize(cpu::load_float16(x + i), m, s, b));
+        cpu::store_vector(y + i, normalize(cpu::load_vector(x + i), m, s, b));
       } else {
-        cpu::store_float16(y + i, normalize(cpu::load_float16(x + i, n), m, s, b), n);
+        cpu::store_vector(y + i, normalize(cpu::load_vector(x + i, n), m, s, b), n);
       }
     }
   }
 }
 
-void grad_input_run(const Float16* dy, const Float16* x, Float16* dx, int64_t length, float mean,
+template <typename T, if_vector_element<T> = 0>
+void grad_input_run(const T* dy, const T* x, T* dx, int64_t length, float mean,
                     const GradInputCoefficients<float> k) {
   const Vec m = cpu::splat(mean);
   const GradInputCoefficients<Vec> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
                                       cpu::splat(k.shift)};
   int64_t i = 0;
   for (; i + kLanes <= length; i += kLanes) {
-    cpu::store_float16(dx + i,
-                       grad_input(cpu::load_float16(dy + i), cpu::load_float16(x + i), m, kv));
+    cpu::store_vector(dx + i,
+                      grad_input(cpu::load_vector(dy + i), cpu::load_vector(x + i), m, kv));
   }
   if (const int64_t n = length - i) {
-    cpu::store_float16(
-        dx + i, grad_input(cpu::load_float16(dy + i, n), cpu::load_float16(x + i, n), m, kv), n);
+    cpu::store_vector(
+        dx + i, grad_input(cpu::load_vector(dy + i, n), cpu::load_vector(x + i, n), m, kv), n);
   }
 }
 
-template <int Rows>
-void grad_input_rows(const Float16* dy, const Float16* x, Float16* dx, int64_t channels,
-                     const float* mean, const float* dy_scale, const float* xmu_scale,
-                     const float* shift) {
+template <int Rows, typename T, if_vector_element<T> = 0>
+void grad_input_rows(const T* dy, const T* x, T* dx, int64_t channels, const float* mean,
+                     const float* dy_scale, const float* xmu_scale, const float* shift) {
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
@@ -131,11 +134,11 @@ void grad_input_rows(const Float16* dy, const Float16* x, Float16* dx, int64_t c
     for (int row = 0; row < Rows; ++row) {
       const int64_t i = row * channels + c;
       if (whole) {
-        cpu::store_float16(dx + i, grad_input(cpu::load_float16(dy + i),
-                                              cpu::load_float16(x + i), m, kv));
+        cpu::store_vector(dx + i, grad_input(cpu::load_vector(dy + i),
+                                             cpu::load_vector(x + i), m, kv));
       } else {
-        cpu::store_float16(dx + i, grad_input(cpu::load_float16(dy + i, n),
-                                              cpu::load_float16(x + i, n), m, kv), n);
+        cpu::store_vector(dx + i, grad_input(cpu::load_vector(dy + i, n),
+                                             cpu::load_vector(x + i, n), m, kv), n);
       }
     }
   }

@@ -16,7 +16,7 @@
 
 #include "batch_norm/common.h"
 #include "common/cpu/capability.h"
-#include "common/cpu/float16.h"
+#include "common/cpu/vec16.h"
 #include "common/cpu/reduce.h"
 
 namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {

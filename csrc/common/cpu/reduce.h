@@ -13,7 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/cpu/capability.h"
-#include "common/cpu/float16.h"
+#include "common/cpu/vec16.h"
 
 #include <algorithm>
 #include <cstdint>

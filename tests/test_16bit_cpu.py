@@ -1,6 +1,7 @@
-"""float16 on the CPU: the F16C vector conversions and the bit arithmetic
-(baseline builds, tails), bit for bit against torch's
-conversions, and every op against float32 arithmetic on the same values."""
+"""16-bit floats on the CPU: the vector conversions (F16C, at::vec's for
+bfloat16) and the bit arithmetic (baseline builds, tails), bit for bit
+against torch's conversions, and every float16 op against float32 arithmetic
+on the same values."""
 
 import pytest
 import torch
@@ -8,15 +9,17 @@ import torch
 from normext import ops
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpu_float16_conversions_are_exact(layout):
-    """The CPU elementwise passes convert float16 with F16C vectors (partial
-    vectors for tails) where the build has F16C, else with cpu::Float16's bit
-    arithmetic (CI's portable build), not with c10::Half's scalar conversion: every
-    float16 value must widen exactly, and narrowing must round to nearest
-    even like torch, subnormals, overflow to infinity and NaN included. With mean 0, invstd 1
-    and bias -0.0, normalize computes x * weight exactly in float32."""
-    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+def test_cpu_16bit_conversions_are_exact(layout, dtype):
+    """The CPU elementwise passes convert float16 with F16C vectors and
+    bfloat16 with at::vec's vector conversions (partial vectors for tails)
+    where the build has them, else with cpu::Float16's bit arithmetic and
+    cpu::store (CI's portable build): every 16-bit value must widen exactly,
+    and narrowing must round to nearest even like torch, subnormals, overflow
+    to infinity and NaN included. With mean 0, invstd 1 and bias -0.0,
+    normalize computes x * weight exactly in float32."""
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     # 4 x 16387 elements: runs and pieces end in tails shorter than a vector.
     x = torch.cat([every_value, every_value[:12]]).reshape(1, 4, 1, 16387)
     if layout == "channels_last":
@@ -26,21 +29,22 @@ def test_cpu_float16_conversions_are_exact(layout):
     for exponent in [-24, -14, -1, 0, 1, 15]:
         weight = torch.tensor([2.0 ** exponent, 1.2345, -3.0, 2.0 ** -exponent])
         y = ops.batch_norm_elemt(x, weight, bias, mean, invstd)
-        expected = (x.float() * weight.view(1, 4, 1, 1)).half()
+        expected = (x.float() * weight.view(1, 4, 1, 1)).to(dtype)
         assert torch.equal(y.view(torch.int16)[finite_or_inf],
                            expected.view(torch.int16)[finite_or_inf]), exponent
         assert torch.isnan(y[~finite_or_inf]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["rows", "runs"])
-def test_cpu_float16_widening_is_exact(layout):
-    """The statistics read float16 16 elements at a time through F16C vectors
-    (cpu::widen) where the build has F16C, and through cpu::Float16's bit
-    arithmetic otherwise and for tails: a channel whose samples are all one
-    finite float16 value has exactly that mean and variance 0, for every finite
-    float16 value. Rows: channels-last (3, 63488), whole vectors across
-    channels; runs: (2, 63488, 19), a vector and a tail along each run."""
-    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+def test_cpu_16bit_widening_is_exact(layout, dtype):
+    """The statistics read float16 (and bfloat16 on AVX-512) 16 elements at a
+    time through vectors (cpu::widen) where the build has them, and one by one
+    otherwise and for tails: a channel whose samples are all one finite value
+    has exactly that mean and variance 0, for every finite 16-bit value.
+    Rows: channels-last (3, C), whole vectors across channels; runs:
+    (2, C, 19), a vector and a tail along each run."""
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = every_value[torch.isfinite(every_value)]
     if layout == "rows":
         x = finite.repeat(3, 1)

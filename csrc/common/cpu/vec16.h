@@ -1,0 +1,220 @@
+// 16-bit floats on the CPU: float16 conversions that vectorize (Float16), and
+// float16 and bfloat16 vectors in registers where the CPU converts whole
+// vectors (AVX2 with F16C, AVX-512). Shared by every norm's CPU kernels;
+// compiled per capability (capability.h).
+#pragma once
+
+#include "common/cpu/capability.h"
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <ATen/cpu/vec/vec.h>  // at::vec's bfloat16 conversions
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
+
+// A float's bits and back.
+inline uint32_t bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+inline float float_of(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// float16 as the CPU loops read and write it. c10::Half converts one element
+// at a time (F16C's scalar vcvtph2ps), which GCC does not vectorize. These conversions are
+// branch-free bit arithmetic that GCC vectorizes (the method of c10's
+// portable fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value: exact
+// widening; narrowing rounds to nearest even, NaN to a quiet NaN).
+struct Float16 {
+  uint16_t bits;
+
+  operator float() const {
+    const uint32_t w = static_cast<uint32_t>(bits) << 16;
+    const uint32_t two_w = w + w;  // exponent and mantissa, sign shifted out
+    // Normal numbers, infinities, NaN: exponent rebased by 224, then scaled by 2^-112.
+    const float normal = float_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    // Subnormals: the mantissa placed under 0.5's exponent, then 0.5 subtracted.
+    const float subnormal = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+    return float_of((w & 0x80000000u) | bits_of(two_w < (1u << 27) ? subnormal : normal));
+  }
+
+  static Float16 from_float(float value) {
+    // Scaling up sends what overflows float16 to infinity, scaling down
+    // brings the rest back; adding the exponent's bias below rounds the
+    // mantissa to float16's, to nearest even.
+    float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = bits_of(value);
+    const uint32_t two_w = w + w;
+    const uint32_t bias = std::max(two_w & 0xFF000000u, 0x71000000u);
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t rounded = bits_of(base);
+    const uint32_t magnitude = ((rounded >> 13) & 0x00007C00u) + (rounded & 0x00000FFFu);
+    return {static_cast<uint16_t>(((w & 0x80000000u) >> 16) |
+                                  (two_w > 0xFF000000u ? 0x7E00u : magnitude))};
+  }
+};
+static_assert(sizeof(Float16) == sizeof(c10::Half) && alignof(Float16) == alignof(c10::Half) &&
+              std::is_trivially_copyable_v<Float16>);
+
+// Vectors of float lanes that float16 and bfloat16 load into and store from:
+// the elementwise passes apply math.h's formulas to whole vectors (GCC's
+// vector operators), and the reductions widen through them (widen). float16
+// converts with F16C (one instruction per vector where Float16's bit
+// arithmetic takes about ten; an A/B against it and against staging through
+// float32 buffers chose it), bfloat16 with at::vec's conversions.
+// benchmarks/conversions_ab.py: F16C is as fast as at::vec's float16
+// conversion or faster; bfloat16's scalar loops lost to at::vec's in the
+// elementwise passes and on AVX-512 in the reductions.
+// (at::vec's conversions exist where setup.py names the capability to ATen:
+// CPU_CAPABILITY_AVX2 or _AVX512.)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NORMEXT_VECTORS16 1
+using FloatVector = __m512;
+using Bits16 = __m256i;  // the 16-bit elements of one vector
+constexpr int kVectorLanes = 16;
+inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+inline __m512 from_bits(__m256i bits, Float16) { return _mm512_cvtph_ps(bits); }
+inline __m256i to_bits(__m512 v, Float16) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m512 from_bits(__m256i bits, c10::BFloat16) {
+  __m512 v;
+  at::vec::cvtbf16_fp32(bits, v);
+  return v;
+}
+inline __m256i to_bits(__m512 v, c10::BFloat16) { return at::vec::cvtfp32_bf16(v); }
+inline __m256i load_bits(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void store_bits(void* p, __m256i bits) { _mm256_storeu_si256(static_cast<__m256i*>(p), bits); }
+#elif (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)) && defined(__F16C__) && \
+    defined(__AVX2__)
+#define NORMEXT_VECTORS16 1
+using FloatVector = __m256;
+using Bits16 = __m128i;
+constexpr int kVectorLanes = 8;
+inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+inline __m256 from_bits(__m128i bits, Float16) { return _mm256_cvtph_ps(bits); }
+inline __m128i to_bits(__m256 v, Float16) {
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m256 from_bits(__m128i bits, c10::BFloat16) {
+  __m256 v;
+  at::vec::cvtbf16_fp32(bits, v);
+  return v;
+}
+inline __m128i to_bits(__m256 v, c10::BFloat16) { return at::vec::cvtfp32_bf16(v); }
+inline __m128i load_bits(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline void store_bits(void* p, __m128i bits) { _mm_storeu_si128(static_cast<__m128i*>(p), bits); }
+#endif
+
+// The 16-bit element types that load into FloatVector.
+template <typename T>
+constexpr bool kVectorElement = false;
+
+#if defined(NORMEXT_VECTORS16)
+template <>
+constexpr bool kVectorElement<Float16> = true;
+template <>
+constexpr bool kVectorElement<c10::BFloat16> = true;
+
+template <typename T>
+inline FloatVector load_vector(const T* p) {
+  return from_bits(load_bits(p), T{});
+}
+template <typename T>
+inline void store_vector(T* p, FloatVector v) {
+  store_bits(p, to_bits(v, T{}));
+}
+
+// The first n (<= kVectorLanes) values at p as a vector, the other lanes 0;
+// and the first n lanes of v stored at p. Masked loads and stores where
+// AVX-512 has them for 16-bit elements, whose small-array alternative stalls
+// on store forwarding; else through a small array. Whole vectors take the
+// plain loads and stores, which are faster than masked ones with every lane set.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+template <typename T>
+inline __m512 load_vector(const T* p, int64_t n) {
+  return from_bits(_mm256_maskz_loadu_epi16(first_lanes(n), p), T{});
+}
+template <typename T>
+inline void store_vector(T* p, __m512 v, int64_t n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), to_bits(v, T{}));
+}
+inline __m512 load_floats(const float* p, int64_t n) {
+  if (n == kVectorLanes) return _mm512_loadu_ps(p);
+  return _mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+#else
+template <typename T>
+inline FloatVector load_vector(const T* p, int64_t n) {
+  T part[kVectorLanes] = {};
+  std::memcpy(part, p, n * sizeof(T));
+  return load_vector(part);
+}
+template <typename T>
+inline void store_vector(T* p, FloatVector v, int64_t n) {
+  T part[kVectorLanes];
+  store_vector(part, v);
+  std::memcpy(p, part, n * sizeof(T));
+}
+inline FloatVector load_floats(const float* p, int64_t n) {
+  FloatVector v{};
+  if (n == kVectorLanes) {
+    std::memcpy(&v, p, sizeof v);  // a plain load
+  } else {
+    std::memcpy(&v, p, n * sizeof(float));
+  }
+  return v;
+}
+#endif
+#endif
+
+// Whether T's elements widen to float faster a whole vector at a time than one
+// by one (the reductions then widen them with `widen`): float16 wherever the
+// CPU converts vectors (GCC does not vectorize a scalar conversion; Float16's
+// bit arithmetic is several times slower); bfloat16, whose scalar widening GCC
+// does vectorize, on AVX-512 (benchmarks/conversions_ab.py).
+template <typename T>
+constexpr bool kWidensAsVector = false;
+
+#if defined(NORMEXT_VECTORS16)
+template <>
+constexpr bool kWidensAsVector<Float16> = true;
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+constexpr bool kWidensAsVector<c10::BFloat16> = true;
+#endif
+#endif
+
+// N consecutive values as floats: whole vectors where T loads into them (N a
+// multiple of kVectorLanes), else one by one.
+template <int N, typename T>
+inline void widen(const T* p, float (&out)[N]) {
+#if defined(NORMEXT_VECTORS16)
+  if constexpr (kVectorElement<T>) {
+    static_assert(N % kVectorLanes == 0);
+    for (int i = 0; i < N; i += kVectorLanes) {
+      const FloatVector v = load_vector(p + i);
+      std::memcpy(out + i, &v, sizeof v);
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+}
+
+}  // namespace normext::cpu::NORMEXT_CPU_CAPABILITY
