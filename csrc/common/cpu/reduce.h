@@ -165,7 +165,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   const auto partial = [&](int q, int64_t g, int64_t unit) {
     return &partials[(q * s.groups + g) * units_per_group + unit];
   };
-  const int64_t unit_cost = task_groups * rows_per_unit * run_length;
+  // What a task sums: fewer rows than kUnitRows where the tensor has fewer.
+  const int64_t unit_cost = task_groups * std::min(rows_per_unit, s.outer) * run_length;
   // Tasks in memory order: row unit, then group block, then run block.
   at::parallel_for(0, row_units * group_tasks * blocks_per_run, grain_for(unit_cost),
                    [&](int64_t begin, int64_t end) {
