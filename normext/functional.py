@@ -64,16 +64,13 @@ def _check_momentum(momentum: float) -> None:
                     f"not {_type_name(momentum)}")
 
 
-def _needs_torch_rules(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """True under torch.func transforms (vmap, grad, jvp, ...) and for inputs
-    carrying forward-mode AD tangents: normext's op has neither batching rules
-    nor a forward derivative, torch's batch_norm has both."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    if forward_ad._current_level < 0:  # no dual level entered: no tangents
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None
-               for t in (input, weight, bias))
+def _has_tangents(*tensors: Tensor | None) -> bool:
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+# The op itself, called without the typed wrapper and the op packet in eager
+# mode: a small layer's time is mostly per-call Python work.
+_batch_norm_op = torch.ops.normext.batch_norm.default
 
 
 def batch_norm(
@@ -95,11 +92,21 @@ def batch_norm(
             momentum=momentum, eps=eps)
     if training:
         torch.nn.functional._verify_batch_size(input.size())
-    _check_eps(eps, training)
     # TorchScript checks argument types, and has neither transforms nor tangents.
     if not torch.jit.is_scripting():
-        _check_momentum(momentum)
-        if _needs_torch_rules(input, weight, bias):
+        # The checks' functions are called only for values they might reject.
+        if not eps > 0.0:
+            _check_eps(eps, training)
+        if type(momentum) is not float:
+            _check_momentum(momentum)
+        # torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD
+        # tangents: normext's op has neither batching rules nor a forward
+        # derivative, torch's batch_norm has both.
+        if torch._C._are_functorch_transforms_active() or (
+                forward_ad._current_level >= 0 and _has_tangents(input, weight, bias)):
             return torch.nn.functional.batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _batch_norm_op(input, weight, bias, running_mean, running_var, training, momentum,
+                              eps)
+    _check_eps(eps, training)
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
