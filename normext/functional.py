@@ -1,4 +1,5 @@
-"""normext.functional.batch_norm: torch.nn.functional.batch_norm on normext's kernels."""
+"""normext.functional: torch.nn.functional.batch_norm on normext's kernels, and
+batch_norm_act, batch norm fused with its activation (and a residual add)."""
 
 import sys
 
@@ -9,7 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act"]
 
 
 def _torch_allows_zero_eps_in_eval() -> bool:
@@ -110,3 +111,77 @@ def batch_norm(
                               eps)
     _check_eps(eps, training)
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+_ACTIVATION_FUNCTIONS = {
+    "identity": lambda z, negative_slope, alpha: z,
+    "relu": lambda z, negative_slope, alpha: torch.nn.functional.relu(z),
+    "relu6": lambda z, negative_slope, alpha: torch.nn.functional.relu6(z),
+    "leaky_relu": lambda z, negative_slope, alpha: torch.nn.functional.leaky_relu(
+        z, negative_slope),
+    "elu": lambda z, negative_slope, alpha: torch.nn.functional.elu(z, alpha),
+    "silu": lambda z, negative_slope, alpha: torch.nn.functional.silu(z),
+}
+
+_batch_norm_act_op = torch.ops.normext.batch_norm_act.default
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    residual: Tensor | None = None,
+    memory_efficient: bool = False,
+) -> Tensor:
+    """activation(batch_norm(input, ...) + residual) in one pass over memory
+    each way, with batch_norm's arguments and errors. activation: "identity",
+    "relu", "relu6", "leaky_relu" (negative_slope), "elu" (alpha) or "silu";
+    residual: None or a tensor of the input's shape and dtype.
+
+    memory_efficient=True (identity, leaky_relu with negative_slope > 0, elu
+    with alpha > 0; ValueError otherwise) keeps the output instead of the
+    input for the backward, which recovers the normalized input from it; the
+    input is never overwritten. It keeps the input instead for a call where a
+    channel's weight is too small to invert (|weight| < 1e-3 * max(1, |bias|)),
+    so that gradients stay exact for every weight. With elu, elements whose
+    output has saturated to -alpha in the output's dtype (input below about
+    log(eps) of that dtype) cannot be inverted: their input gradients lose
+    accuracy.
+
+    The CPU runs the fused kernels. Elsewhere (CUDA has no fused kernels yet),
+    under torch.func transforms and with forward-mode tangents, the same
+    result is composed from batch_norm, an add and the activation, keeping the
+    input (memory_efficient has no effect there)."""
+    tensors = (input, running_mean, running_var, weight, bias, residual)
+    if has_torch_function_variadic(*tensors):
+        return handle_torch_function(
+            batch_norm_act, tensors, input, running_mean, running_var, weight=weight,
+            bias=bias, training=training, momentum=momentum, eps=eps, activation=activation,
+            negative_slope=negative_slope, alpha=alpha, residual=residual,
+            memory_efficient=memory_efficient)
+    ops._check_activation(activation, negative_slope, alpha, memory_efficient)
+    if input.device.type == "cpu" and not (
+            torch._C._are_functorch_transforms_active()
+            or (forward_ad._current_level >= 0
+                and _has_tangents(input, weight, bias, residual))):
+        if training:
+            torch.nn.functional._verify_batch_size(input.size())
+        if not eps > 0.0:
+            _check_eps(eps, training)
+        if type(momentum) is not float:
+            _check_momentum(momentum)
+        return _batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps, activation, negative_slope, alpha, residual,
+                                  memory_efficient)
+    z = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return _ACTIVATION_FUNCTIONS[activation](z, negative_slope, alpha)

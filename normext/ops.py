@@ -211,3 +211,115 @@ def _(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads
         return _like_input(input), None, None
     grad_type = _param_dtype(input, weight)
     return _like_input(input), _stat(input).to(grad_type), _stat(input).to(grad_type)
+
+
+# ---- batch norm + activation (+ residual), fused
+
+
+def batch_norm_act_forward(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float,
+    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(activation(batch_norm(input) + residual), mean, invstd); updates the
+    running stats in training."""
+    return _ops.batch_norm_act_forward.default(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+        negative_slope, alpha, residual)
+
+
+def batch_norm_act_backward(
+    grad_out: Tensor, saved: Tensor, residual: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor, training: bool,
+    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
+    saved_is_output: bool = False, parameter_grads: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_residual, grad_weight, grad_bias) of batch_norm_act_forward,
+    from its input (`saved`) or, saved_is_output, from its output (an invertible
+    activation: identity, leaky_relu or elu with a positive parameter)."""
+    return _ops.batch_norm_act_backward.default(
+        grad_out, saved, residual, weight, bias, save_mean, save_invstd, training, activation,
+        negative_slope, alpha, saved_is_output, parameter_grads)
+
+
+def batch_norm_act(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float,
+    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
+    residual: Tensor | None = None, memory_efficient: bool = False,
+) -> Tensor:
+    """activation(batch_norm(input) + residual), differentiable through a C++
+    autograd node; memory_efficient keeps the output instead of the input for
+    the backward."""
+    return torch.ops.normext.batch_norm_act(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+        negative_slope, alpha, residual, memory_efficient)
+
+
+_ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
+
+
+def _check_activation(activation: str, negative_slope: float, alpha: float,
+                      memory_efficient: bool = False) -> None:
+    """The kernels' ValueErrors (csrc/batch_norm/common.cpp)."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: unknown activation '{activation}'; expected one of "
+                         f"{', '.join(_ACTIVATIONS)}")
+    if memory_efficient and not (activation == "identity"
+                                 or (activation == "leaky_relu" and negative_slope > 0)
+                                 or (activation == "elu" and alpha > 0)):
+        raise ValueError("memory_efficient=True recovers the activation's input from its "
+                         "output, so it needs an invertible activation: identity, leaky_relu "
+                         "with negative_slope > 0, or elu with alpha > 0")
+
+
+def _check_residual(input: Tensor, residual: Tensor | None) -> None:
+    if residual is None:
+        return
+    def message():
+        return (f"batch_norm: expected residual of shape {list(input.shape)} but got "
+                f"{list(residual.shape)}")
+    torch._check(residual.dim() == input.dim(), message)
+    for size, expected in zip(residual.shape, input.shape):
+        torch._check(size == expected, message)
+    torch._check(residual.device == input.device, lambda: (
+        f"batch_norm: expected residual on the input's device {input.device} but it is on "
+        f"{residual.device}"))
+    torch._check(residual.dtype == input.dtype, lambda: (
+        f"batch_norm: expected residual of dtype {input.dtype} but got {residual.dtype}"))
+
+
+@torch.library.register_fake("normext::batch_norm_act_forward")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+      negative_slope, alpha, residual):
+    _check_activation(activation, negative_slope, alpha)
+    _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias)
+    _check_residual(input, residual)
+    return _like_input(input), _stat(input), _stat(input)
+
+
+@torch.library.register_fake("normext::batch_norm_act")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+      negative_slope, alpha, residual, memory_efficient):
+    _check_activation(activation, negative_slope, alpha, memory_efficient)
+    _check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias)
+    _check_residual(input, residual)
+    return _like_input(input)
+
+
+@torch.library.register_fake("normext::batch_norm_act_backward")
+def _(grad_out, saved, residual, weight, bias, save_mean, save_invstd, training, activation,
+      negative_slope, alpha, saved_is_output, parameter_grads=True):
+    _check_activation(activation, negative_slope, alpha, saved_is_output)
+    _check_args(saved, grad_out, weight=weight, bias=bias, save_mean=save_mean,
+                save_invstd=save_invstd)
+    _check_residual(saved, residual)
+    grad_residual = None if residual is None else _like_input(saved)
+    if not parameter_grads:
+        return _like_input(saved), grad_residual, None, None
+    grad_type = _param_dtype(saved, weight)
+    return (_like_input(saved), grad_residual, _stat(saved).to(grad_type),
+            _stat(saved).to(grad_type))

@@ -4,11 +4,19 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/hardtanh.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/rsqrt.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/var.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -49,6 +57,43 @@ TensorTriple fused_backward(const at::Tensor& grad_out, const at::Tensor& input,
                               const at::Tensor&, const at::Tensor&, bool, bool)>();
   const at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads);
+}
+
+using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TensorTriple fused_act_forward(const at::Tensor& input, const OptionalTensor& weight,
+                               const OptionalTensor& bias, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, bool training,
+                               double momentum, double eps, c10::string_view activation,
+                               double negative_slope, double alpha,
+                               const OptionalTensor& residual) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normext::batch_norm_act_forward", "")
+          .typed<TensorTriple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                              const OptionalTensor&, const OptionalTensor&, bool, double, double,
+                              c10::string_view, double, double, const OptionalTensor&)>();
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                 activation, negative_slope, alpha, residual);
+}
+
+TensorQuad fused_act_backward(const at::Tensor& grad_out, const at::Tensor& saved,
+                              const OptionalTensor& residual, const OptionalTensor& weight,
+                              const OptionalTensor& bias, const at::Tensor& save_mean,
+                              const at::Tensor& save_invstd, bool training,
+                              c10::string_view activation, double negative_slope, double alpha,
+                              bool saved_is_output, bool parameter_grads) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normext::batch_norm_act_backward", "")
+          .typed<TensorQuad(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                            const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
+                            const at::Tensor&, bool, c10::string_view, double, double, bool,
+                            bool)>();
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(grad_out, saved, residual, weight, bias, save_mean, save_invstd, training,
+                 activation, negative_slope, alpha, saved_is_output, parameter_grads);
 }
 
 // The backward in differentiable ATen ops, for create_graph=True (double
@@ -170,9 +215,184 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
       fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
 }
 
+OptionalTensor optional(const at::Tensor& t) {
+  return t.defined() ? OptionalTensor(t) : c10::nullopt;
+}
+
+// activation(z) in differentiable ATen ops.
+at::Tensor activate(const at::Tensor& z, const ActivationSpec& spec) {
+  switch (spec.kind) {
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kRelu6: return at::hardtanh(z, 0.0, 6.0);
+    case Activation::kLeakyRelu: return at::leaky_relu(z, spec.negative_slope);
+    case Activation::kElu: return at::elu(z, spec.alpha);
+    case Activation::kSilu: return at::silu(z);
+    default: return z;
+  }
+}
+
+// The fused op's output recomputed in differentiable ATen ops from its saved
+// arguments (the statistics from the input in training, as the forward
+// took them), and its gradients taken through that graph: the backward for
+// create_graph=True (double backward).
+variable_list differentiable_act_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                          const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& residual,
+                                          const at::Tensor& save_mean,
+                                          const at::Tensor& save_invstd, bool training,
+                                          double eps, const ActivationSpec& spec) {
+  const auto type = accumulate_type(input.scalar_type());
+  std::vector<int64_t> dims{0}, per_channel(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  per_channel[1] = input.size(1);
+  const at::Tensor x = input.to(type);
+  at::Tensor mean = save_mean.view(per_channel), invstd = save_invstd.view(per_channel);
+  if (training) {
+    mean = x.mean(dims, /*keepdim=*/true);
+    invstd = at::rsqrt(at::var(x, dims, /*unbiased=*/false, /*keepdim=*/true) + eps);
+  }
+  at::Tensor z = (x - mean) * invstd;
+  if (weight.defined()) z = z * weight.to(type).view(per_channel);
+  if (bias.defined()) z = z + bias.to(type).view(per_channel);
+  if (residual.defined()) z = z + residual.to(type);
+  const at::Tensor y = activate(z, spec);
+  variable_list wanted;
+  for (const at::Tensor* t : {&input, &residual, &weight, &bias}) {
+    if (t->defined() && t->requires_grad()) wanted.push_back(*t);
+  }
+  const variable_list grads = torch::autograd::grad({y}, wanted, {grad_out.to(type)},
+                                                    /*retain_graph=*/true,
+                                                    /*create_graph=*/true,
+                                                    /*allow_unused=*/true);
+  // In the order input, residual, weight, bias; undefined where not wanted.
+  variable_list out(4);
+  size_t k = 0;
+  int slot = 0;
+  for (const at::Tensor* t : {&input, &residual, &weight, &bias}) {
+    if (t->defined() && t->requires_grad()) {
+      const at::Tensor& g = grads[k++];
+      out[slot] = g.defined() ? g.to(t->scalar_type()) : at::zeros_like(*t);
+    }
+    ++slot;
+  }
+  return out;
+}
+
+// The fused batch norm + activation; with memory_efficient (and weights it can
+// invert) it keeps its output instead of its input for the backward.
+class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const OptionalTensor& weight, const OptionalTensor& bias,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                            bool training, double momentum, double eps,
+                            c10::string_view activation, double negative_slope, double alpha,
+                            const OptionalTensor& residual, bool memory_efficient) {
+    const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
+    if (memory_efficient) check_invertible(spec);
+    auto [output, save_mean, save_invstd] =
+        fused_act_forward(input, weight, bias, running_mean, running_var, training, momentum,
+                          eps, activation, negative_slope, alpha, residual);
+    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
+    // The output serves the backward only while the forward's input is not
+    // wanted for double backward (the graph recomputes from the input).
+    const bool from_output = memory_efficient && weights_invertible(w, b);
+    ctx->save_for_backward({from_output ? output : input, w, b, r, save_mean, save_invstd});
+    ctx->saved_data["from_output"] = from_output;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation_name"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["input_grad"] = input.requires_grad();
+    ctx->saved_data["residual_grad"] = requires_grad(residual);
+    ctx->saved_data["weight_grad"] = requires_grad(weight);
+    ctx->saved_data["bias_grad"] = requires_grad(bias);
+    if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &weight = saved[1], &bias = saved[2], &residual = saved[3];
+    const bool training = ctx->saved_data["training"].toBool();
+    const bool from_output = ctx->saved_data["from_output"].toBool();
+    const std::string activation = ctx->saved_data["activation_name"].toStringRef();
+    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      TORCH_CHECK_NOT_IMPLEMENTED(!from_output,
+                                  "normext: double backward through a memory_efficient batch "
+                                  "norm + activation needs its input, which it did not keep; "
+                                  "use memory_efficient=False");
+      const variable_list grads = differentiable_act_backward(
+          grad_outputs[0], saved[0], weight, bias, residual, saved[4], saved[5], training,
+          ctx->saved_data["eps"].toDouble(),
+          activation_spec(activation, negative_slope, alpha));
+      std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
+          std::tuple{grads[0], grads[1], grads[2], grads[3]};
+    } else {
+      const bool parameter_grads =
+          ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
+      std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
+          grad_outputs[0], saved[0], optional(residual), optional(weight), optional(bias),
+          saved[4], saved[5], training, activation, negative_slope, alpha, from_output,
+          parameter_grads);
+    }
+    // One entry per forward argument; undefined where no gradient is wanted.
+    variable_list grads(13);
+    if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
+    if (ctx->saved_data["weight_grad"].toBool()) {
+      grads[1] = as_type(grad_weight, weight.scalar_type());
+    }
+    if (ctx->saved_data["bias_grad"].toBool()) {
+      grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
+    }
+    if (ctx->saved_data["residual_grad"].toBool()) grads[11] = grad_residual;
+    return grads;
+  }
+};
+
+at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor& weight,
+                                   const OptionalTensor& bias,
+                                   const OptionalTensor& running_mean,
+                                   const OptionalTensor& running_var, bool training,
+                                   double momentum, double eps, c10::string_view activation,
+                                   double negative_slope, double alpha,
+                                   const OptionalTensor& residual, bool memory_efficient) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !has_tangent(input) && !has_tangent(weight) && !has_tangent(bias) && !has_tangent(residual),
+      "normext::batch_norm_act has no forward-mode AD formula; normext.functional.batch_norm_act "
+      "computes inputs with tangents with torch's ops");
+  if (at::GradMode::is_enabled()) {
+    for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
+                                     {&running_var, "running_var"}}) {
+      TORCH_CHECK(!requires_grad(*stat), "The function 'normext::batch_norm_act' is not "
+                  "differentiable with respect to argument '", name,
+                  "'. This input cannot have requires_grad True.");
+    }
+    if (input.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+        requires_grad(residual)) {
+      return BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
+                                         training, momentum, eps, activation, negative_slope,
+                                         alpha, residual, memory_efficient);
+    }
+  }
+  if (memory_efficient) check_invertible(activation_spec(activation, negative_slope, alpha));
+  return std::get<0>(fused_act_forward(input, weight, bias, running_mean, running_var, training,
+                                       momentum, eps, activation, negative_slope, alpha,
+                                       residual));
+}
+
 }  // namespace
 
-// The backends register the op below autograd (ops.h: BatchNormOps::output).
-TORCH_LIBRARY_IMPL(normext, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
+// The backends register the ops below autograd (ops.h: BatchNormOps::output, output_act).
+TORCH_LIBRARY_IMPL(normext, Autograd, m) {
+  m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_act", &batch_norm_act_autograd);
+}
 
 }  // namespace normext::batch_norm

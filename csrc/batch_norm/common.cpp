@@ -2,6 +2,10 @@
 
 #include <ATen/ops/empty_strided.h>
 
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
 namespace normext::batch_norm {
 ChannelView channel_view(const at::Tensor& input) {
   ChannelView view;
@@ -108,6 +112,47 @@ void check_same_as_input(const at::Tensor& input, const at::Tensor& other, const
   TORCH_CHECK(other.scalar_type() == input.scalar_type(), "batch_norm: expected ", name,
               " of dtype ", c10::toString(input.scalar_type()), " but got ",
               c10::toString(other.scalar_type()));
+}
+
+}  // namespace normext::batch_norm
+
+namespace normext::batch_norm {
+
+ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha) {
+  static constexpr std::pair<const char*, Activation> kNames[] = {
+      {"identity", Activation::kIdentity}, {"relu", Activation::kRelu},
+      {"relu6", Activation::kRelu6},       {"leaky_relu", Activation::kLeakyRelu},
+      {"elu", Activation::kElu},           {"silu", Activation::kSilu}};
+  for (const auto& [known, kind] : kNames) {
+    if (name == known) return {kind, negative_slope, alpha};
+  }
+  TORCH_CHECK_VALUE(false, "batch_norm_act: unknown activation '", name,
+                    "'; expected one of identity, relu, relu6, leaky_relu, elu, silu");
+}
+
+void check_invertible(const ActivationSpec& activation) {
+  const bool invertible =
+      activation.kind == Activation::kIdentity ||
+      (activation.kind == Activation::kLeakyRelu && activation.negative_slope > 0) ||
+      (activation.kind == Activation::kElu && activation.alpha > 0);
+  TORCH_CHECK_VALUE(invertible,
+                    "memory_efficient=True recovers the activation's input from its output, "
+                    "so it needs an invertible activation: identity, leaky_relu with "
+                    "negative_slope > 0, or elu with alpha > 0");
+}
+
+bool weights_invertible(const at::Tensor& weight, const at::Tensor& bias) {
+  if (!weight.defined()) return true;
+  const at::Tensor w = weight.detach().to(at::kCPU, at::kDouble).contiguous();
+  const at::Tensor b = bias.defined() ? bias.detach().to(at::kCPU, at::kDouble).contiguous()
+                                      : at::Tensor();
+  const double* wp = w.const_data_ptr<double>();
+  const double* bp = b.defined() ? b.const_data_ptr<double>() : nullptr;
+  for (int64_t c = 0; c < w.numel(); ++c) {
+    const double limit = kMinInvertibleWeight * std::max(1.0, bp ? std::fabs(bp[c]) : 0.0);
+    if (!(std::fabs(wp[c]) >= limit)) return false;  // NaN too
+  }
+  return true;
 }
 
 }  // namespace normext::batch_norm

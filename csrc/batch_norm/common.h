@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "common/activation.h"
+
 namespace normext::batch_norm {
 
 // An input seen as statistics over every dim except dim 1 (the channels).
@@ -20,6 +22,44 @@ struct ChannelView {
 
   int64_t count() const { return outer * inner; }  // elements per channel
 };
+
+// What a fused batch norm does after its affine: output = activation(affine(x)
+// + residual). The plain batch norm has the identity and no residual.
+struct Fusion {
+  ActivationSpec activation;
+  at::Tensor residual;  // dense in the input's layout, or undefined
+
+  bool plain() const {
+    return activation.kind == Activation::kIdentity && !residual.defined();
+  }
+};
+
+// What the backward kernels read to take the gradient through a fusion: the
+// gradient at the activation's input dz = dy * activation'(z), with z
+// recomputed from the input x, or (from_output, the memory-efficient mode)
+// z = activation^-1(y) and x - mean = (z - bias - residual) / (invstd * weight).
+struct FusedGrad {
+  Fusion fusion;
+  at::Tensor weight, bias;   // the affine's (undefined: 1 and 0)
+  bool from_output = false;  // the kernels' input is the forward's output y
+  at::Tensor grad_residual;  // backward_elemt writes dz there (dense, input's layout) if defined
+};
+
+// The activation named `name` ("identity", "relu", "relu6", "leaky_relu",
+// "elu", "silu"; ValueError otherwise) with its parameters.
+ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha);
+
+// Raises ValueError unless the backward can recover the activation's input from
+// its output (memory_efficient): identity, leaky_relu with a positive slope,
+// elu with a positive alpha.
+void check_invertible(const ActivationSpec& activation);
+
+// Whether every channel's affine can be inverted from the output to the
+// normalized input to float accuracy: |weight| >= kMinInvertibleWeight *
+// max(1, |bias|) (an undefined weight is 1). Reads the values on the host (a
+// device-to-host copy for a GPU tensor).
+constexpr double kMinInvertibleWeight = 1e-3;
+bool weights_invertible(const at::Tensor& weight, const at::Tensor& bias);
 
 // Picks the layout the strides suggest (channels_last(_3d) or contiguous, as
 // torch does), copying the input only when it is not dense in that layout.

@@ -19,18 +19,22 @@ static void batch_stats(const ChannelView& input, const at::Tensor& running_mean
 static void running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                           double eps, at::Tensor& mean, at::Tensor& invstd);
 // (x - mean) * invstd * weight + bias; an undefined mean, weight or bias
-// counts as 0, 1 or 0.
+// counts as 0, 1 or 0. A fusion adds its residual and applies its activation.
 static void normalize(const ChannelView& input, const at::Tensor& mean,
                       const at::Tensor& invstd, const at::Tensor& weight,
-                      const at::Tensor& bias, at::Tensor& output);
+                      const at::Tensor& bias, at::Tensor& output, const Fusion& fusion = {});
 // sum(dy) and sum(dy * (x - mean)) per channel, and from them the parameter
 // gradients sum(dy * (x - mean)) * invstd and sum(dy) in their own dtype.
+// Through a fusion, dz (common.h: FusedGrad) takes dy's place.
 static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
                             const at::Tensor& mean, const at::Tensor& invstd,
                             at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                            at::Tensor& grad_weight, at::Tensor& grad_bias);
-// The input gradient under batch statistics (math.h: grad_input).
+                            at::Tensor& grad_weight, at::Tensor& grad_bias,
+                            const FusedGrad& fused = {});
+// The input gradient under batch statistics (math.h: grad_input); through a
+// fusion, with dz for dy, and under running statistics where sum_dy is undefined.
 static void backward_elemt(const ChannelView& grad_out, const ChannelView& input,
                            const at::Tensor& mean, const at::Tensor& invstd,
                            const at::Tensor& weight, const at::Tensor& sum_dy,
-                           const at::Tensor& sum_dy_xmu, double count, at::Tensor& grad_input);
+                           const at::Tensor& sum_dy_xmu, double count, at::Tensor& grad_input,
+                           const FusedGrad& fused = {});

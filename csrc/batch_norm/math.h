@@ -115,9 +115,35 @@ C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
   return {scale, -projection * scale, -sum_dy * inv_count * scale};
 }
 
+// dx from dy and xmu = x - mean.
+template <typename T>
+C10_HOST_DEVICE inline T grad_input_centred(T dy, T xmu, const GradInputCoefficients<T>& k) {
+  return dy * k.dy_scale + xmu * k.xmu_scale + k.shift;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputCoefficients<T>& k) {
-  return dy * k.dy_scale + (x - mean) * k.xmu_scale + k.shift;
+  return grad_input_centred(dy, x - mean, k);
+}
+
+// Through a fused activation (y = act(normalize(x) + residual)) the batch-norm
+// gradient formulas take dz = dy * act'(z) in place of dy. From the input x,
+// z is recomputed as the forward computed it:
+template <class Act, typename T>
+C10_HOST_DEVICE inline void pre_activation_grad(const Act& act, T dy, T x, T residual, T mean,
+                                                T scale, T bias, T& dz, T& xmu) {
+  xmu = x - mean;
+  dz = dy * act.grad(xmu * scale + bias + residual);
+}
+
+// From the output y alone (an invertible activation, the memory-efficient
+// mode): x - mean = (act^-1(y) - bias - residual) * inv_scale, inv_scale =
+// 1 / (invstd * weight), which the ops allow only for weights they can divide by.
+template <class Act, typename T>
+C10_HOST_DEVICE inline void pre_activation_grad_of_output(const Act& act, T dy, T y, T residual,
+                                                          T inv_scale, T bias, T& dz, T& xmu) {
+  dz = dy * act.grad_of_output(y);
+  xmu = (act.inverse(y) - bias - residual) * inv_scale;
 }
 
 }  // namespace

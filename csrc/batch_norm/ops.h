@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "batch_norm/common.h"
 
@@ -142,30 +143,31 @@ struct BatchNormOps {
       const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
       const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
       double momentum, double eps) {
-    check_input(input);
-    TORCH_CHECK(training || running_mean.has_value(),
-                "running_mean must be defined in evaluation mode");
-    TORCH_CHECK(training || running_var.has_value(),
-                "running_var must be defined in evaluation mode");
-    check_running_pair(running_mean, running_var);
-    check_params(input, weight, bias, running_mean, running_var);
-    const ChannelView view = channel_view(input);
-    const bool empty_batch = training && view.count() == 0;
-    at::Tensor mean = new_stat(input, !empty_batch), invstd = new_stat(input, true);
-    if (!training) {
-      Kernels::running_stats(*running_mean, *running_var, eps, mean, invstd);
-    } else if (!empty_batch) {
-      Kernels::batch_stats(view, value_or_undefined(running_mean),
-                           value_or_undefined(running_var), momentum, eps, mean, invstd);
-    } else {  // mean and variance 0 (mean serves as both); the running stats are left alone
-      Kernels::finalize(mean, mean, 0.0, {}, {}, momentum, eps, invstd);
-    }
-    at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
-    if (input.numel() > 0) {
-      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
-                         output);
-    }
-    return {output, mean, invstd};
+    return fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                         {}, {});
+  }
+
+  // forward with the output activation(batch_norm(input) + residual).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_act(
+      const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+      const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+      double momentum, double eps, c10::string_view activation, double negative_slope,
+      double alpha, const OptionalTensor& residual) {
+    return fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                         activation_spec(activation, negative_slope, alpha), residual);
+  }
+
+  // The output of forward_act: the batch_norm_act op below autograd.
+  static at::Tensor output_act(const at::Tensor& input, const OptionalTensor& weight,
+                               const OptionalTensor& bias, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, bool training, double momentum,
+                               double eps, c10::string_view activation, double negative_slope,
+                               double alpha, const OptionalTensor& residual,
+                               bool memory_efficient) {
+    const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
+    if (memory_efficient) check_invertible(spec);
+    return std::get<0>(fused_forward(input, weight, bias, running_mean, running_var, training,
+                                     momentum, eps, spec, residual));
   }
 
   // The output of forward: the batch_norm op below autograd (inference mode).
@@ -204,13 +206,96 @@ struct BatchNormOps {
     return {dx, grad_weight, grad_bias};
   }
 
+  // backward through forward_act: (grad_input, grad_residual, grad_weight,
+  // grad_bias), grad_residual defined where the forward had a residual. The
+  // backward reads the forward's input (`saved`) or, saved_is_output, its
+  // output (an invertible activation; the weights must be invertible, which
+  // the caller checks: common.h weights_invertible).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
+      const at::Tensor& grad_out, const at::Tensor& saved, const OptionalTensor& residual,
+      const OptionalTensor& weight, const OptionalTensor& bias, const at::Tensor& save_mean,
+      const at::Tensor& save_invstd, bool training, c10::string_view activation,
+      double negative_slope, double alpha, bool saved_is_output, bool parameter_grads) {
+    check_input(saved);
+    check_same_as_input(saved, grad_out, "grad_output");
+    if (residual.has_value()) check_same_as_input(saved, *residual, "residual");
+    check_params(saved, weight, bias, {}, {});
+    check_stat(saved, save_mean, "save_mean");
+    check_stat(saved, save_invstd, "save_invstd");
+    FusedGrad fused;
+    fused.fusion.activation = activation_spec(activation, negative_slope, alpha);
+    if (saved_is_output) check_invertible(fused.fusion.activation);
+    const ChannelView view = channel_view(saved);
+    const at::Tensor dy = in_layout_of(view, grad_out);
+    if (residual.has_value()) {
+      fused.fusion.residual = in_layout_of(view, *residual);
+      fused.grad_residual =
+          Kernels::empty_output(view, {dy.const_data_ptr(), view.data.const_data_ptr(),
+                                       fused.fusion.residual.const_data_ptr()});
+    }
+    fused.weight = value_or_undefined(weight);
+    fused.bias = value_or_undefined(bias);
+    fused.from_output = saved_is_output;
+    at::Tensor dx, grad_weight, grad_bias;
+    if (training || parameter_grads) {
+      at::Tensor sum_dy, sum_dy_xmu;
+      std::tie(sum_dy, sum_dy_xmu, grad_weight, grad_bias) =
+          reduce(dy, view, save_mean, save_invstd, weight, fused);
+      dx = training ? grad_input(dy, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
+                                 static_cast<double>(view.count()), fused)
+                    : grad_input(dy, view, save_mean, save_invstd, weight, {}, {}, 1.0, fused);
+    } else {
+      dx = grad_input(dy, view, save_mean, save_invstd, weight, {}, {}, 1.0, fused);
+    }
+    if (!parameter_grads) grad_weight = grad_bias = at::Tensor();
+    return {dx, fused.grad_residual, grad_weight, grad_bias};
+  }
+
  private:
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
+      const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+      const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+      double momentum, double eps, const ActivationSpec& activation,
+      const OptionalTensor& residual) {
+    check_input(input);
+    TORCH_CHECK(training || running_mean.has_value(),
+                "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(training || running_var.has_value(),
+                "running_var must be defined in evaluation mode");
+    check_running_pair(running_mean, running_var);
+    check_params(input, weight, bias, running_mean, running_var);
+    if (residual.has_value()) check_same_as_input(input, *residual, "residual");
+    const ChannelView view = channel_view(input);
+    const bool empty_batch = training && view.count() == 0;
+    at::Tensor mean = new_stat(input, !empty_batch), invstd = new_stat(input, true);
+    if (!training) {
+      Kernels::running_stats(*running_mean, *running_var, eps, mean, invstd);
+    } else if (!empty_batch) {
+      Kernels::batch_stats(view, value_or_undefined(running_mean),
+                           value_or_undefined(running_var), momentum, eps, mean, invstd);
+    } else {  // mean and variance 0 (mean serves as both); the running stats are left alone
+      Kernels::finalize(mean, mean, 0.0, {}, {}, momentum, eps, invstd);
+    }
+    Fusion fusion{activation, {}};
+    std::vector<const void*> reads{view.data.const_data_ptr()};
+    if (residual.has_value()) {
+      fusion.residual = in_layout_of(view, *residual);
+      reads.push_back(fusion.residual.const_data_ptr());
+    }
+    at::Tensor output = Kernels::empty_output(view, reads);
+    if (input.numel() > 0) {
+      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
+                         output, fusion);
+    }
+    return {output, mean, invstd};
+  }
+
   // (sum dy, sum dy*(x-mean), grad_weight, grad_bias) from one reduction;
   // `dy` is in view's layout. The gradients have the weight's dtype, or the
   // accumulate type without a weight.
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
       const at::Tensor& dy, const ChannelView& view, const at::Tensor& mean,
-      const at::Tensor& invstd, const OptionalTensor& weight) {
+      const at::Tensor& invstd, const OptionalTensor& weight, const FusedGrad& fused = {}) {
     const bool written = view.data.numel() > 0;
     at::Tensor sum_dy = new_stat(view.data, written), sum_dy_xmu = new_stat(view.data, written);
     const auto grad_options =
@@ -223,22 +308,29 @@ struct BatchNormOps {
       ChannelView dy_view = view;
       dy_view.data = dy;
       Kernels::backward_reduce(dy_view, view, mean, invstd, sum_dy, sum_dy_xmu, grad_weight,
-                               grad_bias);
+                               grad_bias, fused);
     }
     return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
   }
 
-  // The input gradient under batch statistics; `dy` is in view's layout.
+  // The input gradient under batch statistics (under running statistics
+  // where sum_dy is undefined, through a fusion); `dy` is in view's layout.
   static at::Tensor grad_input(const at::Tensor& dy, const ChannelView& view,
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const OptionalTensor& weight, const at::Tensor& sum_dy,
-                               const at::Tensor& sum_dy_xmu, double count) {
+                               const at::Tensor& sum_dy_xmu, double count,
+                               const FusedGrad& fused = {}) {
     ChannelView dy_view = view;
     dy_view.data = dy;
-    at::Tensor dx = Kernels::empty_output(view, {dy.const_data_ptr(), view.data.const_data_ptr()});
+    std::vector<const void*> reads{dy.const_data_ptr(), view.data.const_data_ptr()};
+    if (fused.fusion.residual.defined()) {
+      reads.push_back(fused.fusion.residual.const_data_ptr());
+      reads.push_back(fused.grad_residual.const_data_ptr());
+    }
+    at::Tensor dx = Kernels::empty_output(view, reads);
     if (view.data.numel() > 0) {
       Kernels::backward_elemt(dy_view, view, mean, invstd, value_or_undefined(weight), sum_dy,
-                              sum_dy_xmu, count, dx);
+                              sum_dy_xmu, count, dx, fused);
     }
     return dx;
   }
@@ -270,6 +362,9 @@ void register_batch_norm_ops(torch::Library& m) {
   m.impl("batch_norm_forward", &Ops::forward);
   m.impl("batch_norm_backward", &Ops::backward);
   m.impl("batch_norm", &Ops::output);
+  m.impl("batch_norm_act_forward", &Ops::forward_act);
+  m.impl("batch_norm_act_backward", &Ops::backward_act);
+  m.impl("batch_norm_act", &Ops::output_act);
 }
 
 }  // namespace normext::batch_norm

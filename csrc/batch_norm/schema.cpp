@@ -32,4 +32,22 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
+
+  // Batch norm with its activation (and a residual added before it) fused:
+  // output = activation(batch_norm(input) + residual). The backward reads the
+  // forward's input, or its output (saved_is_output: memory_efficient).
+  m.def(
+      "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, str activation, float negative_slope, float alpha, Tensor? residual) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor saved, Tensor? residual, Tensor? weight, "
+      "Tensor? bias, Tensor save_mean, Tensor save_invstd, bool training, str activation, "
+      "float negative_slope, float alpha, bool saved_is_output, bool parameter_grads=True) "
+      "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, "
+      "float negative_slope, float alpha, Tensor? residual, bool memory_efficient) -> Tensor");
 }

@@ -1,42 +1,66 @@
 // Backward reduction: sum(dy) and sum(dy * (x - mean)) per channel in one read
-// of x and dy.
+// of x and dy; through a fusion, of dz and the centred input (math.h:
+// pre_activation_grad), reading the residual too where there is one.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 #include "batch_norm/cpu/kernels.h"
+#include "batch_norm/math.h"
 
 namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// The terms of the backward sums: dy and dy * (x - mean) per channel.
-template <typename T, typename acc_t_>
+// The terms of the backward sums: dy and dy * (x - mean) per channel (kPlain),
+// or dz and dz * (x - mean) through a fusion, from the input or (kFromOutput)
+// from the output.
+template <bool kPlain, bool kFromOutput, bool kResidual, class Act, typename T, typename acc_t_>
 struct GradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
 
+  Act act;
   const T* dy;
-  const T* x;
-  const acc_t* mean;  // per channel
+  const T* saved;  // x, or y kFromOutput
+  const T* residual;
+  const acc_t* mean;  // per channel, like the three below
+  const acc_t* scale;
+  const acc_t* bias;
+  const acc_t* inv_scale;
 
-  void terms(int64_t c, int64_t offset, acc_t& g, acc_t& g_xmu) const {
-    g = static_cast<acc_t>(dy[offset]);
-    g_xmu = g * (static_cast<acc_t>(x[offset]) - mean[c]);
+  void element_terms(int64_t c, acc_t g, acc_t s, acc_t r, acc_t& dz, acc_t& dz_xmu) const {
+    acc_t xmu;
+    if constexpr (kPlain) {
+      dz = g;
+      xmu = s - mean[c];
+    } else if constexpr (kFromOutput) {
+      pre_activation_grad_of_output(act, g, s, r, inv_scale[c], bias[c], dz, xmu);
+    } else {
+      pre_activation_grad(act, g, s, r, mean[c], scale[c], bias[c], dz, xmu);
+    }
+    dz_xmu = dz * xmu;
+  }
+  void terms(int64_t c, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
+    element_terms(c, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(saved[offset]),
+                  kResidual ? static_cast<acc_t>(residual[offset]) : acc_t(0), dz, dz_xmu);
   }
   template <int kGroupStep>
-  void lane_terms(int64_t c, int64_t offset, acc_t (&g)[cpu::kLanes],
-                  acc_t (&g_xmu)[cpu::kLanes]) const {
-    acc_t xs[cpu::kLanes];
+  void lane_terms(int64_t c, int64_t offset, acc_t (&dz)[cpu::kLanes],
+                  acc_t (&dz_xmu)[cpu::kLanes]) const {
+    acc_t g[cpu::kLanes], s[cpu::kLanes], r[cpu::kLanes] = {};
     cpu::widen(dy + offset, g);
-    cpu::widen(x + offset, xs);
+    cpu::widen(saved + offset, s);
+    if constexpr (kResidual) cpu::widen(residual + offset, r);
 #pragma omp simd
-    for (int k = 0; k < cpu::kLanes; ++k) g_xmu[k] = g[k] * (xs[k] - mean[c + k * kGroupStep]);
+    for (int k = 0; k < cpu::kLanes; ++k) {
+      element_terms(c + k * kGroupStep, g[k], s[k], r[k], dz[k], dz_xmu[k]);
+    }
   }
   // Channels-last rows in groups where the per-channel arrays spill from L1,
   // and for short rows, whose per-row loop overhead dominates.
   bool group_rows(int64_t channels) const {
-    return cpu::group_rows<acc_t>(channels, 3) || channels * kElementBytes <= 256;
+    return cpu::group_rows<acc_t>(channels, kPlain ? 3 : 6) || channels * kElementBytes <= 256;
   }
 };
 
@@ -45,23 +69,49 @@ struct GradSums {
 void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView& input,
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                                 at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                                 at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                 const FusedGrad& fused) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using T = cpu::loop_t<scalar_t>;
     const int64_t C = input.channels;
     const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
+    const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
+    std::vector<acc_t> scale, b, inv_scale;
+    if (!fused.fusion.plain() || fused.from_output) {
+      scale = cpu::channel_values<acc_t>(fused.weight, C, 1);
+      for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
+      b = cpu::channel_values<acc_t>(fused.bias, C, 0);
+      inv_scale.resize(C);
+      for (int64_t c = 0; c < C; ++c) inv_scale[c] = acc_t(1) / scale[c];
+    }
+    const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
+    const T* x = cpu::loop_data<scalar_t>(input.data);
+    const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
+    std::vector<double> sums;
+    const auto reduce = [&](const auto& op) { sums = cpu::reduce_groups(cpu::groups_of(input), op); };
+    const auto with_act = [&](auto act, auto residual) {
+      using Act = decltype(act);
+      constexpr bool kResidual = decltype(residual)::value;
+      constexpr bool kPlain = !kResidual && Act::kKind == Activation::kIdentity;
+      if constexpr (Act::kInvertible) {
+        if (fused.from_output) {
+          return reduce(GradSums<false, true, kResidual, Act, T, acc_t>{
+              act, dy, x, r, m.data(), scale.data(), b.data(), inv_scale.data()});
+        }
+      }
+      reduce(GradSums<kPlain, false, kResidual, Act, T, acc_t>{
+          act, dy, x, r, m.data(), scale.data(), b.data(), inv_scale.data()});
+    };
+    cpu::with_fusion<acc_t>(fused.fusion, with_act);
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
-    const std::vector<double> sums = cpu::reduce_groups(
-        cpu::groups_of(input), GradSums<cpu::loop_t<scalar_t>, acc_t>{
-                               cpu::loop_data<scalar_t>(grad_out.data),
-                               cpu::loop_data<scalar_t>(input.data), m.data()});
     for (int64_t c = 0; c < C; ++c) {
       s[c] = static_cast<acc_t>(sums[c]);
       sx[c] = static_cast<acc_t>(sums[C + c]);
     }
-    std::vector<acc_t> grad_w = cpu::channel_values<acc_t>(invstd, C, 0);
+    std::vector<acc_t> grad_w = istd;
     for (int64_t c = 0; c < C; ++c) grad_w[c] *= sx[c];
     cpu::store_channel_values<acc_t>(grad_w, grad_weight);
     cpu::store_channel_values<acc_t>({s, static_cast<size_t>(C)}, grad_bias);

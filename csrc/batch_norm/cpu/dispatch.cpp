@@ -148,19 +148,20 @@ void CpuKernels::running_stats(const at::Tensor& running_mean, const at::Tensor&
 
 void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                            const at::Tensor& invstd, const at::Tensor& weight,
-                           const at::Tensor& bias, at::Tensor& output) {
+                           const at::Tensor& bias, at::Tensor& output, const Fusion& fusion) {
   with_kernels([&](auto k) {
-    decltype(k)::type::normalize(input, mean, invstd, weight, bias, output);
+    decltype(k)::type::normalize(input, mean, invstd, weight, bias, output, fusion);
   });
 }
 
 void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView& input,
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                                 at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                                 at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                 const FusedGrad& fused) {
   with_kernels([&](auto k) {
     decltype(k)::type::backward_reduce(grad_out, input, mean, invstd, sum_dy, sum_dy_xmu,
-                                       grad_weight, grad_bias);
+                                       grad_weight, grad_bias, fused);
   });
 }
 
@@ -168,10 +169,10 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
                                 const at::Tensor& mean, const at::Tensor& invstd,
                                 const at::Tensor& weight, const at::Tensor& sum_dy,
                                 const at::Tensor& sum_dy_xmu, double count,
-                                at::Tensor& grad_input) {
+                                at::Tensor& grad_input, const FusedGrad& fused) {
   with_kernels([&](auto k) {
     decltype(k)::type::backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                                      count, grad_input);
+                                      count, grad_input, fused);
   });
 }
 

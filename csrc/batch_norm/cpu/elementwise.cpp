@@ -1,6 +1,8 @@
 // Elementwise passes: normalize (1 read + 1 write; also the input gradient
 // under running statistics) and the input gradient under batch statistics
 // (2 reads + 1 write), with per-channel coefficients computed once (math.h).
+// Fused passes (common.h: Fusion) also read the residual, apply the
+// activation, and in the backward write the residual's gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -10,52 +12,100 @@
 namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// y = normalize(x) over one run of a channel (contiguous layout).
-template <typename scalar_t, typename acc_t>
-void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t length,
-                   acc_t mean, acc_t scale, acc_t bias) {
+// y = act(normalize(x) + r) over one run of a channel (contiguous layout).
+template <bool kResidual, class Act, typename scalar_t, typename acc_t>
+void normalize_run(const Act act, const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
+                   scalar_t* __restrict__ y, int64_t length, acc_t mean, acc_t scale, acc_t bias) {
 #pragma omp simd
   for (int64_t i = 0; i < length; ++i) {
-    cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), mean, scale, bias));
+    acc_t z = normalize(static_cast<acc_t>(x[i]), mean, scale, bias);
+    if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
+    cpu::store(y, i, act(z));
   }
 }
 
 // Rows channels-last rows, C apart.
-template <int Rows, typename scalar_t, typename acc_t>
-void normalize_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
+template <int Rows, bool kResidual, class Act, typename scalar_t, typename acc_t>
+void normalize_rows(const Act act, const scalar_t* __restrict__ x,
+                    const scalar_t* __restrict__ r, scalar_t* __restrict__ y, int64_t channels,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                     const acc_t* __restrict__ bias) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     for (int k = 0; k < Rows; ++k) {
       const int64_t i = k * channels + c;
-      cpu::store(y, i, normalize(static_cast<acc_t>(x[i]), mean[c], scale[c], bias[c]));
+      acc_t z = normalize(static_cast<acc_t>(x[i]), mean[c], scale[c], bias[c]);
+      if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
+      cpu::store(y, i, act(z));
     }
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                    scalar_t* __restrict__ dx, int64_t length, acc_t mean,
+// The per-channel values the backward's elementwise pass reads.
+template <typename acc_t>
+struct GradChannels {
+  std::vector<acc_t> mean, scale, bias, inv_scale;  // the fused sources' (math.h)
+  std::vector<acc_t> dy_scale, xmu_scale, shift;    // GradInputCoefficients
+};
+
+// (dz, x - mean) at element i of channel c: the plain batch norm's (dy, x -
+// mean), or math.h's pre_activation_grad(_of_output) through a fusion.
+template <bool kPlain, bool kFromOutput, bool kResidual, class Act, typename scalar_t,
+          typename acc_t>
+struct GradSource {
+  Act act;
+  const scalar_t* dy;
+  const scalar_t* saved;  // x, or y from_output
+  const scalar_t* residual;
+  const acc_t* mean;
+  const acc_t* scale;      // invstd * weight
+  const acc_t* bias;
+  const acc_t* inv_scale;  // 1 / scale
+
+  void at(int64_t c, int64_t i, acc_t& dz, acc_t& xmu) const {
+    const acc_t g = static_cast<acc_t>(dy[i]), s = static_cast<acc_t>(saved[i]);
+    const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    if constexpr (kPlain) {
+      dz = g;
+      xmu = s - mean[c];
+    } else if constexpr (kFromOutput) {
+      pre_activation_grad_of_output(act, g, s, r, inv_scale[c], bias[c], dz, xmu);
+    } else {
+      pre_activation_grad(act, g, s, r, mean[c], scale[c], bias[c], dz, xmu);
+    }
+  }
+};
+
+// dx (and dz into dr with a residual) over elements [begin, end) of channel c
+// (contiguous layout) or over Rows channels-last rows from `begin`. Under
+// running statistics (!kBatchStats) dx = dz * scale, x - mean unused.
+template <bool kBatchStats, bool kResidual, class Source, typename scalar_t, typename acc_t>
+void grad_input_run(const Source& src, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+                    int64_t c, int64_t begin, int64_t end,
                     const GradInputCoefficients<acc_t> k) {
 #pragma omp simd
-  for (int64_t i = 0; i < length; ++i) {
-    cpu::store(dx, i, grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean, k));
+  for (int64_t i = begin; i < end; ++i) {
+    acc_t dz, xmu;
+    src.at(c, i, dz, xmu);
+    if constexpr (kResidual) cpu::store(dr, i, dz);
+    cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
   }
 }
 
-template <int Rows, typename scalar_t, typename acc_t>
-void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                     scalar_t* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
-                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
-                     const acc_t* __restrict__ shift) {
+template <int Rows, bool kBatchStats, bool kResidual, class Source, typename scalar_t,
+          typename acc_t>
+void grad_input_rows(const Source& src, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+                     int64_t begin, int64_t channels, const acc_t* __restrict__ dy_scale,
+                     const acc_t* __restrict__ xmu_scale, const acc_t* __restrict__ shift) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
     for (int row = 0; row < Rows; ++row) {
-      const int64_t i = row * channels + c;
-      cpu::store(dx, i,
-                 grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[c], k));
+      const int64_t i = begin + row * channels + c;
+      acc_t dz, xmu;
+      src.at(c, i, dz, xmu);
+      if constexpr (kResidual) cpu::store(dr, i, dz);
+      cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
     }
   }
 }
@@ -64,17 +114,16 @@ void grad_input_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict
 // float16 and bfloat16: whole vectors in registers (cpu::load_vector), math.h's
 // formulas on them, and a partial vector for a tail. A run's coefficients are
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. More specialized than the loops above, so chosen for these types.
+// Rows rows. The plain passes over these types take them (fused passes take
+// the loops above).
 // The coefficients are float (the 16-bit types' accumulate type, asserted).
 static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
               std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
 using Vec = cpu::FloatVector;
 constexpr int kLanes = cpu::kVectorLanes;
 template <typename T>
-using if_vector_element = std::enable_if_t<cpu::kVectorElement<T>, int>;
-
-template <typename T, if_vector_element<T> = 0>
-void normalize_run(const T* x, T* y, int64_t length, float mean, float scale, float bias) {
+void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
+                         float bias) {
   const Vec m = cpu::splat(mean), s = cpu::splat(scale), b = cpu::splat(bias);
   int64_t i = 0;
   for (; i + kLanes <= length; i += kLanes) {
@@ -85,9 +134,9 @@ void normalize_run(const T* x, T* y, int64_t length, float mean, float scale, fl
   }
 }
 
-template <int Rows, typename T, if_vector_element<T> = 0>
-void normalize_rows(const T* x, T* y, int64_t channels, const float* mean, const float* scale,
-                    const float* bias) {
+template <int Rows, typename T>
+void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
+                          const float* scale, const float* bias) {
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
@@ -104,9 +153,9 @@ void normalize_rows(const T* x, T* y, int64_t channels, const float* mean, const
   }
 }
 
-template <typename T, if_vector_element<T> = 0>
-void grad_input_run(const T* dy, const T* x, T* dx, int64_t length, float mean,
-                    const GradInputCoefficients<float> k) {
+template <typename T, typename acc_t>
+void plain_grad_input_run(const T* dy, const T* x, T* dx, int64_t length, acc_t mean,
+                          const GradInputCoefficients<acc_t> k) {
   const Vec m = cpu::splat(mean);
   const GradInputCoefficients<Vec> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
                                       cpu::splat(k.shift)};
@@ -121,9 +170,10 @@ void grad_input_run(const T* dy, const T* x, T* dx, int64_t length, float mean,
   }
 }
 
-template <int Rows, typename T, if_vector_element<T> = 0>
-void grad_input_rows(const T* dy, const T* x, T* dx, int64_t channels, const float* mean,
-                     const float* dy_scale, const float* xmu_scale, const float* shift) {
+template <int Rows, typename T>
+void plain_grad_input_rows(const T* dy, const T* x, T* dx, int64_t channels,
+                           const float* mean, const float* dy_scale, const float* xmu_scale,
+                           const float* shift) {
   for (int64_t c = 0; c < channels; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, channels - c);
     const bool whole = n == kLanes;
@@ -149,30 +199,51 @@ void grad_input_rows(const T* dy, const T* x, T* dx, int64_t channels, const flo
 
 void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                            const at::Tensor& invstd, const at::Tensor& weight,
-                           const at::Tensor& bias, at::Tensor& output) {
+                           const at::Tensor& bias, at::Tensor& output, const Fusion& fusion) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using T = cpu::loop_t<scalar_t>;
     const int64_t C = input.channels;
     const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
     std::vector<acc_t> scale = cpu::channel_values<acc_t>(weight, C, 1);
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
     for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
-    const auto* x = cpu::loop_data<scalar_t>(input.data);
-    auto* y = cpu::mutable_loop_data<scalar_t>(output);
-    if (input.channels_last) {
-      const bool grouped = cpu::group_rows<acc_t>(C, 3);
-      cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
-          normalize_rows<rows()>(x + r * C, y + r * C, C, m.data(), scale.data(), b.data());
+    const T* x = cpu::loop_data<scalar_t>(input.data);
+    const T* r = cpu::loop_data_or_null<scalar_t>(fusion.residual);
+    T* y = cpu::mutable_loop_data<scalar_t>(output);
+    cpu::with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
+      constexpr bool kResidual = decltype(residual)::value;
+      constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
+                                decltype(act)::kKind == Activation::kIdentity;
+      if (input.channels_last) {
+        const bool grouped = cpu::group_rows<acc_t>(C, 3);
+        cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
+          cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
+            const int64_t i = row * C;
+#if defined(NORMEXT_VECTORS16)
+            if constexpr (kVectors) {
+              return plain_normalize_rows<rows()>(x + i, y + i, C, m.data(), scale.data(),
+                                                  b.data());
+            }
+#endif
+            normalize_rows<rows(), kResidual>(act, x + i, r ? r + i : r, y + i, C, m.data(),
+                                              scale.data(), b.data());
+          });
         });
-      });
-    } else {
-      cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
-      });
-    }
+      } else {
+        cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
+#if defined(NORMEXT_VECTORS16)
+          if constexpr (kVectors) {
+            return plain_normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
+          }
+#endif
+          normalize_run<kResidual>(act, x + begin, r ? r + begin : r, y + begin, end - begin,
+                                   m[c], scale[c], b[c]);
+        });
+      }
+    });
   });
 }
 
@@ -180,11 +251,13 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
                                 const at::Tensor& mean, const at::Tensor& invstd,
                                 const at::Tensor& weight, const at::Tensor& sum_dy,
                                 const at::Tensor& sum_dy_xmu, double count,
-                                at::Tensor& grad_input) {
+                                at::Tensor& grad_input, const FusedGrad& fused) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using T = cpu::loop_t<scalar_t>;
     const int64_t C = input.channels;
+    const bool batch_stats = sum_dy.defined();
     const std::vector<acc_t> m = cpu::channel_values<acc_t>(mean, C, 0);
     const std::vector<acc_t> istd = cpu::channel_values<acc_t>(invstd, C, 0);
     const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
@@ -199,23 +272,63 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       xmu_scale[c] = k.xmu_scale;
       shift[c] = k.shift;
     }
-    const auto* dy = cpu::loop_data<scalar_t>(grad_out.data);
-    const auto* x = cpu::loop_data<scalar_t>(input.data);
-    auto* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
-    if (input.channels_last) {
-      const bool grouped = cpu::group_rows<acc_t>(C, 4);
-      cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-        cpu::for_each_row_group(begin, end, grouped, [&](int64_t r, auto rows) {
-          grad_input_rows<rows()>(dy + r * C, x + r * C, dx + r * C, C, m.data(),
-                                  dy_scale.data(), xmu_scale.data(), shift.data());
-        });
-      });
-    } else {
-      cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
-        grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
-                       GradInputCoefficients<acc_t>{dy_scale[c], xmu_scale[c], shift[c]});
-      });
-    }
+    const std::vector<acc_t> b = cpu::channel_values<acc_t>(fused.bias, C, 0);
+    std::vector<acc_t> inv_scale(fused.from_output ? C : 0);
+    for (size_t c = 0; c < inv_scale.size(); ++c) inv_scale[c] = acc_t(1) / dy_scale[c];
+    const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
+    const T* x = cpu::loop_data<scalar_t>(input.data);
+    T* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
+    at::Tensor grad_residual = fused.grad_residual;  // (a handle: writes go to the caller's)
+    T* dr = grad_residual.defined() ? cpu::mutable_loop_data<scalar_t>(grad_residual) : nullptr;
+    const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
+    cpu::with_fusion<acc_t>(fused.fusion, [&](auto act, auto residual) {
+      constexpr bool kResidual = decltype(residual)::value;
+      constexpr bool kPlain = !kResidual && decltype(act)::kKind == Activation::kIdentity;
+      const auto run = [&](auto source, auto batch) {
+        constexpr bool kBatchStats = decltype(batch)::value;
+        if (input.channels_last) {
+          const bool grouped = cpu::group_rows<acc_t>(C, 4);
+          cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
+            cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
+              const int64_t i = row * C;
+#if defined(NORMEXT_VECTORS16)
+              if constexpr (kPlain && kBatchStats && cpu::kVectorElement<T>) {
+                return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
+                                                     dy_scale.data(), xmu_scale.data(),
+                                                     shift.data());
+              }
+#endif
+              grad_input_rows<rows(), kBatchStats, kResidual>(
+                  source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
+            });
+          });
+        } else {
+          cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
+            const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
+#if defined(NORMEXT_VECTORS16)
+            if constexpr (kPlain && kBatchStats && cpu::kVectorElement<T>) {
+              return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
+                                          k);
+            }
+#endif
+            grad_input_run<kBatchStats, kResidual>(source, dx, dr, c, begin, end, k);
+          });
+        }
+      };
+      const auto with_batch = [&](auto source) {
+        if (batch_stats) return run(source, std::true_type{});
+        run(source, std::false_type{});
+      };
+      using Act = decltype(act);
+      if constexpr (Act::kInvertible) {
+        if (fused.from_output) {
+          return with_batch(GradSource<false, true, kResidual, Act, T, acc_t>{
+              act, dy, x, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+        }
+      }
+      with_batch(GradSource<kPlain, false, kResidual, Act, T, acc_t>{
+          act, dy, x, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+    });
   });
 }
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "batch_norm/common.h"
+#include "common/activation.h"
 #include "common/cpu/capability.h"
 #include "common/cpu/vec16.h"
 #include "common/cpu/reduce.h"
@@ -29,6 +30,7 @@ struct CpuKernels {
 namespace cpu {
 
 using namespace normext::cpu::NORMEXT_CPU_CAPABILITY;  // the reducer and its loop constants
+using namespace normext::NORMEXT_CPU_CAPABILITY;       // the activations
 
 // A channel view as the reducer's groups: channels-last data is (rows, C, 1).
 inline GroupedShape groups_of(const ChannelView& v) {
@@ -114,6 +116,23 @@ const loop_t<T>* loop_data(const at::Tensor& t) {
 template <typename T>
 loop_t<T>* mutable_loop_data(at::Tensor& t) {
   return reinterpret_cast<loop_t<T>*>(t.mutable_data_ptr<T>());
+}
+
+// loop_data, or null for an undefined tensor (an absent residual).
+template <typename T>
+const loop_t<T>* loop_data_or_null(const at::Tensor& t) {
+  return t.defined() ? loop_data<T>(t) : nullptr;
+}
+
+// fn(act, residual) for a fusion: act its activation functor of acc_t (math
+// in common/activation.h), residual std::true_type or std::false_type.
+template <typename acc_t, typename F>
+void with_fusion(const Fusion& fusion, const F& fn) {
+  if (fusion.plain()) return fn(IdentityFn<acc_t>{}, std::false_type{});
+  with_activation<acc_t>(fusion.activation, [&](auto act) {
+    if (fusion.residual.defined()) return fn(act, std::true_type{});
+    fn(act, std::false_type{});
+  });
 }
 
 // A per-channel tensor (any float dtype) as accumulate-type values; `fill`

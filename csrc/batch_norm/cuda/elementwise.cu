@@ -254,7 +254,8 @@ at::ScalarType param_type(const at::Tensor& weight, const at::Tensor& bias, at::
 
 void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight,
-                            const at::Tensor& bias, at::Tensor& output) {
+                            const at::Tensor& bias, at::Tensor& output, const Fusion& fusion) {
+  check_plain(fusion);
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
   const at::Tensor w = cuda::dense(weight), b = cuda::dense(bias);
@@ -276,7 +277,10 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& weight, const at::Tensor& sum_dy,
                                  const at::Tensor& sum_dy_xmu, double count,
-                                 at::Tensor& grad_input) {
+                                 at::Tensor& grad_input, const FusedGrad& fused) {
+  check_plain(fused.fusion, fused.from_output);
+  TORCH_CHECK_NOT_IMPLEMENTED(sum_dy.defined(), "normext: no CUDA backward_elemt under running "
+                              "statistics");
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd), w = cuda::dense(weight);
   const at::Tensor sdy = cuda::dense(sum_dy), sdy_xmu = cuda::dense(sum_dy_xmu);

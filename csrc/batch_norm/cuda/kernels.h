@@ -9,6 +9,13 @@
 
 namespace normext::batch_norm {
 
+// The CUDA kernels have no fused activation or residual yet.
+inline void check_plain(const Fusion& fusion, bool from_output = false) {
+  TORCH_CHECK_NOT_IMPLEMENTED(fusion.plain() && !from_output,
+                              "normext: the fused batch norm + activation ops have no CUDA "
+                              "kernels yet (normext.BatchNormAct* compose them on CUDA)");
+}
+
 // Same contract as CpuKernels; every kernel runs on the current stream of the
 // input's device and never synchronizes with the host.
 struct CudaKernels {
