@@ -2,16 +2,19 @@
 
     model = normext.convert(model)        # every nn.BatchNorm{1,2,3}d swapped
     layer = normext.BatchNorm2d(64)       # or use the modules directly
+    model = normext.fuse(model)           # BatchNorm + activation (+ add) fused
 """
 
 from . import functional, ops
 from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cpu_cache
 from .convert import convert
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
-                      LazyBatchNorm3d)
+from .fuse import FuseReport, fuse
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
+                      BatchNormAct3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d)
 from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "FuseReport", "LazyBatchNorm1d", "LazyBatchNorm2d",
            "LazyBatchNorm3d", "SyncBatchNorm", "build_info", "cached_cpu_bytes", "convert",
-           "cpu_cache_info", "functional", "ops", "release_cpu_cache"]
+           "cpu_cache_info", "functional", "fuse", "ops", "release_cpu_cache"]

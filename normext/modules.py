@@ -1,21 +1,22 @@
 """Drop-in BatchNorm modules: subclasses of torch.nn.BatchNorm1d/2d/3d (same
 constructor, parameters, buffers, state_dict, repr and input checks) whose
-forward runs normext's kernels."""
+forward runs normext's kernels; and BatchNormAct1d/2d/3d, the same layers
+with their activation (and a residual add) fused."""
 
 import torch
 
-from . import functional
+from . import functional, ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
-           "LazyBatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
 
-def traced_as_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
-    """`module` called on `input` as one call_module node. torch.fx's default
+def traced_as_leaf(module: torch.nn.Module, *args: torch.fx.Proxy | None) -> torch.fx.Proxy:
+    """`module` called on `args` as one call_module node. torch.fx's default
     tracer takes torch.nn's layers as leaves (by their __module__) and would
     trace into normext's."""
-    tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class _NormextForward:
@@ -76,3 +77,76 @@ class LazyBatchNorm3d(_NormextForward, torch.nn.LazyBatchNorm3d):
     """torch.nn.LazyBatchNorm3d on normext kernels; becomes a normext.BatchNorm3d."""
 
     cls_to_become = BatchNorm3d
+
+
+class _BatchNormAct:
+    """A torch.nn.BatchNorm*d (its parameters, buffers, state_dict and checks)
+    whose output passes through an activation, after a residual add when
+    forward is given one: activation(batch_norm(input) + residual), fused
+    (normext.functional.batch_norm_act)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
+                 memory_efficient: bool = False, device=None, dtype=None, **kwargs) -> None:
+        # kwargs: the installed torch's keyword-only arguments (bias=, torch >= 2.12)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, **kwargs)
+        self._set_activation(activation, negative_slope, alpha, memory_efficient)
+
+    def _set_activation(self, activation: str, negative_slope: float, alpha: float,
+                        memory_efficient: bool) -> None:
+        ops._check_activation(activation, negative_slope, alpha, memory_efficient)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
+        self.memory_efficient = memory_efficient
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        elif self.activation == "elu":
+            text += f", alpha={self.alpha}"
+        if self.memory_efficient:
+            text += ", memory_efficient=True"
+        return text
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input, residual)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        return functional.batch_norm_act(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            self.alpha,
+            residual,
+            self.memory_efficient,
+        )
+
+
+class BatchNormAct1d(_BatchNormAct, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d fused with an activation (and residual add); input (N, C) or (N, C, L)."""
+
+
+class BatchNormAct2d(_BatchNormAct, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d fused with an activation (and residual add); input (N, C, H, W)."""
+
+
+class BatchNormAct3d(_BatchNormAct, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d fused with an activation (and residual add); input (N, C, D, H, W)."""

@@ -2,6 +2,7 @@
 // autograd node, which costs a fraction of a Python autograd.Function's
 // bookkeeping per call (it matters next to a small batch norm).
 #include <ATen/TensorOperators.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/elu.h>
@@ -296,9 +297,11 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
     const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
     const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
-    // The output serves the backward only while the forward's input is not
-    // wanted for double backward (the graph recomputes from the input).
-    const bool from_output = memory_efficient && weights_invertible(w, b);
+    // The weights' values decide; a traced call (torch.compile's fake or
+    // functional tensors, where no values exist) keeps the input.
+    const bool from_output = memory_efficient && !at::isTensorSubclassLike(input) &&
+                             !(w.defined() && at::isTensorSubclassLike(w)) &&
+                             weights_invertible(w, b);
     ctx->save_for_backward({from_output ? output : input, w, b, r, save_mean, save_invstd});
     ctx->saved_data["from_output"] = from_output;
     ctx->saved_data["training"] = training;

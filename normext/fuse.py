@@ -1,0 +1,188 @@
+"""normext.fuse: replace each BatchNorm followed by an activation (optionally
+through a residual add) with one fused normext.BatchNormAct layer."""
+
+import dataclasses
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from . import modules
+from .convert import _REPLACEMENTS, _swap_class, convert
+
+__all__ = ["FuseReport", "fuse"]
+
+_log = logging.getLogger("normext")
+
+_BATCH_NORMS = {
+    torch.nn.BatchNorm1d: modules.BatchNormAct1d,
+    torch.nn.BatchNorm2d: modules.BatchNormAct2d,
+    torch.nn.BatchNorm3d: modules.BatchNormAct3d,
+    modules.BatchNorm1d: modules.BatchNormAct1d,
+    modules.BatchNorm2d: modules.BatchNormAct2d,
+    modules.BatchNorm3d: modules.BatchNormAct3d,
+}
+_INVERTIBLE = ("identity", "leaky_relu", "elu")
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What fuse did: `fused` lists (BatchNorm name, activation, with residual,
+    memory_efficient); `left` lists (BatchNorm name, why it was not fused)."""
+    fused: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+
+
+def _module_activation(module) -> tuple[str, float, float] | None:
+    """(activation, negative_slope, alpha) of an activation module normext fuses."""
+    if type(module) is torch.nn.ReLU:
+        return "relu", 0.01, 1.0
+    if type(module) is torch.nn.ReLU6 or (type(module) is torch.nn.Hardtanh
+                                          and (module.min_val, module.max_val) == (0.0, 6.0)):
+        return "relu6", 0.01, 1.0
+    if type(module) is torch.nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope), 1.0
+    if type(module) is torch.nn.ELU:
+        return "elu", 0.01, float(module.alpha)
+    if type(module) is torch.nn.SiLU:
+        return "silu", 0.01, 1.0
+    return None
+
+
+_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+              F.relu6: "relu6", F.silu: "silu", F.leaky_relu: "leaky_relu", F.elu: "elu"}
+_METHODS = {"relu": "relu", "relu_": "relu"}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _node_activation(node, gm) -> tuple[str, float, float] | None:
+    """The activation an fx node applies to its first argument, if normext fuses it."""
+    if node.op == "call_module":
+        return _module_activation(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        name = _FUNCTIONS[node.target]
+        if name == "leaky_relu":
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return (name, float(slope), 1.0) if isinstance(slope, (int, float)) else None
+        if name == "elu":
+            alpha = node.args[1] if len(node.args) > 1 else node.kwargs.get("alpha", 1.0)
+            return (name, 0.01, float(alpha)) if isinstance(alpha, (int, float)) else None
+        return name, 0.01, 1.0
+    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
+        return _METHODS[node.target], 0.01, 1.0
+    return None
+
+
+def _fused_layer(bn, activation, memory_efficient: bool):
+    """A BatchNormAct sharing bn's parameters, buffers and flags."""
+    layer = _swap_class(bn, _BATCH_NORMS[type(bn)])
+    name, negative_slope, alpha = activation
+    efficient = memory_efficient and (name in _INVERTIBLE) and (
+        name != "leaky_relu" or negative_slope > 0) and (name != "elu" or alpha > 0)
+    layer._set_activation(name, negative_slope, alpha, efficient)
+    return layer, efficient
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    root.get_submodule(parent).add_module(name, module)
+
+
+def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseReport) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in _BATCH_NORMS:
+            continue
+        bn = gm.get_submodule(node.target)
+        users = list(node.users)
+        if len(users) != 1:
+            report.left.append((node.target, f"its output has {len(users)} users"))
+            continue
+        user, residual = users[0], None
+        if user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
+                and not user.kwargs and len(user.users) == 1:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, torch.fx.Node) and other is not node:
+                residual, user = other, next(iter(user.users))
+        activation = _node_activation(user, gm)
+        if activation is None:
+            what = "an add and then " if residual is not None else ""
+            report.left.append((node.target, f"followed by {what}{user.op} {user.target}, "
+                                             f"not an activation normext fuses"))
+            continue
+        layer, efficient = _fused_layer(bn, activation, memory_efficient)
+        _set_submodule(gm, node.target, layer)
+        with graph.inserting_after(user):
+            args = (node.args[0],) if residual is None else (node.args[0], residual)
+            fused = graph.call_module(node.target, args)
+        user.replace_all_uses_with(fused)
+        add = user.args[0] if residual is not None else None
+        graph.erase_node(user)
+        if add is not None:
+            graph.erase_node(add)
+        graph.erase_node(node)
+        report.fused.append((node.target, activation[0], residual is not None, efficient))
+    graph.lint()
+    gm.recompile()
+
+
+def _fuse_sequentials(module: torch.nn.Module, memory_efficient: bool, report: FuseReport,
+                      prefix: str = "") -> None:
+    """Module patterns where the model does not trace: a BatchNorm followed by an
+    activation in an nn.Sequential (the activation becomes an nn.Identity)."""
+    for name, child in module.named_children():
+        _fuse_sequentials(child, memory_efficient, report, f"{prefix}{name}.")
+    if not isinstance(module, torch.nn.Sequential):
+        return
+    names = list(module._modules)
+    for first, second in zip(names, names[1:]):
+        bn, act = module._modules[first], module._modules[second]
+        activation = _module_activation(act)
+        if type(bn) in _BATCH_NORMS and activation is not None:
+            layer, efficient = _fused_layer(bn, activation, memory_efficient)
+            module._modules[first] = layer
+            module._modules[second] = torch.nn.Identity()
+            report.fused.append((prefix + first, activation[0], False, efficient))
+
+
+def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Module:
+    """The model with each BatchNorm1d/2d/3d (torch's or normext's) whose
+    output goes only to an activation (ReLU, ReLU6, LeakyReLU, ELU, SiLU, as
+    modules or functions), or only to an add whose result goes only to one,
+    replaced by a normext.BatchNormAct layer computing both (and the add).
+
+    Found by torch.fx tracing: the result is then a torch.fx.GraphModule and
+    `model` is left as it was. Where the model does not trace, BatchNorm +
+    activation pairs inside nn.Sequential containers are fused in place (the
+    activation becomes an nn.Identity). Either way the fused layers share the
+    BatchNorms' parameters and buffers, and the state_dict keys are unchanged.
+    The BatchNorms left unfused are converted as normext.convert does.
+
+    memory_efficient=True gives the layers with an invertible activation
+    (LeakyReLU with a positive slope, ELU) normext's memory-efficient mode.
+    The result's `normext_fuse_report` (a FuseReport) lists what was fused and
+    which BatchNorms were left alone and why; the counts are also logged
+    (logger "normext", level INFO)."""
+    report = FuseReport()
+    try:
+        result = torch.fx.symbolic_trace(model)
+    except Exception as error:  # anything fx cannot trace: fall back to module patterns
+        _log.info("normext.fuse: %s does not trace with torch.fx (%s: %s); fusing "
+                  "nn.Sequential patterns", type(model).__name__, type(error).__name__, error)
+        result = model
+        _fuse_sequentials(result, memory_efficient, report)
+    else:
+        _fuse_graph(result, memory_efficient, report)
+        # The unfused BatchNorms, as new normext layers (the original model keeps its own).
+        for path, _ in report.left:
+            replacement = _REPLACEMENTS.get(type(result.get_submodule(path)))
+            if replacement is not None:
+                _set_submodule(result, path, _swap_class(result.get_submodule(path), replacement))
+    if result is model:
+        convert(result)
+    result.normext_fuse_report = report
+    _log.info("normext.fuse: fused %d BatchNorm + activation patterns (%d with a residual "
+              "add), left %d BatchNorms unfused", len(report.fused),
+              sum(1 for f in report.fused if f[2]), len(report.left))
+    return result
