@@ -1,0 +1,242 @@
+"""normext.functional.batch_norm_act and BatchNormAct*d against torch's
+composition: batch_norm, then the residual add, then the activation."""
+
+import copy
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import normext
+from normext.functional import batch_norm_act
+from conftest import assert_close, assert_layout_like_torch, layout_variants
+
+ACTIVATIONS = {
+    "identity": lambda z: z,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.1),
+    "elu": lambda z: F.elu(z, 0.7),
+    "silu": F.silu,
+}
+INVERTIBLE = ("identity", "leaky_relu", "elu")
+
+
+def _modes(activations):
+    """(activation, memory_efficient) pairs: memory_efficient for the invertible ones."""
+    return [pytest.param(a, m, id=f"{a}-{'from_output' if m else 'keep_input'}")
+            for a in activations for m in (False, True) if not m or a in INVERTIBLE]
+
+
+def _reference(x, rm, rv, w, b, training, momentum, activation, residual):
+    z = F.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5)
+    if residual is not None:
+        z = z + residual
+    return ACTIVATIONS[activation](z)
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _compare(x, w, b, residual, activation, memory_efficient, training, dtype=torch.float64,
+             factor=1.0):
+    """Output, every gradient and the running stats against torch in float64."""
+    c = x.shape[1]
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    x_, r_ = (None if t is None else t.to(dtype) for t in (x, residual))
+    if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        x_ = x_.contiguous(memory_format=torch.channels_last)
+    params = (w, b) if dtype == torch.float64 else (
+        None if w is None else w.float(), None if b is None else b.float())
+    xa, ra, wa, ba = _leaves(x_, r_, *params)
+    rma = rm.clone() if dtype == torch.float64 else rm.float()
+    rva = rv.clone() if dtype == torch.float64 else rv.float()
+    out = batch_norm_act(xa, rma, rva, wa, ba, training, 0.1, 1e-5, activation, 0.1, 0.7, ra,
+                         memory_efficient)
+    xr, rr, wr, br = _leaves(x_.double(), None if r_ is None else r_.double(), w, b)
+    rmr, rvr = rm.clone(), rv.clone()
+    expected = _reference(xr, rmr, rvr, wr, br, training, 0.1, activation, rr)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_layout_like_torch(out, expected, x_)
+    assert_close(out, expected, dtype, factor=factor)
+    grad = torch.randn_like(expected)
+    inputs = [t for t in (xa, ra, wa, ba) if t is not None]
+    refs = [t for t in (xr, rr, wr, br) if t is not None]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad.to(dtype)),
+                         torch.autograd.grad(expected, refs, grad)):
+        assert_close(got, want, dtype, factor=factor * 4)
+    assert_close(rma, rmr, dtype)
+    assert_close(rva, rvr, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("activation,memory_efficient", _modes(ACTIVATIONS))
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_float64(layout, activation, residual, memory_efficient, training):
+    x = layout_variants(torch.randn(4, 6, 5, 3, dtype=torch.float64) * 2 + 1)[layout]
+    w = torch.randn(6, dtype=torch.float64)
+    w = torch.where(w.abs() < 0.2, w.sign() * 0.2 + 0.1, w)
+    r = torch.randn(4, 6, 5, 3, dtype=torch.float64) if residual else None
+    _compare(x, w, torch.randn(6, dtype=torch.float64), r, activation, memory_efficient,
+             training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation,memory_efficient",
+                         _modes(["relu", "leaky_relu", "elu", "silu"]))
+def test_matches_torch_per_dtype(dtype, layout, activation, memory_efficient):
+    x = layout_variants(torch.randn(8, 20, 7, 5, dtype=torch.float64))[layout]
+    w = torch.rand(20, dtype=torch.float64) + 0.5
+    r = torch.randn(8, 20, 7, 5, dtype=torch.float64)
+    # memory_efficient recovers x - mean from the rounded output: its error is
+    # the output's rounding times (|z| + |bias| + |residual|) / |weight|.
+    factor = 4.0 if memory_efficient and dtype != torch.float32 else 1.0
+    _compare(x, w, torch.randn(20, dtype=torch.float64) * 0.5, r, activation, memory_efficient,
+             True, dtype, factor)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 9), spatial=st.lists(st.integers(1, 5), max_size=2),
+       activation=st.sampled_from(list(ACTIVATIONS)), residual=st.booleans(),
+       memory_efficient=st.booleans(), affine=st.booleans(), channels_last=st.booleans())
+def test_random_shapes(n, c, spatial, activation, residual, memory_efficient, affine,
+                       channels_last):
+    shape = (n, c, *spatial)
+    if n * max(1, torch.Size(spatial).numel()) < 2:
+        n, shape = 2, (2, c, *spatial)
+    memory_efficient = memory_efficient and activation in INVERTIBLE
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(c, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(c, dtype=torch.float64) if affine else None
+    r = torch.randn(shape, dtype=torch.float64) if residual else None
+    _compare(x, w, b, r, activation, memory_efficient, True)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "identity"])
+def test_memory_efficient_is_exact_for_zero_and_tiny_weights(activation):
+    """A weight too small to invert makes the layer keep its input for that call."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 1e-9], dtype=torch.float64)
+    _compare(x, w, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), None, activation, True,
+             True)
+
+
+def test_memory_efficient_elu_saturated_outputs_stay_finite():
+    """fp16 elu outputs saturated at -alpha cannot be inverted; the gradients
+    stay finite (no 0 * inf) and those of the other elements accurate."""
+    x = torch.randn(64, 4, 8, dtype=torch.float64)
+    x[0, :, 0] = -40.0  # z far below log(eps of float16)
+    xa = x.half().requires_grad_()
+    w = torch.ones(4, requires_grad=True)
+    out = batch_norm_act(xa, None, None, w, None, True, activation="elu", memory_efficient=True)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(xa.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_memory_efficient_keeps_the_output_not_the_input(memory_efficient):
+    """The input is freed once its other users are done (the previous layer
+    keeps the output anyway); it is never overwritten."""
+    x0 = torch.randn(8, 4, 6, 6, requires_grad=True)
+    x = x0 * 2
+    kept = weakref.ref(x)
+    copy_of_x = x.detach().clone()
+    out = batch_norm_act(x, None, None, torch.ones(4, requires_grad=True), None, True,
+                         activation="leaky_relu", memory_efficient=memory_efficient)
+    assert torch.equal(x, copy_of_x)
+    del x
+    assert (kept() is None) == memory_efficient
+    out.sum().backward()
+    assert torch.isfinite(x0.grad).all()
+
+
+def test_errors():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="invertible activation"):
+        batch_norm_act(x, None, None, training=True, activation="relu", memory_efficient=True)
+    with pytest.raises(ValueError, match="invertible activation"):
+        normext.BatchNormAct1d(3, activation="leaky_relu", negative_slope=0.0,
+                               memory_efficient=True)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        batch_norm_act(x, None, None, training=True, activation="gelu")
+    with pytest.raises(RuntimeError, match="residual of shape"):
+        batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 4))
+    with pytest.raises(RuntimeError, match="residual"):
+        batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 5).double())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        batch_norm_act(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(NotImplementedError):
+        batch_norm_act(torch.ones(4, 3, dtype=torch.int64), None, None, training=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "elu", "leaky_relu"])
+def test_gradcheck_and_gradgradcheck(activation):
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w, b):
+        return batch_norm_act(x, None, None, w, b, True, activation=activation, residual=r)
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, r, w, b))
+
+
+def test_double_backward_through_memory_efficient_raises():
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    out = batch_norm_act(x, None, None, training=True, activation="elu",
+                         memory_efficient=True)
+    with pytest.raises(NotImplementedError, match="memory_efficient=False"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (normext.BatchNormAct1d, torch.nn.BatchNorm1d, (6, 4, 5)),
+    (normext.BatchNormAct2d, torch.nn.BatchNorm2d, (3, 4, 5, 5)),
+    (normext.BatchNormAct3d, torch.nn.BatchNorm3d, (2, 4, 3, 3, 3)),
+])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_steps_match_torch(cls, torch_cls, shape, momentum):
+    """Several train steps then eval, against torch's BatchNorm + LeakyReLU with
+    the residual; the checkpoint loads both ways with strict=True."""
+    ref = torch_cls(4, momentum=momentum).double()
+    layer = cls(4, momentum=momentum, activation="leaky_relu", negative_slope=0.2,
+                memory_efficient=True).double()
+    layer.load_state_dict(ref.state_dict(), strict=True)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    layer.load_state_dict(ref.state_dict(), strict=True)
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64)
+        r = torch.randn(shape, dtype=torch.float64)
+        out = layer(x, r)
+        expected = F.leaky_relu(ref(x) + r, 0.2)
+        assert_close(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        assert_close(layer.weight.grad, ref.weight.grad)
+        assert_close(layer.bias.grad, ref.bias.grad)
+    for key, value in ref.state_dict().items():
+        assert_close(layer.state_dict()[key], value)
+    layer.eval(), ref.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_close(layer(x), F.leaky_relu(ref(x), 0.2))
+    back = torch_cls(4).double()
+    back.load_state_dict(layer.state_dict(), strict=True)
+
+
+def test_module_repr_and_compile():
+    layer = normext.BatchNormAct2d(4, activation="elu", alpha=0.5)
+    assert "activation=elu, alpha=0.5" in repr(layer)
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
+    assert_close(compiled(x, r), copy.deepcopy(layer)(x, r))
