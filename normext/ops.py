@@ -218,9 +218,8 @@ def _(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads
 
 def batch_norm_act_forward(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, training: bool, momentum: float, eps: float,
-    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
-    residual: Tensor | None = None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float, activation: str,
+    negative_slope: float, alpha: float, residual: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(activation(batch_norm(input) + residual), mean, invstd); updates the
     running stats in training."""
@@ -232,8 +231,8 @@ def batch_norm_act_forward(
 def batch_norm_act_backward(
     grad_out: Tensor, saved: Tensor, residual: Tensor | None, weight: Tensor | None,
     bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor, training: bool,
-    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
-    saved_is_output: bool = False, parameter_grads: bool = True,
+    activation: str, negative_slope: float, alpha: float, saved_is_output: bool,
+    parameter_grads: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(grad_input, grad_residual, grad_weight, grad_bias) of batch_norm_act_forward,
     from its input (`saved`) or, saved_is_output, from its output (an invertible
@@ -245,9 +244,8 @@ def batch_norm_act_backward(
 
 def batch_norm_act(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, training: bool, momentum: float, eps: float,
-    activation: str = "relu", negative_slope: float = 0.01, alpha: float = 1.0,
-    residual: Tensor | None = None, memory_efficient: bool = False,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float, activation: str,
+    negative_slope: float, alpha: float, residual: Tensor | None, memory_efficient: bool,
 ) -> Tensor:
     """activation(batch_norm(input) + residual), differentiable through a C++
     autograd node; memory_efficient keeps the output instead of the input for

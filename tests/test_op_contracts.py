@@ -184,7 +184,8 @@ def _schema(name):
 
 WRAPPED_OPS = ["batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
                "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_forward",
-               "batch_norm_backward", "batch_norm"]
+               "batch_norm_backward", "batch_norm", "batch_norm_act_forward",
+               "batch_norm_act_backward", "batch_norm_act"]
 
 
 @pytest.mark.parametrize("name", WRAPPED_OPS)
