@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace normext {
 
@@ -28,6 +29,54 @@ struct ActivationSpec {
 namespace normext::NORMEXT_CPU_CAPABILITY {
 #else
 namespace normext {
+#endif
+
+// exp and expm1 for the activations. GCC does not vectorize calls to
+// std::exp (nor std::floor without -ffast-math), so the CPU kernels take
+// them for float from Cephes' expf method in arithmetic that vectorizes:
+// exp(x) = 2^n (1 + q) with q = r + r^2 P(r) on |r| <= ln(2)/2 (error about
+// 2 ulp), expm1(x) = 2^n q + (2^n - 1), exact near 0 like std::expm1;
+// results below FLT_MIN flush to 0.
+template <typename T>
+C10_HOST_DEVICE inline T exp_of(T x) {
+  return std::exp(x);
+}
+template <typename T>
+C10_HOST_DEVICE inline T expm1_of(T x) {
+  return std::expm1(x);
+}
+#ifdef NORMEXT_CPU_CAPABILITY
+// 2^n and q of x, for x in [-87.34, 88] (clamped; a NaN x gives n = 0).
+inline void exp_parts(float x, float& scale, float& q) {
+  const float clamped = x < -87.34f ? -87.34f : (x > 88.0f ? 88.0f : x);
+  const float finite = clamped == clamped ? clamped : 0.0f;
+  // round to nearest: adding 1.5 * 2^23 leaves no fraction bits
+  const float n = (finite * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = finite - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  q = p * r * r + r;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof scale);
+}
+template <>
+inline float exp_of(float x) {
+  float scale, q;
+  exp_parts(x, scale, q);
+  const float value = scale * q + scale;
+  return x > 88.72283f ? INFINITY : (x < -87.34f ? 0.0f : (x == x ? value : x));
+}
+template <>
+inline float expm1_of(float x) {
+  float scale, q;
+  exp_parts(x, scale, q);
+  const float value = scale * q + (scale - 1.0f);
+  return x > 88.72283f ? INFINITY : (x < -87.34f ? -1.0f : (x == x ? value : x));
+}
 #endif
 
 // Each activation: operator() (forward), grad(z) (derivative at the input z),
@@ -82,8 +131,8 @@ struct EluFn {
   static constexpr Activation kKind = Activation::kElu;
   static constexpr bool kInvertible = true;
   T alpha;
-  C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : alpha * std::expm1(z); }
-  C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : alpha * std::exp(z); }
+  C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : alpha * expm1_of(z); }
+  C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : alpha * exp_of(z); }
   C10_HOST_DEVICE T inverse(T y) const {
     const T u = y / alpha, floor = T(-1) + T(1e-7);
     return y > T(0) ? y : std::log1p(u < floor ? floor : u);
@@ -95,9 +144,9 @@ template <typename T>
 struct SiluFn {
   static constexpr Activation kKind = Activation::kSilu;
   static constexpr bool kInvertible = false;
-  C10_HOST_DEVICE T operator()(T z) const { return z / (T(1) + std::exp(-z)); }
+  C10_HOST_DEVICE T operator()(T z) const { return z / (T(1) + exp_of(-z)); }
   C10_HOST_DEVICE T grad(T z) const {
-    const T sigmoid = T(1) / (T(1) + std::exp(-z));
+    const T sigmoid = T(1) / (T(1) + exp_of(-z));
     return sigmoid * (T(1) + z * (T(1) - sigmoid));
   }
 };

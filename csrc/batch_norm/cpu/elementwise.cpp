@@ -62,16 +62,25 @@ struct GradSource {
   const acc_t* bias;
   const acc_t* inv_scale;  // 1 / scale
 
-  void at(int64_t c, int64_t i, acc_t& dz, acc_t& xmu) const {
+  // One channel's values, held in registers across its elements.
+  struct Channel {
+    acc_t mean, scale, bias, inv_scale;
+  };
+  Channel channel(int64_t c) const {
+    return {mean[c], kPlain ? acc_t(0) : scale[c], kPlain ? acc_t(0) : bias[c],
+            kFromOutput ? inv_scale[c] : acc_t(0)};
+  }
+
+  void at(const Channel& k, int64_t i, acc_t& dz, acc_t& xmu) const {
     const acc_t g = static_cast<acc_t>(dy[i]), s = static_cast<acc_t>(saved[i]);
     const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
     if constexpr (kPlain) {
       dz = g;
-      xmu = s - mean[c];
+      xmu = s - k.mean;
     } else if constexpr (kFromOutput) {
-      pre_activation_grad_of_output(act, g, s, r, inv_scale[c], bias[c], dz, xmu);
+      pre_activation_grad_of_output(act, g, s, r, k.inv_scale, k.bias, dz, xmu);
     } else {
-      pre_activation_grad(act, g, s, r, mean[c], scale[c], bias[c], dz, xmu);
+      pre_activation_grad(act, g, s, r, k.mean, k.scale, k.bias, dz, xmu);
     }
   }
 };
@@ -80,13 +89,15 @@ struct GradSource {
 // (contiguous layout) or over Rows channels-last rows from `begin`. Under
 // running statistics (!kBatchStats) dx = dz * scale, x - mean unused.
 template <bool kBatchStats, bool kResidual, class Source, typename scalar_t, typename acc_t>
-void grad_input_run(const Source& src, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+void grad_input_run(const Source& source, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                     int64_t c, int64_t begin, int64_t end,
                     const GradInputCoefficients<acc_t> k) {
+  const Source src = source;  // its pointers in registers, not reloaded past the stores
+  const auto channel = src.channel(c);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     acc_t dz, xmu;
-    src.at(c, i, dz, xmu);
+    src.at(channel, i, dz, xmu);
     if constexpr (kResidual) cpu::store(dr, i, dz);
     cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
   }
@@ -94,16 +105,18 @@ void grad_input_run(const Source& src, scalar_t* __restrict__ dx, scalar_t* __re
 
 template <int Rows, bool kBatchStats, bool kResidual, class Source, typename scalar_t,
           typename acc_t>
-void grad_input_rows(const Source& src, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                      int64_t begin, int64_t channels, const acc_t* __restrict__ dy_scale,
                      const acc_t* __restrict__ xmu_scale, const acc_t* __restrict__ shift) {
+  const Source src = source;
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
+    const auto channel = src.channel(c);
     for (int row = 0; row < Rows; ++row) {
       const int64_t i = begin + row * channels + c;
       acc_t dz, xmu;
-      src.at(c, i, dz, xmu);
+      src.at(channel, i, dz, xmu);
       if constexpr (kResidual) cpu::store(dr, i, dz);
       cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
     }
