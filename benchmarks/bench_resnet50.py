@@ -1,14 +1,19 @@
-"""One training step of torchvision's ResNet-50: torch.nn vs normext.convert.
+"""One training step of torchvision's ResNet-50: torch.nn vs normext.convert and normext.fuse.
 
     python benchmarks/bench_resnet50.py                          # batch 16, 224x224
     python benchmarks/bench_resnet50.py --device cpu --threads 8 --steps 2
     python benchmarks/bench_resnet50.py --size 64 --batch 2 --steps 1 --repeats 2   # smoke run
+    python benchmarks/bench_resnet50.py --activation leaky_relu  # + fuse(memory_efficient=True)
+    python benchmarks/bench_resnet50.py --compile                # + torch.compile(torch model)
 
 A step is forward, cross-entropy, backward and an SGD step (momentum 0.9).
-The torch model and its normext.convert(copy.deepcopy(...)) twin start from
-the same weights and run interleaved in the same process, in NCHW and in
-channels_last. Needs torchvision (optional: without it this says so and exits
-0). Progress goes to stderr, a Markdown report to stdout. See README.md.
+The torch model and its twins (normext.convert and normext.fuse of a
+copy.deepcopy) start from the same weights and run interleaved in the same
+process, in NCHW and in channels_last. --activation leaky_relu replaces every
+ReLU with LeakyReLU(0.01) in all of them and adds normext.fuse(...,
+memory_efficient=True), whose layers keep their outputs instead of their
+inputs. Needs torchvision (optional: without it this says so and exits 0).
+Progress goes to stderr, a Markdown report to stdout. See README.md.
 """
 
 import argparse
@@ -38,16 +43,28 @@ def train_step(model, optimizer, images, labels):
     return loss
 
 
-def make_models(torchvision, device, dtype, layout):
-    """The torch.nn model and its converted twin, with identical weights."""
+def make_models(torchvision, args, device, dtype, layout):
+    """The torch.nn model and its normext twins, with identical weights."""
     torch.manual_seed(0)
     reference = torchvision.models.resnet50(num_classes=NUM_CLASSES)
+    if args.activation == "leaky_relu":
+        for module in list(reference.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.ReLU):
+                    module.add_module(name, torch.nn.LeakyReLU(0.01, inplace=True))
     reference = reference.to(device=device, dtype=dtype, memory_format=layout).train()
     converted = normext.convert(copy.deepcopy(reference))
     swapped = sum(type(m).__module__.startswith("normext") for m in converted.modules())
     if swapped == 0:
         sys.exit("error: normext.convert swapped no BatchNorm layer of resnet50")
-    return {"torch": reference, "normext": converted}, swapped
+    models = {"torch": reference, "normext.convert": converted,
+              "normext.fuse": normext.fuse(copy.deepcopy(reference))}
+    if args.activation == "leaky_relu":
+        models["normext.fuse memory-efficient"] = normext.fuse(copy.deepcopy(reference),
+                                                               memory_efficient=True)
+    if args.compile:
+        models["torch.compile"] = torch.compile(copy.deepcopy(reference))
+    return models, swapped
 
 
 def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: bool) -> dict:
@@ -58,7 +75,7 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
     images = images.to(device=device, dtype=dtype).contiguous(memory_format=layout)
     labels = torch.randint(NUM_CLASSES, (args.batch,), generator=gen).to(device)
 
-    models, swapped = make_models(torchvision, device, dtype, layout)
+    models, swapped = make_models(torchvision, args, device, dtype, layout)
     steps, optimizers, losses = {}, {}, {}
     for name, model in models.items():
         optimizers[name] = optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -66,21 +83,21 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
         losses[name] = steps[name]().item()  # first step: same weights, same loss
     if args.check:
         rtol = LOSS_RTOL[dtype_name]
-        if abs(losses["normext"] - losses["torch"]) > rtol * abs(losses["torch"]):
-            sys.exit(f"error: first-step loss of the normext model {losses['normext']:.6g} differs "
-                     f"from torch's {losses['torch']:.6g} (rtol {rtol}) for {dtype_name} "
-                     f"{layout_name}; pass --no-check to time anyway.")
+        for name, loss in losses.items():
+            if abs(loss - losses["torch"]) > rtol * abs(losses["torch"]):
+                sys.exit(f"error: first-step loss of {name} {loss:.6g} differs from torch's "
+                         f"{losses['torch']:.6g} (rtol {rtol}) for {dtype_name} {layout_name}; "
+                         "pass --no-check to time anyway.")
 
     timings = common.interleaved_timings(steps, device, args.repeats, warmup=args.warmup,
                                          iters=args.steps)
-    t_torch, t_normext = timings["torch"].median, timings["normext"].median
+    t_torch = timings["torch"].median
     row = {
         "dtype": dtype_name, "layout": layout_name,
         "input": [args.batch, 3, args.size, args.size], "bn_layers": swapped,
-        "torch_ms": t_torch * 1e3, "normext_ms": t_normext * 1e3,
-        "speedup": t_torch / t_normext,
-        "torch_img_s": args.batch / t_torch, "normext_img_s": args.batch / t_normext,
-        "first_loss_torch": losses["torch"], "first_loss_normext": losses["normext"],
+        "ms": {name: timing.median * 1e3 for name, timing in timings.items()},
+        "speedup": {name: t_torch / timing.median for name, timing in timings.items()},
+        "first_loss": losses,
         "timings": {name: timing.as_dict() for name, timing in timings.items()},
     }
     if memory_ok:
@@ -88,19 +105,23 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
             # Free the last step's gradients first, so the peak counts this
             # step's gradients and activations on top of weights and optimizer state.
             optimizers[name].zero_grad(set_to_none=True)
-            row[f"peak_bytes_{name}"] = common.peak_memory_bytes(step, device)
+            row.setdefault("peak_bytes", {})[name] = common.peak_memory_bytes(step, device)
     return row
 
 
 def results_table(rows: list[dict]) -> str:
-    headers = ["dtype", "layout", "input (N,C,H,W)", "torch ms/step", "normext ms/step",
-               "speedup", "torch img/s", "normext img/s", "peak MB torch", "peak MB normext"]
-    lines = [[row["dtype"], row["layout"], ",".join(map(str, row["input"])),
-              f"{row['torch_ms']:.4g}", f"{row['normext_ms']:.4g}", f"{row['speedup']:.3f}",
-              f"{row['torch_img_s']:.4g}", f"{row['normext_img_s']:.4g}",
-              common.fmt_mb(row.get("peak_bytes_torch")),
-              common.fmt_mb(row.get("peak_bytes_normext"))] for row in rows]
-    return common.markdown_table(headers, lines, align="lll" + "r" * 7)
+    headers = ["dtype", "layout", "input (N,C,H,W)", "model", "ms/step", "speedup over torch",
+               "img/s", "peak MB", "peak / torch's"]
+    lines = []
+    for row in rows:
+        peaks = row.get("peak_bytes", {})
+        for name, ms in row["ms"].items():
+            peak, torch_peak = peaks.get(name), peaks.get("torch")
+            lines.append([row["dtype"], row["layout"], ",".join(map(str, row["input"])), name,
+                          f"{ms:.4g}", f"{row['speedup'][name]:.3f}",
+                          f"{row['input'][0] / ms * 1e3:.4g}", common.fmt_mb(peak),
+                          f"{peak / torch_peak:.2f}" if peak and torch_peak else "n/a"])
+    return common.markdown_table(headers, lines, align="llll" + "r" * 5)
 
 
 def parse_args(argv=None):
@@ -121,6 +142,11 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps per model before timing (default 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
+    parser.add_argument("--activation", choices=("relu", "leaky_relu"), default="relu",
+                        help="leaky_relu: every ReLU becomes LeakyReLU(0.01), and "
+                             "normext.fuse(memory_efficient=True) is timed too")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the torch model (compiles first)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check that both models give the same first-step loss")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
@@ -168,23 +194,27 @@ def main(argv=None) -> None:
     for dtype, layout in configs:
         row = measure(torchvision, args, dtype, layout, memory_ok)
         rows.append(row)
-        log(f"[{len(rows)}/{len(configs)}] {dtype} {layout}: torch {row['torch_ms']:.4g} ms, "
-            f"normext {row['normext_ms']:.4g} ms, speedup {row['speedup']:.3f}")
+        log(f"[{len(rows)}/{len(configs)}] {dtype} {layout}: " + ", ".join(
+            f"{name} {ms:.4g} ms" for name, ms in row["ms"].items()))
 
-    report = common.Report("ResNet-50 training step: torch.nn vs normext.convert", info,
+    report = common.Report("ResNet-50 training step: torch.nn vs normext.convert and normext.fuse",
+                           info,
                            common.command_line())
     report.sections.append(
         f"torchvision {torchvision.__version__} resnet50 ({rows[0]['bn_layers']} BatchNorm2d "
-        f"layers swapped), {args.device.type}, batch {args.batch}, {args.size}x{args.size}; a step "
+        f"layers), activations {args.activation}, {args.device.type}, batch {args.batch}, "
+        f"{args.size}x{args.size}; a step "
         "is forward + cross-entropy + backward + SGD(momentum 0.9). Median over "
         f"{args.repeats} interleaved rounds of {args.steps} step(s) per model, after "
-        f"{args.warmup + 1} warm-up steps. speedup = torch ms / normext ms (> 1: normext faster).")
+        f"{args.warmup + 1} warm-up steps. speedup = torch ms / the model's ms (> 1: faster "
+        "than torch).")
     report.sections.append(results_table(rows) + "\n\n" + memory_note)
     common.publish(report.render(), args.markdown_out, args.json, {
         "metadata": info, "settings": {
             "device": args.device.type, "batch": args.batch, "size": args.size,
             "dtypes": args.dtypes, "layouts": args.layouts, "steps": args.steps,
-            "repeats": args.repeats, "warmup": args.warmup, "check": args.check},
+            "repeats": args.repeats, "warmup": args.warmup, "check": args.check,
+            "activation": args.activation, "compile": args.compile},
         "rows": rows})
 
 

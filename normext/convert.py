@@ -39,6 +39,10 @@ def convert(module: torch.nn.Module, sync: bool = False,
     requires_grad and training flag), containers are updated in place, and
     other modules are left alone.
 
+    timm's BatchNormAct2d (a BatchNorm2d subclass with an activation; where
+    timm is installed) becomes a normext.BatchNormAct2d with that activation,
+    when its drop layer is an identity and normext fuses its activation.
+
     With sync=True every torch.nn or normext BatchNorm layer becomes a
     normext.SyncBatchNorm over `process_group` (default: the whole world)."""
     if sync:
@@ -46,6 +50,10 @@ def convert(module: torch.nn.Module, sync: bool = False,
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
         return _swap_class(module, replacement)
+    from .fuse import _fused_layer, timm_activation  # (fuse imports this module)
+    activation = timm_activation(module)
+    if activation is not None:
+        return _fused_layer(module, activation, memory_efficient=False)[0]
     for name, child in module.named_children():
         converted = convert(child)
         if converted is not child:

@@ -74,9 +74,34 @@ def _node_activation(node, gm) -> tuple[str, float, float] | None:
     return None
 
 
+def timm_activation(module) -> tuple[str, float, float] | None:
+    """For timm's BatchNormAct2d (a torch.nn.BatchNorm2d subclass, matched by
+    name so that timm is never imported here) whose drop layer is an identity
+    and whose activation normext fuses (or is an identity): that activation."""
+    cls = type(module)
+    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+        return None
+    if type(getattr(module, "drop", None)) is not torch.nn.Identity:
+        return None
+    act = getattr(module, "act", None)
+    if type(act) is torch.nn.Identity:
+        return "identity", 0.01, 1.0
+    return _module_activation(act)
+
+
+def _is_batch_norm(module) -> bool:
+    """A BatchNorm fuse may give an activation: torch's, normext's, or timm's
+    BatchNormAct2d without an activation of its own."""
+    return type(module) in _BATCH_NORMS or timm_activation(module) == ("identity", 0.01, 1.0)
+
+
 def _fused_layer(bn, activation, memory_efficient: bool):
     """A BatchNormAct sharing bn's parameters, buffers and flags."""
-    layer = _swap_class(bn, _BATCH_NORMS[type(bn)])
+    if timm_activation(bn) is not None:
+        layer = _swap_class(bn, modules.BatchNormAct2d)
+        layer._modules = {}  # timm's act and drop (no state): not the fused layer's children
+    else:
+        layer = _swap_class(bn, _BATCH_NORMS[type(bn)])
     name, negative_slope, alpha = activation
     efficient = memory_efficient and (name in _INVERTIBLE) and (
         name != "leaky_relu" or negative_slope > 0) and (name != "elu" or alpha > 0)
@@ -89,12 +114,28 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
     root.get_submodule(parent).add_module(name, module)
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with timm's BatchNormAct2d as a leaf."""
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return timm_activation(module) is not None or super().is_leaf_module(
+            module, qualified_name)
+
+
 def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseReport) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in _BATCH_NORMS:
+        if node.op != "call_module":
             continue
         bn = gm.get_submodule(node.target)
+        own = timm_activation(bn)
+        if own is not None and own[0] != "identity":  # timm's layer with its activation
+            layer, efficient = _fused_layer(bn, own, memory_efficient)
+            _set_submodule(gm, node.target, layer)
+            report.fused.append((node.target, own[0], False, efficient))
+            continue
+        if not _is_batch_norm(bn):
+            continue
         users = list(node.users)
         if len(users) != 1:
             report.left.append((node.target, f"its output has {len(users)} users"))
@@ -139,7 +180,7 @@ def _fuse_sequentials(module: torch.nn.Module, memory_efficient: bool, report: F
     for first, second in zip(names, names[1:]):
         bn, act = module._modules[first], module._modules[second]
         activation = _module_activation(act)
-        if type(bn) in _BATCH_NORMS and activation is not None:
+        if _is_batch_norm(bn) and activation is not None:
             layer, efficient = _fused_layer(bn, activation, memory_efficient)
             module._modules[first] = layer
             module._modules[second] = torch.nn.Identity()
@@ -166,7 +207,7 @@ def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Mod
     (logger "normext", level INFO)."""
     report = FuseReport()
     try:
-        result = torch.fx.symbolic_trace(model)
+        result = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as error:  # anything fx cannot trace: fall back to module patterns
         _log.info("normext.fuse: %s does not trace with torch.fx (%s: %s); fusing "
                   "nn.Sequential patterns", type(model).__name__, type(error).__name__, error)
@@ -176,9 +217,11 @@ def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Mod
         _fuse_graph(result, memory_efficient, report)
         # The unfused BatchNorms, as new normext layers (the original model keeps its own).
         for path, _ in report.left:
-            replacement = _REPLACEMENTS.get(type(result.get_submodule(path)))
-            if replacement is not None:
-                _set_submodule(result, path, _swap_class(result.get_submodule(path), replacement))
+            layer = result.get_submodule(path)
+            if type(layer) in _REPLACEMENTS:
+                _set_submodule(result, path, _swap_class(layer, _REPLACEMENTS[type(layer)]))
+            elif timm_activation(layer) is not None:
+                _set_submodule(result, path, _fused_layer(layer, timm_activation(layer), False)[0])
     if result is model:
         convert(result)
     result.normext_fuse_report = report

@@ -95,3 +95,20 @@ def test_untraceable_model_fuses_sequential_patterns():
     assert report.fused == [("body.1", "relu6", False, False)]
     assert isinstance(result.body[1], normext.BatchNormAct2d)
     assert isinstance(result.body[2], torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name,layers,fused", [("efficientnet_b0", 49, 33),
+                                               ("regnety_016", 86, 59)])
+def test_timm_models(name, layers, fused):
+    """timm's BatchNormAct2d layers all become normext's (fused with the add
+    and activation that follow where fx shows them); same losses, same keys."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    assert sum(type(m).__name__ == "BatchNormAct2d" for m in model.modules()) == layers
+    result, report = _same_training(model, torch.randn(2, 3, 64, 64))
+    assert len(report.fused) == fused
+    kinds = [type(m) for m in result.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(kinds) == layers and set(kinds) == {normext.BatchNormAct2d}
+    converted = normext.convert(timm.create_model(name, num_classes=10))
+    assert sum(type(m) is normext.BatchNormAct2d for m in converted.modules()) == layers
