@@ -115,14 +115,15 @@ C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients(
   return {scale, -projection * scale, -sum_dy * inv_count * scale};
 }
 
-// dx from dy and xmu = x - mean.
+// dx from dy and xmu = x - mean. (k by value: a CPU loop that builds it per
+// element vectorizes only if it is not address-taken.)
 template <typename T>
-C10_HOST_DEVICE inline T grad_input_centred(T dy, T xmu, const GradInputCoefficients<T>& k) {
+C10_HOST_DEVICE inline T grad_input_centred(T dy, T xmu, GradInputCoefficients<T> k) {
   return dy * k.dy_scale + xmu * k.xmu_scale + k.shift;
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, const GradInputCoefficients<T>& k) {
+C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, GradInputCoefficients<T> k) {
   return grad_input_centred(dy, x - mean, k);
 }
 

@@ -41,13 +41,6 @@ void normalize_rows(const Act act, const scalar_t* __restrict__ x,
   }
 }
 
-// The per-channel values the backward's elementwise pass reads.
-template <typename acc_t>
-struct GradChannels {
-  std::vector<acc_t> mean, scale, bias, inv_scale;  // the fused sources' (math.h)
-  std::vector<acc_t> dy_scale, xmu_scale, shift;    // GradInputCoefficients
-};
-
 // (dz, x - mean) at element i of channel c: the plain batch norm's (dy, x -
 // mean), or math.h's pre_activation_grad(_of_output) through a fusion.
 template <bool kPlain, bool kFromOutput, bool kResidual, class Act, typename scalar_t,
@@ -62,25 +55,20 @@ struct GradSource {
   const acc_t* bias;
   const acc_t* inv_scale;  // 1 / scale
 
-  // One channel's values, held in registers across its elements.
-  struct Channel {
-    acc_t mean, scale, bias, inv_scale;
-  };
-  Channel channel(int64_t c) const {
-    return {mean[c], kPlain ? acc_t(0) : scale[c], kPlain ? acc_t(0) : bias[c],
-            kFromOutput ? inv_scale[c] : acc_t(0)};
-  }
-
-  void at(const Channel& k, int64_t i, acc_t& dz, acc_t& xmu) const {
+  // Channel c's values are passed as scalars (no struct: GCC does not
+  // vectorize an omp simd loop with an aggregate local, which it keeps in
+  // memory per lane); a run loads them once.
+  void at(int64_t i, acc_t mean_c, acc_t scale_c, acc_t bias_c, acc_t inv_scale_c, acc_t& dz,
+          acc_t& xmu) const {
     const acc_t g = static_cast<acc_t>(dy[i]), s = static_cast<acc_t>(saved[i]);
     const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
     if constexpr (kPlain) {
       dz = g;
-      xmu = s - k.mean;
+      xmu = s - mean_c;
     } else if constexpr (kFromOutput) {
-      pre_activation_grad_of_output(act, g, s, r, k.inv_scale, k.bias, dz, xmu);
+      pre_activation_grad_of_output(act, g, s, r, inv_scale_c, bias_c, dz, xmu);
     } else {
-      pre_activation_grad(act, g, s, r, k.mean, k.scale, k.bias, dz, xmu);
+      pre_activation_grad(act, g, s, r, mean_c, scale_c, bias_c, dz, xmu);
     }
   }
 };
@@ -93,11 +81,12 @@ void grad_input_run(const Source& source, scalar_t* __restrict__ dx, scalar_t* _
                     int64_t c, int64_t begin, int64_t end,
                     const GradInputCoefficients<acc_t> k) {
   const Source src = source;  // its pointers in registers, not reloaded past the stores
-  const auto channel = src.channel(c);
+  const acc_t mean = src.mean[c], scale = src.scale[c], bias = src.bias[c];
+  const acc_t inv_scale = src.inv_scale[c];
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     acc_t dz, xmu;
-    src.at(channel, i, dz, xmu);
+    src.at(i, mean, scale, bias, inv_scale, dz, xmu);
     if constexpr (kResidual) cpu::store(dr, i, dz);
     cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
   }
@@ -111,14 +100,13 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
   const Source src = source;
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
-    const auto channel = src.channel(c);
+    const acc_t a = dy_scale[c], b = xmu_scale[c], s = shift[c];
     for (int row = 0; row < Rows; ++row) {
       const int64_t i = begin + row * channels + c;
       acc_t dz, xmu;
-      src.at(channel, i, dz, xmu);
+      src.at(i, src.mean[c], src.scale[c], src.bias[c], src.inv_scale[c], dz, xmu);
       if constexpr (kResidual) cpu::store(dr, i, dz);
-      cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
+      cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, {a, b, s}) : dz * a);
     }
   }
 }
@@ -286,8 +274,8 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       shift[c] = k.shift;
     }
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(fused.bias, C, 0);
-    std::vector<acc_t> inv_scale(fused.from_output ? C : 0);
-    for (size_t c = 0; c < inv_scale.size(); ++c) inv_scale[c] = acc_t(1) / dy_scale[c];
+    std::vector<acc_t> inv_scale(C);
+    for (int64_t c = 0; c < C; ++c) inv_scale[c] = acc_t(1) / dy_scale[c];
     const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
     const T* x = cpu::loop_data<scalar_t>(input.data);
     T* dx = cpu::mutable_loop_data<scalar_t>(grad_input);
