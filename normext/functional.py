@@ -168,6 +168,7 @@ def batch_norm_act(
             negative_slope=negative_slope, alpha=alpha, residual=residual,
             memory_efficient=memory_efficient)
     ops._check_activation(activation, negative_slope, alpha, memory_efficient)
+    # batch_norm's eager checks, inline as there (each call costs a small layer time).
     if input.device.type == "cpu" and not (
             torch._C._are_functorch_transforms_active()
             or (forward_ad._current_level >= 0

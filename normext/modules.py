@@ -113,6 +113,8 @@ class _BatchNormAct:
         return text
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # _NormextForward.forward's steps, inline like there: a helper both
+        # called would cost every BatchNorm call a Python call.
         if isinstance(input, torch.fx.Proxy):
             return traced_as_leaf(self, input, residual)
         self._check_input_dim(input)

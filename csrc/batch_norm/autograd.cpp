@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -141,6 +142,53 @@ bool has_tangent(const OptionalTensor& t) {
   return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
 }
 
+// Raises for what the autograd nodes cannot take: inputs with forward-mode
+// tangents (a torch::autograd::Function would silently drop them) and, where
+// a graph is recorded, running stats that require grad.
+void check_autograd_arguments(const char* op, std::initializer_list<const OptionalTensor*> inputs,
+                              const OptionalTensor& running_mean,
+                              const OptionalTensor& running_var) {
+  for (const OptionalTensor* t : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(*t), "normext::", op,
+                                " has no forward-mode AD formula; normext.functional.", op,
+                                " computes inputs with tangents with torch's ops");
+  }
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
+                                   {&running_var, "running_var"}}) {
+    TORCH_CHECK(!requires_grad(*stat), "The function 'normext::", op, "' is not "
+                "differentiable with respect to argument '", name,
+                "'. This input cannot have requires_grad True.");
+  }
+}
+
+// Which of input, weight and bias want gradients (and the bias's dtype), for
+// the backward's entries.
+void save_grad_flags(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& weight,
+                     const OptionalTensor& bias) {
+  ctx->saved_data["input_grad"] = input.requires_grad();
+  ctx->saved_data["weight_grad"] = requires_grad(weight);
+  ctx->saved_data["bias_grad"] = requires_grad(bias);
+  if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
+}
+
+// grads[0..2]: the gradients of input, weight and bias where they are wanted.
+void set_grads(AutogradContext* ctx, variable_list& grads, const at::Tensor& grad_input,
+               const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+               const at::Tensor& weight) {
+  if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
+  if (ctx->saved_data["weight_grad"].toBool()) {
+    grads[1] = as_type(grad_weight, weight.scalar_type());
+  }
+  if (ctx->saved_data["bias_grad"].toBool()) {
+    grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
+  }
+}
+
+bool parameter_grads(AutogradContext* ctx) {
+  return ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
+}
+
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
@@ -153,10 +201,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->save_for_backward({input, w, save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["input_grad"] = input.requires_grad();
-    ctx->saved_data["weight_grad"] = requires_grad(weight);
-    ctx->saved_data["bias_grad"] = requires_grad(bias);
-    if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
+    save_grad_flags(ctx, input, weight, bias);
     return output;
   }
 
@@ -171,21 +216,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                   ctx->saved_data["eps"].toDouble());
     } else {
       // Frozen parameters: no sums to reduce for them (none at all in eval).
-      const bool parameter_grads =
-          ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
       std::tie(grad_input, grad_weight, grad_bias) = fused_backward(
           grad_outputs[0], input, weight.defined() ? OptionalTensor(weight) : c10::nullopt,
-          saved[2], saved[3], training, parameter_grads);
+          saved[2], saved[3], training, parameter_grads(ctx));
     }
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(8);
-    if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
-    if (ctx->saved_data["weight_grad"].toBool()) {
-      grads[1] = as_type(grad_weight, weight.scalar_type());
-    }
-    if (ctx->saved_data["bias_grad"].toBool()) {
-      grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
-    }
+    set_grads(ctx, grads, grad_input, grad_weight, grad_bias, weight);
     return grads;
   }
 };
@@ -194,18 +231,9 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
                                const OptionalTensor& running_var, bool training,
                                double momentum, double eps) {
-  // A torch::autograd::Function would silently drop the tangents.
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !has_tangent(input) && !has_tangent(weight) && !has_tangent(bias),
-      "normext::batch_norm has no forward-mode AD formula; normext.functional.batch_norm "
-      "computes inputs with tangents with torch's batch_norm");
+  const OptionalTensor x(input);
+  check_autograd_arguments("batch_norm", {&x, &weight, &bias}, running_mean, running_var);
   if (at::GradMode::is_enabled()) {
-    for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
-                                     {&running_var, "running_var"}}) {
-      TORCH_CHECK(!requires_grad(*stat), "The function 'normext::batch_norm' is not "
-                  "differentiable with respect to argument '", name,
-                  "'. This input cannot have requires_grad True.");
-    }
     if (input.requires_grad() || requires_grad(weight) || requires_grad(bias)) {
       return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
                                       momentum, eps);
@@ -309,11 +337,8 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     ctx->saved_data["activation_name"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["input_grad"] = input.requires_grad();
     ctx->saved_data["residual_grad"] = requires_grad(residual);
-    ctx->saved_data["weight_grad"] = requires_grad(weight);
-    ctx->saved_data["bias_grad"] = requires_grad(bias);
-    if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
+    save_grad_flags(ctx, input, weight, bias);
     return output;
   }
 
@@ -338,22 +363,14 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
           std::tuple{grads[0], grads[1], grads[2], grads[3]};
     } else {
-      const bool parameter_grads =
-          ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
           grad_outputs[0], saved[0], optional(residual), optional(weight), optional(bias),
           saved[4], saved[5], training, activation, negative_slope, alpha, from_output,
-          parameter_grads);
+          parameter_grads(ctx));
     }
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(13);
-    if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
-    if (ctx->saved_data["weight_grad"].toBool()) {
-      grads[1] = as_type(grad_weight, weight.scalar_type());
-    }
-    if (ctx->saved_data["bias_grad"].toBool()) {
-      grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
-    }
+    set_grads(ctx, grads, grad_input, grad_weight, grad_bias, weight);
     if (ctx->saved_data["residual_grad"].toBool()) grads[11] = grad_residual;
     return grads;
   }
@@ -366,17 +383,10 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor
                                    double momentum, double eps, c10::string_view activation,
                                    double negative_slope, double alpha,
                                    const OptionalTensor& residual, bool memory_efficient) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !has_tangent(input) && !has_tangent(weight) && !has_tangent(bias) && !has_tangent(residual),
-      "normext::batch_norm_act has no forward-mode AD formula; normext.functional.batch_norm_act "
-      "computes inputs with tangents with torch's ops");
+  const OptionalTensor x(input);
+  check_autograd_arguments("batch_norm_act", {&x, &weight, &bias, &residual}, running_mean,
+                           running_var);
   if (at::GradMode::is_enabled()) {
-    for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
-                                     {&running_var, "running_var"}}) {
-      TORCH_CHECK(!requires_grad(*stat), "The function 'normext::batch_norm_act' is not "
-                  "differentiable with respect to argument '", name,
-                  "'. This input cannot have requires_grad True.");
-    }
     if (input.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
         requires_grad(residual)) {
       return BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
