@@ -359,3 +359,30 @@ def test_more_than_2_31_elements_float16(fmt):
     expected_last = ((-2.0 - dy_mean - xhat_last * dy_xhat_mean) * invstd64 * w.double())
     assert_close(dx[-1].double().amax((1, 2)), expected_last, torch.float16)
     assert_close(dx[-1].double().amin((1, 2)), expected_last, torch.float16)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_batch_norm_act_composes_on_cuda(activation, memory_efficient):
+    """No fused CUDA kernels yet: BatchNormAct2d on CUDA composes normext's
+    batch norm with torch's add and activation; same values and gradients as
+    torch's layers, and the fused op itself raises NotImplementedError."""
+    memory_efficient = memory_efficient and activation == "leaky_relu"
+    layer = normext.BatchNormAct2d(8, activation=activation,
+                                   memory_efficient=memory_efficient).to(DEVICE)
+    ref = torch.nn.BatchNorm2d(8).to(DEVICE)
+    act = {"relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu,
+           "leaky_relu": torch.nn.functional.leaky_relu}[activation]
+    x = torch.randn(4, 8, 6, 6, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 8, 6, 6, device=DEVICE, requires_grad=True)
+    out = layer(x, r)
+    expected = act(ref(x) + r)
+    assert_close(out, expected)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, r, layer.weight, layer.bias), g),
+                    torch.autograd.grad(expected, (x, r, ref.weight, ref.bias), g)):
+        assert_close(a, b)
+    assert_close(layer.running_var, ref.running_var)
+    with pytest.raises(NotImplementedError, match="no CUDA"):
+        normext.ops.batch_norm_act_forward(x.detach(), None, None, None, None, True, 0.1, 1e-5,
+                                           activation, 0.01, 1.0, None)
