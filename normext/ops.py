@@ -229,17 +229,20 @@ def batch_norm_act_forward(
 
 
 def batch_norm_act_backward(
-    grad_out: Tensor, saved: Tensor, residual: Tensor | None, weight: Tensor | None,
-    bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor, training: bool,
-    activation: str, negative_slope: float, alpha: float, saved_is_output: bool,
+    grad_out: Tensor, saved: Tensor, residual: Tensor | None, output: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, save_mean: Tensor, save_invstd: Tensor,
+    training: bool, activation: str, negative_slope: float, alpha: float, saved_is_output: bool,
     parameter_grads: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(grad_input, grad_residual, grad_weight, grad_bias) of batch_norm_act_forward,
-    from its input (`saved`) or, saved_is_output, from its output (an invertible
-    activation: identity, leaky_relu or elu with a positive parameter)."""
+    from its input (`saved`) with its residual or with its output (the
+    activation's derivative from the output; not silu), or, saved_is_output,
+    from its output alone (an invertible activation: identity, leaky_relu or
+    elu with a positive parameter). grad_residual: where a residual or an
+    output is given."""
     return _ops.batch_norm_act_backward.default(
-        grad_out, saved, residual, weight, bias, save_mean, save_invstd, training, activation,
-        negative_slope, alpha, saved_is_output, parameter_grads)
+        grad_out, saved, residual, output, weight, bias, save_mean, save_invstd, training,
+        activation, negative_slope, alpha, saved_is_output, parameter_grads)
 
 
 def batch_norm_act(
@@ -309,13 +312,18 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
 
 
 @torch.library.register_fake("normext::batch_norm_act_backward")
-def _(grad_out, saved, residual, weight, bias, save_mean, save_invstd, training, activation,
-      negative_slope, alpha, saved_is_output, parameter_grads=True):
+def _(grad_out, saved, residual, output, weight, bias, save_mean, save_invstd, training,
+      activation, negative_slope, alpha, saved_is_output, parameter_grads=True):
     _check_activation(activation, negative_slope, alpha, saved_is_output)
+    torch._check_value(output is None or (not saved_is_output and residual is None
+                                          and activation != "silu"), lambda: (
+        "batch_norm_act_backward: an output is given with the forward's input, in place of "
+        "the residual, and not for silu"))
     _check_args(saved, grad_out, weight=weight, bias=bias, save_mean=save_mean,
                 save_invstd=save_invstd)
     _check_residual(saved, residual)
-    grad_residual = None if residual is None else _like_input(saved)
+    _check_residual(saved, output)
+    grad_residual = None if residual is None and output is None else _like_input(saved)
     if not parameter_grads:
         return _like_input(saved), grad_residual, None, None
     grad_type = _param_dtype(saved, weight)

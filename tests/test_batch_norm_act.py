@@ -240,3 +240,20 @@ def test_module_repr_and_compile():
     x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
     assert_close(compiled(x, r), copy.deepcopy(layer)(x, r))
+
+
+@pytest.mark.parametrize("activation,kept", [("relu", False), ("elu", False), ("silu", True)])
+def test_residual_is_kept_only_for_silu(activation, kept):
+    """With a residual the layer takes the activation's derivative from its
+    output (which the next layer keeps anyway) and lets the residual go;
+    silu's derivative needs the activation's input, so it keeps the residual."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r0 = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r = r0 * 1.5
+    gone = weakref.ref(r)
+    out = batch_norm_act(x, None, None, torch.ones(3, requires_grad=True), None, True,
+                         activation=activation, residual=r)
+    del r
+    assert (gone() is not None) == kept
+    out.square().sum().backward()
+    assert torch.isfinite(r0.grad).all() and torch.isfinite(x.grad).all()

@@ -127,15 +127,20 @@ def _fused_samples(device):
                 (f"act_forward-{tag}", "batch_norm_act_forward",
                  (xl, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, act, 0.1, 0.5, residual)),
                 (f"act_backward-{tag}", "batch_norm_act_backward",
-                 (dy, xl, residual, w, b, mean, invstd, True, act, 0.1, 0.5, False, True)),
+                 (dy, xl, residual, None, w, b, mean, invstd, True, act, 0.1, 0.5, False, True)),
                 (f"act-{tag}", "batch_norm_act",
                  (_leaf(xl), _leaf(w), _leaf(b), rm.clone(), rv.clone(), True, 0.1, 1e-5, act,
                   0.1, 0.5, None if residual is None else _leaf(residual), False)),
             ]
+            if act != "silu":
+                samples.append((f"act_backward-with_output-{tag}", "batch_norm_act_backward",
+                                (dy, xl, None, out, w, b, mean, invstd, True, act, 0.1, 0.5,
+                                 False, True)))
             if act in ("leaky_relu", "elu"):
                 samples += [
                     (f"act_backward-from_output-{tag}", "batch_norm_act_backward",
-                     (dy, out, residual, w, b, mean, invstd, True, act, 0.1, 0.5, True, True)),
+                     (dy, out, residual, None, w, b, mean, invstd, True, act, 0.1, 0.5, True,
+                      True)),
                     (f"act-memory_efficient-{tag}", "batch_norm_act",
                      (_leaf(xl), _leaf(w), _leaf(b), rm.clone(), rv.clone(), True, 0.1, 1e-5,
                       act, 0.1, 0.5, None if residual is None else _leaf(residual), True)),
@@ -144,8 +149,8 @@ def _fused_samples(device):
         ("act_forward-eval", "batch_norm_act_forward",
          (x, w, b, rm.clone(), rv.clone(), False, 0.1, 1e-5, "relu6", 0.1, 0.5, None)),
         ("act_backward-eval-frozen", "batch_norm_act_backward",
-         (torch.randn_like(x), x, None, w, b, rm, torch.rsqrt(rv + 1e-5), False, "relu6", 0.1,
-          0.5, False, False)),
+         (torch.randn_like(x), x, None, None, w, b, rm, torch.rsqrt(rv + 1e-5), False, "relu6",
+          0.1, 0.5, False, False)),
         ("act-eval-noaffine", "batch_norm_act",
          (_leaf(x), None, None, rm.clone(), rv.clone(), False, 0.1, 1e-5, "identity", 0.1, 0.5,
           None, True)),

@@ -8,10 +8,12 @@
 #include <ATen/ops/elu.h>
 #include <ATen/ops/hardtanh.h>
 #include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/var.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -81,21 +83,21 @@ TensorTriple fused_act_forward(const at::Tensor& input, const OptionalTensor& we
 }
 
 TensorQuad fused_act_backward(const at::Tensor& grad_out, const at::Tensor& saved,
-                              const OptionalTensor& residual, const OptionalTensor& weight,
-                              const OptionalTensor& bias, const at::Tensor& save_mean,
-                              const at::Tensor& save_invstd, bool training,
-                              c10::string_view activation, double negative_slope, double alpha,
-                              bool saved_is_output, bool parameter_grads) {
+                              const OptionalTensor& residual, const OptionalTensor& output,
+                              const OptionalTensor& weight, const OptionalTensor& bias,
+                              const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                              bool training, c10::string_view activation, double negative_slope,
+                              double alpha, bool saved_is_output, bool parameter_grads) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("normext::batch_norm_act_backward", "")
           .typed<TensorQuad(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                            const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
-                            const at::Tensor&, bool, c10::string_view, double, double, bool,
-                            bool)>();
+                            const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                            const at::Tensor&, const at::Tensor&, bool, c10::string_view, double,
+                            double, bool, bool)>();
   const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, saved, residual, weight, bias, save_mean, save_invstd, training,
-                 activation, negative_slope, alpha, saved_is_output, parameter_grads);
+  return op.call(grad_out, saved, residual, output, weight, bias, save_mean, save_invstd,
+                 training, activation, negative_slope, alpha, saved_is_output, parameter_grads);
 }
 
 // The backward in differentiable ATen ops, for create_graph=True (double
@@ -307,6 +309,19 @@ variable_list differentiable_act_backward(const at::Tensor& grad_out, const at::
   return out;
 }
 
+// activation'(z) from the output y = activation(z) in differentiable ATen
+// ops (elu's depends on y; the others are piecewise constant).
+at::Tensor activation_grad_of_output(const at::Tensor& y, const ActivationSpec& spec) {
+  const at::Tensor positive = (y > 0).to(y.scalar_type());
+  switch (spec.kind) {
+    case Activation::kRelu: return positive;
+    case Activation::kRelu6: return positive * (y < 6).to(y.scalar_type());
+    case Activation::kLeakyRelu: return positive * (1 - spec.negative_slope) + spec.negative_slope;
+    case Activation::kElu: return at::where(y > 0, at::ones_like(y), y + spec.alpha);
+    default: return at::ones_like(y);
+  }
+}
+
 // The fused batch norm + activation; with memory_efficient (and weights it can
 // invert) it keeps its output instead of its input for the backward.
 class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
@@ -330,7 +345,14 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     const bool from_output = memory_efficient && !at::isTensorSubclassLike(input) &&
                              !(w.defined() && at::isTensorSubclassLike(w)) &&
                              weights_invertible(w, b);
-    ctx->save_for_backward({from_output ? output : input, w, b, r, save_mean, save_invstd});
+    // With a residual, the output (which the next layer keeps anyway) gives
+    // the activation's derivative, so that the residual is not kept.
+    const bool derivative_from_output =
+        !from_output && r.defined() && spec.kind != Activation::kSilu;
+    ctx->save_for_backward({from_output ? output : input, w, b,
+                            derivative_from_output ? at::Tensor() : r,
+                            derivative_from_output ? output : at::Tensor(), save_mean,
+                            save_invstd});
     ctx->saved_data["from_output"] = from_output;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
@@ -345,6 +367,7 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &bias = saved[2], &residual = saved[3];
+    const at::Tensor &output = saved[4], &save_mean = saved[5], &save_invstd = saved[6];
     const bool training = ctx->saved_data["training"].toBool();
     const bool from_output = ctx->saved_data["from_output"].toBool();
     const std::string activation = ctx->saved_data["activation_name"].toStringRef();
@@ -356,17 +379,26 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
                                   "normext: double backward through a memory_efficient batch "
                                   "norm + activation needs its input, which it did not keep; "
                                   "use memory_efficient=False");
-      const variable_list grads = differentiable_act_backward(
-          grad_outputs[0], saved[0], weight, bias, residual, saved[4], saved[5], training,
-          ctx->saved_data["eps"].toDouble(),
-          activation_spec(activation, negative_slope, alpha));
-      std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
-          std::tuple{grads[0], grads[1], grads[2], grads[3]};
+      const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
+      const double eps = ctx->saved_data["eps"].toDouble();
+      if (output.defined()) {  // the derivative from the output, as the forward saved it
+        const at::Tensor dz = grad_outputs[0].to(accumulate_type(output.scalar_type())) *
+                              activation_grad_of_output(output, spec);
+        std::tie(grad_input, grad_weight, grad_bias) = differentiable_backward(
+            dz, saved[0], weight, save_mean, save_invstd, training, eps);
+        grad_residual = dz.to(output.scalar_type());
+      } else {
+        const variable_list grads =
+            differentiable_act_backward(grad_outputs[0], saved[0], weight, bias, residual,
+                                        save_mean, save_invstd, training, eps, spec);
+        std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
+            std::tuple{grads[0], grads[1], grads[2], grads[3]};
+      }
     } else {
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
-          grad_outputs[0], saved[0], optional(residual), optional(weight), optional(bias),
-          saved[4], saved[5], training, activation, negative_slope, alpha, from_output,
-          parameter_grads(ctx));
+          grad_outputs[0], saved[0], optional(residual), optional(output), optional(weight),
+          optional(bias), save_mean, save_invstd, training, activation, negative_slope, alpha,
+          from_output, parameter_grads(ctx));
     }
     // One entry per forward argument; undefined where no gradient is wanted.
     variable_list grads(13);

@@ -36,12 +36,15 @@ struct Fusion {
 
 // What the backward kernels read to take the gradient through a fusion: the
 // gradient at the activation's input dz = dy * activation'(z), with z
-// recomputed from the input x, or (from_output, the memory-efficient mode)
-// z = activation^-1(y) and x - mean = (z - bias - residual) / (invstd * weight).
+// recomputed from the input x (and the residual), or activation' taken from
+// the forward's output y (`output`: no residual needed), or (from_output, the
+// memory-efficient mode) z = activation^-1(y) and x - mean = (z - bias -
+// residual) / (invstd * weight).
 struct FusedGrad {
   Fusion fusion;
   at::Tensor weight, bias;   // the affine's (undefined: 1 and 0)
   bool from_output = false;  // the kernels' input is the forward's output y
+  at::Tensor output;         // y beside the input x (dense, input's layout), or undefined
   at::Tensor grad_residual;  // backward_elemt writes dz there (dense, input's layout) if defined
 };
 

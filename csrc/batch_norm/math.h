@@ -137,6 +137,15 @@ C10_HOST_DEVICE inline void pre_activation_grad(const Act& act, T dy, T x, T res
   dz = dy * act.grad(xmu * scale + bias + residual);
 }
 
+// From the input x and the output y: the activation's derivative from y (as
+// torch's backward of a result), so that a residual need not be kept.
+template <class Act, typename T>
+C10_HOST_DEVICE inline void pre_activation_grad_with_output(const Act& act, T dy, T x, T y,
+                                                            T mean, T& dz, T& xmu) {
+  xmu = x - mean;
+  dz = dy * act.grad_of_output(y);
+}
+
 // From the output y alone (an invertible activation, the memory-efficient
 // mode): x - mean = (act^-1(y) - bias - residual) * inv_scale, inv_scale =
 // 1 / (invstd * weight), which the ops allow only for weights they can divide by.

@@ -207,31 +207,39 @@ struct BatchNormOps {
   }
 
   // backward through forward_act: (grad_input, grad_residual, grad_weight,
-  // grad_bias), grad_residual defined where the forward had a residual. The
-  // backward reads the forward's input (`saved`) or, saved_is_output, its
-  // output (an invertible activation; the weights must be invertible, which
-  // the caller checks: common.h weights_invertible).
+  // grad_bias), grad_residual defined where a residual or an output is given
+  // (schema.cpp). The backward reads the forward's input (`saved`) with its
+  // residual or its output, or, saved_is_output, its output alone (an
+  // invertible activation; the weights must be invertible, which the caller
+  // checks: common.h weights_invertible).
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
       const at::Tensor& grad_out, const at::Tensor& saved, const OptionalTensor& residual,
-      const OptionalTensor& weight, const OptionalTensor& bias, const at::Tensor& save_mean,
-      const at::Tensor& save_invstd, bool training, c10::string_view activation,
-      double negative_slope, double alpha, bool saved_is_output, bool parameter_grads) {
+      const OptionalTensor& output, const OptionalTensor& weight, const OptionalTensor& bias,
+      const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+      c10::string_view activation, double negative_slope, double alpha, bool saved_is_output,
+      bool parameter_grads) {
     check_input(saved);
     check_same_as_input(saved, grad_out, "grad_output");
     if (residual.has_value()) check_same_as_input(saved, *residual, "residual");
+    if (output.has_value()) check_same_as_input(saved, *output, "output");
     check_params(saved, weight, bias, {}, {});
     check_stat(saved, save_mean, "save_mean");
     check_stat(saved, save_invstd, "save_invstd");
     FusedGrad fused;
     fused.fusion.activation = activation_spec(activation, negative_slope, alpha);
     if (saved_is_output) check_invertible(fused.fusion.activation);
+    TORCH_CHECK_VALUE(!output.has_value() || (!saved_is_output && !residual.has_value() &&
+                                              fused.fusion.activation.kind != Activation::kSilu),
+                      "batch_norm_act_backward: an output is given with the forward's input, "
+                      "in place of the residual, and not for silu");
     const ChannelView view = channel_view(saved);
     const at::Tensor dy = in_layout_of(view, grad_out);
-    if (residual.has_value()) {
-      fused.fusion.residual = in_layout_of(view, *residual);
-      fused.grad_residual =
-          Kernels::empty_output(view, {dy.const_data_ptr(), view.data.const_data_ptr(),
-                                       fused.fusion.residual.const_data_ptr()});
+    const OptionalTensor& beside = residual.has_value() ? residual : output;
+    if (beside.has_value()) {
+      const at::Tensor dense = in_layout_of(view, *beside);
+      (residual.has_value() ? fused.fusion.residual : fused.output) = dense;
+      fused.grad_residual = Kernels::empty_output(
+          view, {dy.const_data_ptr(), view.data.const_data_ptr(), dense.const_data_ptr()});
     }
     fused.weight = value_or_undefined(weight);
     fused.bias = value_or_undefined(bias);
@@ -323,9 +331,8 @@ struct BatchNormOps {
     ChannelView dy_view = view;
     dy_view.data = dy;
     std::vector<const void*> reads{dy.const_data_ptr(), view.data.const_data_ptr()};
-    if (fused.fusion.residual.defined()) {
-      reads.push_back(fused.fusion.residual.const_data_ptr());
-      reads.push_back(fused.grad_residual.const_data_ptr());
+    for (const at::Tensor* t : {&fused.fusion.residual, &fused.output, &fused.grad_residual}) {
+      if (t->defined()) reads.push_back(t->const_data_ptr());
     }
     at::Tensor dx = Kernels::empty_output(view, reads);
     if (view.data.numel() > 0) {

@@ -35,15 +35,19 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
 
   // Batch norm with its activation (and a residual added before it) fused:
   // output = activation(batch_norm(input) + residual). The backward reads the
-  // forward's input, or its output (saved_is_output: memory_efficient).
+  // forward's input (`saved`) and either the residual (to recompute the
+  // activation's input) or the output (the activation's derivative from it:
+  // not silu); or, saved_is_output, the output alone (memory_efficient). It
+  // returns grad_residual where it is given a residual or an output.
   m.def(
       "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
       "float eps, str activation, float negative_slope, float alpha, Tensor? residual) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
   m.def(
-      "batch_norm_act_backward(Tensor grad_out, Tensor saved, Tensor? residual, Tensor? weight, "
-      "Tensor? bias, Tensor save_mean, Tensor save_invstd, bool training, str activation, "
+      "batch_norm_act_backward(Tensor grad_out, Tensor saved, Tensor? residual, Tensor? output, "
+      "Tensor? weight, Tensor? bias, Tensor save_mean, Tensor save_invstd, bool training, "
+      "str activation, "
       "float negative_slope, float alpha, bool saved_is_output, bool parameter_grads=True) "
       "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
   m.def(

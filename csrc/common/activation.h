@@ -80,12 +80,15 @@ inline float expm1_of(float x) {
 #endif
 
 // Each activation: operator() (forward), grad(z) (derivative at the input z),
-// and where invertible, inverse(y) and grad_of_output(y) (the derivative at
-// inverse(y)). Comparisons are written so that NaN propagates as in torch.
+// grad_of_output(y) (the same derivative from the output y = act(z), as
+// torch's backward takes it from a result; all but silu), and where
+// invertible, inverse(y). Comparisons are written so that NaN propagates as
+// in torch.
 template <typename T>
 struct IdentityFn {
   static constexpr Activation kKind = Activation::kIdentity;
   static constexpr bool kInvertible = true;
+  static constexpr bool kGradOfOutput = true;
   C10_HOST_DEVICE T operator()(T z) const { return z; }
   C10_HOST_DEVICE T grad(T) const { return T(1); }
   C10_HOST_DEVICE T inverse(T y) const { return y; }
@@ -97,8 +100,10 @@ template <typename T>
 struct ReluFn {
   static constexpr Activation kKind = Activation::kRelu;
   static constexpr bool kInvertible = false;
+  static constexpr bool kGradOfOutput = true;
   C10_HOST_DEVICE T operator()(T z) const { return z < T(0) ? T(0) : z; }
   C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : T(0); }
+  C10_HOST_DEVICE T grad_of_output(T y) const { return grad(y); }
 };
 
 // hardtanh(z, 0, 6): derivative 0 at both kinks, as torch's hardtanh_backward.
@@ -106,8 +111,10 @@ template <typename T>
 struct Relu6Fn {
   static constexpr Activation kKind = Activation::kRelu6;
   static constexpr bool kInvertible = false;
+  static constexpr bool kGradOfOutput = true;
   C10_HOST_DEVICE T operator()(T z) const { return z < T(0) ? T(0) : (z > T(6) ? T(6) : z); }
   C10_HOST_DEVICE T grad(T z) const { return z > T(0) && z < T(6) ? T(1) : T(0); }
+  C10_HOST_DEVICE T grad_of_output(T y) const { return grad(y); }
 };
 
 // Invertible for a positive slope (the ops check it).
@@ -115,6 +122,7 @@ template <typename T>
 struct LeakyReluFn {
   static constexpr Activation kKind = Activation::kLeakyRelu;
   static constexpr bool kInvertible = true;
+  static constexpr bool kGradOfOutput = true;
   T negative_slope;
   C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : z * negative_slope; }
   C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : negative_slope; }
@@ -130,6 +138,7 @@ template <typename T>
 struct EluFn {
   static constexpr Activation kKind = Activation::kElu;
   static constexpr bool kInvertible = true;
+  static constexpr bool kGradOfOutput = true;
   T alpha;
   C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : alpha * expm1_of(z); }
   C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : alpha * exp_of(z); }
@@ -144,6 +153,7 @@ template <typename T>
 struct SiluFn {
   static constexpr Activation kKind = Activation::kSilu;
   static constexpr bool kInvertible = false;
+  static constexpr bool kGradOfOutput = false;
   C10_HOST_DEVICE T operator()(T z) const { return z / (T(1) + exp_of(-z)); }
   C10_HOST_DEVICE T grad(T z) const {
     const T sigmoid = T(1) / (T(1) + exp_of(-z));

@@ -11,9 +11,9 @@ namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 // The terms of the backward sums: dy and dy * (x - mean) per channel (kPlain),
-// or dz and dz * (x - mean) through a fusion, from the input or (kFromOutput)
-// from the output.
-template <bool kPlain, bool kFromOutput, bool kResidual, class Act, typename T, typename acc_t_>
+// or dz and dz * (x - mean) through a fusion, from where kFrom says
+// (cpu::GradFrom).
+template <bool kPlain, int kFrom, bool kResidual, class Act, typename T, typename acc_t_>
 struct GradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
@@ -22,28 +22,35 @@ struct GradSums {
 
   Act act;
   const T* dy;
-  const T* saved;  // x, or y kFromOutput
+  const T* saved;   // x, or y kFromOutput
+  const T* output;  // y beside x (kFromInputAndOutput)
   const T* residual;
   const acc_t* mean;  // per channel, like the three below
   const acc_t* scale;
   const acc_t* bias;
   const acc_t* inv_scale;
 
+  // r: the residual's element, or (kFromInputAndOutput) the output's.
   void element_terms(int64_t c, acc_t g, acc_t s, acc_t r, acc_t& dz, acc_t& dz_xmu) const {
     acc_t xmu;
     if constexpr (kPlain) {
       dz = g;
       xmu = s - mean[c];
-    } else if constexpr (kFromOutput) {
+    } else if constexpr (kFrom == cpu::kFromOutput) {
       pre_activation_grad_of_output(act, g, s, r, inv_scale[c], bias[c], dz, xmu);
+    } else if constexpr (kFrom == cpu::kFromInputAndOutput) {
+      pre_activation_grad_with_output(act, g, s, r, mean[c], dz, xmu);
     } else {
       pre_activation_grad(act, g, s, r, mean[c], scale[c], bias[c], dz, xmu);
     }
     dz_xmu = dz * xmu;
   }
   void terms(int64_t c, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
-    element_terms(c, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(saved[offset]),
-                  kResidual ? static_cast<acc_t>(residual[offset]) : acc_t(0), dz, dz_xmu);
+    const acc_t r = kFrom == cpu::kFromInputAndOutput ? static_cast<acc_t>(output[offset])
+                    : kResidual                         ? static_cast<acc_t>(residual[offset])
+                                                        : acc_t(0);
+    element_terms(c, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(saved[offset]), r, dz,
+                  dz_xmu);
   }
   template <int kGroupStep>
   void lane_terms(int64_t c, int64_t offset, acc_t (&dz)[cpu::kLanes],
@@ -51,7 +58,11 @@ struct GradSums {
     acc_t g[cpu::kLanes], s[cpu::kLanes], r[cpu::kLanes] = {};
     cpu::widen(dy + offset, g);
     cpu::widen(saved + offset, s);
-    if constexpr (kResidual) cpu::widen(residual + offset, r);
+    if constexpr (kFrom == cpu::kFromInputAndOutput) {
+      cpu::widen(output + offset, r);
+    } else if constexpr (kResidual) {
+      cpu::widen(residual + offset, r);
+    }
 #pragma omp simd
     for (int k = 0; k < cpu::kLanes; ++k) {
       element_terms(c + k * kGroupStep, g[k], s[k], r[k], dz[k], dz_xmu[k]);
@@ -89,6 +100,7 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
     const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
     const T* x = cpu::loop_data<scalar_t>(input.data);
     const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
+    const T* y = cpu::loop_data_or_null<scalar_t>(fused.output);
     std::vector<double> sums;
     const auto reduce = [&](const auto& op) { sums = cpu::reduce_groups(cpu::groups_of(input), op); };
     const auto with_act = [&](auto act, auto residual) {
@@ -97,12 +109,18 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
       constexpr bool kPlain = !kResidual && Act::kKind == Activation::kIdentity;
       if constexpr (Act::kInvertible) {
         if (fused.from_output) {
-          return reduce(GradSums<false, true, kResidual, Act, T, acc_t>{
-              act, dy, x, r, m.data(), scale.data(), b.data(), inv_scale.data()});
+          return reduce(GradSums<false, cpu::kFromOutput, kResidual, Act, T, acc_t>{
+              act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
         }
       }
-      reduce(GradSums<kPlain, false, kResidual, Act, T, acc_t>{
-          act, dy, x, r, m.data(), scale.data(), b.data(), inv_scale.data()});
+      if constexpr (Act::kGradOfOutput && !kResidual) {
+        if (y) {
+          return reduce(GradSums<false, cpu::kFromInputAndOutput, false, Act, T, acc_t>{
+              act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
+        }
+      }
+      reduce(GradSums<kPlain, cpu::kFromInput, kResidual, Act, T, acc_t>{
+          act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
     };
     cpu::with_fusion<acc_t>(fused.fusion, with_act);
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();

@@ -42,13 +42,18 @@ void normalize_rows(const Act act, const scalar_t* __restrict__ x,
 }
 
 // (dz, x - mean) at element i of channel c: the plain batch norm's (dy, x -
-// mean), or math.h's pre_activation_grad(_of_output) through a fusion.
-template <bool kPlain, bool kFromOutput, bool kResidual, class Act, typename scalar_t,
-          typename acc_t>
+// mean), or math.h's pre_activation_grad(_with_output, _of_output) through a
+// fusion, from where kFrom says (cpu::GradFrom).
+template <bool kPlain, int kFrom, bool kResidual, class Act, typename scalar_t, typename acc_t>
 struct GradSource {
+  // dz is the residual's gradient too, where the forward had one.
+  static constexpr bool kResidualGrad = kResidual || kFrom == cpu::kFromInputAndOutput;
+  static constexpr bool kPlainPass = kPlain;
+
   Act act;
   const scalar_t* dy;
-  const scalar_t* saved;  // x, or y from_output
+  const scalar_t* saved;   // x, or y kFromOutput
+  const scalar_t* output;  // y beside x (kFromInputAndOutput)
   const scalar_t* residual;
   const acc_t* mean;
   const acc_t* scale;      // invstd * weight
@@ -65,8 +70,10 @@ struct GradSource {
     if constexpr (kPlain) {
       dz = g;
       xmu = s - mean_c;
-    } else if constexpr (kFromOutput) {
+    } else if constexpr (kFrom == cpu::kFromOutput) {
       pre_activation_grad_of_output(act, g, s, r, inv_scale_c, bias_c, dz, xmu);
+    } else if constexpr (kFrom == cpu::kFromInputAndOutput) {
+      pre_activation_grad_with_output(act, g, s, static_cast<acc_t>(output[i]), mean_c, dz, xmu);
     } else {
       pre_activation_grad(act, g, s, r, mean_c, scale_c, bias_c, dz, xmu);
     }
@@ -76,7 +83,7 @@ struct GradSource {
 // dx (and dz into dr with a residual) over elements [begin, end) of channel c
 // (contiguous layout) or over Rows channels-last rows from `begin`. Under
 // running statistics (!kBatchStats) dx = dz * scale, x - mean unused.
-template <bool kBatchStats, bool kResidual, class Source, typename scalar_t, typename acc_t>
+template <bool kBatchStats, class Source, typename scalar_t, typename acc_t>
 void grad_input_run(const Source& source, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                     int64_t c, int64_t begin, int64_t end,
                     const GradInputCoefficients<acc_t> k) {
@@ -87,13 +94,12 @@ void grad_input_run(const Source& source, scalar_t* __restrict__ dx, scalar_t* _
   for (int64_t i = begin; i < end; ++i) {
     acc_t dz, xmu;
     src.at(i, mean, scale, bias, inv_scale, dz, xmu);
-    if constexpr (kResidual) cpu::store(dr, i, dz);
+    if constexpr (Source::kResidualGrad) cpu::store(dr, i, dz);
     cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, k) : dz * k.dy_scale);
   }
 }
 
-template <int Rows, bool kBatchStats, bool kResidual, class Source, typename scalar_t,
-          typename acc_t>
+template <int Rows, bool kBatchStats, class Source, typename scalar_t, typename acc_t>
 void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                      int64_t begin, int64_t channels, const acc_t* __restrict__ dy_scale,
                      const acc_t* __restrict__ xmu_scale, const acc_t* __restrict__ shift) {
@@ -105,7 +111,7 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
       const int64_t i = begin + row * channels + c;
       acc_t dz, xmu;
       src.at(i, src.mean[c], src.scale[c], src.bias[c], src.inv_scale[c], dz, xmu);
-      if constexpr (kResidual) cpu::store(dr, i, dz);
+      if constexpr (Source::kResidualGrad) cpu::store(dr, i, dz);
       cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, {a, b, s}) : dz * a);
     }
   }
@@ -282,24 +288,26 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     at::Tensor grad_residual = fused.grad_residual;  // (a handle: writes go to the caller's)
     T* dr = grad_residual.defined() ? cpu::mutable_loop_data<scalar_t>(grad_residual) : nullptr;
     const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
+    const T* y = cpu::loop_data_or_null<scalar_t>(fused.output);
     cpu::with_fusion<acc_t>(fused.fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
       constexpr bool kPlain = !kResidual && decltype(act)::kKind == Activation::kIdentity;
       const auto run = [&](auto source, auto batch) {
         constexpr bool kBatchStats = decltype(batch)::value;
+        constexpr bool kPlainPass = decltype(source)::kPlainPass;
         if (input.channels_last) {
           const bool grouped = cpu::group_rows<acc_t>(C, 4);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
             cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
               const int64_t i = row * C;
 #if defined(NORMEXT_VECTORS16)
-              if constexpr (kPlain && kBatchStats && cpu::kVectorElement<T>) {
+              if constexpr (kPlainPass && kBatchStats && cpu::kVectorElement<T>) {
                 return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
                                                      dy_scale.data(), xmu_scale.data(),
                                                      shift.data());
               }
 #endif
-              grad_input_rows<rows(), kBatchStats, kResidual>(
+              grad_input_rows<rows(), kBatchStats>(
                   source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
             });
           });
@@ -307,12 +315,12 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
           cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
             const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
 #if defined(NORMEXT_VECTORS16)
-            if constexpr (kPlain && kBatchStats && cpu::kVectorElement<T>) {
+            if constexpr (kPlainPass && kBatchStats && cpu::kVectorElement<T>) {
               return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
                                           k);
             }
 #endif
-            grad_input_run<kBatchStats, kResidual>(source, dx, dr, c, begin, end, k);
+            grad_input_run<kBatchStats>(source, dx, dr, c, begin, end, k);
           });
         }
       };
@@ -323,12 +331,18 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       using Act = decltype(act);
       if constexpr (Act::kInvertible) {
         if (fused.from_output) {
-          return with_batch(GradSource<false, true, kResidual, Act, T, acc_t>{
-              act, dy, x, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+          return with_batch(GradSource<false, cpu::kFromOutput, kResidual, Act, T, acc_t>{
+              act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
         }
       }
-      with_batch(GradSource<kPlain, false, kResidual, Act, T, acc_t>{
-          act, dy, x, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+      if constexpr (Act::kGradOfOutput && !kResidual) {
+        if (y) {
+          return with_batch(GradSource<false, cpu::kFromInputAndOutput, false, Act, T, acc_t>{
+              act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+        }
+      }
+      with_batch(GradSource<kPlain, cpu::kFromInput, kResidual, Act, T, acc_t>{
+          act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
     });
   });
 }

@@ -124,6 +124,11 @@ const loop_t<T>* loop_data_or_null(const at::Tensor& t) {
   return t.defined() ? loop_data<T>(t) : nullptr;
 }
 
+// Where a fused backward takes dz and x - mean from (common.h: FusedGrad):
+// the input (z recomputed), the input and the output (the derivative from the
+// output), or the output alone (memory-efficient).
+enum GradFrom : int { kFromInput, kFromInputAndOutput, kFromOutput };
+
 // fn(act, residual) for a fusion: act its activation functor of acc_t (math
 // in common/activation.h), residual std::true_type or std::false_type.
 template <typename acc_t, typename F>

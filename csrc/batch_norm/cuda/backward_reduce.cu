@@ -66,7 +66,7 @@ void CudaKernels::backward_reduce(const ChannelView& grad_out, const ChannelView
                                   at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
                                   at::Tensor& grad_weight, at::Tensor& grad_bias,
                                   const FusedGrad& fused) {
-  check_plain(fused.fusion, fused.from_output);
+  check_plain(fused.fusion, fused.from_output || fused.output.defined());
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),

@@ -278,7 +278,7 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
                                  const at::Tensor& weight, const at::Tensor& sum_dy,
                                  const at::Tensor& sum_dy_xmu, double count,
                                  at::Tensor& grad_input, const FusedGrad& fused) {
-  check_plain(fused.fusion, fused.from_output);
+  check_plain(fused.fusion, fused.from_output || fused.output.defined());
   TORCH_CHECK_NOT_IMPLEMENTED(sum_dy.defined(), "normext: no CUDA backward_elemt under running "
                               "statistics");
   const c10::cuda::CUDAGuard guard(input.data.device());

@@ -10,8 +10,8 @@
 namespace normext::batch_norm {
 
 // The CUDA kernels have no fused activation or residual yet.
-inline void check_plain(const Fusion& fusion, bool from_output = false) {
-  TORCH_CHECK_NOT_IMPLEMENTED(fusion.plain() && !from_output,
+inline void check_plain(const Fusion& fusion, bool fused_backward_source = false) {
+  TORCH_CHECK_NOT_IMPLEMENTED(fusion.plain() && !fused_backward_source,
                               "normext: the fused batch norm + activation ops have no CUDA "
                               "kernels yet (normext.BatchNormAct* compose them on CUDA)");
 }
