@@ -20,7 +20,8 @@ Memory traffic per row in multiples of bytes(x) (R read, W written):
            -> 9R+4W plain, 11R+5W with the add
   normext  forward: statistics 1R, normalize + add + activation 1R+1W (+1R add);
            backward: reduction 2R (+1R), input gradient 2R+1W (+1R+1W: the
-           residual is read and its gradient written) -> 6R+2W plain, 9R+3W with the add
+           output is read for the activation's derivative and the residual's
+           gradient written) -> 6R+2W plain, 9R+3W with the add
 """
 
 import argparse
