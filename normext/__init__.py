@@ -11,10 +11,11 @@ from .convert import convert
 from .fuse import FuseReport, fuse
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d)
-from .sync_batchnorm import SyncBatchNorm
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
            "BatchNormAct3d", "FuseReport", "LazyBatchNorm1d", "LazyBatchNorm2d",
-           "LazyBatchNorm3d", "SyncBatchNorm", "build_info", "cached_cpu_bytes", "convert",
-           "cpu_cache_info", "functional", "fuse", "ops", "release_cpu_cache"]
+           "LazyBatchNorm3d", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
+           "cached_cpu_bytes", "convert", "cpu_cache_info", "functional", "fuse", "ops",
+           "release_cpu_cache"]

@@ -44,7 +44,9 @@ def convert(module: torch.nn.Module, sync: bool = False,
     when its drop layer is an identity and normext fuses its activation.
 
     With sync=True every torch.nn or normext BatchNorm layer becomes a
-    normext.SyncBatchNorm over `process_group` (default: the whole world)."""
+    normext.SyncBatchNorm over `process_group` (default: the whole world),
+    and every normext.BatchNormAct (and timm BatchNormAct2d as above) a
+    normext.SyncBatchNormAct."""
     if sync:
         return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     replacement = _REPLACEMENTS.get(type(module))

@@ -74,12 +74,17 @@ def _node_activation(node, gm) -> tuple[str, float, float] | None:
     return None
 
 
+def is_timm_batch_norm_act(module) -> bool:
+    """Whether `module` is timm's BatchNormAct2d (matched by name: timm is never imported)."""
+    cls = type(module)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+
+
 def timm_activation(module) -> tuple[str, float, float] | None:
     """For timm's BatchNormAct2d (a torch.nn.BatchNorm2d subclass, matched by
     name so that timm is never imported here) whose drop layer is an identity
     and whose activation normext fuses (or is an identity): that activation."""
-    cls = type(module)
-    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+    if not is_timm_batch_norm_act(module):
         return None
     if type(getattr(module, "drop", None)) is not torch.nn.Identity:
         return None
@@ -187,7 +192,8 @@ def _fuse_sequentials(module: torch.nn.Module, memory_efficient: bool, report: F
             report.fused.append((prefix + first, activation[0], False, efficient))
 
 
-def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Module:
+def fuse(model: torch.nn.Module, memory_efficient: bool = False, sync: bool = False,
+         process_group=None) -> torch.nn.Module:
     """The model with each BatchNorm1d/2d/3d (torch's or normext's) whose
     output goes only to an activation (ReLU, ReLU6, LeakyReLU, ELU, SiLU, as
     modules or functions), or only to an add whose result goes only to one,
@@ -204,7 +210,11 @@ def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Mod
     (LeakyReLU with a positive slope, ELU) normext's memory-efficient mode.
     The result's `normext_fuse_report` (a FuseReport) lists what was fused and
     which BatchNorms were left alone and why; the counts are also logged
-    (logger "normext", level INFO)."""
+    (logger "normext", level INFO).
+
+    sync=True then makes every layer synchronized over `process_group`
+    (default: the whole world), as normext.convert(sync=True) does: fused
+    layers become normext.SyncBatchNormAct, the others normext.SyncBatchNorm."""
     report = FuseReport()
     try:
         result = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
@@ -222,7 +232,9 @@ def fuse(model: torch.nn.Module, memory_efficient: bool = False) -> torch.nn.Mod
                 _set_submodule(result, path, _swap_class(layer, _REPLACEMENTS[type(layer)]))
             elif timm_activation(layer) is not None:
                 _set_submodule(result, path, _fused_layer(layer, timm_activation(layer), False)[0])
-    if result is model:
+    if sync:
+        result = convert(result, sync=True, process_group=process_group)
+    elif result is model:
         convert(result)
     result.normext_fuse_report = report
     _log.info("normext.fuse: fused %d BatchNorm + activation patterns (%d with a residual "

@@ -115,12 +115,7 @@ def _check_args(input: Tensor, grad_output: Tensor | None = None,
         "batch_norm: expected an input of shape (N, C, ...) with at least "
         f"2 dims, got {input.dim()} dims"))
     if grad_output is not None:
-        def grad_shape_message():
-            return (f"batch_norm: expected grad_output of shape {list(input.shape)} "
-                    f"but got {list(grad_output.shape)}")
-        torch._check(grad_output.dim() == input.dim(), grad_shape_message)
-        for grad_size, size in zip(grad_output.shape, input.shape):
-            torch._check(grad_size == size, grad_shape_message)
+        _check_shape_of_input(input, grad_output, "grad_output")
     channels = input.shape[1]
     for name, t in dict(per_channel, grad_output=grad_output).items():
         if t is None:
@@ -134,6 +129,15 @@ def _check_args(input: Tensor, grad_output: Tensor | None = None,
         if name.startswith("running_"):
             torch._check(t.dim() == 1, lambda: (
                 f"batch_norm: expected {name} of shape [{channels}] but got {list(t.shape)}"))
+
+
+def _check_shape_of_input(input: Tensor, other: Tensor, name: str) -> None:
+    def message():
+        return f"batch_norm: expected {name} of shape {list(input.shape)} but got " \
+               f"{list(other.shape)}"
+    torch._check(other.dim() == input.dim(), message)
+    for other_size, size in zip(other.shape, input.shape):
+        torch._check(other_size == size, message)
 
 
 def _check_count(count: float, op: str) -> None:
@@ -275,20 +279,16 @@ def _check_activation(activation: str, negative_slope: float, alpha: float,
                          "with negative_slope > 0, or elu with alpha > 0")
 
 
-def _check_residual(input: Tensor, residual: Tensor | None) -> None:
+def _check_residual(input: Tensor, residual: Tensor | None, name: str = "residual") -> None:
+    """check_same_as_input (csrc/batch_norm/common.cpp) for a residual or an output."""
     if residual is None:
         return
-    def message():
-        return (f"batch_norm: expected residual of shape {list(input.shape)} but got "
-                f"{list(residual.shape)}")
-    torch._check(residual.dim() == input.dim(), message)
-    for size, expected in zip(residual.shape, input.shape):
-        torch._check(size == expected, message)
+    _check_shape_of_input(input, residual, name)
     torch._check(residual.device == input.device, lambda: (
-        f"batch_norm: expected residual on the input's device {input.device} but it is on "
+        f"batch_norm: expected {name} on the input's device {input.device} but it is on "
         f"{residual.device}"))
     torch._check(residual.dtype == input.dtype, lambda: (
-        f"batch_norm: expected residual of dtype {input.dtype} but got {residual.dtype}"))
+        f"batch_norm: expected {name} of dtype {input.dtype} but got {residual.dtype}"))
 
 
 @torch.library.register_fake("normext::batch_norm_act_forward")
@@ -311,21 +311,100 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
     return _like_input(input)
 
 
-@torch.library.register_fake("normext::batch_norm_act_backward")
-def _(grad_out, saved, residual, output, weight, bias, save_mean, save_invstd, training,
-      activation, negative_slope, alpha, saved_is_output, parameter_grads=True):
+def _check_fused_grad(grad_out, saved, residual, output, weight, bias, activation,
+                      negative_slope, alpha, saved_is_output, **stats) -> None:
+    """The fused backward ops' checks (csrc/batch_norm/ops.h: fused_grad_inputs)."""
     _check_activation(activation, negative_slope, alpha, saved_is_output)
     torch._check_value(output is None or (not saved_is_output and residual is None
                                           and activation != "silu"), lambda: (
         "batch_norm_act_backward: an output is given with the forward's input, in place of "
         "the residual, and not for silu"))
-    _check_args(saved, grad_out, weight=weight, bias=bias, save_mean=save_mean,
-                save_invstd=save_invstd)
+    _check_args(saved, grad_out, weight=weight, bias=bias, **stats)
     _check_residual(saved, residual)
-    _check_residual(saved, output)
+    _check_residual(saved, output, "output")
+
+
+@torch.library.register_fake("normext::batch_norm_act_backward")
+def _(grad_out, saved, residual, output, weight, bias, save_mean, save_invstd, training,
+      activation, negative_slope, alpha, saved_is_output, parameter_grads=True):
+    _check_fused_grad(grad_out, saved, residual, output, weight, bias, activation, negative_slope,
+                      alpha, saved_is_output, save_mean=save_mean, save_invstd=save_invstd)
     grad_residual = None if residual is None and output is None else _like_input(saved)
     if not parameter_grads:
         return _like_input(saved), grad_residual, None, None
     grad_type = _param_dtype(saved, weight)
     return (_like_input(saved), grad_residual, _stat(saved).to(grad_type),
             _stat(saved).to(grad_type))
+
+
+# ---- the synchronized fused batch norm's pieces (normext.SyncBatchNormAct)
+
+
+def batch_norm_act_elemt(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+    activation: str, negative_slope: float, alpha: float, residual: Tensor | None,
+) -> Tensor:
+    """activation((input - mean) * invstd * weight + bias + residual), per channel."""
+    return _ops.batch_norm_act_elemt.default(input, weight, bias, mean, invstd, activation,
+                                             negative_slope, alpha, residual)
+
+
+def batch_norm_act_backward_reduce(
+    grad_out: Tensor, saved: Tensor, residual: Tensor | None, output: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, activation: str,
+    negative_slope: float, alpha: float, saved_is_output: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """batch_norm_backward_reduce through the activation (and residual), from
+    what batch_norm_act_backward reads: (sum dz, sum dz*(x-mean), grad_weight,
+    grad_bias), dz the gradient at the activation's input."""
+    return _ops.batch_norm_act_backward_reduce.default(
+        grad_out, saved, residual, output, weight, bias, mean, invstd, activation,
+        negative_slope, alpha, saved_is_output)
+
+
+def batch_norm_act_backward_elemt(
+    grad_out: Tensor, saved: Tensor, residual: Tensor | None, output: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, sum_dy: Tensor,
+    sum_dy_xmu: Tensor, count: float, activation: str, negative_slope: float, alpha: float,
+    saved_is_output: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(grad_input, grad_residual) from the sums of batch_norm_act_backward_reduce
+    over `count` elements per channel; grad_residual where a residual or an
+    output is given."""
+    return _ops.batch_norm_act_backward_elemt.default(
+        grad_out, saved, residual, output, weight, bias, mean, invstd, sum_dy, sum_dy_xmu,
+        float(count), activation, negative_slope, alpha, saved_is_output)
+
+
+def batch_norm_weights_invertible(weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether memory_efficient can recover the normalized input from the
+    output: every |weight| >= 1e-3 * max(1, |bias|) (a device-to-host copy)."""
+    return weight is None or _ops.batch_norm_weights_invertible.default(weight, bias)
+
+
+@torch.library.register_fake("normext::batch_norm_act_elemt")
+def _(input, weight, bias, mean, invstd, activation, negative_slope, alpha, residual):
+    _check_activation(activation, negative_slope, alpha)
+    _check_args(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
+    _check_residual(input, residual)
+    return _like_input(input)
+
+
+@torch.library.register_fake("normext::batch_norm_act_backward_reduce")
+def _(grad_out, saved, residual, output, weight, bias, mean, invstd, activation, negative_slope,
+      alpha, saved_is_output):
+    _check_fused_grad(grad_out, saved, residual, output, weight, bias, activation, negative_slope,
+                      alpha, saved_is_output, mean=mean, invstd=invstd)
+    grad_type = _param_dtype(saved, weight)
+    return _stat(saved), _stat(saved), _stat(saved).to(grad_type), _stat(saved).to(grad_type)
+
+
+@torch.library.register_fake("normext::batch_norm_act_backward_elemt")
+def _(grad_out, saved, residual, output, weight, bias, mean, invstd, sum_dy, sum_dy_xmu, count,
+      activation, negative_slope, alpha, saved_is_output):
+    _check_count(count, "batch_norm_act_backward_elemt")
+    _check_fused_grad(grad_out, saved, residual, output, weight, bias, activation, negative_slope,
+                      alpha, saved_is_output, mean=mean, invstd=invstd, sum_dy=sum_dy,
+                      sum_dy_xmu=sum_dy_xmu)
+    grad_residual = None if residual is None and output is None else _like_input(saved)
+    return _like_input(saved), grad_residual

@@ -1,19 +1,31 @@
-"""normext.SyncBatchNorm: batch statistics over every rank of a process group.
+"""normext.SyncBatchNorm and SyncBatchNormAct: batch statistics over every
+rank of a process group.
 
 One collective in the forward (an all_gather of each rank's element count and
 per-channel mean and biased variance, merged with Chan's formula) and one in
-the backward (an all_reduce of sum(dy) and sum(dy * (x - mean))). Works with
-gloo on CPU tensors and NCCL on CUDA tensors.
+the backward (an all_reduce of sum(dy) and sum(dy * (x - mean)), with the
+gradient at the activation's input in place of dy for SyncBatchNormAct).
+Works with gloo on CPU tensors and NCCL on CUDA tensors.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import functional, ops
-from .modules import traced_as_leaf
+from .modules import _BatchNormAct, traced_as_leaf
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
+
+
+class _Fusion(NamedTuple):
+    """What SyncBatchNormAct applies after the affine (normext.BatchNormAct's flags)."""
+    activation: str
+    negative_slope: float
+    alpha: float
+    memory_efficient: bool
 
 
 def _check_ranks_have_channels(seen: list) -> None:
@@ -24,21 +36,29 @@ def _check_ranks_have_channels(seen: list) -> None:
                          f"{seen.index(0)} of the process group got an input with 0 channels)")
 
 
+_HEADER = 3  # a gathered row's [count, channels, residual matches the input]
+
+
 def _merge_moments(gathered: torch.Tensor, channels: int):
     """Global (count, mean, biased var) from the ranks' [count, channels,
-    mean(C), var(C)] rows, in float64: sum(n_i * (var_i + (mean_i - mean)^2))
-    adds non-negative terms only, so nothing cancels."""
+    residual_ok, mean(C), var(C)] rows, in float64: sum(n_i * (var_i +
+    (mean_i - mean)^2)) adds non-negative terms only, so nothing cancels."""
     counts = gathered[:, 0]
     seen = gathered[:, 1]
     _check_ranks_have_channels(seen.tolist())
+    bad_residual = (gathered[:, 2] == 0).nonzero().flatten().tolist()
+    if bad_residual:  # RuntimeError, as the kernels' check of a residual
+        raise RuntimeError(
+            f"SyncBatchNormAct: rank {bad_residual[0]} of the process group got a residual "
+            "whose shape, dtype or device differs from its input's")
     bad = (seen != channels).nonzero().flatten().tolist()
     if bad:  # RuntimeError, as torch's size checks of the per-channel tensors
         rank = bad[0]
         raise RuntimeError(
             f"SyncBatchNorm: rank {rank} of the process group got an input with "
             f"{int(seen[rank])} channels but the layer has {channels}")
-    means = gathered[:, 2:2 + channels]
-    variances = gathered[:, 2 + channels:]
+    means = gathered[:, _HEADER:_HEADER + channels]
+    variances = gathered[:, _HEADER + channels:]
     total = counts.sum()
     weights = (counts / total.clamp(min=1)).unsqueeze(1)
     mean = (weights * means).sum(0)
@@ -61,21 +81,33 @@ def _agreed_channel_count(input: torch.Tensor, group) -> int:
     return seen[0]
 
 
+def _residual_matches(input: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    return residual is None or (residual.shape == input.shape and residual.dtype == input.dtype
+                                and residual.device == input.device)
+
+
 class _SyncBatchNorm(torch.autograd.Function):
+    """The synchronized batch norm; with a fusion, activation(batch_norm(input)
+    + residual) on the fused kernels (the CPU's)."""
+
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, channels,
-                group):
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum,
+                channels, group, fusion):
         if input.size(1) == channels:
             mean, var = ops.batch_norm_moments(input)
             count = input.numel() // channels
         else:  # still join the collective so that no rank hangs; every rank then raises
             mean = var = torch.zeros(channels, device=input.device)
             count = 0
+        residual_ok = _residual_matches(input, residual)
         local = torch.cat([
-            torch.tensor([count, input.size(1)], dtype=torch.float64, device=input.device),
+            torch.tensor([count, input.size(1), residual_ok], dtype=torch.float64,
+                         device=input.device),
             mean.double(), var.double()])
         rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(rows, local, group=group)
+        if not residual_ok:  # this rank's own, more precise, error
+            ops._check_residual(input, residual)
         total, global_mean, global_var = _merge_moments(torch.stack(rows), channels)
         if total == 1:
             raise ValueError(
@@ -89,31 +121,59 @@ class _SyncBatchNorm(torch.autograd.Function):
             invstd = ops.batch_norm_finalize(
                 global_mean, global_var.to(stat_dtype), total, running_mean, running_var,
                 momentum, eps)
-        ctx.save_for_backward(input, weight, global_mean, invstd)
-        ctx.total, ctx.group = total, group
+        ctx.total, ctx.group, ctx.fusion = total, group, fusion
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return ops.batch_norm_elemt(input, weight, bias, global_mean, invstd)
+        if fusion is None:
+            ctx.save_for_backward(input, weight, global_mean, invstd)
+            return ops.batch_norm_elemt(input, weight, bias, global_mean, invstd)
+        output = ops.batch_norm_act_elemt(input, weight, bias, global_mean, invstd,
+                                          *fusion[:3], residual)
+        # What normext.BatchNormAct keeps (csrc/batch_norm/autograd.cpp): the
+        # output alone where memory_efficient can invert it; else the input,
+        # with the output in place of a residual (not for silu).
+        ctx.from_output = fusion.memory_efficient and ops.batch_norm_weights_invertible(
+            weight, bias)
+        derivative_from_output = (not ctx.from_output and residual is not None
+                                  and fusion.activation != "silu")
+        ctx.save_for_backward(
+            output if ctx.from_output else input, weight, global_mean, invstd, bias,
+            None if derivative_from_output else residual,
+            output if derivative_from_output else None)
+        return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        input, weight, mean, invstd = ctx.saved_tensors
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
-            grad_out, input, mean, invstd, weight)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
+        saved, weight, mean, invstd, *fused = ctx.saved_tensors
+        if ctx.fusion is None:
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
+                grad_out, saved, mean, invstd, weight)
+        else:
+            bias, residual, output = fused
+            fused_args = (residual, output, weight, bias, mean, invstd)
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_act_backward_reduce(
+                grad_out, saved, *fused_args, *ctx.fusion[:3], ctx.from_output)
+        grad_input = grad_residual = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
             sums = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(sums, group=ctx.group)
             sum_dy, sum_dy_xmu = sums.chunk(2)
             if ctx.total == 0:
                 grad_input = torch.empty_like(grad_out)
-            else:
+                grad_residual = torch.empty_like(grad_out)
+            elif ctx.fusion is None:
                 grad_input = ops.batch_norm_backward_elemt(
-                    grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, ctx.total)
+                    grad_out, saved, mean, invstd, weight, sum_dy, sum_dy_xmu, ctx.total)
+            else:
+                grad_input, grad_residual = ops.batch_norm_act_backward_elemt(
+                    grad_out, saved, *fused_args, sum_dy, sum_dy_xmu, ctx.total,
+                    *ctx.fusion[:3], ctx.from_output)
         # Parameter gradients stay local: DistributedDataParallel averages them.
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return (grad_input if ctx.needs_input_grad[0] else None, grad_weight, grad_bias,
+                grad_residual if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None, None, None)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -144,6 +204,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, torch.fx.Proxy):
             return traced_as_leaf(self, input)
+        return self._sync_forward(input, None, None)
+
+    def _sync_forward(self, input: torch.Tensor, residual: torch.Tensor | None,
+                      fusion: _Fusion | None) -> torch.Tensor:
         self._check_input_dim(input)
         group = self.process_group or (dist.group.WORLD if dist.is_available() else None)
         distributed = (self.training and dist.is_available() and dist.is_initialized()
@@ -160,8 +224,12 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
         if not distributed:
-            return functional.batch_norm(input, running_mean, running_var, self.weight,
-                                         self.bias, use_batch_stats, factor, self.eps)
+            if fusion is None:
+                return functional.batch_norm(input, running_mean, running_var, self.weight,
+                                             self.bias, use_batch_stats, factor, self.eps)
+            return functional.batch_norm_act(input, running_mean, running_var, self.weight,
+                                             self.bias, use_batch_stats, factor, self.eps,
+                                             *fusion[:3], residual, fusion.memory_efficient)
         functional._check_eps(self.eps, True)
         functional._check_momentum(factor)
         # A layer without per-channel tensors takes any channel count, as
@@ -169,18 +237,45 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         has_channel_state = any(t is not None for t in (self.weight, self.bias, running_mean,
                                                         running_var))
         channels = self.num_features if has_channel_state else _agreed_channel_count(input, group)
-        return _SyncBatchNorm.apply(input, self.weight, self.bias, running_mean, running_var,
-                                    self.eps, factor, channels, group)
+        if fusion is None or input.device.type == "cpu":
+            return _SyncBatchNorm.apply(input, self.weight, self.bias, residual, running_mean,
+                                        running_var, self.eps, factor, channels, group, fusion)
+        # No fused kernels off the CPU: the synchronized batch norm, then the add
+        # and the activation (what functional.batch_norm_act composes there).
+        if not _residual_matches(input, residual):
+            ops._check_residual(input, residual)
+        z = _SyncBatchNorm.apply(input, self.weight, self.bias, None, running_mean, running_var,
+                                 self.eps, factor, channels, group, None)
+        return functional._ACTIVATION_FUNCTIONS[fusion.activation](
+            z if residual is None else z + residual, *fusion[1:3])
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Like torch.nn.SyncBatchNorm.convert_sync_batchnorm, for torch.nn's and
         normext's BatchNorm layers: the new layers share the old ones'
-        parameters and buffers."""
+        parameters and buffers. normext's BatchNormAct layers, and timm's
+        BatchNormAct2d that normext.convert fuses, become SyncBatchNormAct
+        layers with their activation; other BatchNorm subclasses with an
+        activation of their own are left alone."""
+        from .fuse import is_timm_batch_norm_act, timm_activation  # (fuse imports this module)
         converted = module
+        fusion = None
+        if isinstance(module, _BatchNormAct):
+            fusion = _Fusion(module.activation, module.negative_slope, module.alpha,
+                             module.memory_efficient)
+        elif timm_activation(module) is not None:
+            fusion = _Fusion(*timm_activation(module), False)
+        elif is_timm_batch_norm_act(module):  # with an activation or drop layer normext lacks
+            return module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
+            if fusion is None:
+                converted = SyncBatchNorm(module.num_features, module.eps, module.momentum,
+                                          module.affine, module.track_running_stats,
+                                          process_group)
+            else:
+                converted = SyncBatchNormAct(
+                    module.num_features, module.eps, module.momentum, module.affine,
+                    module.track_running_stats, *fusion, process_group=process_group)
             if module.affine:
                 with torch.no_grad():
                     converted.weight = module.weight
@@ -191,6 +286,24 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             converted.training = module.training
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
+            if fusion is not None:
+                return converted  # (timm's act and drop: in the fused layer)
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+
+class SyncBatchNormAct(_BatchNormAct, SyncBatchNorm):
+    """normext.BatchNormAct2d (any input rank, as SyncBatchNorm) with batch
+    statistics over the ranks of `process_group`: activation(batch_norm(input)
+    + residual), the same constructor with process_group=, the same
+    state_dict. memory_efficient keeps the output as BatchNormAct does.
+
+    The CPU runs the fused kernels; off the CPU (no fused CUDA kernels yet)
+    the synchronized batch norm is followed by torch's add and activation."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input, residual)
+        return self._sync_forward(input, residual, _Fusion(
+            self.activation, self.negative_slope, self.alpha, self.memory_efficient))

@@ -207,11 +207,17 @@ class _SmallCNN(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def _check_ddp(rank, world_size, sizes):
+def _check_ddp(rank, world_size, sizes, fused=False):
     torch.manual_seed(0)
     model = _SmallCNN().double()
     reference = copy.deepcopy(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(normext.convert(model, sync=True))
+    if fused:
+        synced = normext.fuse(model, sync=True)
+        assert sum(type(m) is normext.SyncBatchNormAct for m in synced.modules()) == 2
+        assert sum(type(m) is normext.SyncBatchNorm for m in synced.modules()) == 1
+    else:
+        synced = normext.convert(model, sync=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(synced)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
     total = sum(sizes)
@@ -246,6 +252,10 @@ def test_ddp_training_matches_single_process():
     _run(2, _check_ddp, [5, 3])
 
 
+def test_ddp_training_fused_sync_matches_single_process():
+    _run(2, _check_ddp, [5, 3], True)
+
+
 def test_no_process_group_runs_locally():
     assert not dist.is_initialized()
     torch.manual_seed(0)
@@ -271,3 +281,134 @@ def test_convert_sync_keeps_parameters():
     assert isinstance(converted[2], normext.SyncBatchNorm)
     assert converted[1].weight is weight
     assert converted[2].weight is None
+
+
+# ---- SyncBatchNormAct: the fused layer with statistics over the ranks
+
+_ACTIVATIONS = {
+    "identity": torch.nn.Identity(), "relu": torch.nn.ReLU(), "relu6": torch.nn.ReLU6(),
+    "leaky_relu": torch.nn.LeakyReLU(0.1), "elu": torch.nn.ELU(0.7), "silu": torch.nn.SiLU(),
+}
+
+
+def _check_act_layers(rank, world_size, sizes, memory_format, cases):
+    """For each (activation, with residual, memory_efficient, weight 0 in a
+    channel): SyncBatchNormAct on this rank's slice against torch's BatchNorm2d,
+    add and activation on the whole batch, over two training steps."""
+    torch.manual_seed(0)
+    C = 4
+    mine = _slices(sizes)[rank]
+    tol = dict(rtol=1e-9, atol=1e-9)
+    for activation, with_residual, memory_efficient, zero_weight in cases:
+        act = _ACTIVATIONS[activation]
+        reference = torch.nn.BatchNorm2d(C).double()
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-1, 1)
+            if zero_weight:
+                reference.weight[1] = 0
+        fused = normext.BatchNormAct2d(
+            C, activation=activation, negative_slope=getattr(act, "negative_slope", 0.01),
+            alpha=getattr(act, "alpha", 1.0), memory_efficient=memory_efficient).double()
+        fused.load_state_dict(reference.state_dict())
+        sync = normext.convert(fused, sync=True)
+        assert type(sync) is normext.SyncBatchNormAct and sync.weight is fused.weight
+        assert (sync.activation, sync.memory_efficient) == (activation, memory_efficient)
+        for step in range(2):
+            x = (torch.randn(sum(sizes), C, 3, 5, dtype=torch.float64) * 2 + 3).contiguous(
+                memory_format=memory_format)
+            r = torch.randn_like(x) if with_residual else None
+            grad = torch.randn_like(x)
+            x_full = x.clone().requires_grad_()
+            r_full = r.clone().requires_grad_() if with_residual else None
+            z = reference(x_full)
+            out_full = act(z + r_full if with_residual else z)
+            out_full.backward(grad)
+
+            x_local = x[mine].clone().requires_grad_()
+            r_local = r[mine].clone().requires_grad_() if with_residual else None
+            out_local = sync(x_local, r_local)
+            if sizes[rank] > 0:  # memory_efficient keeps the output, unless a weight is 0
+                kept = out_local.grad_fn.saved_tensors[0]
+                assert (kept.data_ptr() == out_local.data_ptr()) == (
+                    memory_efficient and not zero_weight)
+            out_local.backward(grad[mine])
+
+            case = f"{activation} residual={with_residual} me={memory_efficient} step {step}"
+            torch.testing.assert_close(out_local, out_full[mine], **tol, msg=case)
+            torch.testing.assert_close(x_local.grad, x_full.grad[mine], **tol, msg=case)
+            if with_residual:
+                torch.testing.assert_close(r_local.grad, r_full.grad[mine], **tol, msg=case)
+            for name in ("weight", "bias"):
+                summed = getattr(sync, name).grad.clone()
+                dist.all_reduce(summed)
+                torch.testing.assert_close(summed, getattr(reference, name).grad, **tol,
+                                           msg=case)
+            torch.testing.assert_close(sync.running_mean, reference.running_mean, **tol)
+            torch.testing.assert_close(sync.running_var, reference.running_var, **tol)
+            assert int(sync.num_batches_tracked) == step + 1
+            for module in (sync, reference):
+                module.zero_grad()
+        if sizes[rank] > 0:
+            assert out_local.is_contiguous(memory_format=memory_format)
+
+
+_ACT_CASES = [(a, r, False, False) for a in _ACTIVATIONS for r in (False, True)] + [
+    ("leaky_relu", False, True, False), ("elu", True, True, False),
+    ("identity", True, True, False), ("leaky_relu", True, True, True)]
+
+
+def test_sync_act_matches_full_batch():
+    _run(2, _check_act_layers, [3, 4], torch.contiguous_format, _ACT_CASES)
+
+
+def test_sync_act_empty_rank_channels_last():
+    cases = [("relu", True, False, False), ("silu", True, False, False),
+             ("elu", True, True, False)]
+    _run(3, _check_act_layers, [2, 0, 5], torch.channels_last, cases)
+
+
+def _check_act_residual_mismatch(rank, world_size):
+    """A residual of the wrong shape on one rank: every rank raises, none hangs."""
+    layer = normext.SyncBatchNormAct(3)
+    x = torch.randn(2, 3, 4, 4)
+    residual = torch.randn(2, 3, 4, 4 if rank == 0 else 3)
+    match = "residual of shape" if rank == 1 else "rank 1 of the process group got a residual"
+    with pytest.raises(RuntimeError, match=match):
+        layer(x, residual)
+    assert torch.isfinite(layer(x, torch.randn_like(x))).all()  # the group still works
+
+
+def test_sync_act_residual_mismatch_raises_on_every_rank():
+    _run(2, _check_act_residual_mismatch)
+
+
+def test_sync_act_without_process_group_is_batch_norm_act():
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    x, r = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    layer = normext.SyncBatchNormAct(3, activation="elu", alpha=0.5, memory_efficient=True)
+    reference = normext.BatchNormAct2d(3, activation="elu", alpha=0.5)
+    torch.testing.assert_close(layer(x, r), reference(x, r))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    assert layer.state_dict().keys() == torch.nn.BatchNorm2d(3).state_dict().keys()
+    flags = torch.nn.BatchNorm2d(3).extra_repr()  # (bias=True in torch >= 2.12)
+    assert repr(layer) == f"SyncBatchNormAct({flags}, activation=elu, alpha=0.5, " \
+                          "memory_efficient=True)"
+    with pytest.raises(ValueError, match="needs an invertible activation"):
+        normext.SyncBatchNormAct(3, activation="relu", memory_efficient=True)
+
+
+def test_convert_sync_timm_batch_norm_act():
+    timm_norm = pytest.importorskip("timm.layers.norm_act")
+    fusable = timm_norm.BatchNormAct2d(4, act_layer=torch.nn.SiLU)
+    model = torch.nn.Sequential(fusable, timm_norm.BatchNormAct2d(4, act_layer=torch.nn.GELU))
+    converted = normext.convert(model, sync=True)
+    assert type(converted[0]) is normext.SyncBatchNormAct
+    assert converted[0].activation == "silu" and converted[0].weight is fusable.weight
+    assert not dict(converted[0].named_children())  # timm's act and drop are in the fused layer
+    assert type(converted[1]) is timm_norm.BatchNormAct2d  # gelu: normext has no fused gelu
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 4, 3, 3)
+    reference = copy.deepcopy(model)
+    torch.testing.assert_close(converted(x), reference(x))

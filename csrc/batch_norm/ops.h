@@ -91,17 +91,18 @@ struct BatchNormOps {
   static at::Tensor elemt(const at::Tensor& input, const OptionalTensor& weight,
                           const OptionalTensor& bias, const at::Tensor& mean,
                           const at::Tensor& invstd) {
-    check_input(input);
-    check_params(input, weight, bias, {}, {});
-    check_stat(input, mean, "mean");
-    check_stat(input, invstd, "invstd");
-    const ChannelView view = channel_view(input);
-    at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
-    if (input.numel() > 0) {
-      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
-                         output);
-    }
-    return output;
+    return fused_elemt(input, weight, bias, mean, invstd, {}, {});
+  }
+
+  // elemt with the output activation(affine + residual): the synchronized
+  // fused batch norm's forward, after its statistics.
+  static at::Tensor elemt_act(const at::Tensor& input, const OptionalTensor& weight,
+                              const OptionalTensor& bias, const at::Tensor& mean,
+                              const at::Tensor& invstd, c10::string_view activation,
+                              double negative_slope, double alpha,
+                              const OptionalTensor& residual) {
+    return fused_elemt(input, weight, bias, mean, invstd,
+                       activation_spec(activation, negative_slope, alpha), residual);
   }
 
   // (sum dy, sum dy*(x-mean), grad_weight, grad_bias); the gradients have the
@@ -218,32 +219,11 @@ struct BatchNormOps {
       const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
       c10::string_view activation, double negative_slope, double alpha, bool saved_is_output,
       bool parameter_grads) {
-    check_input(saved);
-    check_same_as_input(saved, grad_out, "grad_output");
-    if (residual.has_value()) check_same_as_input(saved, *residual, "residual");
-    if (output.has_value()) check_same_as_input(saved, *output, "output");
-    check_params(saved, weight, bias, {}, {});
+    auto [view, dy, fused] = fused_grad_inputs(grad_out, saved, residual, output, weight, bias,
+                                               activation, negative_slope, alpha,
+                                               saved_is_output, true);
     check_stat(saved, save_mean, "save_mean");
     check_stat(saved, save_invstd, "save_invstd");
-    FusedGrad fused;
-    fused.fusion.activation = activation_spec(activation, negative_slope, alpha);
-    if (saved_is_output) check_invertible(fused.fusion.activation);
-    TORCH_CHECK_VALUE(!output.has_value() || (!saved_is_output && !residual.has_value() &&
-                                              fused.fusion.activation.kind != Activation::kSilu),
-                      "batch_norm_act_backward: an output is given with the forward's input, "
-                      "in place of the residual, and not for silu");
-    const ChannelView view = channel_view(saved);
-    const at::Tensor dy = in_layout_of(view, grad_out);
-    const OptionalTensor& beside = residual.has_value() ? residual : output;
-    if (beside.has_value()) {
-      const at::Tensor dense = in_layout_of(view, *beside);
-      (residual.has_value() ? fused.fusion.residual : fused.output) = dense;
-      fused.grad_residual = Kernels::empty_output(
-          view, {dy.const_data_ptr(), view.data.const_data_ptr(), dense.const_data_ptr()});
-    }
-    fused.weight = value_or_undefined(weight);
-    fused.bias = value_or_undefined(bias);
-    fused.from_output = saved_is_output;
     at::Tensor dx, grad_weight, grad_bias;
     if (training || parameter_grads) {
       at::Tensor sum_dy, sum_dy_xmu;
@@ -259,7 +239,124 @@ struct BatchNormOps {
     return {dx, fused.grad_residual, grad_weight, grad_bias};
   }
 
+  // backward_reduce through forward_act's fusion, from the tensors
+  // backward_act reads: (sum dz, sum dz*(x-mean), grad_weight, grad_bias).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_reduce_act(
+      const at::Tensor& grad_out, const at::Tensor& saved, const OptionalTensor& residual,
+      const OptionalTensor& output, const OptionalTensor& weight, const OptionalTensor& bias,
+      const at::Tensor& mean, const at::Tensor& invstd, c10::string_view activation,
+      double negative_slope, double alpha, bool saved_is_output) {
+    auto [view, dy, fused] = fused_grad_inputs(grad_out, saved, residual, output, weight, bias,
+                                               activation, negative_slope, alpha,
+                                               saved_is_output, false);
+    check_stat(saved, mean, "mean");
+    check_stat(saved, invstd, "invstd");
+    return reduce(dy, view, mean, invstd, weight, fused);
+  }
+
+  // backward_elemt through forward_act's fusion: (grad_input, grad_residual),
+  // grad_residual defined where a residual or an output is given.
+  static std::tuple<at::Tensor, at::Tensor> backward_elemt_act(
+      const at::Tensor& grad_out, const at::Tensor& saved, const OptionalTensor& residual,
+      const OptionalTensor& output, const OptionalTensor& weight, const OptionalTensor& bias,
+      const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dy,
+      const at::Tensor& sum_dy_xmu, double count, c10::string_view activation,
+      double negative_slope, double alpha, bool saved_is_output) {
+    auto [view, dy, fused] = fused_grad_inputs(grad_out, saved, residual, output, weight, bias,
+                                               activation, negative_slope, alpha,
+                                               saved_is_output, true);
+    for (const auto& [stat, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"},
+                                     {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}}) {
+      check_stat(saved, *stat, name);
+    }
+    check_count(count, "batch_norm_act_backward_elemt");
+    at::Tensor dx =
+        grad_input(dy, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, fused);
+    return {dx, fused.grad_residual};
+  }
+
+  // common.h weights_invertible, for the synchronized layer's memory_efficient mode.
+  static bool invertible(const at::Tensor& weight, const OptionalTensor& bias) {
+    return weights_invertible(weight, value_or_undefined(bias));
+  }
+
  private:
+  static at::Tensor fused_elemt(const at::Tensor& input, const OptionalTensor& weight,
+                                const OptionalTensor& bias, const at::Tensor& mean,
+                                const at::Tensor& invstd, const ActivationSpec& activation,
+                                const OptionalTensor& residual) {
+    check_input(input);
+    check_params(input, weight, bias, {}, {});
+    check_stat(input, mean, "mean");
+    check_stat(input, invstd, "invstd");
+    if (residual.has_value()) check_same_as_input(input, *residual, "residual");
+    const ChannelView view = channel_view(input);
+    const Fusion fusion = fusion_of(view, activation, residual);
+    at::Tensor output = Kernels::empty_output(view, reads_of(view, fusion));
+    if (input.numel() > 0) {
+      Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
+                         output, fusion);
+    }
+    return output;
+  }
+
+  // The forward's fusion, its residual dense in view's layout.
+  static Fusion fusion_of(const ChannelView& view, const ActivationSpec& activation,
+                          const OptionalTensor& residual) {
+    return {activation, residual.has_value() ? in_layout_of(view, *residual) : at::Tensor()};
+  }
+
+  // The buffers the forward reads (an output allocated from the cache must not alias them).
+  static std::vector<const void*> reads_of(const ChannelView& view, const Fusion& fusion) {
+    std::vector<const void*> reads{view.data.const_data_ptr()};
+    if (fusion.residual.defined()) reads.push_back(fusion.residual.const_data_ptr());
+    return reads;
+  }
+
+  struct FusedGradInputs {
+    ChannelView view;
+    at::Tensor dy;  // in view's layout
+    FusedGrad fused;
+  };
+
+  // The fused backward ops' shared checks and inputs: the view of `saved`, dy
+  // in its layout and the FusedGrad, with grad_residual allocated (where a
+  // residual or an output is given) if `writes_grad_residual`.
+  static FusedGradInputs fused_grad_inputs(
+      const at::Tensor& grad_out, const at::Tensor& saved, const OptionalTensor& residual,
+      const OptionalTensor& output, const OptionalTensor& weight, const OptionalTensor& bias,
+      c10::string_view activation, double negative_slope, double alpha, bool saved_is_output,
+      bool writes_grad_residual) {
+    check_input(saved);
+    check_same_as_input(saved, grad_out, "grad_output");
+    if (residual.has_value()) check_same_as_input(saved, *residual, "residual");
+    if (output.has_value()) check_same_as_input(saved, *output, "output");
+    check_params(saved, weight, bias, {}, {});
+    FusedGrad fused;
+    fused.fusion.activation = activation_spec(activation, negative_slope, alpha);
+    if (saved_is_output) check_invertible(fused.fusion.activation);
+    TORCH_CHECK_VALUE(!output.has_value() || (!saved_is_output && !residual.has_value() &&
+                                              fused.fusion.activation.kind != Activation::kSilu),
+                      "batch_norm_act_backward: an output is given with the forward's input, "
+                      "in place of the residual, and not for silu");
+    FusedGradInputs inputs{channel_view(saved), at::Tensor(), fused};
+    const ChannelView& view = inputs.view;
+    inputs.dy = in_layout_of(view, grad_out);
+    const OptionalTensor& beside = residual.has_value() ? residual : output;
+    if (beside.has_value()) {
+      const at::Tensor dense = in_layout_of(view, *beside);
+      (residual.has_value() ? inputs.fused.fusion.residual : inputs.fused.output) = dense;
+      if (writes_grad_residual) {
+        inputs.fused.grad_residual = Kernels::empty_output(
+            view, {inputs.dy.const_data_ptr(), view.data.const_data_ptr(), dense.const_data_ptr()});
+      }
+    }
+    inputs.fused.weight = value_or_undefined(weight);
+    inputs.fused.bias = value_or_undefined(bias);
+    inputs.fused.from_output = saved_is_output;
+    return inputs;
+  }
+
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
       const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
       const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
@@ -284,13 +381,8 @@ struct BatchNormOps {
     } else {  // mean and variance 0 (mean serves as both); the running stats are left alone
       Kernels::finalize(mean, mean, 0.0, {}, {}, momentum, eps, invstd);
     }
-    Fusion fusion{activation, {}};
-    std::vector<const void*> reads{view.data.const_data_ptr()};
-    if (residual.has_value()) {
-      fusion.residual = in_layout_of(view, *residual);
-      reads.push_back(fusion.residual.const_data_ptr());
-    }
-    at::Tensor output = Kernels::empty_output(view, reads);
+    const Fusion fusion = fusion_of(view, activation, residual);
+    at::Tensor output = Kernels::empty_output(view, reads_of(view, fusion));
     if (input.numel() > 0) {
       Kernels::normalize(view, mean, invstd, value_or_undefined(weight), value_or_undefined(bias),
                          output, fusion);
@@ -372,6 +464,10 @@ void register_batch_norm_ops(torch::Library& m) {
   m.impl("batch_norm_act_forward", &Ops::forward_act);
   m.impl("batch_norm_act_backward", &Ops::backward_act);
   m.impl("batch_norm_act", &Ops::output_act);
+  m.impl("batch_norm_act_elemt", &Ops::elemt_act);
+  m.impl("batch_norm_act_backward_reduce", &Ops::backward_reduce_act);
+  m.impl("batch_norm_act_backward_elemt", &Ops::backward_elemt_act);
+  m.impl("batch_norm_weights_invertible", &Ops::invertible);
 }
 
 }  // namespace normext::batch_norm

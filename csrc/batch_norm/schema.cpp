@@ -54,4 +54,23 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
       "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, "
       "float negative_slope, float alpha, Tensor? residual, bool memory_efficient) -> Tensor");
+  // The synchronized fused batch norm's pieces: batch_norm_elemt,
+  // batch_norm_backward_reduce and batch_norm_backward_elemt through the
+  // fusion, reading what batch_norm_act_backward reads; and whether
+  // memory_efficient can keep the output (every |weight| >= 1e-3 * max(1, |bias|)).
+  m.def(
+      "batch_norm_act_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, str activation, float negative_slope, float alpha, Tensor? residual) "
+      "-> Tensor");
+  m.def(
+      "batch_norm_act_backward_reduce(Tensor grad_out, Tensor saved, Tensor? residual, "
+      "Tensor? output, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "str activation, float negative_slope, float alpha, bool saved_is_output) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_act_backward_elemt(Tensor grad_out, Tensor saved, Tensor? residual, "
+      "Tensor? output, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor sum_dy, Tensor sum_dy_xmu, float count, str activation, float negative_slope, "
+      "float alpha, bool saved_is_output) -> (Tensor grad_input, Tensor grad_residual)");
+  m.def("batch_norm_weights_invertible(Tensor weight, Tensor? bias) -> bool");
 }
