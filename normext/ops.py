@@ -378,8 +378,9 @@ def batch_norm_act_backward_elemt(
 
 def batch_norm_weights_invertible(weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether memory_efficient can recover the normalized input from the
-    output: every |weight| >= 1e-3 * max(1, |bias|) (a device-to-host copy)."""
-    return weight is None or _ops.batch_norm_weights_invertible.default(weight, bias)
+    output: every |weight| >= 1e-3 * max(1, |bias|) (a device-to-host copy
+    of the answer)."""
+    return weight is None or bool(_ops.batch_norm_weights_invertible.default(weight, bias))
 
 
 @torch.library.register_fake("normext::batch_norm_act_elemt")
@@ -397,6 +398,14 @@ def _(grad_out, saved, residual, output, weight, bias, mean, invstd, activation,
                       alpha, saved_is_output, mean=mean, invstd=invstd)
     grad_type = _param_dtype(saved, weight)
     return _stat(saved), _stat(saved), _stat(saved).to(grad_type), _stat(saved).to(grad_type)
+
+
+@torch.library.register_fake("normext::batch_norm_weights_invertible")
+def _(weight, bias):
+    torch._check(bias is None or (bias.numel() == weight.numel() and bias.device == weight.device),
+                 lambda: f"batch_norm_weights_invertible: expected a bias of {weight.numel()} "
+                         f"elements on {weight.device}")
+    return weight.new_empty((), dtype=torch.bool)
 
 
 @torch.library.register_fake("normext::batch_norm_act_backward_elemt")

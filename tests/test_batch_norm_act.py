@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import normext
+from normext import ops
 from normext.functional import batch_norm_act
 from conftest import assert_close, assert_layout_like_torch, layout_variants
 
@@ -257,3 +258,17 @@ def test_residual_is_kept_only_for_silu(activation, kept):
     assert (gone() is not None) == kept
     out.square().sum().backward()
     assert torch.isfinite(r0.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_weights_invertible_rule():
+    """memory_efficient keeps the output only where every |weight| >= 1e-3 *
+    max(1, |bias|): a weight of 0, a NaN or one too small for its bias falls back."""
+    w = torch.tensor([1.0, -0.5, 2e-3])
+    assert ops.batch_norm_weights_invertible(w, None)
+    assert ops.batch_norm_weights_invertible(w, torch.tensor([0.0, 3.0, 2.0]))
+    assert not ops.batch_norm_weights_invertible(w, torch.tensor([0.0, 0.0, 2.5]))
+    assert not ops.batch_norm_weights_invertible(torch.tensor([1.0, 0.0]), None)
+    assert not ops.batch_norm_weights_invertible(torch.tensor([1.0, float("nan")]), None)
+    assert ops.batch_norm_weights_invertible(None, torch.tensor([5.0]))
+    with pytest.raises(RuntimeError, match="expected a bias of 3 elements"):
+        ops.batch_norm_weights_invertible(w, torch.ones(2))

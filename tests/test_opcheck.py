@@ -136,6 +136,26 @@ def _fused_samples(device):
                 samples.append((f"act_backward-with_output-{tag}", "batch_norm_act_backward",
                                 (dy, xl, None, out, w, b, mean, invstd, True, act, 0.1, 0.5,
                                  False, True)))
+            sums = ops.batch_norm_act_backward_reduce(dy, xl, residual, None, w, b, mean,
+                                                      invstd, act, 0.1, 0.5, False)
+            count = float(xl.numel() // xl.shape[1])
+            samples += [
+                (f"act_elemt-{tag}", "batch_norm_act_elemt",
+                 (xl, w, b, mean, invstd, act, 0.1, 0.5, residual)),
+                (f"act_backward_reduce-{tag}", "batch_norm_act_backward_reduce",
+                 (dy, xl, residual, None, w, b, mean, invstd, act, 0.1, 0.5, False)),
+                (f"act_backward_elemt-{tag}", "batch_norm_act_backward_elemt",
+                 (dy, xl, residual, None, w, b, mean, invstd, *sums[:2], count, act, 0.1, 0.5,
+                  False)),
+            ]
+            if act in ("leaky_relu", "elu"):
+                samples += [
+                    (f"act_backward_reduce-from_output-{tag}", "batch_norm_act_backward_reduce",
+                     (dy, out, residual, None, w, b, mean, invstd, act, 0.1, 0.5, True)),
+                    (f"act_backward_elemt-from_output-{tag}", "batch_norm_act_backward_elemt",
+                     (dy, out, residual, None, w, b, mean, invstd, *sums[:2], count, act, 0.1,
+                      0.5, True)),
+                ]
             if act in ("leaky_relu", "elu"):
                 samples += [
                     (f"act_backward-from_output-{tag}", "batch_norm_act_backward",
@@ -151,6 +171,12 @@ def _fused_samples(device):
         ("act_backward-eval-frozen", "batch_norm_act_backward",
          (torch.randn_like(x), x, None, None, w, b, rm, torch.rsqrt(rv + 1e-5), False, "relu6",
           0.1, 0.5, False, False)),
+        ("weights_invertible", "batch_norm_weights_invertible", (w, b)),
+        ("weights_invertible-zero-nobias", "batch_norm_weights_invertible", (w * 0, None)),
+        ("act_backward_elemt-with_output", "batch_norm_act_backward_elemt",
+         (torch.randn_like(x), x, None, torch.relu(x), w, b, x.mean((0, 2, 3)),
+          torch.ones(4, dtype=x.dtype), torch.randn(4, dtype=x.dtype),
+          torch.randn(4, dtype=x.dtype), 45.0, "relu", 0.1, 0.5, False)),
         ("act-eval-noaffine", "batch_norm_act",
          (_leaf(x), None, None, rm.clone(), rv.clone(), False, 0.1, 1e-5, "identity", 0.1, 0.5,
           None, True)),

@@ -1,6 +1,7 @@
 #include "batch_norm/common.h"
 
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/ones_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -141,18 +142,16 @@ void check_invertible(const ActivationSpec& activation) {
                     "negative_slope > 0, or elu with alpha > 0");
 }
 
+at::Tensor invertible_weights(const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor w = weight.detach().to(at::kDouble).abs().reshape(-1);
+  const at::Tensor scale = bias.defined()
+                               ? bias.detach().to(at::kDouble).abs().reshape(-1).clamp_min(1.0)
+                               : at::ones_like(w);
+  return w.ge(scale.mul(kMinInvertibleWeight)).all();  // a NaN weight compares false
+}
+
 bool weights_invertible(const at::Tensor& weight, const at::Tensor& bias) {
-  if (!weight.defined()) return true;
-  const at::Tensor w = weight.detach().to(at::kCPU, at::kDouble).contiguous();
-  const at::Tensor b = bias.defined() ? bias.detach().to(at::kCPU, at::kDouble).contiguous()
-                                      : at::Tensor();
-  const double* wp = w.const_data_ptr<double>();
-  const double* bp = b.defined() ? b.const_data_ptr<double>() : nullptr;
-  for (int64_t c = 0; c < w.numel(); ++c) {
-    const double limit = kMinInvertibleWeight * std::max(1.0, bp ? std::fabs(bp[c]) : 0.0);
-    if (!(std::fabs(wp[c]) >= limit)) return false;  // NaN too
-  }
-  return true;
+  return !weight.defined() || invertible_weights(weight, bias).item<bool>();
 }
 
 }  // namespace normext::batch_norm

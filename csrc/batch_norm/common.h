@@ -59,9 +59,11 @@ void check_invertible(const ActivationSpec& activation);
 
 // Whether every channel's affine can be inverted from the output to the
 // normalized input to float accuracy: |weight| >= kMinInvertibleWeight *
-// max(1, |bias|) (an undefined weight is 1). Reads the values on the host (a
-// device-to-host copy for a GPU tensor).
+// max(1, |bias|), as a 0-dim bool tensor on the weight's device.
 constexpr double kMinInvertibleWeight = 1e-3;
+at::Tensor invertible_weights(const at::Tensor& weight, const at::Tensor& bias);
+// The same as a bool (one device-to-host copy of it for a GPU tensor); true
+// for an undefined weight (1).
 bool weights_invertible(const at::Tensor& weight, const at::Tensor& bias);
 
 // Picks the layout the strides suggest (channels_last(_3d) or contiguous, as

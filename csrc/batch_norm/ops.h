@@ -275,9 +275,13 @@ struct BatchNormOps {
     return {dx, fused.grad_residual};
   }
 
-  // common.h weights_invertible, for the synchronized layer's memory_efficient mode.
-  static bool invertible(const at::Tensor& weight, const OptionalTensor& bias) {
-    return weights_invertible(weight, value_or_undefined(bias));
+  // common.h invertible_weights, for the synchronized layer's memory_efficient mode.
+  static at::Tensor invertible(const at::Tensor& weight, const OptionalTensor& bias) {
+    TORCH_CHECK(!bias.has_value() ||
+                    (bias->numel() == weight.numel() && bias->device() == weight.device()),
+                "batch_norm_weights_invertible: expected a bias of ", weight.numel(),
+                " elements on ", weight.device());
+    return invertible_weights(weight, value_or_undefined(bias));
   }
 
  private:

@@ -57,7 +57,8 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
   // The synchronized fused batch norm's pieces: batch_norm_elemt,
   // batch_norm_backward_reduce and batch_norm_backward_elemt through the
   // fusion, reading what batch_norm_act_backward reads; and whether
-  // memory_efficient can keep the output (every |weight| >= 1e-3 * max(1, |bias|)).
+  // memory_efficient can keep the output (every |weight| >= 1e-3 * max(1, |bias|)),
+  // a 0-dim bool tensor.
   m.def(
       "batch_norm_act_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor invstd, str activation, float negative_slope, float alpha, Tensor? residual) "
@@ -72,5 +73,5 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
       "Tensor? output, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
       "Tensor sum_dy, Tensor sum_dy_xmu, float count, str activation, float negative_slope, "
       "float alpha, bool saved_is_output) -> (Tensor grad_input, Tensor grad_residual)");
-  m.def("batch_norm_weights_invertible(Tensor weight, Tensor? bias) -> bool");
+  m.def("batch_norm_weights_invertible(Tensor weight, Tensor? bias) -> Tensor");
 }
