@@ -272,3 +272,62 @@ def test_weights_invertible_rule():
     assert ops.batch_norm_weights_invertible(None, torch.tensor([5.0]))
     with pytest.raises(RuntimeError, match="expected a bias of 3 elements"):
         ops.batch_norm_weights_invertible(w, torch.ones(2))
+
+
+class _ResidualBlock(torch.nn.Module):
+    """conv-BN-ReLU, conv-BN, add the input, ReLU: fuse gives two fused layers."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels, momentum=0.3)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+def _train_steps(model, reference, steps=2):
+    """Outputs, input gradients and state of `model` against `reference` (torch's layers)."""
+    for step in range(steps):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, expected = model(x), reference(x_ref)
+        assert_close(out, expected, msg=f"step {step}: output")
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        assert_close(x.grad, x_ref.grad, msg=f"step {step}: input grad")
+    model = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper)
+    state = model.state_dict()
+    for name, value in reference.state_dict().items():
+        assert_close(state[name], value, msg=name)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name, p in reference.named_parameters():  # accumulated over the steps
+        assert_close(grads[name], p.grad, msg=f"{name}.grad")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_model_torch_export(training):
+    """torch.export of a fused model: each fused layer is one normext op in
+    the graph, and the exported module trains like torch's layers."""
+    torch.manual_seed(0)
+    reference = _ResidualBlock().double().train(training)
+    fused = normext.fuse(copy.deepcopy(reference))
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    exported = torch.export.export(fused, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.normext.batch_norm_act.default) == 2
+    assert torch.ops.aten.relu.default not in targets and torch.ops.aten.add.Tensor not in targets
+    _train_steps(exported.module(), reference)
+
+
+def test_fused_model_compile_fullgraph():
+    """torch.compile(fullgraph=True) of a fused model (no graph breaks) trains
+    like torch's layers."""
+    torch.manual_seed(0)
+    reference = _ResidualBlock().double()
+    compiled = torch.compile(normext.fuse(copy.deepcopy(reference)), backend="aot_eager",
+                             fullgraph=True)
+    _train_steps(compiled, reference)
