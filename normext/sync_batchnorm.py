@@ -237,11 +237,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         has_channel_state = any(t is not None for t in (self.weight, self.bias, running_mean,
                                                         running_var))
         channels = self.num_features if has_channel_state else _agreed_channel_count(input, group)
-        if fusion is None or input.device.type == "cpu":
+        if fusion is None or input.device.type in functional.FUSED_DEVICES:
             return _SyncBatchNorm.apply(input, self.weight, self.bias, residual, running_mean,
                                         running_var, self.eps, factor, channels, group, fusion)
-        # No fused kernels off the CPU: the synchronized batch norm, then the add
-        # and the activation (what functional.batch_norm_act composes there).
+        # Where the layers do not run fused kernels yet (functional.FUSED_DEVICES):
+        # the synchronized batch norm, then torch's add and activation.
         if not _residual_matches(input, residual):
             ops._check_residual(input, residual)
         z = _SyncBatchNorm.apply(input, self.weight, self.bias, None, running_mean, running_var,
@@ -299,8 +299,8 @@ class SyncBatchNormAct(_BatchNormAct, SyncBatchNorm):
     + residual), the same constructor with process_group=, the same
     state_dict. memory_efficient keeps the output as BatchNormAct does.
 
-    The CPU runs the fused kernels; off the CPU (no fused CUDA kernels yet)
-    the synchronized batch norm is followed by torch's add and activation."""
+    The CPU runs the fused kernels; elsewhere (functional.FUSED_DEVICES) the
+    synchronized batch norm is followed by torch's add and activation."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, torch.fx.Proxy):

@@ -43,10 +43,13 @@ def _leaves(*tensors):
 
 
 def _compare(x, w, b, residual, activation, memory_efficient, training, dtype=torch.float64,
-             factor=1.0):
-    """Output, every gradient and the running stats against torch in float64."""
+             factor=1.0, device="cpu"):
+    """Output, every gradient and the running stats against torch in float64.
+    On CUDA the fused op itself runs (the layers compose there: functional.py)."""
     c = x.shape[1]
     rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    x, w, b, residual, rm, rv = (None if t is None else t.to(device)
+                                 for t in (x, w, b, residual, rm, rv))
     x_, r_ = (None if t is None else t.to(dtype) for t in (x, residual))
     if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         x_ = x_.contiguous(memory_format=torch.channels_last)
@@ -55,8 +58,12 @@ def _compare(x, w, b, residual, activation, memory_efficient, training, dtype=to
     xa, ra, wa, ba = _leaves(x_, r_, *params)
     rma = rm.clone() if dtype == torch.float64 else rm.float()
     rva = rv.clone() if dtype == torch.float64 else rv.float()
-    out = batch_norm_act(xa, rma, rva, wa, ba, training, 0.1, 1e-5, activation, 0.1, 0.7, ra,
-                         memory_efficient)
+    if device == "cpu":
+        out = batch_norm_act(xa, rma, rva, wa, ba, training, 0.1, 1e-5, activation, 0.1, 0.7, ra,
+                             memory_efficient)
+    else:
+        out = torch.ops.normext.batch_norm_act(xa, wa, ba, rma, rva, training, 0.1, 1e-5,
+                                               activation, 0.1, 0.7, ra, memory_efficient)
     xr, rr, wr, br = _leaves(x_.double(), None if r_ is None else r_.double(), w, b)
     rmr, rvr = rm.clone(), rv.clone()
     expected = _reference(xr, rmr, rvr, wr, br, training, 0.1, activation, rr)
@@ -77,20 +84,20 @@ def _compare(x, w, b, residual, activation, memory_efficient, training, dtype=to
 @pytest.mark.parametrize("activation,memory_efficient", _modes(ACTIVATIONS))
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_torch_float64(layout, activation, residual, memory_efficient, training):
+def test_matches_torch_float64(layout, activation, residual, memory_efficient, training, device):
     x = layout_variants(torch.randn(4, 6, 5, 3, dtype=torch.float64) * 2 + 1)[layout]
     w = torch.randn(6, dtype=torch.float64)
     w = torch.where(w.abs() < 0.2, w.sign() * 0.2 + 0.1, w)
     r = torch.randn(4, 6, 5, 3, dtype=torch.float64) if residual else None
     _compare(x, w, torch.randn(6, dtype=torch.float64), r, activation, memory_efficient,
-             training)
+             training, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation,memory_efficient",
                          _modes(["relu", "leaky_relu", "elu", "silu"]))
-def test_matches_torch_per_dtype(dtype, layout, activation, memory_efficient):
+def test_matches_torch_per_dtype(dtype, layout, activation, memory_efficient, device):
     x = layout_variants(torch.randn(8, 20, 7, 5, dtype=torch.float64))[layout]
     w = torch.rand(20, dtype=torch.float64) + 0.5
     r = torch.randn(8, 20, 7, 5, dtype=torch.float64)
@@ -98,7 +105,7 @@ def test_matches_torch_per_dtype(dtype, layout, activation, memory_efficient):
     # the output's rounding times (|z| + |bias| + |residual|) / |weight|.
     factor = 4.0 if memory_efficient and dtype != torch.float32 else 1.0
     _compare(x, w, torch.randn(20, dtype=torch.float64) * 0.5, r, activation, memory_efficient,
-             True, dtype, factor)
+             True, dtype, factor, device)
 
 
 @settings(max_examples=30, deadline=None)
@@ -121,12 +128,12 @@ def test_random_shapes(n, c, spatial, activation, residual, memory_efficient, af
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "elu", "identity"])
-def test_memory_efficient_is_exact_for_zero_and_tiny_weights(activation):
+def test_memory_efficient_is_exact_for_zero_and_tiny_weights(activation, device):
     """A weight too small to invert makes the layer keep its input for that call."""
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     w = torch.tensor([1.0, 0.0, 1e-9], dtype=torch.float64)
     _compare(x, w, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), None, activation, True,
-             True)
+             True, device=device)
 
 
 def test_memory_efficient_elu_saturated_outputs_stay_finite():

@@ -363,10 +363,11 @@ def test_more_than_2_31_elements_float16(fmt):
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_batch_norm_act_composes_on_cuda(activation, memory_efficient):
-    """No fused CUDA kernels yet: BatchNormAct2d on CUDA composes normext's
-    batch norm with torch's add and activation; same values and gradients as
-    torch's layers, and the fused op itself raises NotImplementedError."""
+def test_batch_norm_act_layer_on_cuda(activation, memory_efficient):
+    """BatchNormAct2d on CUDA (composed until the fused CUDA kernels have run
+    on a GPU: functional.FUSED_DEVICES): values, gradients and running stats
+    of torch's layers. The fused kernels themselves are compared with torch
+    by tests/test_batch_norm_act.py and test_opcheck.py on CUDA."""
     memory_efficient = memory_efficient and activation == "leaky_relu"
     layer = normext.BatchNormAct2d(8, activation=activation,
                                    memory_efficient=memory_efficient).to(DEVICE)
@@ -383,6 +384,42 @@ def test_batch_norm_act_composes_on_cuda(activation, memory_efficient):
                     torch.autograd.grad(expected, (x, r, ref.weight, ref.bias), g)):
         assert_close(a, b)
     assert_close(layer.running_var, ref.running_var)
-    with pytest.raises(NotImplementedError, match="no CUDA"):
-        normext.ops.batch_norm_act_forward(x.detach(), None, None, None, None, True, 0.1, 1e-5,
-                                           activation, 0.01, 1.0, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_kernels_bit_identical_runs_and_graph_capture(dtype):
+    """The fused CUDA op: the same bits from run to run, and a training
+    forward + backward captured in a CUDA graph replays to the eager result."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 14, 14, device=DEVICE).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    r = torch.randn_like(x)
+    w = torch.rand(32, device=DEVICE) + 0.5
+    b = torch.randn(32, device=DEVICE)
+    g = torch.randn_like(x)
+
+    def step(memory_efficient=False):
+        xs, rs, ws, bs = (t.detach().requires_grad_() for t in (x, r, w, b))
+        out = torch.ops.normext.batch_norm_act(xs, ws, bs, None, None, True, 0.1, 1e-5, "elu",
+                                               0.01, 1.0, rs, memory_efficient)
+        return (out, *torch.autograd.grad(out, (xs, rs, ws, bs), g))
+
+    for memory_efficient in (False, True):
+        first = step(memory_efficient)
+        for a, b_ in zip(first, step(memory_efficient)):
+            assert torch.equal(a, b_)
+    # memory_efficient reads the weights back to the host (whether it can
+    # invert them), which graph capture does not allow: captured without it.
+    first = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b_ in zip(first, captured):
+        assert torch.equal(a, b_)

@@ -107,16 +107,15 @@ def _build_samples(device):
                     (torch.randn(3, 4, 2, 3, device=device).bfloat16(),
                      x.bfloat16(), torch.ones(4, device=device), mean,
                      torch.rsqrt(var + 1e-5), True)))
-    if device == "cpu":  # the fused ops have CPU kernels only, so far
-        samples += _fused_samples(device)
-    return samples
+    return samples + _fused_samples(device)
 
 
 def _fused_samples(device):
     samples = []
-    x = torch.randn(3, 4, 3, 5, device=device, dtype=torch.float64)
-    w, b = torch.rand(4, dtype=x.dtype) + 0.5, torch.randn(4, dtype=x.dtype)
-    rm, rv = torch.randn(4, dtype=x.dtype), torch.rand(4, dtype=x.dtype) + 0.5
+    opts = dict(device=device, dtype=torch.float64)
+    x = torch.randn(3, 4, 3, 5, **opts)
+    w, b = torch.rand(4, **opts) + 0.5, torch.randn(4, **opts)
+    rm, rv = torch.randn(4, **opts), torch.rand(4, **opts) + 0.5
     for layout, xl in layout_variants(x).items():
         r, dy = torch.randn_like(xl), torch.randn_like(xl)
         for act, residual in (("relu", None), ("silu", r), ("leaky_relu", r), ("elu", None)):
@@ -175,8 +174,8 @@ def _fused_samples(device):
         ("weights_invertible-zero-nobias", "batch_norm_weights_invertible", (w * 0, None)),
         ("act_backward_elemt-with_output", "batch_norm_act_backward_elemt",
          (torch.randn_like(x), x, None, torch.relu(x), w, b, x.mean((0, 2, 3)),
-          torch.ones(4, dtype=x.dtype), torch.randn(4, dtype=x.dtype),
-          torch.randn(4, dtype=x.dtype), 45.0, "relu", 0.1, 0.5, False)),
+          torch.ones(4, **opts), torch.randn(4, **opts), torch.randn(4, **opts), 45.0, "relu",
+          0.1, 0.5, False)),
         ("act-eval-noaffine", "batch_norm_act",
          (_leaf(x), None, None, rm.clone(), rv.clone(), False, 0.1, 1e-5, "identity", 0.1, 0.5,
           None, True)),
@@ -190,10 +189,7 @@ _SAMPLE_IDS = [s[0] for s in _opcheck_samples("cpu")]
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("index", range(len(_SAMPLE_IDS)), ids=_SAMPLE_IDS)
 def test_opcheck(index, device):
-    samples = _opcheck_samples(device)
-    if index >= len(samples):
-        pytest.skip("the fused batch norm + activation ops have no CUDA kernels yet")
-    _, name, args = samples[index]
+    _, name, args = _opcheck_samples(device)[index]
     op = getattr(OPS, name).default
     # schema (incl. the declared in-place mutations), autograd registration,
     # fake kernels (shapes, dtypes, strides) and aot dispatch with dynamic shapes

@@ -12,7 +12,7 @@ namespace {
 
 // The terms of the backward sums: dy and dy * (x - mean) per channel (kPlain),
 // or dz and dz * (x - mean) through a fusion, from where kFrom says
-// (cpu::GradFrom).
+// (fusion.h: GradFrom).
 template <bool kPlain, int kFrom, bool kResidual, class Act, typename T, typename acc_t_>
 struct GradSums {
   using acc_t = acc_t_;
@@ -36,9 +36,9 @@ struct GradSums {
     if constexpr (kPlain) {
       dz = g;
       xmu = s - mean[c];
-    } else if constexpr (kFrom == cpu::kFromOutput) {
+    } else if constexpr (kFrom == kFromOutput) {
       pre_activation_grad_of_output(act, g, s, r, inv_scale[c], bias[c], dz, xmu);
-    } else if constexpr (kFrom == cpu::kFromInputAndOutput) {
+    } else if constexpr (kFrom == kFromInputAndOutput) {
       pre_activation_grad_with_output(act, g, s, r, mean[c], dz, xmu);
     } else {
       pre_activation_grad(act, g, s, r, mean[c], scale[c], bias[c], dz, xmu);
@@ -46,7 +46,7 @@ struct GradSums {
     dz_xmu = dz * xmu;
   }
   void terms(int64_t c, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
-    const acc_t r = kFrom == cpu::kFromInputAndOutput ? static_cast<acc_t>(output[offset])
+    const acc_t r = kFrom == kFromInputAndOutput ? static_cast<acc_t>(output[offset])
                     : kResidual                         ? static_cast<acc_t>(residual[offset])
                                                         : acc_t(0);
     element_terms(c, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(saved[offset]), r, dz,
@@ -58,7 +58,7 @@ struct GradSums {
     acc_t g[cpu::kLanes], s[cpu::kLanes], r[cpu::kLanes] = {};
     cpu::widen(dy + offset, g);
     cpu::widen(saved + offset, s);
-    if constexpr (kFrom == cpu::kFromInputAndOutput) {
+    if constexpr (kFrom == kFromInputAndOutput) {
       cpu::widen(output + offset, r);
     } else if constexpr (kResidual) {
       cpu::widen(residual + offset, r);
@@ -102,27 +102,12 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
     const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
     const T* y = cpu::loop_data_or_null<scalar_t>(fused.output);
     std::vector<double> sums;
-    const auto reduce = [&](const auto& op) { sums = cpu::reduce_groups(cpu::groups_of(input), op); };
-    const auto with_act = [&](auto act, auto residual) {
-      using Act = decltype(act);
-      constexpr bool kResidual = decltype(residual)::value;
-      constexpr bool kPlain = !kResidual && Act::kKind == Activation::kIdentity;
-      if constexpr (Act::kInvertible) {
-        if (fused.from_output) {
-          return reduce(GradSums<false, cpu::kFromOutput, kResidual, Act, T, acc_t>{
+    with_grad_source<acc_t>(fused, [&](auto act, auto plain, auto from, auto residual) {
+      sums = cpu::reduce_groups(
+          cpu::groups_of(input),
+          GradSums<plain(), from(), residual(), decltype(act), T, acc_t>{
               act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
-        }
-      }
-      if constexpr (Act::kGradOfOutput && !kResidual) {
-        if (y) {
-          return reduce(GradSums<false, cpu::kFromInputAndOutput, false, Act, T, acc_t>{
-              act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
-        }
-      }
-      reduce(GradSums<kPlain, cpu::kFromInput, kResidual, Act, T, acc_t>{
-          act, dy, x, y, r, m.data(), scale.data(), b.data(), inv_scale.data()});
-    };
-    cpu::with_fusion<acc_t>(fused.fusion, with_act);
+    });
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {

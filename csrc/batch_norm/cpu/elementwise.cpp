@@ -43,11 +43,11 @@ void normalize_rows(const Act act, const scalar_t* __restrict__ x,
 
 // (dz, x - mean) at element i of channel c: the plain batch norm's (dy, x -
 // mean), or math.h's pre_activation_grad(_with_output, _of_output) through a
-// fusion, from where kFrom says (cpu::GradFrom).
+// fusion, from where kFrom says (fusion.h: GradFrom).
 template <bool kPlain, int kFrom, bool kResidual, class Act, typename scalar_t, typename acc_t>
 struct GradSource {
   // dz is the residual's gradient too, where the forward had one.
-  static constexpr bool kResidualGrad = kResidual || kFrom == cpu::kFromInputAndOutput;
+  static constexpr bool kResidualGrad = kResidual || kFrom == kFromInputAndOutput;
   static constexpr bool kPlainPass = kPlain;
 
   Act act;
@@ -70,9 +70,9 @@ struct GradSource {
     if constexpr (kPlain) {
       dz = g;
       xmu = s - mean_c;
-    } else if constexpr (kFrom == cpu::kFromOutput) {
+    } else if constexpr (kFrom == kFromOutput) {
       pre_activation_grad_of_output(act, g, s, r, inv_scale_c, bias_c, dz, xmu);
-    } else if constexpr (kFrom == cpu::kFromInputAndOutput) {
+    } else if constexpr (kFrom == kFromInputAndOutput) {
       pre_activation_grad_with_output(act, g, s, static_cast<acc_t>(output[i]), mean_c, dz, xmu);
     } else {
       pre_activation_grad(act, g, s, r, mean_c, scale_c, bias_c, dz, xmu);
@@ -220,7 +220,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     const T* x = cpu::loop_data<scalar_t>(input.data);
     const T* r = cpu::loop_data_or_null<scalar_t>(fusion.residual);
     T* y = cpu::mutable_loop_data<scalar_t>(output);
-    cpu::with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
+    with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
       constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
                                 decltype(act)::kKind == Activation::kIdentity;
@@ -289,9 +289,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     T* dr = grad_residual.defined() ? cpu::mutable_loop_data<scalar_t>(grad_residual) : nullptr;
     const T* r = cpu::loop_data_or_null<scalar_t>(fused.fusion.residual);
     const T* y = cpu::loop_data_or_null<scalar_t>(fused.output);
-    cpu::with_fusion<acc_t>(fused.fusion, [&](auto act, auto residual) {
-      constexpr bool kResidual = decltype(residual)::value;
-      constexpr bool kPlain = !kResidual && decltype(act)::kKind == Activation::kIdentity;
+    with_grad_source<acc_t>(fused, [&](auto act, auto plain, auto from, auto residual) {
       const auto run = [&](auto source, auto batch) {
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kPlainPass = decltype(source)::kPlainPass;
@@ -324,25 +322,10 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
           });
         }
       };
-      const auto with_batch = [&](auto source) {
-        if (batch_stats) return run(source, std::true_type{});
-        run(source, std::false_type{});
-      };
-      using Act = decltype(act);
-      if constexpr (Act::kInvertible) {
-        if (fused.from_output) {
-          return with_batch(GradSource<false, cpu::kFromOutput, kResidual, Act, T, acc_t>{
-              act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
-        }
-      }
-      if constexpr (Act::kGradOfOutput && !kResidual) {
-        if (y) {
-          return with_batch(GradSource<false, cpu::kFromInputAndOutput, false, Act, T, acc_t>{
-              act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
-        }
-      }
-      with_batch(GradSource<kPlain, cpu::kFromInput, kResidual, Act, T, acc_t>{
-          act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()});
+      const GradSource<plain(), from(), residual(), decltype(act), T, acc_t> source{
+          act, dy, x, y, r, m.data(), dy_scale.data(), b.data(), inv_scale.data()};
+      if (batch_stats) return run(source, std::true_type{});
+      run(source, std::false_type{});
     });
   });
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "batch_norm/common.h"
+#include "batch_norm/fusion.h"
 #include "common/activation.h"
 #include "common/cpu/capability.h"
 #include "common/cpu/vec16.h"
@@ -122,22 +123,6 @@ loop_t<T>* mutable_loop_data(at::Tensor& t) {
 template <typename T>
 const loop_t<T>* loop_data_or_null(const at::Tensor& t) {
   return t.defined() ? loop_data<T>(t) : nullptr;
-}
-
-// Where a fused backward takes dz and x - mean from (common.h: FusedGrad):
-// the input (z recomputed), the input and the output (the derivative from the
-// output), or the output alone (memory-efficient).
-enum GradFrom : int { kFromInput, kFromInputAndOutput, kFromOutput };
-
-// fn(act, residual) for a fusion: act its activation functor of acc_t (math
-// in common/activation.h), residual std::true_type or std::false_type.
-template <typename acc_t, typename F>
-void with_fusion(const Fusion& fusion, const F& fn) {
-  if (fusion.plain()) return fn(IdentityFn<acc_t>{}, std::false_type{});
-  with_activation<acc_t>(fusion.activation, [&](auto act) {
-    if (fusion.residual.defined()) return fn(act, std::true_type{});
-    fn(act, std::false_type{});
-  });
 }
 
 // A per-channel tensor (any float dtype) as accumulate-type values; `fill`

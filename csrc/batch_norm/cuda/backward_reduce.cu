@@ -1,8 +1,11 @@
 // Backward reduction: sum(dy) and sum(dy * (x - mean)) per channel, reading
-// x and dy once, and the parameter gradients from them.
+// x and dy once, and the parameter gradients from them; through a fusion, of
+// dz and the centred input (cuda/grad_source.cuh), reading the residual or
+// the output too where the backward has one.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "batch_norm/cuda/grad_source.cuh"
 #include "batch_norm/cuda/kernels.h"
 #include "batch_norm/cuda/reduce.cuh"
 
@@ -11,31 +14,28 @@ namespace {
 
 using cuda::Sums;
 
-template <typename scalar_type, typename accumulate_t>
+template <class Source>
 struct GradSumsReducer {
-  using scalar_t = scalar_type;
-  using acc_t = accumulate_t;
-  using Context = acc_t;  // the channel's mean
+  using scalar_t = typename Source::scalar_t;
+  using acc_t = typename Source::acc_t;
+  using Context = typename Source::Channel;
   template <int size>
-  struct Loaded {
-    cuda::Pack<scalar_t, size> dy, x;
-  };
-  const scalar_t* grad_out;
-  const scalar_t* input;
-  const acc_t* mean;
+  using Loaded = typename Source::template Loaded<size>;
+  Source source;
 
-  __device__ acc_t context(int64_t c) const { return mean[c]; }
+  __device__ Context context(int64_t c) const { return source.channel(c); }
 
   template <int size, typename index_t>
   __device__ Loaded<size> load(index_t first) const {
-    return {cuda::load_pack<size>(grad_out, first), cuda::load_pack<size>(input, first)};
+    return source.template load<size>(first);
   }
 
   template <int size>
-  __device__ void add(Sums<acc_t>& s, const Loaded<size>& v, int k, acc_t channel_mean) const {
-    const acc_t dy = static_cast<acc_t>(v.dy.value[k]);
-    s.first += dy;
-    s.second += dy * (static_cast<acc_t>(v.x.value[k]) - channel_mean);
+  __device__ void add(Sums<acc_t>& s, const Loaded<size>& v, int k, const Context& ch) const {
+    acc_t dz, xmu;
+    source.at(v, k, ch, dz, xmu);
+    s.first += dz;
+    s.second += dz * xmu;
   }
 };
 
@@ -49,8 +49,9 @@ struct GradSumsFinish {
   param_t* grad_weight;
   param_t* grad_bias;
 
-  template <class R>
-  __device__ void operator()(const R&, int64_t c, const Sums<double>& total, acc_t) const {
+  template <class R, class Context>
+  __device__ void operator()(const R&, int64_t c, const Sums<double>& total,
+                             const Context&) const {
     const acc_t s = static_cast<acc_t>(total.first), s_xmu = static_cast<acc_t>(total.second);
     sum_dy[c] = s;
     sum_dy_xmu[c] = s_xmu;
@@ -66,22 +67,24 @@ void CudaKernels::backward_reduce(const ChannelView& grad_out, const ChannelView
                                   at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
                                   at::Tensor& grad_weight, at::Tensor& grad_bias,
                                   const FusedGrad& fused) {
-  check_plain(fused.fusion, fused.from_output || fused.output.defined());
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
+  const at::Tensor w = cuda::dense(fused.weight), b = cuda::dense(fused.bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const GradSumsReducer<scalar_t, acc_t> reducer{grad_out.data.const_data_ptr<scalar_t>(),
-                                                   input.data.const_data_ptr<scalar_t>(),
-                                                   m.const_data_ptr<acc_t>()};
     cuda::with_param_type<scalar_t, acc_t>(grad_weight.scalar_type(), [&](auto param) {
       using param_t = decltype(param);
       const GradSumsFinish<acc_t, param_t> finish{
           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
           istd.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<param_t>(),
           grad_bias.mutable_data_ptr<param_t>()};
-      cuda::reduce_per_channel(input, reducer, finish, {reducer.grad_out, reducer.input});
+      cuda::with_grad_source<scalar_t, acc_t, param_t>(
+          fused, grad_out.data, input.data, m, istd, w, b, [&](auto source) {
+            const GradSumsReducer<decltype(source)> reducer{source};
+            cuda::reduce_per_channel(input, reducer, finish,
+                                     {source.dy, source.saved, source.beside});
+          });
     });
   });
 }

@@ -1,12 +1,15 @@
 // Elementwise passes: normalize (1 read + 1 write; also the input gradient
 // under running statistics) and the input gradient under batch statistics
 // (2 reads + 1 write), in 16-byte packs where alignment allows (a pack may
-// span channels).
+// span channels). Fused passes (common.h: Fusion) also read the residual,
+// apply the activation, and in the backward write the residual's gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "batch_norm/cuda/grad_source.cuh"
 #include "batch_norm/cuda/kernels.h"
 #include "batch_norm/cuda/launch.cuh"
+#include "batch_norm/fusion.h"
 #include "batch_norm/math.h"
 
 namespace normext::batch_norm {
@@ -35,9 +38,12 @@ struct ChannelParams {
 // An Op provides per-channel Coefficients, computed once per channel a
 // thread touches, loads a pack of `size` elements' inputs and stores their
 // outputs (separate steps, so that a thread can have several loads in flight).
-template <typename scalar_t, typename acc_t, typename param_t>
+// y = act(normalize(x) + residual); the plain batch norm's act is the identity.
+template <class Act, bool kResidual, typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
+  Act act;
   const scalar_t* input;
+  const scalar_t* residual;  // null unless kResidual
   scalar_t* output;
   ChannelParams<acc_t, param_t> p;
 
@@ -50,11 +56,16 @@ struct NormalizeOp {
   }
 
   template <int size>
-  using Loaded = Pack<scalar_t, size>;
+  struct Loaded {
+    Pack<scalar_t, size> x, r;
+  };
 
   template <int size, typename index_t>
   __device__ Loaded<size> load(index_t first) const {
-    return cuda::load_pack<size>(input, first);
+    Loaded<size> v;
+    v.x = cuda::load_pack<size>(input, first);
+    if constexpr (kResidual) v.r = cuda::load_pack<size>(residual, first);
+    return v;
   }
 
   template <int size, typename index_t>
@@ -63,54 +74,68 @@ struct NormalizeOp {
     Pack<scalar_t, size> out;
 #pragma unroll
     for (int i = 0; i < size; ++i) {
-      out.value[i] = static_cast<scalar_t>(batch_norm::normalize(
-          static_cast<acc_t>(in.value[i]), k[i].mean, k[i].scale, k[i].bias));
+      acc_t z = batch_norm::normalize(static_cast<acc_t>(in.x.value[i]), k[i].mean, k[i].scale,
+                                      k[i].bias);
+      if constexpr (kResidual) z += static_cast<acc_t>(in.r.value[i]);
+      out.value[i] = static_cast<scalar_t>(act(z));
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(output + first) = out;
   }
 };
 
-template <typename scalar_t, typename acc_t, typename param_t>
+// dx from dz and x - mean (cuda/grad_source.cuh), and dz into the residual's
+// gradient where the forward had one. Under running statistics
+// (!kBatchStats) dx = dz * scale, x - mean unused.
+template <class Source, bool kBatchStats>
 struct GradInputOp {
-  const scalar_t* grad_out;
-  const scalar_t* input;
+  using scalar_t = typename Source::scalar_t;
+  using acc_t = typename Source::acc_t;
+  Source source;
   scalar_t* grad_input;
-  ChannelParams<acc_t, param_t> p;
-  const acc_t* sum_dy;
+  scalar_t* grad_residual;  // null unless Source::kResidualGrad
+  const acc_t* sum_dy;      // null unless kBatchStats, like sum_dy_xmu
   const acc_t* sum_dy_xmu;
   acc_t inv_count;
 
   struct Coefficients {
-    acc_t mean;
+    typename Source::Channel channel;
     GradInputCoefficients<acc_t> grad;
   };
 
   __device__ Coefficients coefficients(int64_t c) const {
-    return {p.mean[c], grad_input_coefficients(sum_dy[c], sum_dy_xmu[c], p.invstd[c],
-                                               p.weight_or_one(c), inv_count)};
+    const acc_t weight = source.weight_or_one(c), invstd = source.invstd[c];
+    if constexpr (kBatchStats) {
+      return {source.channel(c),
+              grad_input_coefficients(sum_dy[c], sum_dy_xmu[c], invstd, weight, inv_count)};
+    } else {
+      return {source.channel(c), {invstd * weight, acc_t(0), acc_t(0)}};
+    }
   }
 
   template <int size>
-  struct Loaded {
-    Pack<scalar_t, size> dy, x;
-  };
+  using Loaded = typename Source::template Loaded<size>;
 
   template <int size, typename index_t>
   __device__ Loaded<size> load(index_t first) const {
-    return {cuda::load_pack<size>(grad_out, first), cuda::load_pack<size>(input, first)};
+    return source.template load<size>(first);
   }
 
   template <int size, typename index_t>
   __device__ void store(index_t first, const Loaded<size>& in,
                         const Coefficients (&k)[size]) const {
-    Pack<scalar_t, size> dx;
+    Pack<scalar_t, size> dx, dr;
 #pragma unroll
     for (int i = 0; i < size; ++i) {
-      dx.value[i] = static_cast<scalar_t>(batch_norm::grad_input(
-          static_cast<acc_t>(in.dy.value[i]), static_cast<acc_t>(in.x.value[i]), k[i].mean,
-          k[i].grad));
+      acc_t dz, xmu;
+      source.at(in, i, k[i].channel, dz, xmu);
+      if constexpr (Source::kResidualGrad) dr.value[i] = static_cast<scalar_t>(dz);
+      dx.value[i] = static_cast<scalar_t>(kBatchStats ? grad_input_centred(dz, xmu, k[i].grad)
+                                                      : dz * k[i].grad.dy_scale);
     }
     *reinterpret_cast<Pack<scalar_t, size>*>(grad_input + first) = dx;
+    if constexpr (Source::kResidualGrad) {
+      *reinterpret_cast<Pack<scalar_t, size>*>(grad_residual + first) = dr;
+    }
   }
 };
 
@@ -255,7 +280,6 @@ at::ScalarType param_type(const at::Tensor& weight, const at::Tensor& bias, at::
 void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight,
                             const at::Tensor& bias, at::Tensor& output, const Fusion& fusion) {
-  check_plain(fusion);
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
   const at::Tensor w = cuda::dense(weight), b = cuda::dense(bias);
@@ -264,11 +288,16 @@ void CudaKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     using acc_t = at::opmath_type<scalar_t>;
     cuda::with_param_type<scalar_t, acc_t>(param_type(w, b, istd.scalar_type()), [&](auto param) {
       using param_t = decltype(param);
-      const NormalizeOp<scalar_t, acc_t, param_t> op{
-          input.data.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-          {cuda::data_or_null<acc_t>(m), istd.const_data_ptr<acc_t>(),
-           cuda::data_or_null<param_t>(w), cuda::data_or_null<param_t>(b)}};
-      run_elementwise<scalar_t>(input, op, {op.input, op.output});
+      with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
+        const NormalizeOp<decltype(act), residual(), scalar_t, acc_t, param_t> op{
+            act,
+            input.data.const_data_ptr<scalar_t>(),
+            cuda::data_or_null<scalar_t>(fusion.residual),
+            output.mutable_data_ptr<scalar_t>(),
+            {cuda::data_or_null<acc_t>(m), istd.const_data_ptr<acc_t>(),
+             cuda::data_or_null<param_t>(w), cuda::data_or_null<param_t>(b)}};
+        run_elementwise<scalar_t>(input, op, {op.input, op.residual, op.output});
+      });
     });
   });
 }
@@ -278,27 +307,33 @@ void CudaKernels::backward_elemt(const ChannelView& grad_out, const ChannelView&
                                  const at::Tensor& weight, const at::Tensor& sum_dy,
                                  const at::Tensor& sum_dy_xmu, double count,
                                  at::Tensor& grad_input, const FusedGrad& fused) {
-  check_plain(fused.fusion, fused.from_output || fused.output.defined());
-  TORCH_CHECK_NOT_IMPLEMENTED(sum_dy.defined(), "normext: no CUDA backward_elemt under running "
-                              "statistics");
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd), w = cuda::dense(weight);
+  const at::Tensor b = cuda::dense(fused.bias);
   const at::Tensor sdy = cuda::dense(sum_dy), sdy_xmu = cuda::dense(sum_dy_xmu);
+  at::Tensor grad_residual = fused.grad_residual;  // (a handle: writes go to the caller's)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::with_param_type<scalar_t, acc_t>(param_type(w, {}, m.scalar_type()), [&](auto param) {
+    cuda::with_param_type<scalar_t, acc_t>(param_type(w, b, m.scalar_type()), [&](auto param) {
       using param_t = decltype(param);
-      const GradInputOp<scalar_t, acc_t, param_t> op{
-          grad_out.data.const_data_ptr<scalar_t>(),
-          input.data.const_data_ptr<scalar_t>(),
-          grad_input.mutable_data_ptr<scalar_t>(),
-          {m.const_data_ptr<acc_t>(), istd.const_data_ptr<acc_t>(),
-           cuda::data_or_null<param_t>(w), nullptr},
-          sdy.const_data_ptr<acc_t>(),
-          sdy_xmu.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(1.0 / count)};
-      run_elementwise<scalar_t>(input, op, {op.grad_out, op.input, op.grad_input});
+      cuda::with_grad_source<scalar_t, acc_t, param_t>(
+          fused, grad_out.data, input.data, m, istd, w, b, [&](auto source) {
+            const auto run = [&](auto batch_stats) {
+              const GradInputOp<decltype(source), batch_stats()> op{
+                  source,
+                  grad_input.mutable_data_ptr<scalar_t>(),
+                  cuda::mutable_data_or_null<scalar_t>(grad_residual),
+                  cuda::data_or_null<acc_t>(sdy),
+                  cuda::data_or_null<acc_t>(sdy_xmu),
+                  static_cast<acc_t>(1.0 / count)};
+              run_elementwise<scalar_t>(
+                  input, op,
+                  {source.dy, source.saved, source.beside, op.grad_input, op.grad_residual});
+            };
+            if (sdy.defined()) return run(std::true_type{});
+            run(std::false_type{});
+          });
     });
   });
 }

@@ -9,13 +9,6 @@
 
 namespace normext::batch_norm {
 
-// The CUDA kernels have no fused activation or residual yet.
-inline void check_plain(const Fusion& fusion, bool fused_backward_source = false) {
-  TORCH_CHECK_NOT_IMPLEMENTED(fusion.plain() && !fused_backward_source,
-                              "normext: the fused batch norm + activation ops have no CUDA "
-                              "kernels yet (normext.BatchNormAct* compose them on CUDA)");
-}
-
 // Same contract as CpuKernels; every kernel runs on the current stream of the
 // input's device and never synchronizes with the host.
 struct CudaKernels {
