@@ -145,13 +145,23 @@ def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseRe
         if len(users) != 1:
             report.left.append((node.target, f"its output has {len(users)} users"))
             continue
-        user, residual = users[0], None
+        # nn.Identity modules on the way (timm's drop_block and drop_path when off)
+        identities, user, residual = [], users[0], None
+        while user.op == "call_module" and len(user.users) == 1 \
+                and type(gm.get_submodule(user.target)) is torch.nn.Identity:
+            identities.append(user)
+            user = next(iter(user.users))
+        last = identities[-1] if identities else node
         if user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
                 and not user.kwargs and len(user.users) == 1:
-            other = user.args[1] if user.args[0] is node else user.args[0]
-            if isinstance(other, torch.fx.Node) and other is not node:
+            other = user.args[1] if user.args[0] is last else user.args[0]
+            if isinstance(other, torch.fx.Node) and other is not last:
                 residual, user = other, next(iter(user.users))
         activation = _node_activation(user, gm)
+        if activation is None and user.op == "call_module" and isinstance(
+                gm.get_submodule(user.target), modules._BatchNormAct):
+            report.left.append((node.target, f"added as the residual of {user.target}"))
+            continue
         if activation is None:
             what = "an add and then " if residual is not None else ""
             report.left.append((node.target, f"followed by {what}{user.op} {user.target}, "
@@ -167,6 +177,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseRe
         graph.erase_node(user)
         if add is not None:
             graph.erase_node(add)
+        for identity in reversed(identities):
+            graph.erase_node(identity)
         graph.erase_node(node)
         report.fused.append((node.target, activation[0], residual is not None, efficient))
     graph.lint()
@@ -198,6 +210,8 @@ def fuse(model: torch.nn.Module, memory_efficient: bool = False, sync: bool = Fa
     output goes only to an activation (ReLU, ReLU6, LeakyReLU, ELU, SiLU, as
     modules or functions), or only to an add whose result goes only to one,
     replaced by a normext.BatchNormAct layer computing both (and the add).
+    nn.Identity modules between them (timm's drop_block and drop_path when
+    they are off) are looked through.
 
     Found by torch.fx tracing: the result is then a torch.fx.GraphModule and
     `model` is left as it was. Where the model does not trace, BatchNorm +

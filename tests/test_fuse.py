@@ -98,7 +98,7 @@ def test_untraceable_model_fuses_sequential_patterns():
 
 
 @pytest.mark.parametrize("name,layers,fused", [("efficientnet_b0", 49, 33),
-                                               ("regnety_016", 86, 59)])
+                                               ("regnety_016", 86, 82)])
 def test_timm_models(name, layers, fused):
     """timm's BatchNormAct2d layers all become normext's (fused with the add
     and activation that follow where fx shows them); same losses, same keys."""
@@ -112,3 +112,16 @@ def test_timm_models(name, layers, fused):
     assert len(kinds) == layers and set(kinds) == {normext.BatchNormAct2d}
     converted = normext.convert(timm.create_model(name, num_classes=10))
     assert sum(type(m) is normext.BatchNormAct2d for m in converted.modules()) == layers
+
+
+def test_timm_resnet_looks_through_identity_drop_layers():
+    """timm's ResNet blocks pass bn2 through drop_block (an nn.Identity when
+    off) before act2: fuse looks through it, so every BatchNorm followed by an
+    activation is fused; the shortcut's BatchNorms are left, as the residuals."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    result, report = _same_training(model, torch.randn(2, 3, 64, 64))
+    assert (len(report.fused), sum(1 for f in report.fused if f[2])) == (17, 8)
+    assert [reason for _, reason in report.left] == [
+        f"added as the residual of layer{i}.0.bn2" for i in (2, 3, 4)]
