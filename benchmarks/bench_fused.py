@@ -25,6 +25,7 @@ Memory traffic per row in multiples of bytes(x) (R read, W written):
 """
 
 import argparse
+import sys
 
 import _common as common
 from _common import log, normext
@@ -62,6 +63,21 @@ def _step(module, x, residual, grad):
     return step
 
 
+def _check(label, torch_layer, fused_layer, x, residual, grad) -> None:
+    """One training step of both layers (same initial weights): the output and
+    the input gradient must agree, a guard against timing a wrong kernel."""
+    results = []
+    for layer in (torch_layer, fused_layer):
+        xs = x.detach().clone().requires_grad_()
+        out = layer(xs, None if residual is None else residual.detach())
+        out.backward(grad)
+        results.append((out.detach().float(), xs.grad.float()))
+    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
+    for name, a, b in zip(("output", "input gradient"), *results):
+        if not torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item())):
+            sys.exit(f"error: {label}: normext's {name} differs from torch's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=common.default_device())
@@ -77,6 +93,11 @@ def main() -> None:
     args = parser.parse_args()
     common.apply_threads(args.threads)
     device = common.parse_device(args.device)
+    if device.type not in normext.functional.FUSED_DEVICES:
+        # The layers compose where their fused kernels have not yet passed the
+        # tests on that device (functional.FUSED_DEVICES); time the kernels.
+        normext.functional.FUSED_DEVICES += (device.type,)
+        log(f"timing normext's fused {device.type} kernels, which the layers do not run yet")
     layers = QUICK_LAYERS if args.quick else RESNET50_LAYERS
 
     rows, speedups = [], []
@@ -96,10 +117,14 @@ def main() -> None:
                 grad = tensor()
                 relu = torch.nn.ReLU(inplace=True)
                 leaky = torch.nn.LeakyReLU(0.01, inplace=True)
+                torch_layer = Torch(channels, relu).to(device, dtype)
+                fused_layer = normext.BatchNormAct2d(channels).to(device, dtype)
+                label = f"{dtype_name} {layout} {'x'.join(map(str, shape))}" + \
+                    (" +add" if with_add else "")
+                _check(label, torch_layer, fused_layer, x, residual, grad)
                 fns = {
-                    "torch": _step(Torch(channels, relu).to(device, dtype), x, residual, grad),
-                    "normext": _step(normext.BatchNormAct2d(channels).to(device, dtype), x,
-                                     residual, grad),
+                    "torch": _step(torch_layer, x, residual, grad),
+                    "normext": _step(fused_layer, x, residual, grad),
                     "torch leaky": _step(Torch(channels, leaky).to(device, dtype), x, residual,
                                          grad),
                     "normext memory-efficient": _step(normext.BatchNormAct2d(
@@ -108,8 +133,6 @@ def main() -> None:
                 }
                 copy_out = torch.empty_like(x)
                 fns["copy"] = lambda: copy_out.copy_(x)
-                label = f"{dtype_name} {layout} {'x'.join(map(str, shape))}" + \
-                    (" +add" if with_add else "")
                 log(label)
                 t = {name: timing.median * 1e3 for name, timing in common.interleaved_timings(
                     fns, device, args.repeats, args.min_time).items()}

@@ -155,6 +155,12 @@ if [ $bench_rc -ne 0 ] && grep -q "differs from torch" "$out/bench.log"; then
 fi
 [ $bench_rc -ne 0 ] && tail -5 "$out/bench.log"
 
+echo "== fused BatchNorm + activation (+ add): the CUDA kernels the layers do not run yet"
+timeout $(limit 90 90) $python benchmarks/bench_fused.py --device cuda --repeats 3 \
+  --min-time 0.05 > "$out/fused.md" 2> "$out/fused.log"
+fused_rc=$?
+[ $fused_rc -ne 0 ] && tail -5 "$out/fused.log"
+
 echo "== ResNet-50 step"
 timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
   --steps "${RESNET_STEPS:-5}" --repeats "${RESNET_REPEATS:-5}" \
@@ -162,9 +168,10 @@ timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
 
-echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, ab rc=$ab_rc, bench rc=$bench_rc, resnet50 rc=$resnet_rc)"
+echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, ab rc=$ab_rc, bench rc=$bench_rc, fused rc=$fused_rc, resnet50 rc=$resnet_rc)"
 cat "$out/resnet50.md"
+sed -n '/^| /,$p' "$out/fused.md" | tail -8
 # the BatchNorm report's speedup summary (the full table is in bench.md)
 sed -n '/Speedup summary/,$p' "$out/bench.md"
 exit $(( error_rc != 0 || tests_rc != 0 || overhead_rc != 0 || ab_rc != 0 || bench_rc != 0 \
-  || resnet_rc != 0 ))
+  || fused_rc != 0 || resnet_rc != 0 ))

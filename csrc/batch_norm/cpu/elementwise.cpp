@@ -222,7 +222,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     T* y = cpu::mutable_loop_data<scalar_t>(output);
     with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
-      constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
+      [[maybe_unused]] constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
                                 decltype(act)::kKind == Activation::kIdentity;
       if (input.channels_last) {
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
