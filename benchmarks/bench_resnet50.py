@@ -5,6 +5,8 @@
     python benchmarks/bench_resnet50.py --size 64 --batch 2 --steps 1 --repeats 2   # smoke run
     python benchmarks/bench_resnet50.py --activation leaky_relu  # + fuse(memory_efficient=True)
     python benchmarks/bench_resnet50.py --compile                # + torch.compile(torch model)
+    python benchmarks/bench_resnet50.py --activation leaky_relu --size 112 --budget-mb 2000
+                                    # + the largest batch whose step fits in 2000 MB
 
 A step is forward, cross-entropy, backward and an SGD step (momentum 0.9).
 The torch model and its twins (normext.convert and normext.fuse of a
@@ -106,7 +108,39 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
             # step's gradients and activations on top of weights and optimizer state.
             optimizers[name].zero_grad(set_to_none=True)
             row.setdefault("peak_bytes", {})[name] = common.peak_memory_bytes(step, device)
+        if args.budget_mb:
+            row["largest_batch"] = {
+                name: largest_batch(models[name], optimizers[name], args, dtype, layout)
+                for name in models if name != "torch.compile"}  # (a compile per batch)
+            log("largest batch within the budget: " + ", ".join(
+                f"{name} {batch}" for name, batch in row["largest_batch"].items()))
     return row
+
+
+def largest_batch(model, optimizer, args, dtype, layout) -> int:
+    """The largest batch (up to --max-batch) whose training step's peak
+    allocations (beyond the weights and optimizer state) fit in --budget-mb:
+    doubling, then bisection, each candidate measured by one step."""
+    gen = torch.Generator().manual_seed(1)
+
+    def fits(batch):
+        images = torch.randn(batch, 3, args.size, args.size, generator=gen).to(
+            device=args.device, dtype=dtype).contiguous(memory_format=layout)
+        labels = torch.randint(NUM_CLASSES, (batch,), generator=gen).to(args.device)
+        optimizer.zero_grad(set_to_none=True)
+        peak = common.peak_memory_bytes(lambda: train_step(model, optimizer, images, labels),
+                                        args.device)
+        log(f"  batch {batch}: peak {common.fmt_mb(peak)} MB")
+        return peak <= args.budget_mb * 1e6
+
+    fitting, over = 0, 1
+    while over <= args.max_batch and fits(over):
+        fitting, over = over, over * 2
+    over = min(over, args.max_batch + 1)
+    while over - fitting > 1:
+        middle = (fitting + over) // 2
+        fitting, over = (middle, over) if fits(middle) else (fitting, middle)
+    return fitting
 
 
 def results_table(rows: list[dict]) -> str:
@@ -122,6 +156,19 @@ def results_table(rows: list[dict]) -> str:
                           f"{row['input'][0] / ms * 1e3:.4g}", common.fmt_mb(peak),
                           f"{peak / torch_peak:.2f}" if peak and torch_peak else "n/a"])
     return common.markdown_table(headers, lines, align="llll" + "r" * 5)
+
+
+def budget_table(rows: list[dict], args) -> str:
+    header = ["dtype", "layout", "model", f"largest batch in {args.budget_mb:g} MB",
+              "/ torch's"]
+    body = []
+    for row in rows:
+        for name, batch in row["largest_batch"].items():
+            body.append([row["dtype"], row["layout"], name, str(batch),
+                         f"{batch / row['largest_batch']['torch']:.2f}"])
+    return (f"Largest batch at {args.size}x{args.size} whose training step's peak memory "
+            f"(measured as above) fits in {args.budget_mb:g} MB; batches up to "
+            f"{args.max_batch} tried.\n\n" + common.markdown_table(header, body))
 
 
 def parse_args(argv=None):
@@ -147,6 +194,11 @@ def parse_args(argv=None):
                              "normext.fuse(memory_efficient=True) is timed too")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the torch model (compiles first)")
+    parser.add_argument("--budget-mb", type=float,
+                        help="also find each model's largest batch whose step's peak memory "
+                             "fits in this many MB (one measured step per candidate)")
+    parser.add_argument("--max-batch", type=int, default=256,
+                        help="the largest batch --budget-mb tries (default 256)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check that both models give the same first-step loss")
     parser.add_argument("--json", metavar="FILE", help="write every row and the metadata")
@@ -209,6 +261,8 @@ def main(argv=None) -> None:
         f"{args.warmup + 1} warm-up steps. speedup = torch ms / the model's ms (> 1: faster "
         "than torch).")
     report.sections.append(results_table(rows) + "\n\n" + memory_note)
+    if args.budget_mb and memory_ok:
+        report.sections.append(budget_table(rows, args))
     common.publish(report.render(), args.markdown_out, args.json, {
         "metadata": info, "settings": {
             "device": args.device.type, "batch": args.batch, "size": args.size,
