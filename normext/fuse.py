@@ -147,7 +147,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseRe
             continue
         # nn.Identity modules on the way (timm's drop_block and drop_path when off)
         identities, user, residual = [], users[0], None
-        while user.op == "call_module" and len(user.users) == 1 \
+        while user.op == "call_module" and len(user.users) == 1 and not user.kwargs \
+                and user.args == ((identities[-1] if identities else node),) \
                 and type(gm.get_submodule(user.target)) is torch.nn.Identity:
             identities.append(user)
             user = next(iter(user.users))
@@ -158,8 +159,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, memory_efficient: bool, report: FuseRe
             if isinstance(other, torch.fx.Node) and other is not last:
                 residual, user = other, next(iter(user.users))
         activation = _node_activation(user, gm)
-        if activation is None and user.op == "call_module" and isinstance(
-                gm.get_submodule(user.target), modules._BatchNormAct):
+        if activation is None and user.op == "call_module" and user.args[1:2] == (last,) \
+                and isinstance(gm.get_submodule(user.target), modules._BatchNormAct):
             report.left.append((node.target, f"added as the residual of {user.target}"))
             continue
         if activation is None:

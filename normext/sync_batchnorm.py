@@ -88,7 +88,8 @@ def _residual_matches(input: torch.Tensor, residual: torch.Tensor | None) -> boo
 
 class _SyncBatchNorm(torch.autograd.Function):
     """The synchronized batch norm; with a fusion, activation(batch_norm(input)
-    + residual) on the fused kernels (the CPU's)."""
+    + residual) on the fused kernels. Without one, a residual is only checked
+    (every rank raises if one rank's does not match its input)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum,
@@ -241,11 +242,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return _SyncBatchNorm.apply(input, self.weight, self.bias, residual, running_mean,
                                         running_var, self.eps, factor, channels, group, fusion)
         # Where the layers do not run fused kernels yet (functional.FUSED_DEVICES):
-        # the synchronized batch norm, then torch's add and activation.
-        if not _residual_matches(input, residual):
-            ops._check_residual(input, residual)
-        z = _SyncBatchNorm.apply(input, self.weight, self.bias, None, running_mean, running_var,
-                                 self.eps, factor, channels, group, None)
+        # the synchronized batch norm (given the residual to check on every
+        # rank alike), then torch's add and activation.
+        z = _SyncBatchNorm.apply(input, self.weight, self.bias, residual, running_mean,
+                                 running_var, self.eps, factor, channels, group, None)
         return functional._ACTIVATION_FUNCTIONS[fusion.activation](
             z if residual is None else z + residual, *fusion[1:3])
 

@@ -338,3 +338,23 @@ def test_fused_model_compile_fullgraph():
     compiled = torch.compile(normext.fuse(copy.deepcopy(reference)), backend="aot_eager",
                              fullgraph=True)
     _train_steps(compiled, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_without_weight_16bit(dtype, device):
+    """A 16-bit bias without a weight (torch accepts it for a 16-bit input):
+    the fused op reads it in the accumulate type where its gradients have that type."""
+    x = torch.randn(4, 6, 5, 3, device=device, dtype=dtype, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    out = torch.ops.normext.batch_norm_act(x, None, b, None, None, True, 0.1, 1e-5,
+                                           "leaky_relu", 0.1, 1.0, r, False)
+    leaves = [t.detach().double().requires_grad_() for t in (x, r, b)]
+    expected = F.leaky_relu(F.batch_norm(leaves[0], None, None, None, leaves[2], True) + leaves[1],
+                            0.1)
+    assert_close(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, (x, r, b), grad.to(dtype)),
+                         torch.autograd.grad(expected, leaves, grad)):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, factor=4)

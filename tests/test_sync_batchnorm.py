@@ -328,7 +328,8 @@ def _check_act_layers(rank, world_size, sizes, memory_format, cases):
             x_local = x[mine].clone().requires_grad_()
             r_local = r[mine].clone().requires_grad_() if with_residual else None
             out_local = sync(x_local, r_local)
-            if sizes[rank] > 0:  # memory_efficient keeps the output, unless a weight is 0
+            fused = x.device.type in normext.functional.FUSED_DEVICES
+            if sizes[rank] > 0 and fused:  # memory_efficient keeps the output but for weight 0
                 kept = out_local.grad_fn.saved_tensors[0]
                 assert (kept.data_ptr() == out_local.data_ptr()) == (
                     memory_efficient and not zero_weight)
@@ -381,6 +382,21 @@ def _check_act_residual_mismatch(rank, world_size):
 
 def test_sync_act_residual_mismatch_raises_on_every_rank():
     _run(2, _check_act_residual_mismatch)
+
+
+def _check_composed(rank, world_size):
+    """Where the layers compose instead of running fused kernels (CUDA until
+    they have run on a GPU: functional.FUSED_DEVICES), SyncBatchNormAct is
+    the synchronized batch norm, torch's add and activation: the same results,
+    and the same error on every rank for a mismatched residual."""
+    normext.functional.FUSED_DEVICES = ()
+    _check_act_layers(rank, world_size, [3, 4], torch.contiguous_format,
+                      [("relu", True, False, False), ("elu", True, True, False)])
+    _check_act_residual_mismatch(rank, world_size)
+
+
+def test_sync_act_composed_path():
+    _run(2, _check_composed)
 
 
 def test_sync_act_without_process_group_is_batch_norm_act():

@@ -69,7 +69,13 @@ void CudaKernels::backward_reduce(const ChannelView& grad_out, const ChannelView
                                   const FusedGrad& fused) {
   const c10::cuda::CUDAGuard guard(input.data.device());
   const at::Tensor m = cuda::dense(mean), istd = cuda::dense(invstd);
-  const at::Tensor w = cuda::dense(fused.weight), b = cuda::dense(fused.bias);
+  const at::Tensor w = cuda::dense(fused.weight);
+  // The source reads weight and bias as the gradients' type: the weight's, or
+  // without one the accumulate type, which a 16-bit bias is converted to.
+  at::Tensor b = cuda::dense(fused.bias);
+  if (b.defined() && b.scalar_type() != grad_weight.scalar_type()) {
+    b = b.to(grad_weight.scalar_type());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
