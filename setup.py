@@ -184,7 +184,8 @@ def make_extension():
         # library; ninja then recompiles just the objects whose inputs changed.
         depends=kernel_sources + sorted(
             glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
-            + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True)),
+            + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True)
+            + glob.glob(os.path.join("csrc", "**", "*.inc"), recursive=True)),
         # The shared libstdc++ runtime that torch uses, named by its soname:
         # a compiler with only libstdc++.a beside it (the lent H100's image
         # sets CXX to one) otherwise links a static copy, whose iostreams are

@@ -6,7 +6,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
-#include "batch_norm/cpu/dispatch.h"
+#include "common/cpu/dispatch.h"
 #include "common/cpu_output_allocator.h"
 
 #ifndef NORMEXT_TORCH_VERSION
@@ -30,8 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("backends") = backends;
   m.attr("cuda_arches") = NORMEXT_CUDA_ARCHES;
   m.attr("torch_version") = NORMEXT_TORCH_VERSION;
-  m.attr("cpu_capabilities") = normext::batch_norm::cpu_capabilities();
-  m.def("cpu_capability", &normext::batch_norm::cpu_capability,
+  m.attr("cpu_capabilities") = normext::cpu::capabilities();
+  m.def("cpu_capability", &normext::cpu::capability,
         "The CPU kernel variant this process runs (torch's choice among those compiled)");
   m.def("release_cpu_output_cache", &normext::release_cpu_output_cache,
         "Frees the CPU output blocks normext keeps for reuse; returns the bytes freed");

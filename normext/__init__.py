@@ -1,6 +1,6 @@
 """normext: fast, exact, drop-in normalization layers for PyTorch.
 
-    model = normext.convert(model)        # every nn.BatchNorm{1,2,3}d swapped
+    model = normext.convert(model)        # nn.BatchNorm{1,2,3}d, LayerNorm, RMSNorm swapped
     layer = normext.BatchNorm2d(64)       # or use the modules directly
     model = normext.fuse(model)           # BatchNorm + activation (+ add) fused
 """
@@ -10,12 +10,13 @@ from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cp
 from .convert import convert
 from .fuse import FuseReport, fuse
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
-                      BatchNormAct3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d)
+                      BatchNormAct3d, LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d,
+                      LazyBatchNorm3d, RMSNorm)
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "FuseReport", "LazyBatchNorm1d", "LazyBatchNorm2d",
-           "LazyBatchNorm3d", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
+           "BatchNormAct3d", "FuseReport", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
+           "LazyBatchNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
            "cached_cpu_bytes", "convert", "cpu_cache_info", "functional", "fuse", "ops",
            "release_cpu_cache"]

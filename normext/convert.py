@@ -1,9 +1,9 @@
-"""normext.convert: swap torch.nn BatchNorm layers for normext's in a model."""
+"""normext.convert: swap torch.nn norm layers for normext's in a model."""
 
 import torch
 
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
-                      LazyBatchNorm3d)
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, LazyBatchNorm1d,
+                      LazyBatchNorm2d, LazyBatchNorm3d, RMSNorm)
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["convert"]
@@ -18,6 +18,8 @@ _REPLACEMENTS = {
     torch.nn.LazyBatchNorm1d: LazyBatchNorm1d,
     torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
     torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
+    torch.nn.LayerNorm: LayerNorm,
+    torch.nn.RMSNorm: RMSNorm,
 }
 
 
@@ -30,34 +32,48 @@ def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return swapped
 
 
-def convert(module: torch.nn.Module, sync: bool = False,
-            process_group=None) -> torch.nn.Module:
+def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
+            include: tuple[type, ...] | None = None) -> torch.nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d (and
-    LazyBatchNorm1d/2d/3d) replaced by the normext class, like
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm: the converted layers share
-    parameters and buffers with the originals (same device, dtype,
-    requires_grad and training flag), containers are updated in place, and
-    other modules are left alone.
+    LazyBatchNorm1d/2d/3d), LayerNorm and RMSNorm replaced by the normext
+    class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the converted
+    layers share parameters and buffers with the originals (same device,
+    dtype, requires_grad and training flag; state_dict keys unchanged),
+    containers are updated in place, and other modules are left alone.
+
+    include: the torch.nn classes to convert (e.g. (torch.nn.LayerNorm,));
+    every class normext supports by default.
 
     timm's BatchNormAct2d (a BatchNorm2d subclass with an activation; where
     timm is installed) becomes a normext.BatchNormAct2d with that activation,
-    when its drop layer is an identity and normext fuses its activation.
+    when its drop layer is an identity and normext fuses its activation (with
+    include, where it names torch.nn.BatchNorm2d).
 
     With sync=True every torch.nn or normext BatchNorm layer becomes a
     normext.SyncBatchNorm over `process_group` (default: the whole world),
     and every normext.BatchNormAct (and timm BatchNormAct2d as above) a
-    normext.SyncBatchNormAct."""
+    normext.SyncBatchNormAct; other norms are left alone."""
+    if include is not None:
+        include = tuple(include)
+        unknown = [cls for cls in include if cls not in _REPLACEMENTS]
+        if unknown:
+            raise ValueError(f"normext.convert: include names classes normext does not convert: "
+                             f"{unknown}; it converts {list(_REPLACEMENTS)}")
     if sync:
         return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _convert(module, include)
+
+
+def _convert(module: torch.nn.Module, include: tuple[type, ...] | None) -> torch.nn.Module:
     replacement = _REPLACEMENTS.get(type(module))
-    if replacement is not None:
+    if replacement is not None and (include is None or type(module) in include):
         return _swap_class(module, replacement)
     from .fuse import _fused_layer, timm_activation  # (fuse imports this module)
     activation = timm_activation(module)
-    if activation is not None:
+    if activation is not None and (include is None or torch.nn.BatchNorm2d in include):
         return _fused_layer(module, activation, memory_efficient=False)[0]
     for name, child in module.named_children():
-        converted = convert(child)
+        converted = _convert(child, include)
         if converted is not child:
             module.add_module(name, converted)
     return module

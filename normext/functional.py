@@ -1,5 +1,6 @@
-"""normext.functional: torch.nn.functional.batch_norm on normext's kernels, and
-batch_norm_act, batch norm fused with its activation (and a residual add)."""
+"""normext.functional: torch.nn.functional.batch_norm, layer_norm and rms_norm on
+normext's kernels, and batch_norm_act, batch norm fused with its activation
+(and a residual add)."""
 
 import sys
 
@@ -10,7 +11,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
 
-__all__ = ["batch_norm", "batch_norm_act"]
+__all__ = ["batch_norm", "batch_norm_act", "layer_norm", "rms_norm"]
 
 
 def _torch_allows_zero_eps_in_eval() -> bool:
@@ -193,3 +194,76 @@ def batch_norm_act(
     if residual is not None:
         z = z + residual
     return _ACTIVATION_FUNCTIONS[activation](z, negative_slope, alpha)
+
+
+# The devices with normext layer-norm kernels; elsewhere (CUDA, until its
+# kernels exist) layer_norm and rms_norm are torch's.
+LAYER_NORM_DEVICES = ("cpu",)
+
+_layer_norm_op = torch.ops.normext.layer_norm_forward.default
+
+
+def _runs_layer_norm(input: Tensor, normalized_shape: tuple, *params: Tensor | None) -> bool:
+    """Whether normext's kernels take this call: a floating-point input on a
+    device with kernels, parameters of normalized_shape on its device in its
+    dtype (or float32 for a 16-bit input, torch's mixed-dtype case), and no
+    torch.func transform or forward-mode tangent. torch's function takes the
+    others, raising its own errors for bad arguments."""
+    if input.device.type not in LAYER_NORM_DEVICES or not input.dtype.is_floating_point:
+        return False
+    k = len(normalized_shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        return False
+    mixed = input.dtype in (torch.float16, torch.bfloat16)
+    for param in params:
+        if param is not None and (
+                param.device != input.device or tuple(param.shape) != normalized_shape
+                or not (param.dtype == input.dtype or (mixed and param.dtype == torch.float32))):
+            return False
+    return not (torch._C._are_functorch_transforms_active()
+                or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
+
+
+def _shape_tuple(normalized_shape) -> tuple:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same signature, behaviour and errors as torch.nn.functional.layer_norm:
+    normalizes over the trailing normalized_shape, float32 statistics for
+    16-bit inputs; the output is contiguous."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(layer_norm, (input, weight, bias), input, normalized_shape,
+                                     weight=weight, bias=bias, eps=eps)
+    shape = _shape_tuple(normalized_shape)
+    if not _runs_layer_norm(input, shape, weight, bias):
+        return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
+    return _layer_norm_op(input, list(shape), weight, bias, eps, False)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Same signature, behaviour and errors as torch.nn.functional.rms_norm:
+    x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape;
+    eps=None is the input dtype's machine epsilon, as torch."""
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape,
+                                     weight=weight, eps=eps)
+    shape = _shape_tuple(normalized_shape)
+    if not _runs_layer_norm(input, shape, weight):
+        return torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return _layer_norm_op(input, list(shape), weight, None, eps, True)[0]

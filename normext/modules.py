@@ -1,14 +1,16 @@
 """Drop-in BatchNorm modules: subclasses of torch.nn.BatchNorm1d/2d/3d (same
 constructor, parameters, buffers, state_dict, repr and input checks) whose
-forward runs normext's kernels; and BatchNormAct1d/2d/3d, the same layers
-with their activation (and a residual add) fused."""
+forward runs normext's kernels; BatchNormAct1d/2d/3d, the same layers with
+their activation (and a residual add) fused; and LayerNorm and RMSNorm,
+subclasses of torch.nn.LayerNorm and torch.nn.RMSNorm."""
 
 import torch
 
 from . import functional, ops
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
+           "BatchNormAct3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "RMSNorm"]
 
 
 def traced_as_leaf(module: torch.nn.Module, *args: torch.fx.Proxy | None) -> torch.fx.Proxy:
@@ -152,3 +154,22 @@ class BatchNormAct2d(_BatchNormAct, torch.nn.BatchNorm2d):
 
 class BatchNormAct3d(_BatchNormAct, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d fused with an activation (and residual add); input (N, C, D, H, W)."""
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on normext kernels (normext.functional.layer_norm)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
+        return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
+                                     self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on normext kernels (normext.functional.rms_norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return traced_as_leaf(self, x)
+        return functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)

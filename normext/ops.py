@@ -417,3 +417,117 @@ def _(grad_out, saved, residual, output, weight, bias, mean, invstd, sum_dy, sum
                       sum_dy_xmu=sum_dy_xmu)
     grad_residual = None if residual is None and output is None else _like_input(saved)
     return _like_input(saved), grad_residual
+
+
+# ---- layer norm (LayerNorm, and RMSNorm: rms=True, no mean, no bias)
+
+
+def layer_norm_forward(
+    input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
+    eps: float, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, rstd) over the trailing normalized_shape; the statistics
+    shaped as torch's native_layer_norm returns them (mean 0 where rms),
+    differentiable in output (the backward is layer_norm_backward)."""
+    return _ops.layer_norm_forward.default(input, normalized_shape, weight, bias, eps, rms)
+
+
+def layer_norm_backward(
+    grad_out: Tensor, input: Tensor, normalized_shape: list[int], mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, rms: bool, output_mask: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks for it."""
+    return _ops.layer_norm_backward.default(grad_out, input, normalized_shape, mean, rstd, weight,
+                                           rms, output_mask)
+
+
+def _check_layer_norm(input: Tensor, normalized_shape, weight: Tensor | None,
+                      bias: Tensor | None) -> None:
+    """The kernels' checks (csrc/layer_norm/ops.h: rows_of) for a fake run."""
+    shape = tuple(normalized_shape)
+    torch._check(len(shape) > 0, lambda: "Expected normalized_shape to be at least 1-dimensional")
+    for param in (weight, bias):
+        torch._check(param is None or tuple(param.shape) == shape,
+                     lambda: f"Expected weight to be of same shape as normalized_shape, but got "
+                             f"weight of shape {list(param.shape)} and normalized_shape = "
+                             f"{list(shape)}")
+    torch._check(input.dim() >= len(shape) and tuple(input.shape[input.dim() - len(shape):])
+                 == shape,
+                 lambda: f"Given normalized_shape={list(shape)}, expected input with shape "
+                         f"[*, {', '.join(map(str, shape))}], but got input of size"
+                         f"{list(input.shape)}")
+    torch._check(input.dtype.is_floating_point,
+                 lambda: f"layer_norm: expected a floating-point input, got {input.dtype}")
+
+
+def _layer_norm_stat_shape(input: Tensor, normalized_shape) -> list[int]:
+    axis = input.dim() - len(normalized_shape)
+    return list(input.shape[:axis]) + [1] * len(normalized_shape)
+
+
+@torch.library.register_fake("normext::layer_norm_forward")
+def _(input, normalized_shape, weight, bias, eps, rms):
+    _check_layer_norm(input, normalized_shape, weight, bias)
+    torch._check(not (rms and bias is not None), lambda: "layer_norm_forward: rms takes no bias")
+    stat = input.new_empty(_layer_norm_stat_shape(input, normalized_shape),
+                           dtype=accumulate_dtype(input.dtype))
+    return input.new_empty(input.shape), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("normext::layer_norm_backward")
+def _(grad_out, input, normalized_shape, mean, rstd, weight, rms, output_mask):
+    _check_layer_norm(input, normalized_shape, weight, None)
+    torch._check(grad_out.shape == input.shape and grad_out.dtype == input.dtype,
+                 lambda: "layer_norm_backward: expected grad_out of the input's shape and dtype")
+    param_dtype = input.dtype if weight is None else weight.dtype
+    return (input.new_empty(input.shape) if output_mask[0] else None,
+            input.new_empty(normalized_shape, dtype=param_dtype)
+            if output_mask[1] and weight is not None else None,
+            input.new_empty(normalized_shape, dtype=param_dtype) if output_mask[2] else None)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, eps, rms = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.normalized_shape, ctx.eps, ctx.rms = normalized_shape, eps, rms
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_grads_composite(grad_out: Tensor, input: Tensor, normalized_shape,
+                                weight: Tensor | None, eps: float, rms: bool):
+    """The gradients as differentiable torch ops, for a double backward: the
+    same formulas as the kernels, in the accumulate dtype."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    leading = tuple(range(input.dim() - len(normalized_shape)))
+    dtype = accumulate_dtype(input.dtype)
+    x, dy = input.to(dtype), grad_out.to(dtype)
+    xmu = x if rms else x - x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(xmu.square().mean(dims, keepdim=True) + eps)
+    xhat = xmu * rstd
+    g = dy if weight is None else dy * weight.to(dtype)
+    dx = g - (g * xhat).mean(dims, keepdim=True) * xhat
+    if not rms:
+        dx = dx - g.mean(dims, keepdim=True)
+    param_dtype = input.dtype if weight is None else weight.dtype
+    return ((dx * rstd).to(input.dtype), (dy * xhat).sum(leading).to(param_dtype),
+            dy.sum(leading).to(param_dtype))
+
+
+def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    needs_input, _, needs_weight, needs_bias, _, _ = ctx.needs_input_grad
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (grad_out, input, weight)):
+        grad_input, grad_weight, grad_bias = _layer_norm_grads_composite(
+            grad_out, input, ctx.normalized_shape, weight, ctx.eps, ctx.rms)
+    else:
+        grad_input, grad_weight, grad_bias = layer_norm_backward(
+            grad_out, input, ctx.normalized_shape, mean, rstd, weight, ctx.rms,
+            [needs_input, needs_weight, needs_bias])
+    return (grad_input if needs_input else None, None, grad_weight if needs_weight else None,
+            grad_bias if needs_bias else None, None, None)
+
+
+torch.library.register_autograd("normext::layer_norm_forward", _layer_norm_backward,
+                                setup_context=_layer_norm_setup_context)

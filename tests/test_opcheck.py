@@ -107,7 +107,28 @@ def _build_samples(device):
                     (torch.randn(3, 4, 2, 3, device=device).bfloat16(),
                      x.bfloat16(), torch.ones(4, device=device), mean,
                      torch.rsqrt(var + 1e-5), True)))
-    return samples + _fused_samples(device)
+    return samples + _fused_samples(device) + _layer_norm_samples(device)
+
+
+def _layer_norm_samples(device):
+    samples = []
+    for dtype in (torch.float64, torch.bfloat16):
+        opts = dict(device=device, dtype=dtype)
+        x = torch.randn(3, 4, 5, **opts)
+        w, b = torch.rand(4, 5, **opts) + 0.5, torch.randn(4, 5, **opts)
+        for rms in (False, True):
+            name = f"{'rms' if rms else 'layer'}_norm-{str(dtype)[6:]}"
+            bias = None if rms else b
+            samples.append((f"{name}-forward", "layer_norm_forward",
+                            (_leaf(x), [4, 5], _leaf(w), _leaf(bias) if bias is not None else None,
+                             1e-5, rms)))
+            samples.append((f"{name}-forward-noaffine", "layer_norm_forward",
+                            (_leaf(x), [5], None, None, 1e-5, rms)))
+            _, mean, rstd = ops.layer_norm_forward(x, [4, 5], w, bias, 1e-5, rms)
+            samples.append((f"{name}-backward", "layer_norm_backward",
+                            (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
+                             [True, True, not rms])))
+    return samples
 
 
 def _fused_samples(device):

@@ -1,122 +1,22 @@
 // Forwards each CPU kernel call to the variant compiled for the instruction
-// set torch's CPU kernels use, chosen once per process. That choice honours
-// ATEN_CPU_CAPABILITY (default, avx2, avx512) and the machine's vector units.
-#include <ATen/Version.h>
-
-#include <type_traits>
-
+// set torch's CPU kernels use (common/cpu/dispatch.h).
 #include "batch_norm/cpu/dispatch.h"
+#include "common/cpu/dispatch.h"
 
 namespace normext::batch_norm {
 
-// Each compiled variant's kernels, as cpu/kernels.h declares them in its namespace.
-#ifdef NORMEXT_CPU_NATIVE
-namespace NATIVE {
-struct CpuKernels {
-#include "batch_norm/kernel_api.h"
-};
-}  // namespace NATIVE
-#else
-namespace DEFAULT {
-struct CpuKernels {
-#include "batch_norm/kernel_api.h"
-};
-}  // namespace DEFAULT
-#ifdef NORMEXT_WITH_CPU_AVX2
-namespace AVX2 {
-struct CpuKernels {
-#include "batch_norm/kernel_api.h"
-};
-}  // namespace AVX2
-#endif
-#ifdef NORMEXT_WITH_CPU_AVX512
-namespace AVX512 {
-struct CpuKernels {
-#include "batch_norm/kernel_api.h"
-};
-}  // namespace AVX512
-#endif
-#endif
+#define NORMEXT_KERNEL_API "batch_norm/kernel_api.h"
+#include "common/cpu/variants.inc"
 
 namespace {
-
-enum class Variant { kDefault, kAvx2, kAvx512, kNative };
-
-Variant choose_variant() {
-#ifdef NORMEXT_CPU_NATIVE
-  return Variant::kNative;
-#else
-  // "NO AVX", "AVX2" or "AVX512" on x86-64. at::native::get_cpu_capability(),
-  // which this wraps, is not exported from libtorch_cpu.
-  const std::string torch_choice = at::get_cpu_capability();
-#ifdef NORMEXT_WITH_CPU_AVX512
-  if (torch_choice == "AVX512") return Variant::kAvx512;
-#endif
-#ifdef NORMEXT_WITH_CPU_AVX2
-  if (torch_choice == "AVX512" || torch_choice == "AVX2") return Variant::kAvx2;
-#endif
-  return Variant::kDefault;
-#endif
-}
-
-Variant selected_variant() {
-  static const Variant variant = choose_variant();
-  return variant;
-}
-
-// A type as a value (std::type_identity is C++20; torch 2.11 builds C++17).
-template <typename T>
-struct Type {
-  using type = T;
-};
 
 // fn(Type<K>{}), K the selected variant's CpuKernels.
 template <typename F>
 void with_kernels(const F& fn) {
-  switch (selected_variant()) {
-#ifdef NORMEXT_CPU_NATIVE
-    default:
-      return fn(Type<NATIVE::CpuKernels>{});
-#else
-#ifdef NORMEXT_WITH_CPU_AVX512
-    case Variant::kAvx512:
-      return fn(Type<AVX512::CpuKernels>{});
-#endif
-#ifdef NORMEXT_WITH_CPU_AVX2
-    case Variant::kAvx2:
-      return fn(Type<AVX2::CpuKernels>{});
-#endif
-    default:
-      return fn(Type<DEFAULT::CpuKernels>{});
-#endif
-  }
+  cpu::with_variant<KernelsOf>(fn);
 }
 
 }  // namespace
-
-std::string cpu_capability() {
-  switch (selected_variant()) {
-    case Variant::kAvx2: return "avx2";
-    case Variant::kAvx512: return "avx512";
-    case Variant::kNative: return "native";
-    default: return "default";
-  }
-}
-
-std::vector<std::string> cpu_capabilities() {
-#ifdef NORMEXT_CPU_NATIVE
-  return {"native"};
-#else
-  return {"default",
-#ifdef NORMEXT_WITH_CPU_AVX2
-          "avx2",
-#endif
-#ifdef NORMEXT_WITH_CPU_AVX512
-          "avx512",
-#endif
-  };
-#endif
-}
 
 void CpuKernels::moments(const ChannelView& input, at::Tensor& mean, at::Tensor& var) {
   with_kernels([&](auto k) { decltype(k)::type::moments(input, mean, var); });

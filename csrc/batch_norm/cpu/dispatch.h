@@ -6,9 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
-#include <string>
-#include <vector>
-
 #include "batch_norm/common.h"
 
 namespace normext::batch_norm {
@@ -19,11 +16,5 @@ struct CpuKernels {
   static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
 #include "batch_norm/kernel_api.h"
 };
-
-// The variant the kernels run: "default", "avx2", "avx512", or "native" for a
-// NORMEXT_CPU_ARCH=native build (the only variant there).
-std::string cpu_capability();
-// The variants compiled, best last.
-std::vector<std::string> cpu_capabilities();
 
 }  // namespace normext::batch_norm

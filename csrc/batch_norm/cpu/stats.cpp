@@ -1,7 +1,7 @@
 // Per-channel batch statistics and the running-stat update. The statistics
 // read the input once (common/cpu/reduce.h): sums of deviations from a
 // per-channel shift (the median of a small sample of the channel, math.h:
-// channel_shift), turned into moments in double (math.h: shifted_moments).
+// sample_shift), turned into moments in double (math.h: shifted_moments).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -25,7 +25,7 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   std::vector<acc_t> shift_acc(C);
   at::parallel_for(0, C, cpu::grain_for(kShiftCost), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      shift_acc[c] = channel_shift<acc_t>(v.count(), [&](int64_t j) {
+      shift_acc[c] = sample_shift<acc_t>(v.count(), [&](int64_t j) {
         return static_cast<double>(x[channel_element(j, c, C, v.inner, v.channels_last)]);
       });
       shift[c] = static_cast<double>(shift_acc[c]);

@@ -27,9 +27,9 @@ struct ShiftedSumsReducer {
   bool channels_last;
   int64_t count;  // elements per channel
 
-  // math.h: channel_shift, over the channel's elements in either layout.
+  // math.h: sample_shift, over the channel's elements in either layout.
   __device__ acc_t context(int64_t c) const {
-    return channel_shift<acc_t>(count, [&](int64_t j) {
+    return sample_shift<acc_t>(count, [&](int64_t j) {
       return static_cast<double>(input[channel_element(j, c, channels, inner, channels_last)]);
     });
   }

@@ -339,6 +339,22 @@ std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
   return sums;
 }
 
+// The sums reduce_groups gives group g of a (1, groups, inner) shape (the
+// same blocks, lanes and order), for a norm that reduces its groups one at a
+// time where each fits in cache (a layer norm's rows). sums: [term].
+template <class Op>
+void reduce_run(const Op& op, int64_t g, int64_t inner, double* sums) {
+  using acc_t = typename Op::acc_t;
+  for (int q = 0; q < kTerms; ++q) sums[q] = 0;
+  for (int64_t i0 = 0; i0 < inner; i0 += kBlockElements) {
+    acc_t lanes[kTerms][kLanes] = {};
+    add_run_in_lanes(op, g, g * inner + i0, std::min(kBlockElements, inner - i0), lanes);
+    double block[kTerms];
+    detail::add_lanes(lanes, block);
+    for (int q = 0; q < kTerms; ++q) sums[q] += block[q];
+  }
+}
+
 // Prefetches [begin, end) shifted ahead by kPrefetchBytes or by its own
 // length if longer (not to prefetch what is being read), short of `limit`.
 // Always inlined, as is an op's prefetch: GCC deems a function that only

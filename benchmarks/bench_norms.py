@@ -1,0 +1,146 @@
+"""LayerNorm and RMSNorm: torch.nn vs normext, per shape, forward and forward + backward.
+
+    python benchmarks/bench_norms.py                       # the issue's shapes, float32 + bfloat16
+    python benchmarks/bench_norms.py --quick               # a smoke run
+    python benchmarks/bench_norms.py --norms rms_norm --dtypes float32 --json-out norms.json
+
+Each row is one layer on (tokens, hidden): the forward alone (no autograd), and
+a training forward + backward to the input, the weight and the bias. torch runs
+torch.nn.LayerNorm / torch.nn.RMSNorm, normext the drop-in classes; both run
+interleaved in one process next to a copy of the input (`out.copy_(x)`: the
+memory-bandwidth floor), and with normext's CPU output cache switched off
+("cache off": the kernels alone).
+
+Memory traffic per row in multiples of bytes(x) (R read, W written):
+  normext  forward 1R+1W (the row's statistics and output in one visit);
+           backward 2R+1W (dy and x once: the row's sums, the input gradient
+           and the parameter gradients' block sums)
+  floor    forward: one copy (1R+1W); forward + backward: 2.5 copies (3R+2W).
+"""
+
+import argparse
+import sys
+
+import _common as common
+from _common import log, normext
+
+import torch
+from normext._extension import cpu_cache_disabled
+
+# (tokens, hidden)
+SHAPES = ((8192, 768), (4096, 1024), (2048, 4096), (1024, 8192), (256, 32768))
+QUICK_SHAPES = ((512, 768), (64, 8192))
+NORMS = {"layer_norm": (torch.nn.LayerNorm, normext.LayerNorm),
+         "rms_norm": (torch.nn.RMSNorm, normext.RMSNorm)}
+FLOOR_COPIES = {"forward": 1.0, "forward+backward": 2.5}
+
+
+def _forward(layer, x):
+    def step():
+        with torch.no_grad():
+            layer(x)
+    return step
+
+
+def _train(layer, x, grad):
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+    return step
+
+
+def _without_cache(step):
+    def run():
+        with cpu_cache_disabled():
+            step()
+    return run
+
+
+def _check(label, theirs, ours, x, grad) -> None:
+    """One training step of both layers: output and every gradient must
+    agree, a guard against timing a wrong kernel."""
+    results = []
+    for layer in (theirs, ours):
+        xs = x.detach().clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = layer(xs)
+        out.backward(grad)
+        results.append([out.detach().float(), xs.grad.float()]
+                       + [p.grad.float() for p in layer.parameters()])
+    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
+    for a, b in zip(*results):
+        if not torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item())):
+            sys.exit(f"error: {label}: normext's result differs from torch's")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--norms", default="layer_norm,rms_norm")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--quick", action="store_true", help="two small shapes")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--min-time", type=float, default=0.2,
+                        help="seconds per measurement of each implementation in a round")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--markdown-out", metavar="FILE")
+    parser.add_argument("--json-out", metavar="FILE")
+    args = parser.parse_args()
+    common.apply_threads(args.threads)
+    device = torch.device("cpu")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    norms = common.parse_choices(args.norms, NORMS, "norm")
+
+    rows, records, speedups = [], [], {}
+    for norm in norms:
+        torch_cls, normext_cls = NORMS[norm]
+        for dtype_name in common.parse_dtypes(args.dtypes):
+            dtype = getattr(torch, dtype_name)
+            for tokens, hidden in shapes:
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_()
+                grad = torch.randn(tokens, hidden, generator=gen).to(dtype)
+                theirs = torch_cls(hidden).to(dtype)
+                ours = normext_cls(hidden).to(dtype)
+                label = f"{norm} {dtype_name} {tokens}x{hidden}"
+                _check(label, theirs, ours, x, grad)
+                copy_out = torch.empty_like(x)
+                for mode in FLOOR_COPIES:
+                    log(f"{label} {mode}")
+                    make = _forward if mode == "forward" else (
+                        lambda layer, x: _train(layer, x, grad))
+                    fns = {"torch": make(theirs, x), "normext": make(ours, x),
+                           "cache off": _without_cache(make(ours, x)),
+                           "copy": lambda: copy_out.copy_(x.detach())}
+                    t = {name: timing.median * 1e3 for name, timing in common.interleaved_timings(
+                        fns, device, args.repeats, args.min_time).items()}
+                    speedup = t["torch"] / t["normext"]
+                    speedups.setdefault((norm, mode), []).append(speedup)
+                    floor = FLOOR_COPIES[mode] * t["copy"]
+                    record = dict(norm=norm, dtype=dtype_name, tokens=tokens, hidden=hidden,
+                                  mode=mode, torch_ms=t["torch"], normext_ms=t["normext"],
+                                  normext_cache_off_ms=t["cache off"], copy_ms=t["copy"],
+                                  speedup=speedup)
+                    records.append(record)
+                    rows.append([label, mode, f"{t['torch']:.3g}", f"{t['normext']:.3g}",
+                                 f"{speedup:.2f}", f"{t['torch'] / t['cache off']:.2f}",
+                                 f"{t['torch'] / floor:.2f}", f"{t['normext'] / floor:.2f}"])
+    table = common.markdown_table(
+        ["layer (tokens x hidden)", "pass", "torch ms", "normext ms", "speedup",
+         "speedup, cache off", "torch / floor", "normext / floor"], rows, "llrrrrrr")
+    summary = "; ".join(f"{norm} {mode} geomean {common.geomean(values):.2f}x "
+                        f"(lowest {min(values):.2f}x)"
+                        for (norm, mode), values in speedups.items())
+    note = (f"Median of {args.repeats} interleaved rounds of >= {args.min_time} s; speedup = "
+            "torch ms / normext ms; cache off: normext with its CPU output cache switched off "
+            "(the kernels alone). floor: a copy of the input (`out.copy_(x)`, same run) for "
+            "the forward, 2.5 copies for forward + backward. " + summary + ".")
+    report = common.Report("LayerNorm and RMSNorm: torch.nn vs normext",
+                           common.metadata(device, "bench_norms"), common.command_line(),
+                           [note, table])
+    common.publish(report.render(), args.markdown_out, args.json_out,
+                   dict(rows=records) if args.json_out else None)
+
+
+if __name__ == "__main__":
+    main()

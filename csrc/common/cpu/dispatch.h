@@ -1,0 +1,51 @@
+// The CPU kernel variant a process runs. setup.py compiles the CPU kernels
+// once per instruction set (capability.h); every norm's kernels run the
+// variant for the instruction set torch's own CPU kernels use, chosen once per
+// process. That choice honours ATEN_CPU_CAPABILITY (default, avx2, avx512) and
+// the machine's vector units.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace normext::cpu {
+
+enum class Variant { kDefault, kAvx2, kAvx512, kNative };
+
+Variant selected_variant();
+// The variant run: "default", "avx2", "avx512", or "native" for a
+// NORMEXT_CPU_ARCH=native build (the only variant there).
+std::string capability();
+// The variants compiled, best last.
+std::vector<std::string> capabilities();
+
+// A type as a value (std::type_identity is C++20; torch 2.11 builds C++17).
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// fn(Type<K>{}) with K = KernelsOf<v>::type for the selected variant v; a
+// norm's dispatch.cpp declares KernelsOf (variants.inc).
+template <template <Variant> class KernelsOf, typename F>
+decltype(auto) with_variant(const F& fn) {
+  switch (selected_variant()) {
+#ifdef NORMEXT_CPU_NATIVE
+    default:
+      return fn(Type<typename KernelsOf<Variant::kNative>::type>{});
+#else
+#ifdef NORMEXT_WITH_CPU_AVX512
+    case Variant::kAvx512:
+      return fn(Type<typename KernelsOf<Variant::kAvx512>::type>{});
+#endif
+#ifdef NORMEXT_WITH_CPU_AVX2
+    case Variant::kAvx2:
+      return fn(Type<typename KernelsOf<Variant::kAvx2>::type>{});
+#endif
+    default:
+      return fn(Type<typename KernelsOf<Variant::kDefault>::type>{});
+#endif
+  }
+}
+
+}  // namespace normext::cpu

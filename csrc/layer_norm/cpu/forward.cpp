@@ -1,0 +1,68 @@
+// Forward: per row, one-pass statistics (sums of deviations from a shift, the
+// median of a sample of the row: common/math.h, sample_shift and
+// shifted_moments; RMSNorm sums squares) and the affine pass over the row
+// while it is in cache.
+#include "layer_norm/cpu/kernels.h"
+
+namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t>
+void forward_rows(const Rows& v, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                  bool rms, at::Tensor& output, at::Tensor& mean_out, at::Tensor& rstd_out) {
+  using T = cpu::loop_t<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = v.features;
+  const T* x = cpu::loop_data<scalar_t>(v.data);
+  T* y = cpu::mutable_loop_data<scalar_t>(output);
+  const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, D, 1);
+  const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, D, 0);
+  const bool affine = weight.defined() || bias.defined();
+  acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
+  acc_t* rstd = rstd_out.mutable_data_ptr<acc_t>();
+  // The shift as a value acc_t holds exactly, so the deviations and the mean use one value.
+  std::vector<acc_t> shift(v.rows, acc_t(0));
+  const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
+  cpu::for_each_row(v, [&](int64_t r) {
+    const T* row = x + r * D;
+    if (!rms) {
+      shift[r] = cpu::sample_shift<acc_t>(D, [&](int64_t j) { return static_cast<double>(row[j]); });
+    }
+    double sums[cpu::kTerms];
+    cpu::reduce_run(sums_op, r, D, sums);
+    double m = 0, m2 = sums[1];  // rms: the sum of squares
+    if (!rms) cpu::shifted_moments(static_cast<double>(shift[r]), sums[0], sums[1],
+                                   static_cast<double>(D), m, m2);
+    const acc_t row_mean = static_cast<acc_t>(m);
+    const acc_t row_rstd = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
+    mean[r] = row_mean;
+    rstd[r] = row_rstd;
+    T* out = y + r * D;
+    if (affine) {
+      const acc_t* __restrict__ wp = w.data();
+      const acc_t* __restrict__ bp = b.data();
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        cpu::store(out, d, cpu::normalize(static_cast<acc_t>(row[d]), row_mean, row_rstd * wp[d], bp[d]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        cpu::store(out, d, cpu::normalize(static_cast<acc_t>(row[d]), row_mean, row_rstd, acc_t(0)));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void CpuKernels::forward(const Rows& input, const at::Tensor& weight, const at::Tensor& bias,
+                         double eps, bool rms, at::Tensor& output, at::Tensor& mean,
+                         at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "layer_norm", [&] {
+    forward_rows<scalar_t>(input, weight, bias, eps, rms, output, mean, rstd);
+  });
+}
+
+}  // namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY

@@ -1,0 +1,142 @@
+// The normext layer-norm ops for one backend: argument checks (torch's
+// messages), allocation and the calls into that backend's kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <utility>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "layer_norm/common.h"
+
+namespace normext::layer_norm {
+
+using OptionalTensor = c10::optional<at::Tensor>;
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+inline at::Tensor value_or_undefined(const OptionalTensor& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// The input as rows of the trailing normalized_shape, with torch's checks.
+inline Rows rows_of(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                    const OptionalTensor& weight, const OptionalTensor& bias) {
+  TORCH_CHECK(!normalized_shape.empty(),
+              "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+              "least one element, but got normalized_shape = ", normalized_shape);
+  for (const auto& [param, name] : {std::pair(&weight, "weight"), std::pair(&bias, "bias")}) {
+    TORCH_CHECK(!param->has_value() || (*param)->sizes() == normalized_shape, "Expected ", name,
+                " to be of same shape as normalized_shape, but got ", name, " of shape ",
+                (*param)->sizes(), " and normalized_shape = ", normalized_shape);
+  }
+  const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(axis >= 0 && input.sizes().slice(axis) == normalized_shape,
+              "Given normalized_shape=", normalized_shape, ", expected input with shape [*",
+              [&] {
+                std::string dims;
+                for (const int64_t size : normalized_shape) dims += ", " + std::to_string(size);
+                return dims;
+              }(),
+              "], but got input of size", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "layer_norm: expected a floating-point input, got ", input.scalar_type());
+  for (const OptionalTensor& param : {weight, bias}) {
+    TORCH_CHECK(!param.has_value() || (at::isFloatingType(param->scalar_type()) &&
+                                       param->device() == input.device()),
+                "layer_norm: expected weight and bias of a floating-point dtype on ",
+                input.device());
+  }
+  int64_t features = 1;
+  for (const int64_t size : normalized_shape) features *= size;
+  const int64_t rows = features == 0 ? 1 : input.numel() / features;
+  int64_t leading = 1;  // rows even where features == 0
+  for (int64_t d = 0; d < axis; ++d) leading *= input.size(d);
+  return {input.contiguous(), features == 0 ? leading : rows, features};
+}
+
+// The statistics' shape: the leading dims, then 1 per normalized dim.
+inline std::vector<int64_t> stat_shape(const at::Tensor& input, size_t normalized_dims) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  std::fill(shape.end() - static_cast<int64_t>(normalized_dims), shape.end(), 1);
+  return shape;
+}
+
+inline c10::ScalarType accumulate_type(c10::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <class Kernels>
+struct LayerNormOps {
+  static TensorTriple forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                              const OptionalTensor& weight, const OptionalTensor& bias,
+                              double eps, bool rms) {
+    TORCH_CHECK(!(rms && bias.has_value()), "layer_norm_forward: rms takes no bias");
+    const Rows view = rows_of(input, normalized_shape, weight, bias);
+    const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+    const std::vector<int64_t> shape = stat_shape(input, normalized_shape.size());
+    at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
+    if (view.features == 0) {  // torch's statistics of no elements
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      return {output, at::full(shape, rms ? 0.0 : nan, stat_options),
+              at::full(shape, nan, stat_options)};
+    }
+    at::Tensor mean = at::empty(shape, stat_options), rstd = at::empty(shape, stat_options);
+    if (view.rows > 0) {
+      Kernels::forward(view, value_or_undefined(weight), value_or_undefined(bias), eps, rms,
+                       output, mean, rstd);
+    }
+    return {output, mean, rstd};
+  }
+
+  static TensorTriple backward(const at::Tensor& grad_out, const at::Tensor& input,
+                               at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                               const at::Tensor& rstd, const OptionalTensor& weight, bool rms,
+                               std::array<bool, 3> output_mask) {
+    const Rows view = rows_of(input, normalized_shape, weight, {});
+    TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+                "layer_norm_backward: expected grad_out of the input's shape and dtype, got ",
+                grad_out.sizes(), " (", grad_out.scalar_type(), ")");
+    const auto acc = accumulate_type(input.scalar_type());
+    for (const at::Tensor* stat : {&mean, &rstd}) {
+      TORCH_CHECK(stat->numel() == view.rows && stat->scalar_type() == acc &&
+                      stat->device() == input.device(),
+                  "layer_norm_backward: expected mean and rstd of ", view.rows, " ", acc,
+                  " values on ", input.device());
+    }
+    const Rows dy{grad_out.contiguous(), view.rows, view.features};
+    at::Tensor grad_input, grad_weight, grad_bias;
+    const auto param_options = weight.has_value() ? weight->options() : input.options();
+    if (output_mask[0]) {
+      grad_input = Kernels::empty_output(view, {view.data.const_data_ptr(), dy.data.const_data_ptr()});
+    }
+    if (output_mask[1] && weight.has_value()) grad_weight = at::empty(normalized_shape, param_options);
+    if (output_mask[2]) grad_bias = at::empty(normalized_shape, param_options);
+    if (view.rows == 0 || view.features == 0) {
+      if (grad_weight.defined()) grad_weight.zero_();
+      if (grad_bias.defined()) grad_bias.zero_();
+      return {grad_input, grad_weight, grad_bias};
+    }
+    Kernels::backward(dy, view, mean.contiguous(), rstd.contiguous(), value_or_undefined(weight),
+                      rms, grad_input, grad_weight, grad_bias);
+    return {grad_input, grad_weight, grad_bias};
+  }
+};
+
+template <class Kernels>
+void register_layer_norm_ops(torch::Library& m) {
+  using Ops = LayerNormOps<Kernels>;
+  m.impl("layer_norm_forward", &Ops::forward);
+  m.impl("layer_norm_backward", &Ops::backward);
+}
+
+}  // namespace normext::layer_norm

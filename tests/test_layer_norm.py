@@ -1,0 +1,262 @@
+"""normext.LayerNorm / RMSNorm and their functionals against torch.nn: outputs,
+input and parameter gradients in float64 and per dtype, over hypothesis-drawn
+shapes and flags; gradcheck and gradgradcheck; errors; state_dict; convert;
+compile; determinism at any thread count."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import normext
+from normext import functional as NF
+from conftest import assert_close
+
+F = torch.nn.functional
+
+
+def _reference(rms, x, shape, w, b, eps):
+    if rms:
+        return F.rms_norm(x, shape, w, eps)
+    return F.layer_norm(x, shape, w, b, eps)
+
+
+def _ours(rms, x, shape, w, b, eps):
+    if rms:
+        return NF.rms_norm(x, shape, w, eps)
+    return NF.layer_norm(x, shape, w, b, eps)
+
+
+def _grads(fn, rms, x, shape, w, b, eps, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    x_, w_, b_ = leaves
+    y = fn(rms, x_, shape, w_, None if rms else b_, eps)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in leaves]
+
+
+@st.composite
+def cases(draw):
+    leading = draw(st.lists(st.integers(0, 5), min_size=0, max_size=2))
+    normalized = draw(st.lists(st.integers(1, 70), min_size=1, max_size=2))
+    return dict(shape=leading + normalized, normalized=normalized, rms=draw(st.booleans()),
+                weight=draw(st.booleans()), bias=draw(st.booleans()),
+                eps=draw(st.sampled_from([1e-5, 1e-2])), seed=draw(st.integers(0, 2**16)))
+
+
+def _compare(case, dtype):
+    torch.manual_seed(case["seed"])
+    shape, normalized = case["shape"], case["normalized"]
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    w = torch.rand(normalized, dtype=torch.float64) + 0.5 if case["weight"] else None
+    b = torch.randn(normalized, dtype=torch.float64) if case["bias"] and not case["rms"] else None
+    dy = torch.randn(shape, dtype=torch.float64)
+    cast = [t.to(dtype) if t is not None else None for t in (x, w, b, dy)]
+    # The reference in float64 from the (exactly) upcast inputs.
+    ref = [t.to(torch.float64) if t is not None else None for t in cast]
+    y_ref, g_ref = _grads(_reference, case["rms"], *ref[:1], normalized, *ref[1:3], case["eps"],
+                          ref[3])
+    y, g = _grads(_ours, case["rms"], *cast[:1], normalized, *cast[1:3], case["eps"], cast[3])
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                     msg=f"grad {name}")
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_matches_torch_float64(case):
+    _compare(case, torch.float64)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_matches_torch_per_dtype(case, dtype):
+    _compare(case, dtype)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("features", [64, 768, 4097, 8192 + 13])
+def test_long_and_many_rows(rms, features):
+    """Rows over one reduction block (kBlockElements) and row counts over a
+    parameter-gradient block, float32 against torch."""
+    torch.manual_seed(features)
+    x, dy = torch.randn(37, features), torch.randn(37, features)
+    w, b = torch.rand(features) + 0.5, torch.randn(features)
+    y_ref, g_ref = _grads(_reference, rms, x, [features], w, b, 1e-5, dy)
+    y, g = _grads(_ours, rms, x, [features], w, b, 1e-5, dy)
+    assert_close(y, y_ref)
+    for actual, expected in zip(g, g_ref):
+        assert_close(actual, expected, factor=4)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_gradcheck_and_gradgradcheck(rms):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, 5, dtype=torch.float64) + 0.5).requires_grad_()
+    b = None if rms else torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    inputs = (x, w) if rms else (x, w, b)
+
+    def fn(*args):
+        return _ours(rms, args[0], [2, 5], args[1], None if rms else args[2], 1e-5)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_large_mean_and_fp16_near_its_maximum(rms, dtype):
+    """1e4 + randn (float16: values up to 65000) against float64 from the same
+    inputs: within the tolerances, and no worse than torch in the same dtype.
+    A float32 mean of 1e4 is off by up to half its ulp (5e-4), which x - mean
+    carries to the output: the tolerance of float32 scales by |mean| / std."""
+    torch.manual_seed(0)
+    if dtype == torch.float16:
+        x = (torch.rand(8, 300, dtype=torch.float64) * 2 - 1) * 65000
+    else:
+        x = 1e4 + torch.randn(8, 300, dtype=torch.float64)
+    x = x.to(dtype)
+    w, b = (torch.rand(300) + 0.5).to(dtype), torch.randn(300).to(dtype)
+    bias = None if rms else b
+    y = _ours(rms, x, [300], w, bias, 1e-5)
+    expected = _reference(rms, x.double(), [300], w.double(),
+                          None if rms else b.double(), 1e-5)
+    theirs = _reference(rms, x, [300], w, bias, 1e-5)
+    assert torch.isfinite(y).all()
+    assert_close(y, expected, dtype, factor=100 if dtype == torch.float32 and not rms else 1)
+    error = (y.double() - expected).abs().max()
+    assert error <= (theirs.double() - expected).abs().max() * 1.01
+
+
+def test_rms_norm_eps_none_is_the_dtype_epsilon():
+    x = torch.randn(4, 8) * 1e-4
+    assert_close(NF.rms_norm(x, [8]), F.rms_norm(x, [8]))
+    assert_close(NF.rms_norm(x, [8], eps=None), NF.rms_norm(x, [8], eps=torch.finfo(x.dtype).eps))
+
+
+def test_bfloat16_input_with_float32_parameters():
+    """torch's mixed-dtype layer norm: a 16-bit input with float32 parameters."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 32).bfloat16()
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    y = NF.layer_norm(x, [32], w, b)
+    expected = F.layer_norm(x, [32], w, b)
+    assert y.dtype == expected.dtype
+    assert_close(y, expected.double(), torch.bfloat16)
+
+
+def test_non_contiguous_input_and_empty_rows():
+    x = torch.randn(8, 6, 5).transpose(0, 1)
+    assert_close(NF.layer_norm(x, [5]), F.layer_norm(x, [5]))
+    empty = torch.randn(0, 7, requires_grad=True)
+    y = NF.layer_norm(empty, [7])
+    assert y.shape == (0, 7)
+    y.sum().backward()
+    assert empty.grad.shape == (0, 7)
+
+
+def _error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("case", [
+    ("wrong normalized_shape", lambda f: f.layer_norm(torch.randn(2, 3), [4])),
+    ("normalized_shape longer than the input", lambda f: f.layer_norm(torch.randn(3), [2, 3])),
+    ("weight shape", lambda f: f.layer_norm(torch.randn(2, 3), [3], torch.ones(4))),
+    ("integer input", lambda f: f.layer_norm(torch.ones(2, 3, dtype=torch.long), [3])),
+    ("rms wrong shape", lambda f: f.rms_norm(torch.randn(2, 3), [4])),
+    ("rms integer input", lambda f: f.rms_norm(torch.ones(2, 3, dtype=torch.long), [3])),
+], ids=lambda case: case[0])
+def test_bad_input_raises_torchs_error(case):
+    _, fn = case
+    assert _error(lambda: fn(NF)) == _error(lambda: fn(F))
+
+
+def test_op_checks_raise_runtime_error():
+    with pytest.raises(RuntimeError, match="expected input with shape"):
+        normext.ops.layer_norm_forward(torch.randn(2, 3), [4], None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="rms takes no bias"):
+        normext.ops.layer_norm_forward(torch.randn(2, 3), [3], None, torch.ones(3), 1e-5, True)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    ("LayerNorm", {}), ("LayerNorm", dict(elementwise_affine=False)),
+    ("LayerNorm", dict(bias=False)), ("RMSNorm", {}), ("RMSNorm", dict(eps=1e-3)),
+    ("RMSNorm", dict(elementwise_affine=False)),
+])
+def test_modules_are_drop_ins(cls, kwargs):
+    torch.manual_seed(0)
+    ours, theirs = getattr(normext, cls)([4, 6], **kwargs), getattr(torch.nn, cls)([4, 6], **kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    assert isinstance(ours, getattr(torch.nn, cls))
+    x = torch.randn(3, 4, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert_close(xa.grad, xb.grad)
+    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert_close(pa.grad, pb.grad, factor=4, msg=name)
+
+
+def test_convert_and_include():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.RMSNorm(4),
+                                torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    state = copy.deepcopy(model.state_dict())
+    only_ln = normext.convert(copy.deepcopy(model), include=(torch.nn.LayerNorm,))
+    assert [type(m) for m in only_ln.modules()][2:5] == [normext.LayerNorm, torch.nn.RMSNorm,
+                                                         torch.nn.Sequential]
+    assert type(only_ln[3][0]) is torch.nn.BatchNorm1d
+    converted = normext.convert(model)
+    assert type(converted[1]) is normext.LayerNorm and type(converted[2]) is normext.RMSNorm
+    assert type(converted[3][0]) is normext.BatchNorm1d
+    converted.load_state_dict(state, strict=True)
+    assert converted.state_dict().keys() == state.keys()
+    with pytest.raises(ValueError, match="does not convert"):
+        normext.convert(model, include=(torch.nn.Linear,))
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_compile_fullgraph(rms):
+    torch.manual_seed(0)
+    layer = normext.RMSNorm(16) if rms else normext.LayerNorm(16)
+    reference = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 5, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compiled(xa), reference(xb)
+    assert_close(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert_close(xa.grad, xb.grad)
+    assert_close(layer.weight.grad, reference.weight.grad)
+
+
+def test_bit_identical_at_any_thread_count(num_threads):
+    torch.manual_seed(0)
+    x = torch.randn(70, 5000)
+    w, b = torch.rand(5000) + 0.5, torch.randn(5000)
+    dy = torch.randn_like(x)
+    results = []
+    for threads in (1, 2, 3, 8):
+        num_threads(threads)
+        results.append(_grads(_ours, False, x, [5000], w, b, 1e-5, dy))
+    for y, grads in results[1:]:
+        assert torch.equal(y, results[0][0])
+        for a, e in zip(grads, results[0][1]):
+            assert torch.equal(a, e)
