@@ -1,20 +1,25 @@
-"""LayerNorm and RMSNorm: torch.nn vs normext, per shape, forward and forward + backward.
+"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm: torch.nn vs normext, per shape,
+forward and forward + backward.
 
     python benchmarks/bench_norms.py                       # the issue's shapes, float32 + bfloat16
     python benchmarks/bench_norms.py --quick               # a smoke run
     python benchmarks/bench_norms.py --norms rms_norm --dtypes float32 --json-out norms.json
 
-Each row is one layer on (tokens, hidden): the forward alone (no autograd), and
-a training forward + backward to the input, the weight and the bias. torch runs
-torch.nn.LayerNorm / torch.nn.RMSNorm, normext the drop-in classes; both run
+Each row is one layer: LayerNorm and RMSNorm on (tokens, hidden), GroupNorm(32)
+and InstanceNorm2d (affine) on (N, C, H, W) in both memory formats; the forward
+alone (no autograd), and a training forward + backward to the input, the weight
+and the bias. torch runs the torch.nn class, normext the drop-in class; both run
 interleaved in one process next to a copy of the input (`out.copy_(x)`: the
 memory-bandwidth floor), and with normext's CPU output cache switched off
 ("cache off": the kernels alone).
 
 Memory traffic per row in multiples of bytes(x) (R read, W written):
-  normext  forward 1R+1W (the row's statistics and output in one visit);
-           backward 2R+1W (dy and x once: the row's sums, the input gradient
-           and the parameter gradients' block sums)
+  normext  LayerNorm/RMSNorm, and GroupNorm/InstanceNorm contiguous: forward
+           1R+1W (a row's or group's statistics and output in one visit);
+           backward 2R+1W (dy and x once: the sums, the input gradient and
+           the parameter gradients' partial sums).
+           GroupNorm/InstanceNorm channels-last: forward 2R+1W, backward
+           4R+1W (the statistics, then a pass over the rows).
   floor    forward: one copy (1R+1W); forward + backward: 2.5 copies (3R+2W).
 """
 
@@ -28,10 +33,34 @@ import torch
 from normext._extension import cpu_cache_disabled
 
 # (tokens, hidden)
-SHAPES = ((8192, 768), (4096, 1024), (2048, 4096), (1024, 8192), (256, 32768))
-QUICK_SHAPES = ((512, 768), (64, 8192))
-NORMS = {"layer_norm": (torch.nn.LayerNorm, normext.LayerNorm),
-         "rms_norm": (torch.nn.RMSNorm, normext.RMSNorm)}
+ROW_SHAPES = ((8192, 768), (4096, 1024), (2048, 4096), (1024, 8192), (256, 32768))
+QUICK_ROW_SHAPES = ((512, 768), (64, 8192))
+# (N, C, H, W)
+GROUP_SHAPES = ((8, 128, 64, 64), (8, 256, 32, 32), (8, 512, 16, 16))
+INSTANCE_SHAPES = ((8, 64, 128, 128),)
+QUICK_IMAGE_SHAPES = ((2, 64, 16, 16),)
+LAYOUTS = {"": torch.contiguous_format, " channels_last": torch.channels_last}
+# norm: (torch class, normext class, the layer for an input shape)
+NORMS = {
+    "layer_norm": (torch.nn.LayerNorm, normext.LayerNorm, lambda cls, shape: cls(shape[-1])),
+    "rms_norm": (torch.nn.RMSNorm, normext.RMSNorm, lambda cls, shape: cls(shape[-1])),
+    "group_norm": (torch.nn.GroupNorm, normext.GroupNorm, lambda cls, shape: cls(32, shape[1])),
+    "instance_norm": (torch.nn.InstanceNorm2d, normext.InstanceNorm2d,
+                      lambda cls, shape: cls(shape[1], affine=True)),
+}
+
+
+def _cases(norm: str, quick: bool):
+    """(shape label, shape, memory format) of each row of a norm."""
+    if norm in ("layer_norm", "rms_norm"):
+        for tokens, hidden in QUICK_ROW_SHAPES if quick else ROW_SHAPES:
+            yield f"{tokens}x{hidden}", (tokens, hidden), torch.contiguous_format
+        return
+    shapes = QUICK_IMAGE_SHAPES if quick else (
+        GROUP_SHAPES if norm == "group_norm" else INSTANCE_SHAPES)
+    for shape in shapes:
+        for suffix, memory_format in LAYOUTS.items():
+            yield "x".join(map(str, shape)) + suffix, shape, memory_format
 FLOOR_COPIES = {"forward": 1.0, "forward+backward": 2.5}
 
 
@@ -76,9 +105,9 @@ def _check(label, theirs, ours, x, grad) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--norms", default="layer_norm,rms_norm")
+    parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--quick", action="store_true", help="two small shapes")
+    parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--min-time", type=float, default=0.2,
                         help="seconds per measurement of each implementation in a round")
@@ -88,23 +117,24 @@ def main() -> None:
     args = parser.parse_args()
     common.apply_threads(args.threads)
     device = torch.device("cpu")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
     norms = common.parse_choices(args.norms, NORMS, "norm")
 
     rows, records, speedups = [], [], {}
     for norm in norms:
-        torch_cls, normext_cls = NORMS[norm]
+        torch_cls, normext_cls, make_layer = NORMS[norm]
         for dtype_name in common.parse_dtypes(args.dtypes):
             dtype = getattr(torch, dtype_name)
-            for tokens, hidden in shapes:
+            for shape_label, shape, memory_format in _cases(norm, args.quick):
                 gen = torch.Generator().manual_seed(0)
-                x = torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_()
-                grad = torch.randn(tokens, hidden, generator=gen).to(dtype)
-                theirs = torch_cls(hidden).to(dtype)
-                ours = normext_cls(hidden).to(dtype)
-                label = f"{norm} {dtype_name} {tokens}x{hidden}"
+                x = torch.randn(shape, generator=gen).to(dtype).contiguous(
+                    memory_format=memory_format).requires_grad_()
+                grad = torch.randn(shape, generator=gen).to(dtype).contiguous(
+                    memory_format=memory_format)
+                theirs = make_layer(torch_cls, shape).to(dtype)
+                ours = make_layer(normext_cls, shape).to(dtype)
+                label = f"{norm} {dtype_name} {shape_label}"
                 _check(label, theirs, ours, x, grad)
-                copy_out = torch.empty_like(x)
+                copy_out = torch.empty_like(x)  # (x's memory format)
                 for mode in FLOOR_COPIES:
                     log(f"{label} {mode}")
                     make = _forward if mode == "forward" else (
@@ -117,7 +147,8 @@ def main() -> None:
                     speedup = t["torch"] / t["normext"]
                     speedups.setdefault((norm, mode), []).append(speedup)
                     floor = FLOOR_COPIES[mode] * t["copy"]
-                    record = dict(norm=norm, dtype=dtype_name, tokens=tokens, hidden=hidden,
+                    record = dict(norm=norm, dtype=dtype_name, shape=list(shape),
+                                  channels_last=memory_format != torch.contiguous_format,
                                   mode=mode, torch_ms=t["torch"], normext_ms=t["normext"],
                                   normext_cache_off_ms=t["cache off"], copy_ms=t["copy"],
                                   speedup=speedup)
@@ -126,7 +157,7 @@ def main() -> None:
                                  f"{speedup:.2f}", f"{t['torch'] / t['cache off']:.2f}",
                                  f"{t['torch'] / floor:.2f}", f"{t['normext'] / floor:.2f}"])
     table = common.markdown_table(
-        ["layer (tokens x hidden)", "pass", "torch ms", "normext ms", "speedup",
+        ["layer (shape)", "pass", "torch ms", "normext ms", "speedup",
          "speedup, cache off", "torch / floor", "normext / floor"], rows, "llrrrrrr")
     summary = "; ".join(f"{norm} {mode} geomean {common.geomean(values):.2f}x "
                         f"(lowest {min(values):.2f}x)"
@@ -135,7 +166,7 @@ def main() -> None:
             "torch ms / normext ms; cache off: normext with its CPU output cache switched off "
             "(the kernels alone). floor: a copy of the input (`out.copy_(x)`, same run) for "
             "the forward, 2.5 copies for forward + backward. " + summary + ".")
-    report = common.Report("LayerNorm and RMSNorm: torch.nn vs normext",
+    report = common.Report("LayerNorm, RMSNorm, GroupNorm and InstanceNorm: torch.nn vs normext",
                            common.metadata(device, "bench_norms"), common.command_line(),
                            [note, table])
     common.publish(report.render(), args.markdown_out, args.json_out,

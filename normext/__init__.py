@@ -1,6 +1,6 @@
 """normext: fast, exact, drop-in normalization layers for PyTorch.
 
-    model = normext.convert(model)        # nn.BatchNorm{1,2,3}d, LayerNorm, RMSNorm swapped
+    model = normext.convert(model)        # torch.nn's norm layers swapped for normext's
     layer = normext.BatchNorm2d(64)       # or use the modules directly
     model = normext.fuse(model)           # BatchNorm + activation (+ add) fused
 """
@@ -10,13 +10,15 @@ from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cp
 from .convert import convert
 from .fuse import FuseReport, fuse
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
-                      BatchNormAct3d, LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d,
-                      LazyBatchNorm3d, RMSNorm)
+                      BatchNormAct3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+                      LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
+                      LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d, RMSNorm)
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "FuseReport", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
-           "LazyBatchNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
+           "BatchNormAct3d", "FuseReport", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
            "cached_cpu_bytes", "convert", "cpu_cache_info", "functional", "fuse", "ops",
            "release_cpu_cache"]

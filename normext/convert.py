@@ -2,8 +2,10 @@
 
 import torch
 
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, LazyBatchNorm1d,
-                      LazyBatchNorm2d, LazyBatchNorm3d, RMSNorm)
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
+                      InstanceNorm2d, InstanceNorm3d, LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d,
+                      LazyBatchNorm3d, LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d,
+                      RMSNorm)
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["convert"]
@@ -20,6 +22,13 @@ _REPLACEMENTS = {
     torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
     torch.nn.LayerNorm: LayerNorm,
     torch.nn.RMSNorm: RMSNorm,
+    torch.nn.GroupNorm: GroupNorm,
+    torch.nn.InstanceNorm1d: InstanceNorm1d,
+    torch.nn.InstanceNorm2d: InstanceNorm2d,
+    torch.nn.InstanceNorm3d: InstanceNorm3d,
+    torch.nn.LazyInstanceNorm1d: LazyInstanceNorm1d,
+    torch.nn.LazyInstanceNorm2d: LazyInstanceNorm2d,
+    torch.nn.LazyInstanceNorm3d: LazyInstanceNorm3d,
 }
 
 
@@ -35,7 +44,8 @@ def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
 def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
             include: tuple[type, ...] | None = None) -> torch.nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d (and
-    LazyBatchNorm1d/2d/3d), LayerNorm and RMSNorm replaced by the normext
+    LazyBatchNorm1d/2d/3d), LayerNorm, RMSNorm, GroupNorm and
+    InstanceNorm1d/2d/3d (and LazyInstanceNorm1d/2d/3d) replaced by the normext
     class, like torch.nn.SyncBatchNorm.convert_sync_batchnorm: the converted
     layers share parameters and buffers with the originals (same device,
     dtype, requires_grad and training flag; state_dict keys unchanged),

@@ -1,6 +1,6 @@
-"""normext.functional: torch.nn.functional.batch_norm, layer_norm and rms_norm on
-normext's kernels, and batch_norm_act, batch norm fused with its activation
-(and a residual add)."""
+"""normext.functional: torch.nn.functional.batch_norm, layer_norm, rms_norm,
+group_norm and instance_norm on normext's kernels, and batch_norm_act, batch
+norm fused with its activation (and a residual add)."""
 
 import sys
 
@@ -11,7 +11,8 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
 
-__all__ = ["batch_norm", "batch_norm_act", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm",
+           "rms_norm"]
 
 
 def _torch_allows_zero_eps_in_eval() -> bool:
@@ -267,3 +268,98 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     return _layer_norm_op(input, list(shape), weight, None, eps, True)[0]
+
+
+# The devices whose group-norm kernels group_norm and instance_norm run;
+# elsewhere they call torch's.
+GROUP_NORM_DEVICES = ("cpu",)
+_group_norm_op = torch.ops.normext.group_norm_forward.default
+
+
+def _runs_group_norm(input: Tensor, groups: int, *params: Tensor | None) -> bool:
+    """Whether normext's kernels take this call: a floating-point (N, C, *)
+    input on a device with kernels, C divisible into `groups` groups,
+    per-channel parameters on its device in its dtype (or float32 for a 16-bit
+    input), and no torch.func transform or forward-mode tangent. torch's
+    function takes the others, raising its own errors for bad arguments."""
+    if (input.device.type not in GROUP_NORM_DEVICES or not input.dtype.is_floating_point
+            or input.dim() < 2 or not isinstance(groups, int) or groups <= 0
+            or input.shape[1] % groups != 0):
+        return False
+    mixed = input.dtype in (torch.float16, torch.bfloat16)
+    for param in params:
+        if param is not None and (
+                param.device != input.device or param.shape != (input.shape[1],)
+                or not (param.dtype == input.dtype or (mixed and param.dtype == torch.float32))):
+            return False
+    return not (torch._C._are_functorch_transforms_active()
+                or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same signature, behaviour and errors as torch.nn.functional.group_norm:
+    normalizes each sample over groups of num_groups channels, float32
+    statistics for 16-bit inputs; the output keeps the input's memory format
+    (contiguous, channels_last or channels_last_3d)."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm, (input, weight, bias), input, num_groups,
+                                     weight=weight, bias=bias, eps=eps)
+    if not _runs_group_norm(input, num_groups, weight, bias):
+        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+    torch.nn.functional._verify_batch_size(
+        [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    return _group_norm_op(input, num_groups, weight, bias, eps)[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same signature, behaviour and errors as torch.nn.functional.instance_norm:
+    each (sample, channel) normalized by its own statistics (a group norm with
+    a group per channel), and running_mean/running_var, where given, moved
+    towards the batch's average of those statistics (the variance unbiased);
+    with use_input_stats=False the running statistics normalize, as batch
+    norm's eval does."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            instance_norm, (input, running_mean, running_var, weight, bias), input,
+            running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+            use_input_stats=use_input_stats, momentum=momentum, eps=eps)
+    channels = input.shape[1] if input.dim() >= 2 else 1
+    if ((running_mean is None) != (running_var is None) or eps <= 0.0 or input.numel() == 0
+            or not _runs_group_norm(input, channels, weight, bias, running_mean, running_var)):
+        return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias,
+                                                 use_input_stats, momentum, eps)
+    if not use_input_stats:
+        # batch norm's eval, which takes parameters of one dtype (torch's also mixes them)
+        if len({t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}) > 1:
+            return torch.nn.functional.instance_norm(input, running_mean, running_var, weight,
+                                                     bias, use_input_stats, momentum, eps)
+        if running_mean is None:
+            raise RuntimeError(
+                "Expected running_mean and running_var to be defined when use_input_stats is false")
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    torch.nn.functional._verify_spatial_size(input.size())
+    output, mean, rstd = _group_norm_op(input, channels, weight, bias, eps)
+    if running_mean is not None:
+        with torch.no_grad():
+            count = input[0, 0].numel()  # elements per (sample, channel)
+            var = (rstd.double().pow(-2) - eps) * (count / (count - 1))
+            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype),
+                                                 alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype),
+                                                alpha=momentum)
+    return output

@@ -1,16 +1,18 @@
 """Drop-in BatchNorm modules: subclasses of torch.nn.BatchNorm1d/2d/3d (same
 constructor, parameters, buffers, state_dict, repr and input checks) whose
 forward runs normext's kernels; BatchNormAct1d/2d/3d, the same layers with
-their activation (and a residual add) fused; and LayerNorm and RMSNorm,
-subclasses of torch.nn.LayerNorm and torch.nn.RMSNorm."""
+their activation (and a residual add) fused; and LayerNorm, RMSNorm,
+GroupNorm and InstanceNorm1d/2d/3d (and the lazy InstanceNorm classes),
+subclasses of the torch.nn classes of those names."""
 
 import torch
 
 from . import functional, ops
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
-           "RMSNorm"]
+           "BatchNormAct3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "RMSNorm"]
 
 
 def traced_as_leaf(module: torch.nn.Module, *args: torch.fx.Proxy | None) -> torch.fx.Proxy:
@@ -173,3 +175,58 @@ class RMSNorm(torch.nn.RMSNorm):
         if isinstance(x, torch.fx.Proxy):
             return traced_as_leaf(self, x)
         return functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm on normext kernels (normext.functional.group_norm)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
+        return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _NormextInstanceNorm:
+    """torch.nn's _InstanceNorm (its checks, unbatched inputs and
+    state_dict handling) with normext's instance_norm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
+        return super().forward(input)
+
+    def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_NormextInstanceNorm, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d on normext kernels; input (N, C, L) or (C, L)."""
+
+
+class InstanceNorm2d(_NormextInstanceNorm, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d on normext kernels; input (N, C, H, W) or (C, H, W)."""
+
+
+class InstanceNorm3d(_NormextInstanceNorm, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d on normext kernels; input (N, C, D, H, W) or (C, D, H, W)."""
+
+
+class LazyInstanceNorm1d(_NormextInstanceNorm, torch.nn.LazyInstanceNorm1d):
+    """torch.nn.LazyInstanceNorm1d on normext kernels; becomes a normext.InstanceNorm1d."""
+
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(_NormextInstanceNorm, torch.nn.LazyInstanceNorm2d):
+    """torch.nn.LazyInstanceNorm2d on normext kernels; becomes a normext.InstanceNorm2d."""
+
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(_NormextInstanceNorm, torch.nn.LazyInstanceNorm3d):
+    """torch.nn.LazyInstanceNorm3d on normext kernels; becomes a normext.InstanceNorm3d."""
+
+    cls_to_become = InstanceNorm3d

@@ -92,7 +92,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _like_input(input: Tensor) -> Tensor:
-    """Mirrors csrc/batch_norm/common.cpp: the kernels work in the memory
+    """Mirrors csrc/common/channel_view.cpp: the kernels work in the memory
     format the strides suggest (as torch's batch norm does), keeping a dense
     input's strides and making anything else dense in that format."""
     memory_format = suggest_memory_format(input)
@@ -531,3 +531,113 @@ def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
 
 torch.library.register_autograd("normext::layer_norm_forward", _layer_norm_backward,
                                 setup_context=_layer_norm_setup_context)
+
+
+# ---- group norm (GroupNorm, and InstanceNorm: one group per channel)
+
+
+def group_norm_forward(
+    input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, rstd) with the statistics of each (sample, group), shaped
+    (N, groups) as torch's native_group_norm returns them; the output in the
+    input's memory format, differentiable (the backward is group_norm_backward)."""
+    return _ops.group_norm_forward.default(input, groups, weight, bias, eps)
+
+
+def group_norm_backward(
+    grad_out: Tensor, input: Tensor, groups: int, mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, output_mask: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks for it."""
+    return _ops.group_norm_backward.default(grad_out, input, groups, mean, rstd, weight,
+                                           output_mask)
+
+
+def _check_group_norm(input: Tensor, groups: int, weight: Tensor | None,
+                      bias: Tensor | None) -> None:
+    """The kernels' checks (csrc/group_norm/ops.h: groups_view) for a fake run."""
+    torch._check(input.dim() >= 2, lambda: f"Expected at least 2 dimensions for input tensor but "
+                                           f"received {input.dim()}")
+    channels = input.shape[1]
+    torch._check(groups > 0, lambda: f"Expected num groups to be greater than 0, got {groups}")
+    torch._check(channels % groups == 0,
+                 lambda: f"Expected number of channels in input to be divisible by num_groups, "
+                         f"but got input of shape {list(input.shape)} and num_groups={groups}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        torch._check(param is None or (param.dim() == 1 and param.numel() == channels),
+                     lambda: f"Expected {name} to be a vector of size equal to the number of "
+                             f"channels in input, but got {name} of shape {list(param.shape)} "
+                             f"and input of shape {list(input.shape)}")
+    torch._check(input.dtype.is_floating_point,
+                 lambda: f"group_norm: expected a floating-point input, got {input.dtype}")
+
+
+@torch.library.register_fake("normext::group_norm_forward")
+def _(input, groups, weight, bias, eps):
+    _check_group_norm(input, groups, weight, bias)
+    stat = input.new_empty((input.shape[0], groups), dtype=accumulate_dtype(input.dtype))
+    return _like_input(input), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("normext::group_norm_backward")
+def _(grad_out, input, groups, mean, rstd, weight, output_mask):
+    _check_group_norm(input, groups, weight, None)
+    torch._check(grad_out.shape == input.shape and grad_out.dtype == input.dtype,
+                 lambda: "group_norm_backward: expected grad_out of the input's shape and dtype")
+    param_dtype = input.dtype if weight is None else weight.dtype
+    channels = (input.shape[1],)
+    return (_like_input(input) if output_mask[0] else None,
+            input.new_empty(channels, dtype=param_dtype)
+            if output_mask[1] and weight is not None else None,
+            input.new_empty(channels, dtype=param_dtype) if output_mask[2] else None)
+
+
+def _group_norm_setup_context(ctx, inputs, output):
+    input, groups, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.groups, ctx.eps = groups, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _group_norm_grads_composite(grad_out: Tensor, input: Tensor, groups: int,
+                                weight: Tensor | None, eps: float):
+    """The gradients as differentiable torch ops, for a double backward: the
+    same formulas as the kernels, in the accumulate dtype."""
+    dtype = accumulate_dtype(input.dtype)
+    n, c = input.shape[:2]
+    channel_shape = (1, c) + (1,) * (input.dim() - 2)
+    x = input.to(dtype).reshape(n, groups, -1)
+    dy = grad_out.to(dtype)
+    xmu = x - x.mean(2, keepdim=True)
+    rstd = torch.rsqrt(xmu.square().mean(2, keepdim=True) + eps)
+    xhat = (xmu * rstd).reshape(input.shape)
+    g = (dy if weight is None else dy * weight.to(dtype).reshape(channel_shape)).reshape(
+        n, groups, -1)
+    xhat_groups = xhat.reshape(n, groups, -1)
+    dx = (g - g.mean(2, keepdim=True)
+          - (g * xhat_groups).mean(2, keepdim=True) * xhat_groups) * rstd
+    reduce_dims = [0] + list(range(2, input.dim()))
+    param_dtype = input.dtype if weight is None else weight.dtype
+    return (dx.reshape(input.shape).to(input.dtype),
+            (dy * xhat).sum(reduce_dims).to(param_dtype), dy.sum(reduce_dims).to(param_dtype))
+
+
+def _group_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    needs_input, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (grad_out, input, weight)):
+        grad_input, grad_weight, grad_bias = _group_norm_grads_composite(
+            grad_out, input, ctx.groups, weight, ctx.eps)
+    else:
+        grad_input, grad_weight, grad_bias = group_norm_backward(
+            grad_out, input, ctx.groups, mean, rstd, weight,
+            [needs_input, needs_weight, needs_bias])
+    return (grad_input if needs_input else None, None, grad_weight if needs_weight else None,
+            grad_bias if needs_bias else None, None)
+
+
+torch.library.register_autograd("normext::group_norm_forward", _group_norm_backward,
+                                setup_context=_group_norm_setup_context)

@@ -187,7 +187,8 @@ WRAPPED_OPS = ["batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
                "batch_norm_backward", "batch_norm", "batch_norm_act_forward",
                "batch_norm_act_backward", "batch_norm_act", "batch_norm_act_elemt",
                "batch_norm_act_backward_reduce", "batch_norm_act_backward_elemt",
-               "batch_norm_weights_invertible", "layer_norm_forward", "layer_norm_backward"]
+               "batch_norm_weights_invertible", "layer_norm_forward", "layer_norm_backward",
+               "group_norm_forward", "group_norm_backward"]
 
 
 @pytest.mark.parametrize("name", WRAPPED_OPS)

@@ -107,7 +107,8 @@ def _build_samples(device):
                     (torch.randn(3, 4, 2, 3, device=device).bfloat16(),
                      x.bfloat16(), torch.ones(4, device=device), mean,
                      torch.rsqrt(var + 1e-5), True)))
-    return samples + _fused_samples(device) + _layer_norm_samples(device)
+    return (samples + _fused_samples(device) + _layer_norm_samples(device)
+            + _group_norm_samples(device))
 
 
 def _layer_norm_samples(device):
@@ -128,6 +129,23 @@ def _layer_norm_samples(device):
             samples.append((f"{name}-backward", "layer_norm_backward",
                             (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
                              [True, True, not rms])))
+    return samples
+
+
+def _group_norm_samples(device):
+    samples = []
+    for dtype in (torch.float64, torch.bfloat16):
+        opts = dict(device=device, dtype=dtype)
+        w, b = torch.rand(6, **opts) + 0.5, torch.randn(6, **opts)
+        for layout, x in layout_variants(torch.randn(3, 6, 4, 5, **opts)).items():
+            name = f"group_norm-{str(dtype)[6:]}-{layout}"
+            samples.append((f"{name}-forward", "group_norm_forward",
+                            (_leaf(x), 3, _leaf(w), _leaf(b), 1e-5)))
+            samples.append((f"{name}-forward-instance-noaffine", "group_norm_forward",
+                            (_leaf(x), 6, None, None, 1e-5)))
+            _, mean, rstd = ops.group_norm_forward(x, 3, w, b, 1e-5)
+            samples.append((f"{name}-backward", "group_norm_backward",
+                            (torch.randn_like(x), x, 3, mean, rstd, w, [True, True, True])))
     return samples
 
 

@@ -1,27 +1,19 @@
-// Device-independent pieces of the batch-norm ops: input checks and the
-// (outer, C, inner) view of an input that every kernel works on.
+// Device-independent pieces of the batch-norm ops: input checks, the fusion
+// and the (outer, C, inner) view of an input (common/channel_view.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include "common/activation.h"
+#include "common/channel_view.h"
 
 namespace normext::batch_norm {
 
-// An input seen as statistics over every dim except dim 1 (the channels).
-// Contiguous layout: memory is (outer, channels, inner) row-major.
-// Channels-last layout: memory is (outer * inner, channels) row-major; this is
-// also how an (N, C) input is stored.
-struct ChannelView {
-  at::Tensor data;  // dense in the layout below
-  int64_t outer;
-  int64_t channels;
-  int64_t inner;
-  bool channels_last;
-
-  int64_t count() const { return outer * inner; }  // elements per channel
-};
+using normext::ChannelView;
+using normext::channel_view;
+using normext::in_layout_of;
+using normext::accumulate_type;
 
 // What a fused batch norm does after its affine: output = activation(affine(x)
 // + residual). The plain batch norm has the identity and no residual.
@@ -65,17 +57,6 @@ at::Tensor invertible_weights(const at::Tensor& weight, const at::Tensor& bias);
 // The same as a bool (one device-to-host copy of it for a GPU tensor); true
 // for an undefined weight (1).
 bool weights_invertible(const at::Tensor& weight, const at::Tensor& bias);
-
-// Picks the layout the strides suggest (channels_last(_3d) or contiguous, as
-// torch does), copying the input only when it is not dense in that layout.
-ChannelView channel_view(const at::Tensor& input);
-
-// `tensor` (same shape as view.data) dense in view's layout, copied only if it is not.
-at::Tensor in_layout_of(const ChannelView& view, const at::Tensor& tensor);
-
-// Float32 for float/half/bfloat16 inputs, float64 for float64: the dtype of
-// accumulation and of the saved per-channel statistics.
-at::ScalarType accumulate_type(at::ScalarType input_type);
 
 // Raises for a non-floating input (NotImplementedError, as torch does) or
 // fewer than 2 dims.

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/channel_view.h"
 #include "layer_norm/common.h"
 
 namespace normext::layer_norm {
@@ -69,10 +70,6 @@ inline std::vector<int64_t> stat_shape(const at::Tensor& input, size_t normalize
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   std::fill(shape.end() - static_cast<int64_t>(normalized_dims), shape.end(), 1);
   return shape;
-}
-
-inline c10::ScalarType accumulate_type(c10::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 template <class Kernels>

@@ -1,0 +1,152 @@
+// Backward: per (sample, channel), sum(dy) and sum(dy * (x - mean)) in one
+// read of dy and x; each group's sums of g = dy * weight and g * (x - mean)
+// from those; then the input gradient (common/math.h:
+// grad_input_coefficients, with the group as the set reduced). Contiguous
+// data: the group's run is written while it is in cache (2 reads + 1 write).
+// Channels-last: the sums per sample through the shared reducer, then a pass
+// over the rows (4 reads + 1 write). The parameter gradients add the
+// (sample, channel) sums in double in sample order: the same at any thread
+// count.
+#include "group_norm/cpu/kernels.h"
+
+namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
+namespace {
+
+// The terms of a (sample, channel)'s backward sums: dy and dy * (x - mean).
+template <typename T, typename acc_t_>
+struct ChannelGradSums {
+  using acc_t = acc_t_;
+  static constexpr int64_t kElementBytes = sizeof(T);
+  static constexpr bool kPrefetch = false;
+  static constexpr bool kLaneTerms = false;
+
+  const T* dy;
+  const T* x;
+  const acc_t* mean;  // per reducer group: the channel's group mean
+
+  void terms(int64_t g, int64_t offset, acc_t& d, acc_t& d_xmu) const {
+    d = static_cast<acc_t>(dy[offset]);
+    d_xmu = d * (static_cast<acc_t>(x[offset]) - mean[g]);
+  }
+  bool group_rows(int64_t) const { return true; }
+};
+
+template <typename scalar_t>
+void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t groups,
+                     const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                     const at::Tensor& weight, at::Tensor& grad_input, at::Tensor& grad_weight,
+                     at::Tensor& grad_bias) {
+  using T = cpu::loop_t<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
+  const cpu::GroupShape s = cpu::shape_of(v, groups);
+  const int64_t N = s.N, C = s.C, L = s.L, G = s.G, Cg = s.channels_per_group(), D = s.count();
+  const T* x = cpu::loop_data<scalar_t>(v.data);
+  const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
+  T* dx = grad_input.defined() ? cpu::mutable_loop_data<scalar_t>(grad_input) : nullptr;
+  const acc_t* rstd = rstd_in.const_data_ptr<acc_t>();
+  const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
+  const std::vector<acc_t> mean_c = cpu::per_channel(s, mean_in.const_data_ptr<acc_t>());
+  // Per (sample, channel): sum(dy), sum(dy * (x - mean)).
+  std::vector<double> sum_dy(N * C), sum_dy_xmu(N * C);
+  // The input gradient's coefficients of a (sample, group), from its channels' sums.
+  const auto coefficients = [&](int64_t r) {
+    double sum_g = 0, sum_g_xmu = 0;
+    for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
+      sum_g += w[nc % C] * sum_dy[nc];
+      sum_g_xmu += w[nc % C] * sum_dy_xmu[nc];
+    }
+    return cpu::grad_input_coefficients(static_cast<acc_t>(sum_g), static_cast<acc_t>(sum_g_xmu),
+                                        rstd[r], acc_t(1),
+                                        static_cast<acc_t>(1.0 / static_cast<double>(D)));
+  };
+  const ChannelGradSums<T, acc_t> sums_op{dy, x, mean_c.data()};
+  if (s.runs) {
+    at::parallel_for(0, N * G, cpu::grain_for(2 * D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
+          double sums[cpu::kTerms];
+          cpu::reduce_run(sums_op, nc, L, sums);
+          sum_dy[nc] = sums[0];
+          sum_dy_xmu[nc] = sums[1];
+        }
+        if (!dx) continue;
+        const auto k = coefficients(r);
+        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
+          const acc_t dy_scale = w[nc % C] * k.dy_scale, m = mean_c[nc];
+          const T* __restrict__ dyc = dy + nc * L;
+          const T* __restrict__ xc = x + nc * L;
+          T* __restrict__ dxc = dx + nc * L;
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) {
+            cpu::store(dxc, i, cpu::grad_input(static_cast<acc_t>(dyc[i]), static_cast<acc_t>(xc[i]),
+                                               m, {dy_scale, k.xmu_scale, k.shift}));
+          }
+        }
+      }
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) {
+      const ChannelGradSums<T, acc_t> sample_op{dy + n * L * C, x + n * L * C,
+                                                     mean_c.data() + n * C};
+      const std::vector<double> sums =
+          cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, sample_op);
+      std::copy_n(sums.begin(), C, sum_dy.begin() + n * C);
+      std::copy_n(sums.begin() + C, C, sum_dy_xmu.begin() + n * C);
+    }
+    if (dx) {
+      std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
+      for (int64_t r = 0; r < N * G; ++r) {
+        const auto k = coefficients(r);
+        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
+          dy_scale[nc] = w[nc % C] * k.dy_scale;
+          xmu_scale[nc] = k.xmu_scale;
+          shift[nc] = k.shift;
+        }
+      }
+      at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / L;
+          const T* __restrict__ dyr = dy + row * C;
+          const T* __restrict__ xr = x + row * C;
+          T* __restrict__ dxr = dx + row * C;
+          const acc_t* __restrict__ m = mean_c.data() + n * C;
+          const acc_t* __restrict__ a = dy_scale.data() + n * C;
+          const acc_t* __restrict__ bx = xmu_scale.data() + n * C;
+          const acc_t* __restrict__ sh = shift.data() + n * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            cpu::store(dxr, c, cpu::grad_input(static_cast<acc_t>(dyr[c]), static_cast<acc_t>(xr[c]),
+                                               m[c], {a[c], bx[c], sh[c]}));
+          }
+        }
+      });
+    }
+  }
+  if (!grad_weight.defined() && !grad_bias.defined()) return;
+  std::vector<acc_t> grad_w(C), grad_b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double total_w = 0, total_b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      total_w += sum_dy_xmu[n * C + c] * static_cast<double>(rstd[n * G + c / Cg]);
+      total_b += sum_dy[n * C + c];
+    }
+    grad_w[c] = static_cast<acc_t>(total_w);
+    grad_b[c] = static_cast<acc_t>(total_b);
+  }
+  if (grad_weight.defined()) cpu::store_channel_values<acc_t>(grad_w, grad_weight);
+  if (grad_bias.defined()) cpu::store_channel_values<acc_t>(grad_b, grad_bias);
+}
+
+}  // namespace
+
+void CpuKernels::backward(const ChannelView& grad_out, const ChannelView& input, int64_t groups,
+                          const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                          at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "group_norm_backward", [&] {
+    backward_groups<scalar_t>(grad_out, input, groups, mean, rstd, weight, grad_input,
+                              grad_weight, grad_bias);
+  });
+}
+
+}  // namespace normext::group_norm::NORMEXT_CPU_CAPABILITY

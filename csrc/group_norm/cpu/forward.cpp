@@ -1,0 +1,113 @@
+// Forward: per (sample, group), one-pass statistics (sums of deviations from
+// a shift, the median of a sample of the group: common/math.h) and the affine,
+// per channel. Contiguous data: the group's run is written while it is in
+// cache (1 read + 1 write). Channels-last: statistics per sample through the
+// shared reducer, then the affine over the rows (2 reads + 1 write).
+#include "group_norm/cpu/kernels.h"
+
+namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t>
+void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weight,
+                    const at::Tensor& bias, double eps, at::Tensor& output, at::Tensor& mean_out,
+                    at::Tensor& rstd_out) {
+  using T = cpu::loop_t<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
+  const cpu::GroupShape s = cpu::shape_of(v, groups);
+  const int64_t N = s.N, C = s.C, L = s.L, G = s.G, Cg = s.channels_per_group(), D = s.count();
+  const T* x = cpu::loop_data<scalar_t>(v.data);
+  T* y = cpu::mutable_loop_data<scalar_t>(output);
+  const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
+  const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
+  acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
+  acc_t* rstd = rstd_out.mutable_data_ptr<acc_t>();
+  // The shift as a value acc_t holds exactly, so the deviations and the mean use one value.
+  std::vector<acc_t> shift(N * G);
+  const auto set_moments = [&](int64_t r, double sum_d, double sum_d2) {
+    double m, m2;
+    cpu::shifted_moments(static_cast<double>(shift[r]), sum_d, sum_d2, static_cast<double>(D), m,
+                         m2);
+    mean[r] = static_cast<acc_t>(m);
+    rstd[r] = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
+  };
+  if (s.runs) {
+    const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
+    at::parallel_for(0, N * G, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* run = x + r * D;
+        shift[r] = cpu::sample_shift<acc_t>(D, [&](int64_t j) { return static_cast<double>(run[j]); });
+        double sums[cpu::kTerms];
+        cpu::reduce_run(sums_op, r, D, sums);
+        set_moments(r, sums[0], sums[1]);
+        const acc_t run_mean = mean[r];
+        for (int64_t j = 0; j < Cg; ++j) {
+          const int64_t c = r % G * Cg + j;
+          const acc_t scale = rstd[r] * w[c], bias_c = b[c];
+          const T* __restrict__ xc = run + j * L;
+          T* __restrict__ yc = y + r * D + j * L;
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) {
+            cpu::store(yc, i, cpu::normalize(static_cast<acc_t>(xc[i]), run_mean, scale, bias_c));
+          }
+        }
+      }
+    });
+    return;
+  }
+  // Channels-last: every channel of a group deviates from the group's shift,
+  // so the channels' sums add up to the group's.
+  std::vector<acc_t> channel_shift(C);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* sample = x + n * L * C;
+    for (int64_t g = 0; g < G; ++g) {
+      shift[n * G + g] = cpu::sample_shift<acc_t>(D, [&](int64_t j) {
+        return static_cast<double>(sample[j / Cg * C + g * Cg + j % Cg]);
+      });
+    }
+    for (int64_t c = 0; c < C; ++c) channel_shift[c] = shift[n * G + c / Cg];
+    const std::vector<double> sums = cpu::reduce_groups(
+        cpu::GroupedShape{L, C, 1}, cpu::ShiftedSums<T, acc_t>{sample, channel_shift.data()});
+    for (int64_t g = 0; g < G; ++g) {
+      double sum_d = 0, sum_d2 = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        sum_d += sums[c];
+        sum_d2 += sums[C + c];
+      }
+      set_moments(n * G + g, sum_d, sum_d2);
+    }
+  }
+  const std::vector<acc_t> mean_c = cpu::per_channel(s, mean);
+  std::vector<acc_t> scale_c = cpu::per_channel(s, rstd), bias_c(N * C);
+  for (int64_t nc = 0; nc < N * C; ++nc) {
+    scale_c[nc] *= w[nc % C];
+    bias_c[nc] = b[nc % C];
+  }
+  at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / L;
+      const T* __restrict__ xr = x + row * C;
+      T* __restrict__ yr = y + row * C;
+      const acc_t* __restrict__ m = mean_c.data() + n * C;
+      const acc_t* __restrict__ sc = scale_c.data() + n * C;
+      const acc_t* __restrict__ bc = bias_c.data() + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        cpu::store(yr, c, cpu::normalize(static_cast<acc_t>(xr[c]), m[c], sc[c], bc[c]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void CpuKernels::forward(const ChannelView& input, int64_t groups, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, at::Tensor& output, at::Tensor& mean,
+                         at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
+                                  "group_norm", [&] {
+    forward_groups<scalar_t>(input, groups, weight, bias, eps, output, mean, rstd);
+  });
+}
+
+}  // namespace normext::group_norm::NORMEXT_CPU_CAPABILITY

@@ -1,0 +1,57 @@
+// CPU kernels of the group-norm ops and what their passes share. Contiguous
+// data: a (sample, group) is one run of channels_per_group * L elements,
+// reduced and written by one task while it is in cache, as a layer norm's row.
+// Channels-last data: a sample's (L, C) rows are reduced per channel by the
+// shared reducer without converting the layout, the channels' sums added per
+// group, and a second pass writes the output.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/channel_view.h"
+#include "common/cpu/capability.h"
+#include "common/cpu/loops.h"
+#include "common/cpu/reduce.h"
+#include "common/math.h"
+
+namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
+
+// The kernels compiled for this capability.
+struct CpuKernels {
+#include "group_norm/kernel_api.h"
+};
+
+namespace cpu {
+
+using namespace normext::cpu::NORMEXT_CPU_CAPABILITY;  // the reducer and the loops' types
+using namespace normext::math::NORMEXT_CPU_CAPABILITY;  // moments and gradient coefficients
+
+// N samples of C channels in G groups, L spatial elements per channel.
+struct GroupShape {
+  int64_t N, C, L, G;
+  // Each (sample, group) is one contiguous run: the contiguous layout, or L == 1.
+  bool runs;
+  int64_t channels_per_group() const { return C / G; }
+  int64_t count() const { return C / G * L; }  // elements per group
+};
+
+inline GroupShape shape_of(const ChannelView& v, int64_t groups) {
+  return {v.outer, v.channels, v.inner, groups, !v.channels_last || v.inner == 1};
+}
+
+// Channel c's group statistic for every (sample, channel): per_group[n * G + c / Cg].
+template <typename acc_t>
+std::vector<acc_t> per_channel(const GroupShape& s, const acc_t* per_group) {
+  std::vector<acc_t> values(s.N * s.C);
+  for (int64_t nc = 0; nc < s.N * s.C; ++nc) values[nc] = per_group[nc / s.channels_per_group()];
+  return values;
+}
+
+}  // namespace cpu
+}  // namespace normext::group_norm::NORMEXT_CPU_CAPABILITY

@@ -1,0 +1,349 @@
+"""normext.GroupNorm / InstanceNorm1d/2d/3d and their functionals against
+torch.nn: outputs, input and parameter gradients and running statistics in
+float64 and per dtype, over hypothesis-drawn shapes, layouts and flags;
+gradcheck and gradgradcheck; errors; state_dict; convert; compile; the
+output's memory format; determinism at any thread count."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import normext
+from normext import functional as NF
+from conftest import assert_close
+
+F = torch.nn.functional
+
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _in_layout(x, layout):
+    if layout == "channels_last" and x.dim() in _FORMATS:
+        return x.contiguous(memory_format=_FORMATS[x.dim()])
+    if layout == "strided":
+        return torch.cat([x, x], dim=-1)[..., ::2]
+    return x.contiguous()
+
+
+def _grads(fn, x, w, b, dy, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    x_, w_, b_ = leaves
+    y = fn(x_, weight=w_, bias=b_, **kwargs)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in leaves]
+
+
+@st.composite
+def group_cases(draw):
+    groups = draw(st.integers(1, 4))
+    channels = groups * draw(st.integers(1, 4))
+    spatial = draw(st.lists(st.integers(1, 9), min_size=0, max_size=3))
+    batch = draw(st.integers(1, 4))
+    if batch * channels // groups * torch.Size(spatial).numel() == 1:
+        batch = 2  # torch wants more than one value per group
+    return dict(shape=[batch, channels] + spatial, groups=groups, weight=draw(st.booleans()),
+                bias=draw(st.booleans()), eps=draw(st.sampled_from([1e-5, 1e-2])),
+                layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _inputs(shape, channels, case, dtype):
+    torch.manual_seed(case["seed"])
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    w = torch.rand(channels, dtype=torch.float64) + 0.5 if case["weight"] else None
+    b = torch.randn(channels, dtype=torch.float64) if case["bias"] else None
+    dy = torch.randn(shape, dtype=torch.float64)
+    cast = [t.to(dtype) if t is not None else None for t in (x, w, b, dy)]
+    cast[0] = _in_layout(cast[0], case["layout"])
+    # The reference in float64 from the (exactly) upcast inputs.
+    ref = [t.to(torch.float64) if t is not None else None for t in cast]
+    return cast, ref
+
+
+def _compare_group_norm(case, dtype):
+    shape, groups = case["shape"], case["groups"]
+    cast, ref = _inputs(shape, shape[1], case, dtype)
+    kwargs = dict(num_groups=groups, eps=case["eps"])
+    y_ref, g_ref = _grads(F.group_norm, *ref, **kwargs)
+    y, g = _grads(NF.group_norm, *cast, **kwargs)
+    assert y.dtype == dtype and y.shape == cast[0].shape
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                     msg=f"grad {name}")
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=group_cases())
+def test_group_norm_matches_torch_float64(case):
+    _compare_group_norm(case, torch.float64)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=group_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_group_norm_matches_torch_per_dtype(case, dtype):
+    _compare_group_norm(case, dtype)
+
+
+@st.composite
+def instance_cases(draw):
+    channels = draw(st.integers(1, 5))
+    spatial = draw(st.lists(st.integers(1, 9), min_size=1, max_size=3))
+    if torch.Size(spatial).numel() == 1:
+        spatial = spatial + [2]  # torch wants more than one spatial element in training
+    return dict(shape=[draw(st.integers(1, 4)), channels] + spatial, weight=draw(st.booleans()),
+                bias=draw(st.booleans()), running=draw(st.booleans()),
+                use_input_stats=draw(st.booleans()), momentum=draw(st.sampled_from([0.1, 0.5])),
+                eps=draw(st.sampled_from([1e-5, 1e-2])),
+                layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _compare_instance_norm(case, dtype):
+    shape = case["shape"]
+    channels = shape[1]
+    cast, ref = _inputs(shape, channels, case, dtype)
+    running = case["running"] or not case["use_input_stats"]
+    stat_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    stats = [torch.randn(channels, dtype=stat_dtype), torch.rand(channels, dtype=stat_dtype) + 0.5]
+    ref_stats = [s.double() for s in stats] if running else [None, None]
+    our_stats = [s.clone() for s in stats] if running else [None, None]
+    kwargs = dict(use_input_stats=case["use_input_stats"], momentum=case["momentum"],
+                  eps=case["eps"])
+    y_ref, g_ref = _grads(F.instance_norm, *ref, running_mean=ref_stats[0],
+                          running_var=ref_stats[1], **kwargs)
+    y, g = _grads(NF.instance_norm, *cast, running_mean=our_stats[0],
+                  running_var=our_stats[1], **kwargs)
+    assert y.dtype == dtype and y.shape == cast[0].shape
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                     msg=f"grad {name}")
+    for name, actual, expected in zip(("running_mean", "running_var"), our_stats, ref_stats):
+        assert_close(actual, expected, dtype, msg=name)
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=instance_cases())
+def test_instance_norm_matches_torch_float64(case):
+    _compare_instance_norm(case, torch.float64)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=instance_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16,
+                                                     torch.float16]))
+def test_instance_norm_matches_torch_per_dtype(case, dtype):
+    _compare_instance_norm(case, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,groups", [((3, 64, 33, 35), 32), ((2, 32, 70, 70), 8),
+                                          ((5, 6, 4, 3, 5), 3), ((4, 4096, 2, 2), 64)])
+def test_group_norm_larger_shapes(shape, groups, layout):
+    """Groups over one reduction block (kBlockElements) and many channels per
+    row, float32 against torch; the output keeps the input's memory format."""
+    torch.manual_seed(0)
+    x = _in_layout(torch.randn(shape), layout)
+    dy = _in_layout(torch.randn(shape), layout)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    y_ref, g_ref = _grads(F.group_norm, x, w, b, dy, num_groups=groups)
+    y, g = _grads(NF.group_norm, x, w, b, dy, num_groups=groups)
+    assert y.stride() == y_ref.stride()
+    assert_close(y, y_ref)
+    for actual, expected in zip(g, g_ref):
+        assert_close(actual, expected, factor=4)
+
+
+def test_gradcheck_and_gradgradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for layout in ("contiguous", "channels_last"):
+        xl = _in_layout(x.detach(), layout).requires_grad_()
+        for fn in (lambda *a: NF.group_norm(a[0], 3, a[1], a[2]),
+                   lambda *a: NF.instance_norm(a[0], weight=a[1], bias=a[2])):
+            assert torch.autograd.gradcheck(fn, (xl, w, b))
+            assert torch.autograd.gradgradcheck(fn, (xl, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_and_fp16_near_its_maximum(dtype, layout):
+    """1e4 + randn (float16: values up to 65000) against float64 from the same
+    inputs: within the tolerances, and no worse than torch in the same dtype."""
+    torch.manual_seed(0)
+    if dtype == torch.float16:
+        x = (torch.rand(4, 8, 10, 10, dtype=torch.float64) * 2 - 1) * 65000
+    else:
+        x = 1e4 + torch.randn(4, 8, 10, 10, dtype=torch.float64)
+    x = _in_layout(x.to(dtype), layout)
+    w, b = (torch.rand(8) + 0.5).to(dtype), torch.randn(8).to(dtype)
+    for ours, theirs in ((NF.group_norm, F.group_norm), (NF.instance_norm, F.instance_norm)):
+        args = dict(num_groups=2) if ours is NF.group_norm else {}
+        y = ours(x, weight=w, bias=b, **args)
+        expected = theirs(x.double(), weight=w.double(), bias=b.double(), **args)
+        reference = theirs(x, weight=w, bias=b, **args)
+        assert torch.isfinite(y).all()
+        assert_close(y, expected, dtype, factor=100 if dtype == torch.float32 else 1)
+        error = (y.double() - expected).abs().max()
+        assert error <= (reference.double() - expected).abs().max() * 1.01
+
+
+def test_bfloat16_input_with_float32_parameters():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 5).bfloat16()
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y = NF.group_norm(x, 4, w, b)
+    expected = F.group_norm(x, 4, w, b)
+    assert y.dtype == expected.dtype
+    assert_close(y, expected.double(), torch.bfloat16)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 3, requires_grad=True)
+    y = NF.group_norm(x, 2)
+    assert y.shape == (0, 4, 3)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4, 3)
+
+
+def _error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("case", [
+    ("channels not divisible", lambda f: f.group_norm(torch.randn(2, 6, 3), 4)),
+    ("zero groups", lambda f: f.group_norm(torch.randn(2, 6, 3), 0)),
+    ("weight size", lambda f: f.group_norm(torch.randn(2, 6, 3), 3, torch.ones(5))),
+    ("one dim", lambda f: f.group_norm(torch.randn(6), 3)),
+    ("one value per group", lambda f: f.group_norm(torch.randn(1, 6), 6)),
+    ("integer input", lambda f: f.group_norm(torch.ones(2, 6, 3, dtype=torch.long), 3)),
+    ("instance one spatial element", lambda f: f.instance_norm(torch.randn(2, 3, 1))),
+    ("instance weight size", lambda f: f.instance_norm(torch.randn(2, 3, 4), weight=torch.ones(4))),
+    ("instance no running stats in eval",
+     lambda f: f.instance_norm(torch.randn(2, 3, 4), use_input_stats=False)),
+    ("instance integer input", lambda f: f.instance_norm(torch.ones(2, 3, 4, dtype=torch.long))),
+], ids=lambda case: case[0])
+def test_bad_input_raises_torchs_error(case):
+    _, fn = case
+    assert _error(lambda: fn(NF)) == _error(lambda: fn(F))
+
+
+def test_op_checks_raise_runtime_error():
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        normext.ops.group_norm_forward(torch.randn(2, 6, 3), 4, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="expected mean and rstd"):
+        normext.ops.group_norm_backward(torch.randn(2, 6, 3), torch.randn(2, 6, 3), 3,
+                                        torch.zeros(5), torch.ones(6), None,
+                                        [True, False, False])
+
+
+def _check_drop_in(ours, theirs, x):
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    for training in (True, False, True):
+        ours.train(training)
+        theirs.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert_close(ya, yb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xa.grad, xb.grad)
+        for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+            assert_close(pa.grad, pb.grad, factor=4, msg=name)
+        for (name, ba), (_, bb) in zip(ours.named_buffers(), theirs.named_buffers()):
+            assert_close(ba, bb, msg=name)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_module_is_a_drop_in(affine):
+    torch.manual_seed(0)
+    ours, theirs = normext.GroupNorm(3, 6, affine=affine), torch.nn.GroupNorm(3, 6, affine=affine)
+    assert isinstance(ours, torch.nn.GroupNorm)
+    _check_drop_in(ours, theirs, torch.randn(4, 6, 5, 5))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kwargs", [{}, dict(affine=True), dict(track_running_stats=True),
+                                    dict(affine=True, track_running_stats=True, momentum=None)])
+def test_instance_norm_modules_are_drop_ins(dims, kwargs):
+    torch.manual_seed(0)
+    name = f"InstanceNorm{dims}d"
+    ours, theirs = getattr(normext, name)(4, **kwargs), getattr(torch.nn, name)(4, **kwargs)
+    assert isinstance(ours, getattr(torch.nn, name))
+    _check_drop_in(ours, theirs, torch.randn((3, 4) + (5,) * dims))
+    # unbatched input
+    _check_drop_in(ours, theirs, torch.randn((4,) + (5,) * dims))
+
+
+def test_lazy_instance_norm_becomes_normext():
+    layer = normext.LazyInstanceNorm2d(affine=True, track_running_stats=True)
+    reference = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    x = torch.randn(2, 3, 4, 4)
+    y = layer(x)
+    assert type(layer) is normext.InstanceNorm2d
+    assert_close(y, reference(x))
+    assert_close(layer.running_var, reference.running_var)
+
+
+def test_convert_includes_group_and_instance_norm():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8),
+                                torch.nn.InstanceNorm2d(8, affine=True),
+                                torch.nn.Sequential(torch.nn.InstanceNorm1d(8)))
+    state = copy.deepcopy(model.state_dict())
+    only_gn = normext.convert(copy.deepcopy(model), include=(torch.nn.GroupNorm,))
+    assert type(only_gn[1]) is normext.GroupNorm and type(only_gn[2]) is torch.nn.InstanceNorm2d
+    converted = normext.convert(model)
+    assert [type(m) for m in (converted[1], converted[2], converted[3][0])] == [
+        normext.GroupNorm, normext.InstanceNorm2d, normext.InstanceNorm1d]
+    converted.load_state_dict(state, strict=True)
+    assert converted.state_dict().keys() == state.keys()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compile_fullgraph(layout):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(normext.GroupNorm(2, 8),
+                                normext.InstanceNorm2d(8, affine=True, track_running_stats=True))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = _in_layout(torch.randn(2, 8, 5, 5), layout)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compiled(xa), reference(xb)
+    assert_close(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert_close(xa.grad, xb.grad)
+    assert_close(model[0].weight.grad, reference[0].weight.grad, factor=4)
+    assert_close(model[1].running_var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bit_identical_at_any_thread_count(num_threads, layout):
+    torch.manual_seed(0)
+    x = _in_layout(torch.randn(4, 64, 40, 40), layout)
+    dy = _in_layout(torch.randn(4, 64, 40, 40), layout)
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    results = []
+    for threads in (1, 2, 3, 8):
+        num_threads(threads)
+        results.append(_grads(NF.group_norm, x, w, b, dy, num_groups=8))
+    for y, grads in results[1:]:
+        assert torch.equal(y, results[0][0])
+        for a, e in zip(grads, results[0][1]):
+            assert torch.equal(a, e)
