@@ -9,16 +9,18 @@ from . import functional, ops
 from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cpu_cache
 from .convert import convert
 from .fuse import FuseReport, fuse
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
-                      BatchNormAct3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                      LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
-                      LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d, RMSNorm)
+from .modules import (AddLayerNorm, AddRMSNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                      BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNorm, InstanceNorm1d,
+                      InstanceNorm2d, InstanceNorm3d, LayerNorm, LazyBatchNorm1d,
+                      LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d, LazyInstanceNorm2d,
+                      LazyInstanceNorm3d, RMSNorm)
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "FuseReport", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-           "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
-           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
+__all__ = ["AddLayerNorm", "AddRMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FuseReport", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d",
+           "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+           "LazyInstanceNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",
            "cached_cpu_bytes", "convert", "cpu_cache_info", "functional", "fuse", "ops",
            "release_cpu_cache"]

@@ -2,6 +2,7 @@
 
 import torch
 
+from . import functional
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d, LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d,
@@ -32,6 +33,48 @@ _REPLACEMENTS = {
 }
 
 
+def _layer_norm_2d(self, x):  # timm's LayerNorm2d: LayerNorm over the channels of NCHW
+    return functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight,
+                                 self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def _group_norm_act(self, x):  # timm's GroupNormAct: the norm, then its drop and activation
+    return self.act(self.drop(functional.group_norm(x, self.num_groups, self.weight, self.bias,
+                                                    self.eps)))
+
+
+# timm's norm layers that are normext's computations under another name
+# (matched by class name in timm's modules: timm is never imported), and the
+# forward their converted class runs on normext's functionals.
+_TIMM_FORWARDS = {
+    "LayerNorm": lambda self, x: functional.layer_norm(x, self.normalized_shape, self.weight,
+                                                       self.bias, self.eps),
+    "LayerNorm2d": _layer_norm_2d,
+    "RmsNorm": lambda self, x: functional.rms_norm(x, self.normalized_shape, self.weight,
+                                                   self.eps),
+    "GroupNorm": lambda self, x: functional.group_norm(x, self.num_groups, self.weight,
+                                                       self.bias, self.eps),
+    "GroupNorm1": lambda self, x: functional.group_norm(x, self.num_groups, self.weight,
+                                                        self.bias, self.eps),
+    "GroupNormAct": _group_norm_act,
+}
+_timm_classes: dict[type, type] = {}
+
+
+def _is_timm_norm(cls: type) -> bool:
+    return cls.__module__.startswith("timm.layers.") and cls.__name__ in _TIMM_FORWARDS
+
+
+def _timm_replacement(cls: type) -> type:
+    """A subclass of timm's `cls` (so isinstance checks, attributes and
+    state_dict keys stay timm's) whose forward runs normext's kernels."""
+    if cls not in _timm_classes:
+        _timm_classes[cls] = type(cls.__name__, (cls,), {
+            "forward": _TIMM_FORWARDS[cls.__name__], "__module__": __name__,
+            "__doc__": f"timm's {cls.__name__} on normext's kernels (normext.convert)."})
+    return _timm_classes[cls]
+
+
 def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A module of class `cls` sharing `module`'s state: the very same
     parameters and buffers (optimizers that reference them keep working), flags
@@ -54,6 +97,11 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
     include: the torch.nn classes to convert (e.g. (torch.nn.LayerNorm,));
     every class normext supports by default.
 
+    timm's LayerNorm, LayerNorm2d (channels-first, ConvNeXt's), RmsNorm,
+    GroupNorm, GroupNorm1 and GroupNormAct (where timm is installed) become
+    subclasses of themselves whose forward runs normext's kernels, with their
+    attributes and state_dict keys; include may name them.
+
     timm's BatchNormAct2d (a BatchNorm2d subclass with an activation; where
     timm is installed) becomes a normext.BatchNormAct2d with that activation,
     when its drop layer is an identity and normext fuses its activation (with
@@ -65,7 +113,7 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
     normext.SyncBatchNormAct; other norms are left alone."""
     if include is not None:
         include = tuple(include)
-        unknown = [cls for cls in include if cls not in _REPLACEMENTS]
+        unknown = [cls for cls in include if cls not in _REPLACEMENTS and not _is_timm_norm(cls)]
         if unknown:
             raise ValueError(f"normext.convert: include names classes normext does not convert: "
                              f"{unknown}; it converts {list(_REPLACEMENTS)}")
@@ -76,6 +124,8 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
 
 def _convert(module: torch.nn.Module, include: tuple[type, ...] | None) -> torch.nn.Module:
     replacement = _REPLACEMENTS.get(type(module))
+    if replacement is None and _is_timm_norm(type(module)):
+        replacement = _timm_replacement(type(module))
     if replacement is not None and (include is None or type(module) in include):
         return _swap_class(module, replacement)
     from .fuse import _fused_layer, timm_activation  # (fuse imports this module)

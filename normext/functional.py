@@ -11,8 +11,8 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
 
-__all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm",
-           "rms_norm"]
+__all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "batch_norm_act", "group_norm",
+           "instance_norm", "layer_norm", "rms_norm"]
 
 
 def _torch_allows_zero_eps_in_eval() -> bool:
@@ -269,6 +269,65 @@ def rms_norm(
         eps = torch.finfo(input.dtype).eps
     return _layer_norm_op(input, list(shape), weight, None, eps, True)[0]
 
+
+
+_add_layer_norm_op = torch.ops.normext.add_layer_norm_forward.default
+
+
+def _runs_add_layer_norm(input: Tensor, residual: Tensor, shape: tuple,
+                         *params: Tensor | None) -> bool:
+    return (isinstance(residual, Tensor) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device
+            and not (forward_ad._current_level >= 0 and _has_tangents(residual))
+            and _runs_layer_norm(input, shape, *params))
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """The pre-norm transformer's residual step, fused: returns
+    (layer_norm(input + residual), input + residual), the sum rounded to the
+    input's dtype as torch's add, equal to the composition of torch's
+    functions, with one pass over memory in the forward."""
+    if has_torch_function_variadic(input, residual, weight, bias):
+        return handle_torch_function(add_layer_norm, (input, residual, weight, bias), input,
+                                     residual, normalized_shape, weight=weight, bias=bias,
+                                     eps=eps)
+    shape = _shape_tuple(normalized_shape)
+    if not _runs_add_layer_norm(input, residual, shape, weight, bias):
+        total = input + residual
+        return torch.nn.functional.layer_norm(total, normalized_shape, weight, bias, eps), total
+    output, total, _, _ = _add_layer_norm_op(input, residual, list(shape), weight, bias, eps,
+                                             False)
+    return output, total
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(input + residual), input + residual), fused as
+    add_layer_norm; eps=None is the dtype's machine epsilon, as torch."""
+    if has_torch_function_variadic(input, residual, weight):
+        return handle_torch_function(add_rms_norm, (input, residual, weight), input, residual,
+                                     normalized_shape, weight=weight, eps=eps)
+    shape = _shape_tuple(normalized_shape)
+    if not _runs_add_layer_norm(input, residual, shape, weight):
+        total = input + residual
+        return torch.nn.functional.rms_norm(total, normalized_shape, weight, eps), total
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    output, total, _, _ = _add_layer_norm_op(input, residual, list(shape), weight, None, eps,
+                                             True)
+    return output, total
 
 # The devices whose group-norm kernels group_norm and instance_norm run;
 # elsewhere they call torch's.

@@ -9,7 +9,7 @@ import torch
 
 from . import functional, ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+__all__ = ["AddLayerNorm", "AddRMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
            "BatchNormAct3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
            "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
            "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "RMSNorm"]
@@ -176,6 +176,30 @@ class RMSNorm(torch.nn.RMSNorm):
             return traced_as_leaf(self, x)
         return functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
+
+
+class AddLayerNorm(LayerNorm):
+    """torch.nn.LayerNorm (its parameters and state_dict) applied to input +
+    residual: forward(input, residual) returns (layer_norm(input + residual),
+    input + residual) in one fused pass (normext.functional.add_layer_norm),
+    the pre-norm transformer's residual step."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor):
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input, residual)
+        return functional.add_layer_norm(input, residual, self.normalized_shape, self.weight,
+                                         self.bias, self.eps)
+
+
+class AddRMSNorm(RMSNorm):
+    """torch.nn.RMSNorm applied to input + residual: forward(input, residual)
+    returns (rms_norm(input + residual), input + residual), fused
+    (normext.functional.add_rms_norm)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            return traced_as_leaf(self, x, residual)
+        return functional.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps)
 
 class GroupNorm(torch.nn.GroupNorm):
     """torch.nn.GroupNorm on normext kernels (normext.functional.group_norm)."""

@@ -486,6 +486,30 @@ def _(grad_out, input, normalized_shape, mean, rstd, weight, rms, output_mask):
             input.new_empty(normalized_shape, dtype=param_dtype) if output_mask[2] else None)
 
 
+def add_layer_norm_forward(
+    input: Tensor, residual: Tensor, normalized_shape: list[int], weight: Tensor | None,
+    bias: Tensor | None, eps: float, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(output, sum, mean, rstd): the layer norm (rms: RMSNorm) of sum = input
+    + residual, rounded to the input's dtype, in one pass; differentiable in
+    output and sum."""
+    return _ops.add_layer_norm_forward.default(input, residual, normalized_shape, weight, bias,
+                                               eps, rms)
+
+
+@torch.library.register_fake("normext::add_layer_norm_forward")
+def _(input, residual, normalized_shape, weight, bias, eps, rms):
+    _check_layer_norm(input, normalized_shape, weight, bias)
+    torch._check(not (rms and bias is not None), lambda: "layer_norm_forward: rms takes no bias")
+    torch._check(residual.shape == input.shape and residual.dtype == input.dtype,
+                 lambda: "add_layer_norm_forward: expected a residual of the input's shape, "
+                         "dtype and device")
+    stat = input.new_empty(_layer_norm_stat_shape(input, normalized_shape),
+                           dtype=accumulate_dtype(input.dtype))
+    return (input.new_empty(input.shape), input.new_empty(input.shape), stat,
+            torch.empty_like(stat))
+
+
 def _layer_norm_setup_context(ctx, inputs, output):
     input, normalized_shape, weight, bias, eps, rms = inputs
     _, mean, rstd = output
@@ -641,3 +665,35 @@ def _group_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
 
 torch.library.register_autograd("normext::group_norm_forward", _group_norm_backward,
                                 setup_context=_group_norm_setup_context)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    _, _, normalized_shape, weight, _, eps, rms = inputs
+    _, sum_, mean, rstd = output
+    ctx.save_for_backward(sum_, weight, mean, rstd)
+    ctx.normalized_shape, ctx.eps, ctx.rms = normalized_shape, eps, rms
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
+    """The layer norm's backward at the sum, plus the sum's own gradient: the
+    gradient of input and of residual alike."""
+    sum_, weight, mean, rstd = ctx.saved_tensors
+    needs_input, needs_residual, _, needs_weight, needs_bias, _, _ = ctx.needs_input_grad
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (grad_out, grad_sum, sum_, weight)):
+        grad_input, grad_weight, grad_bias = _layer_norm_grads_composite(
+            grad_out, sum_, ctx.normalized_shape, weight, ctx.eps, ctx.rms)
+        grad_input = grad_input + grad_sum
+    else:
+        grad_input, grad_weight, grad_bias = layer_norm_backward(
+            grad_out, sum_, ctx.normalized_shape, mean, rstd, weight, ctx.rms,
+            [needs_input or needs_residual, needs_weight, needs_bias])
+        if grad_input is not None:
+            grad_input.add_(grad_sum)
+    return (grad_input if needs_input else None, grad_input if needs_residual else None, None,
+            grad_weight if needs_weight else None, grad_bias if needs_bias else None, None, None)
+
+
+torch.library.register_autograd("normext::add_layer_norm_forward", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup_context)

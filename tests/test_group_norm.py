@@ -347,3 +347,42 @@ def test_bit_identical_at_any_thread_count(num_threads, layout):
         assert torch.equal(y, results[0][0])
         for a, e in zip(grads, results[0][1]):
             assert torch.equal(a, e)
+
+
+def test_convert_timm_norm_layers():
+    """timm's norm layers under other names run normext's kernels after
+    convert, with timm's classes (isinstance), attributes and state_dict."""
+    timm = pytest.importorskip("timm")
+    layers = timm.layers
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        layers.LayerNorm2d(8), layers.GroupNormAct(8, num_groups=4, act_layer=torch.nn.SiLU),
+        layers.GroupNorm(8, num_groups=2), layers.GroupNorm1(8), torch.nn.Flatten(2),
+        layers.LayerNorm(25), layers.RmsNorm(25))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(0.5, 1.5)
+    model.load_state_dict(reference.state_dict())
+    only = normext.convert(copy.deepcopy(model), include=(layers.LayerNorm2d,))
+    assert type(only[0]) is not layers.LayerNorm2d and type(only[1]) is layers.GroupNormAct
+    converted = normext.convert(model)
+    for ours, theirs in zip(converted, reference):
+        assert isinstance(ours, type(theirs))
+        if not isinstance(theirs, torch.nn.Flatten):
+            assert type(ours) is not type(theirs) and type(ours).__module__ == "normext.convert"
+    converted.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(3, 8, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = converted(xa), reference(xb)
+    assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert_close(xa.grad, xb.grad, factor=4)
+    for (name, pa), (_, pb) in zip(converted.named_parameters(), reference.named_parameters()):
+        assert_close(pa.grad, pb.grad, factor=4, msg=name)
+    calls = []
+    with torch.profiler.profile() as prof:
+        converted(x)
+    calls = {e.name for e in prof.events() if e.name.startswith("normext::")}
+    assert calls == {"normext::layer_norm_forward", "normext::group_norm_forward"}

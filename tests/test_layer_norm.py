@@ -260,3 +260,78 @@ def test_bit_identical_at_any_thread_count(num_threads):
         assert torch.equal(y, results[0][0])
         for a, e in zip(grads, results[0][1]):
             assert torch.equal(a, e)
+
+
+def _add_norm_grads(fn, rms, x, r, shape, w, b, eps, dy, ds):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    x_, r_, w_, b_ = leaves
+    if rms:
+        y, s = fn(x_, r_, shape, w_, eps)
+    else:
+        y, s = fn(x_, r_, shape, w_, b_, eps)
+    torch.autograd.backward([y, s], [dy, ds])
+    return (y, s), [t.grad if t is not None else None for t in leaves]
+
+
+def _add_norm_reference(rms):
+    def run(x, r, shape, w, *rest):
+        total = x + r
+        return _reference(rms, total, shape, w, *(rest if not rms else (None, rest[0]))), total
+    return run
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16,
+                                            torch.float16]))
+def test_add_norm_matches_torchs_composition(case, dtype):
+    """add_layer_norm / add_rms_norm against torch's add then norm: the
+    normalized output, the sum (bit-equal: torch's rounding of the add),
+    and the gradients of input, residual, weight and bias with both outputs
+    used."""
+    torch.manual_seed(case["seed"])
+    shape, normalized, rms = case["shape"], case["normalized"], case["rms"]
+    x, r, dy, ds = (torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(4))
+    w = (torch.rand(normalized, dtype=torch.float64) + 0.5).to(dtype) if case["weight"] else None
+    b = torch.randn(normalized, dtype=torch.float64).to(dtype) if case["bias"] and not rms else None
+    ours = NF.add_rms_norm if rms else NF.add_layer_norm
+    (y, s), g = _add_norm_grads(ours, rms, x, r, normalized, w, b, case["eps"], dy, ds)
+    assert torch.equal(s, x + r)
+    # The reference in float64 from the sum as the dtype rounds it.
+    s64 = (x + r).double()
+    up = [t.double() if t is not None else None for t in (w, b, dy, ds)]
+    (y_ref, _), g_ref = _add_norm_grads(_add_norm_reference(rms), rms, s64, torch.zeros_like(s64),
+                                        normalized, up[0], up[1], case["eps"], up[2], up[3])
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "residual", "weight", "bias"), g,
+                                      [g_ref[0], g_ref[0]] + g_ref[2:]):
+        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                     msg=f"grad {name}")
+
+
+def test_add_norm_modules_gradgradcheck_and_compile():
+    torch.manual_seed(0)
+    for cls, reference in ((normext.AddLayerNorm, torch.nn.LayerNorm),
+                           (normext.AddRMSNorm, torch.nn.RMSNorm)):
+        layer, theirs = cls(6), reference(6)
+        assert isinstance(layer, reference)
+        layer.load_state_dict(theirs.state_dict(), strict=True)
+        x, r = torch.randn(4, 6), torch.randn(4, 6)
+        y, s = layer(x, r)
+        assert_close(y, theirs(x + r))
+        assert torch.equal(s, x + r)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        xc = x.clone().requires_grad_()
+        yc, sc = compiled(xc, r)
+        (yc.sum() + sc.square().sum()).backward()
+        xe = x.clone().requires_grad_()
+        ye, se = layer(xe, r)
+        (ye.sum() + se.square().sum()).backward()
+        assert_close(xc.grad, xe.grad)
+        x64 = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        r64 = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        w64 = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+        fn = ((lambda a, b, c: NF.add_rms_norm(a, b, [5], c, 1e-5)) if cls is normext.AddRMSNorm
+              else (lambda a, b, c: NF.add_layer_norm(a, b, [5], c, None, 1e-5)))
+        assert torch.autograd.gradcheck(fn, (x64, r64, w64))
+        assert torch.autograd.gradgradcheck(fn, (x64, r64, w64))

@@ -188,7 +188,7 @@ WRAPPED_OPS = ["batch_norm_moments", "batch_norm_finalize", "batch_norm_elemt",
                "batch_norm_act_backward", "batch_norm_act", "batch_norm_act_elemt",
                "batch_norm_act_backward_reduce", "batch_norm_act_backward_elemt",
                "batch_norm_weights_invertible", "layer_norm_forward", "layer_norm_backward",
-               "group_norm_forward", "group_norm_backward"]
+               "group_norm_forward", "group_norm_backward", "add_layer_norm_forward"]
 
 
 @pytest.mark.parametrize("name", WRAPPED_OPS)

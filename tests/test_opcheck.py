@@ -125,6 +125,9 @@ def _layer_norm_samples(device):
                              1e-5, rms)))
             samples.append((f"{name}-forward-noaffine", "layer_norm_forward",
                             (_leaf(x), [5], None, None, 1e-5, rms)))
+            samples.append((f"{name}-add-forward", "add_layer_norm_forward",
+                            (_leaf(x), _leaf(torch.randn_like(x)), [4, 5], _leaf(w),
+                             _leaf(bias) if bias is not None else None, 1e-5, rms)))
             _, mean, rstd = ops.layer_norm_forward(x, [4, 5], w, bias, 1e-5, rms)
             samples.append((f"{name}-backward", "layer_norm_backward",
                             (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,

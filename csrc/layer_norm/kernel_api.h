@@ -6,10 +6,11 @@
 // Each row's mean (0 where rms) and rstd = 1 / sqrt(var + eps) (rms: the mean
 // square for var), in the accumulate type, and
 // output = (x - mean) * rstd * weight + bias; an undefined weight or bias
-// counts as 1 or 0.
-static void forward(const Rows& input, const at::Tensor& weight, const at::Tensor& bias,
-                    double eps, bool rms, at::Tensor& output, at::Tensor& mean,
-                    at::Tensor& rstd);
+// counts as 1 or 0. With a residual (contiguous, the input's shape and dtype)
+// x is input + residual, rounded to the input's dtype and written to `sum`.
+static void forward(const Rows& input, const at::Tensor& residual, const at::Tensor& weight,
+                    const at::Tensor& bias, double eps, bool rms, at::Tensor& output,
+                    at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd);
 // The gradients that are defined on entry: grad_input from one pass over each
 // row, grad_weight = sum over rows of dy * (x - mean) * rstd and grad_bias =
 // sum of dy, added in an order fixed by the shape.

@@ -24,6 +24,7 @@ namespace normext::layer_norm {
 
 using OptionalTensor = c10::optional<at::Tensor>;
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline at::Tensor value_or_undefined(const OptionalTensor& t) {
   return t.has_value() ? *t : at::Tensor();
@@ -74,25 +75,51 @@ inline std::vector<int64_t> stat_shape(const at::Tensor& input, size_t normalize
 
 template <class Kernels>
 struct LayerNormOps {
-  static TensorTriple forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                              const OptionalTensor& weight, const OptionalTensor& bias,
-                              double eps, bool rms) {
+  // The forward of input (+ residual where defined).
+  static TensorQuad normalize(const at::Tensor& input, const at::Tensor& residual,
+                              at::IntArrayRef normalized_shape, const OptionalTensor& weight,
+                              const OptionalTensor& bias, double eps, bool rms) {
     TORCH_CHECK(!(rms && bias.has_value()), "layer_norm_forward: rms takes no bias");
     const Rows view = rows_of(input, normalized_shape, weight, bias);
+    const at::Tensor dense_residual = residual.defined() ? residual.contiguous() : at::Tensor();
     const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
     const std::vector<int64_t> shape = stat_shape(input, normalized_shape.size());
     at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
+    at::Tensor sum;
+    if (residual.defined()) {
+      sum = Kernels::empty_output(view, {view.data.const_data_ptr(), dense_residual.const_data_ptr()});
+    }
     if (view.features == 0) {  // torch's statistics of no elements
       const double nan = std::numeric_limits<double>::quiet_NaN();
-      return {output, at::full(shape, rms ? 0.0 : nan, stat_options),
+      return {output, sum, at::full(shape, rms ? 0.0 : nan, stat_options),
               at::full(shape, nan, stat_options)};
     }
     at::Tensor mean = at::empty(shape, stat_options), rstd = at::empty(shape, stat_options);
     if (view.rows > 0) {
-      Kernels::forward(view, value_or_undefined(weight), value_or_undefined(bias), eps, rms,
-                       output, mean, rstd);
+      Kernels::forward(view, dense_residual, value_or_undefined(weight), value_or_undefined(bias),
+                       eps, rms, output, sum, mean, rstd);
     }
+    return {output, sum, mean, rstd};
+  }
+
+  static TensorTriple forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                              const OptionalTensor& weight, const OptionalTensor& bias,
+                              double eps, bool rms) {
+    auto [output, sum, mean, rstd] =
+        normalize(input, {}, normalized_shape, weight, bias, eps, rms);
     return {output, mean, rstd};
+  }
+
+  // (output, input + residual, mean, rstd): the layer norm of the sum.
+  static TensorQuad add_forward(const at::Tensor& input, const at::Tensor& residual,
+                                at::IntArrayRef normalized_shape, const OptionalTensor& weight,
+                                const OptionalTensor& bias, double eps, bool rms) {
+    TORCH_CHECK(residual.sizes() == input.sizes() &&
+                    residual.scalar_type() == input.scalar_type() &&
+                    residual.device() == input.device(),
+                "add_layer_norm_forward: expected a residual of the input's shape, dtype and "
+                "device, got ", residual.sizes(), " (", residual.scalar_type(), ")");
+    return normalize(input, residual, normalized_shape, weight, bias, eps, rms);
   }
 
   static TensorTriple backward(const at::Tensor& grad_out, const at::Tensor& input,
@@ -133,6 +160,7 @@ template <class Kernels>
 void register_layer_norm_ops(torch::Library& m) {
   using Ops = LayerNormOps<Kernels>;
   m.impl("layer_norm_forward", &Ops::forward);
+  m.impl("add_layer_norm_forward", &Ops::add_forward);
   m.impl("layer_norm_backward", &Ops::backward);
 }
 

@@ -8,6 +8,13 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
   m.def(
       "layer_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, "
       "Tensor? bias, float eps, bool rms) -> (Tensor output, Tensor mean, Tensor rstd)");
+  // The pre-norm residual step: (layer_norm(input + residual), input + residual),
+  // the sum rounded to the input's dtype; the backward is layer_norm_backward
+  // of the sum.
+  m.def(
+      "add_layer_norm_forward(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, Tensor? bias, float eps, bool rms) "
+      "-> (Tensor output, Tensor sum, Tensor mean, Tensor rstd)");
   // output_mask: which of (grad_input, grad_weight, grad_bias) to compute;
   // the others are returned undefined.
   m.def(

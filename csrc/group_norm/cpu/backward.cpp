@@ -85,14 +85,14 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
       }
     });
   } else {
-    for (int64_t n = 0; n < N; ++n) {
+    cpu::for_each_sample(N, [&](int64_t n) {
       const ChannelGradSums<T, acc_t> sample_op{dy + n * L * C, x + n * L * C,
-                                                     mean_c.data() + n * C};
+                                                mean_c.data() + n * C};
       const std::vector<double> sums =
           cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, sample_op);
       std::copy_n(sums.begin(), C, sum_dy.begin() + n * C);
       std::copy_n(sums.begin() + C, C, sum_dy_xmu.begin() + n * C);
-    }
+    });
     if (dx) {
       std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
       for (int64_t r = 0; r < N * G; ++r) {

@@ -57,14 +57,14 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
   }
   // Channels-last: every channel of a group deviates from the group's shift,
   // so the channels' sums add up to the group's.
-  std::vector<acc_t> channel_shift(C);
-  for (int64_t n = 0; n < N; ++n) {
+  cpu::for_each_sample(N, [&](int64_t n) {
     const T* sample = x + n * L * C;
     for (int64_t g = 0; g < G; ++g) {
       shift[n * G + g] = cpu::sample_shift<acc_t>(D, [&](int64_t j) {
         return static_cast<double>(sample[j / Cg * C + g * Cg + j % Cg]);
       });
     }
+    std::vector<acc_t> channel_shift(C);
     for (int64_t c = 0; c < C; ++c) channel_shift[c] = shift[n * G + c / Cg];
     const std::vector<double> sums = cpu::reduce_groups(
         cpu::GroupedShape{L, C, 1}, cpu::ShiftedSums<T, acc_t>{sample, channel_shift.data()});
@@ -76,7 +76,7 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
       }
       set_moments(n * G + g, sum_d, sum_d2);
     }
-  }
+  });
   const std::vector<acc_t> mean_c = cpu::per_channel(s, mean);
   std::vector<acc_t> scale_c = cpu::per_channel(s, rstd), bias_c(N * C);
   for (int64_t nc = 0; nc < N * C; ++nc) {

@@ -45,6 +45,21 @@ inline GroupShape shape_of(const ChannelView& v, int64_t groups) {
   return {v.outer, v.channels, v.inner, groups, !v.channels_last || v.inner == 1};
 }
 
+// fn(n) for every sample n: in parallel over samples where they are enough to
+// occupy every thread (each sample's reduction then runs within its task),
+// else one after another, each reduction parallel inside. The reducer's sums
+// do not depend on the split.
+template <typename F>
+void for_each_sample(int64_t samples, const F& fn) {
+  if (samples >= at::get_num_threads()) {
+    at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) fn(n);
+    });
+  } else {
+    for (int64_t n = 0; n < samples; ++n) fn(n);
+  }
+}
+
 // Channel c's group statistic for every (sample, channel): per_group[n * G + c / Cg].
 template <typename acc_t>
 std::vector<acc_t> per_channel(const GroupShape& s, const acc_t* per_group) {

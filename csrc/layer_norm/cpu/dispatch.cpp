@@ -8,11 +8,11 @@ namespace normext::layer_norm {
 #define NORMEXT_KERNEL_API "layer_norm/kernel_api.h"
 #include "common/cpu/variants.inc"
 
-void CpuKernels::forward(const Rows& input, const at::Tensor& weight, const at::Tensor& bias,
-                         double eps, bool rms, at::Tensor& output, at::Tensor& mean,
-                         at::Tensor& rstd) {
+void CpuKernels::forward(const Rows& input, const at::Tensor& residual, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, bool rms, at::Tensor& output,
+                         at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd) {
   cpu::with_variant<KernelsOf>([&](auto k) {
-    decltype(k)::type::forward(input, weight, bias, eps, rms, output, mean, rstd);
+    decltype(k)::type::forward(input, residual, weight, bias, eps, rms, output, sum, mean, rstd);
   });
 }
 

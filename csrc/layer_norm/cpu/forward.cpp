@@ -1,19 +1,24 @@
 // Forward: per row, one-pass statistics (sums of deviations from a shift, the
 // median of a sample of the row: common/math.h, sample_shift and
 // shifted_moments; RMSNorm sums squares) and the affine pass over the row
-// while it is in cache.
+// while it is in cache. With a residual the row is first summed into `sum`,
+// which the statistics and the affine then read from cache: 2R+2W in all.
 #include "layer_norm/cpu/kernels.h"
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
 template <typename scalar_t>
-void forward_rows(const Rows& v, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                  bool rms, at::Tensor& output, at::Tensor& mean_out, at::Tensor& rstd_out) {
+void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& weight,
+                  const at::Tensor& bias, double eps, bool rms, at::Tensor& output,
+                  at::Tensor& sum, at::Tensor& mean_out, at::Tensor& rstd_out) {
   using T = cpu::loop_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = v.features;
-  const T* x = cpu::loop_data<scalar_t>(v.data);
+  const T* input = cpu::loop_data<scalar_t>(v.data);
+  const T* res = cpu::loop_data_or_null<scalar_t>(residual);
+  T* s = res ? cpu::mutable_loop_data<scalar_t>(sum) : nullptr;
+  const T* x = res ? s : input;  // the rows normalized
   T* y = cpu::mutable_loop_data<scalar_t>(output);
   const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, D, 1);
   const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, D, 0);
@@ -25,6 +30,15 @@ void forward_rows(const Rows& v, const at::Tensor& weight, const at::Tensor& bia
   const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
   cpu::for_each_row(v, [&](int64_t r) {
     const T* row = x + r * D;
+    if (s) {
+      const T* __restrict__ in_row = input + r * D;
+      const T* __restrict__ res_row = res + r * D;
+      T* __restrict__ sum_row = s + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
+      }
+    }
     if (!rms) {
       shift[r] = cpu::sample_shift<acc_t>(D, [&](int64_t j) { return static_cast<double>(row[j]); });
     }
@@ -56,12 +70,12 @@ void forward_rows(const Rows& v, const at::Tensor& weight, const at::Tensor& bia
 
 }  // namespace
 
-void CpuKernels::forward(const Rows& input, const at::Tensor& weight, const at::Tensor& bias,
-                         double eps, bool rms, at::Tensor& output, at::Tensor& mean,
-                         at::Tensor& rstd) {
+void CpuKernels::forward(const Rows& input, const at::Tensor& residual, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, bool rms, at::Tensor& output,
+                         at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "layer_norm", [&] {
-    forward_rows<scalar_t>(input, weight, bias, eps, rms, output, mean, rstd);
+    forward_rows<scalar_t>(input, residual, weight, bias, eps, rms, output, sum, mean, rstd);
   });
 }
 
