@@ -6,9 +6,12 @@ forward and forward + backward.
     python benchmarks/bench_norms.py --norms rms_norm --dtypes float32 --json-out norms.json
 
 Each row is one layer: LayerNorm and RMSNorm on (tokens, hidden), GroupNorm(32)
-and InstanceNorm2d (affine) on (N, C, H, W) in both memory formats; the forward
-alone (no autograd), and a training forward + backward to the input, the weight
-and the bias. torch runs the torch.nn class, normext the drop-in class; both run
+and InstanceNorm2d (affine) on (N, C, H, W) in both memory formats, and the
+fused variants against torch's composition: add + LayerNorm / RMSNorm
+(normext.AddLayerNorm: the sum and its norm, both outputs used) and
+GroupNorm(32) + SiLU (normext.GroupNormAct); the forward alone (no autograd),
+and a training forward + backward to the inputs, the weight and the bias.
+torch runs the torch.nn classes, normext the drop-in classes; both run
 interleaved in one process next to a copy of the input (`out.copy_(x)`: the
 memory-bandwidth floor), and with normext's CPU output cache switched off
 ("cache off": the kernels alone).
@@ -20,6 +23,9 @@ Memory traffic per row in multiples of bytes(x) (R read, W written):
            the parameter gradients' partial sums).
            GroupNorm/InstanceNorm channels-last: forward 2R+1W, backward
            4R+1W (the statistics, then a pass over the rows).
+           add + norm: forward 2R+2W (x and the residual read, the sum and
+           the output written); backward as the norm's, plus torch's add of
+           the sum's own gradient (2R+1W). GroupNorm + SiLU: as GroupNorm.
   floor    forward: one copy (1R+1W); forward + backward: 2.5 copies (3R+2W).
 """
 
@@ -41,18 +47,50 @@ GROUP_SHAPES = ((8, 128, 64, 64), (8, 256, 32, 32), (8, 512, 16, 16))
 INSTANCE_SHAPES = ((8, 64, 128, 128),)
 QUICK_IMAGE_SHAPES = ((2, 64, 16, 16),)
 LAYOUTS = {"": torch.contiguous_format, " channels_last": torch.channels_last}
-# norm: (torch class, normext class, the layer for an input shape)
+
+
+class _AddNorm(torch.nn.Module):
+    """torch's pre-norm residual step: (norm(x + residual), x + residual)."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        total = x + residual
+        return self.norm(total), total
+
+
+def _pair(torch_layer, normext_layer):
+    """make(side, shape): torch's layer (side "torch") or normext's for a shape."""
+    return lambda side, shape: (torch_layer if side == "torch" else normext_layer)(shape)
+
+
+# norm: its layers (torch's, or the composition of torch's layers, and normext's)
 NORMS = {
-    "layer_norm": (torch.nn.LayerNorm, normext.LayerNorm, lambda cls, shape: cls(shape[-1])),
-    "rms_norm": (torch.nn.RMSNorm, normext.RMSNorm, lambda cls, shape: cls(shape[-1])),
-    "group_norm": (torch.nn.GroupNorm, normext.GroupNorm, lambda cls, shape: cls(32, shape[1])),
-    "instance_norm": (torch.nn.InstanceNorm2d, normext.InstanceNorm2d,
-                      lambda cls, shape: cls(shape[1], affine=True)),
+    "layer_norm": _pair(lambda s: torch.nn.LayerNorm(s[-1]), lambda s: normext.LayerNorm(s[-1])),
+    "rms_norm": _pair(lambda s: torch.nn.RMSNorm(s[-1]), lambda s: normext.RMSNorm(s[-1])),
+    "group_norm": _pair(lambda s: torch.nn.GroupNorm(32, s[1]),
+                        lambda s: normext.GroupNorm(32, s[1])),
+    "instance_norm": _pair(lambda s: torch.nn.InstanceNorm2d(s[1], affine=True),
+                           lambda s: normext.InstanceNorm2d(s[1], affine=True)),
+    "add_layer_norm": _pair(lambda s: _AddNorm(torch.nn.LayerNorm(s[-1])),
+                            lambda s: normext.AddLayerNorm(s[-1])),
+    "add_rms_norm": _pair(lambda s: _AddNorm(torch.nn.RMSNorm(s[-1])),
+                          lambda s: normext.AddRMSNorm(s[-1])),
+    "group_norm_silu": _pair(
+        lambda s: torch.nn.Sequential(torch.nn.GroupNorm(32, s[1]), torch.nn.SiLU()),
+        lambda s: normext.GroupNormAct(32, s[1], activation="silu")),
 }
+# the fused norms' rows, and how many inputs their layers take
+_FUSED_ROWS = {"add_layer_norm": "layer_norm", "add_rms_norm": "rms_norm",
+               "group_norm_silu": "group_norm"}
+_INPUTS = {"add_layer_norm": 2, "add_rms_norm": 2}
 
 
 def _cases(norm: str, quick: bool):
     """(shape label, shape, memory format) of each row of a norm."""
+    norm = _FUSED_ROWS.get(norm, norm)
     if norm in ("layer_norm", "rms_norm"):
         for tokens, hidden in QUICK_ROW_SHAPES if quick else ROW_SHAPES:
             yield f"{tokens}x{hidden}", (tokens, hidden), torch.contiguous_format
@@ -65,18 +103,24 @@ def _cases(norm: str, quick: bool):
 FLOOR_COPIES = {"forward": 1.0, "forward+backward": 2.5}
 
 
-def _forward(layer, x):
+def _outputs(result) -> list:
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def _forward(layer, inputs):
     def step():
         with torch.no_grad():
-            layer(x)
+            layer(*inputs)
     return step
 
 
-def _train(layer, x, grad):
+def _train(layer, inputs, grad):
     def step():
-        x.grad = None
+        for t in inputs:
+            t.grad = None
         layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
+        outputs = _outputs(layer(*inputs))
+        torch.autograd.backward(outputs, [grad] * len(outputs))
     return step
 
 
@@ -87,22 +131,23 @@ def _without_cache(step):
     return run
 
 
-def _check(label, theirs, ours, x, grad) -> None:
+def _check(label, theirs, ours, inputs, grad) -> None:
     """One training step of normext's layer against torch's layer in float64
-    on the same values: output and every gradient must agree to the dtype's
+    on the same values: outputs and every gradient must agree to the dtype's
     tolerance, a guard against timing a wrong kernel. (torch's own 16-bit
     parameter gradients are not the reference: they drift far from float64.)"""
     reference = copy.deepcopy(theirs).double()
     results = []
-    for layer, dtype in ((reference, torch.float64), (ours, x.dtype)):
-        xs = x.detach().to(dtype).requires_grad_()
+    for layer, dtype in ((reference, torch.float64), (ours, inputs[0].dtype)):
+        xs = [t.detach().to(dtype).requires_grad_() for t in inputs]
         layer.zero_grad(set_to_none=True)
-        out = layer(xs)
-        out.backward(grad.to(dtype))
-        results.append([out.detach().double(), xs.grad.double()]
+        outputs = _outputs(layer(*xs))
+        torch.autograd.backward(outputs, [grad.to(dtype)] * len(outputs))
+        results.append([out.detach().double() for out in outputs]
+                       + [t.grad.double() for t in xs]
                        + [p.grad.double() for p in layer.parameters()])
-    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
-    for a, b in zip(results[1], results[0]):
+    tol = 1e-3 if inputs[0].dtype == torch.float32 else 5e-2
+    for a, b in zip(results[1], results[0], strict=True):
         if not torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item())):
             sys.exit(f"error: {label}: normext's result differs from torch's in float64")
 
@@ -125,26 +170,28 @@ def main() -> None:
 
     rows, records, speedups = [], [], {}
     for norm in norms:
-        torch_cls, normext_cls, make_layer = NORMS[norm]
+        make_layer = NORMS[norm]
         for dtype_name in common.parse_dtypes(args.dtypes):
             dtype = getattr(torch, dtype_name)
             for shape_label, shape, memory_format in _cases(norm, args.quick):
                 gen = torch.Generator().manual_seed(0)
-                x = torch.randn(shape, generator=gen).to(dtype).contiguous(
+                inputs = [torch.randn(shape, generator=gen).to(dtype).contiguous(
                     memory_format=memory_format).requires_grad_()
+                    for _ in range(_INPUTS.get(norm, 1))]
+                x = inputs[0]
                 grad = torch.randn(shape, generator=gen).to(dtype).contiguous(
                     memory_format=memory_format)
-                theirs = make_layer(torch_cls, shape).to(dtype)
-                ours = make_layer(normext_cls, shape).to(dtype)
+                theirs = make_layer("torch", shape).to(dtype)
+                ours = make_layer("normext", shape).to(dtype)
                 label = f"{norm} {dtype_name} {shape_label}"
-                _check(label, theirs, ours, x, grad)
+                _check(label, theirs, ours, inputs, grad)
                 copy_out = torch.empty_like(x)  # (x's memory format)
                 for mode in FLOOR_COPIES:
                     log(f"{label} {mode}")
                     make = _forward if mode == "forward" else (
-                        lambda layer, x: _train(layer, x, grad))
-                    fns = {"torch": make(theirs, x), "normext": make(ours, x),
-                           "cache off": _without_cache(make(ours, x)),
+                        lambda layer, inputs: _train(layer, inputs, grad))
+                    fns = {"torch": make(theirs, inputs), "normext": make(ours, inputs),
+                           "cache off": _without_cache(make(ours, inputs)),
                            "copy": lambda: copy_out.copy_(x.detach())}
                     t = {name: timing.median * 1e3 for name, timing in common.interleaved_timings(
                         fns, device, args.repeats, args.min_time).items()}
@@ -170,7 +217,8 @@ def main() -> None:
             "torch ms / normext ms; cache off: normext with its CPU output cache switched off "
             "(the kernels alone). floor: a copy of the input (`out.copy_(x)`, same run) for "
             "the forward, 2.5 copies for forward + backward. " + summary + ".")
-    report = common.Report("LayerNorm, RMSNorm, GroupNorm and InstanceNorm: torch.nn vs normext",
+    report = common.Report("LayerNorm, RMSNorm, GroupNorm, InstanceNorm and the fused norms: "
+                           "torch.nn vs normext",
                            common.metadata(device, "bench_norms"), common.command_line(),
                            [note, table])
     common.publish(report.render(), args.markdown_out, args.json_out,

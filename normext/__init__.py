@@ -10,7 +10,8 @@ from ._extension import build_info, cached_cpu_bytes, cpu_cache_info, release_cp
 from .convert import convert
 from .fuse import FuseReport, fuse
 from .modules import (AddLayerNorm, AddRMSNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
-                      BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNorm, InstanceNorm1d,
+                      BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNorm, GroupNormAct,
+                      InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm, LazyBatchNorm1d,
                       LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d, LazyInstanceNorm2d,
                       LazyInstanceNorm3d, RMSNorm)
@@ -19,6 +20,7 @@ from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 __version__ = "0.1.0"
 __all__ = ["AddLayerNorm", "AddRMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FuseReport", "GroupNorm",
+           "GroupNormAct",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d",
            "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
            "LazyInstanceNorm3d", "RMSNorm", "SyncBatchNorm", "SyncBatchNormAct", "build_info",

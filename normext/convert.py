@@ -39,6 +39,10 @@ def _layer_norm_2d(self, x):  # timm's LayerNorm2d: LayerNorm over the channels 
 
 
 def _group_norm_act(self, x):  # timm's GroupNormAct: the norm, then its drop and activation
+    fused = self.__dict__.get("_normext_activation")  # set by convert
+    if fused is not None:
+        return functional.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps,
+                                         *fused)
     return self.act(self.drop(functional.group_norm(x, self.num_groups, self.weight, self.bias,
                                                     self.eps)))
 
@@ -100,7 +104,8 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None,
     timm's LayerNorm, LayerNorm2d (channels-first, ConvNeXt's), RmsNorm,
     GroupNorm, GroupNorm1 and GroupNormAct (where timm is installed) become
     subclasses of themselves whose forward runs normext's kernels, with their
-    attributes and state_dict keys; include may name them.
+    attributes and state_dict keys (GroupNormAct with its activation fused
+    where normext has it and its drop layer is off); include may name them.
 
     timm's BatchNormAct2d (a BatchNorm2d subclass with an activation; where
     timm is installed) becomes a normext.BatchNormAct2d with that activation,
@@ -126,9 +131,17 @@ def _convert(module: torch.nn.Module, include: tuple[type, ...] | None) -> torch
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is None and _is_timm_norm(type(module)):
         replacement = _timm_replacement(type(module))
+    from .fuse import _fused_layer, _module_activation, timm_activation  # (fuse imports this)
     if replacement is not None and (include is None or type(module) in include):
-        return _swap_class(module, replacement)
-    from .fuse import _fused_layer, timm_activation  # (fuse imports this module)
+        swapped = _swap_class(module, replacement)
+        if type(module).__name__ == "GroupNormAct" and _is_timm_norm(type(module)):
+            # the activation fused where normext has it and the drop layer is off
+            act = swapped.act
+            spec = ("identity", 0.01, 1.0) if type(act) is torch.nn.Identity else (
+                _module_activation(act))
+            swapped._normext_activation = (
+                spec if type(swapped.drop) is torch.nn.Identity else None)
+        return swapped
     activation = timm_activation(module)
     if activation is not None and (include is None or torch.nn.BatchNorm2d in include):
         return _fused_layer(module, activation, memory_efficient=False)[0]

@@ -12,7 +12,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import ops
 
 __all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "batch_norm_act", "group_norm",
-           "instance_norm", "layer_norm", "rms_norm"]
+           "group_norm_act", "instance_norm", "layer_norm", "rms_norm"]
 
 
 def _torch_allows_zero_eps_in_eval() -> bool:
@@ -374,6 +374,36 @@ def group_norm(
     torch.nn.functional._verify_batch_size(
         [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     return _group_norm_op(input, num_groups, weight, bias, eps)[0]
+
+
+def group_norm_act(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str = "silu",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> Tensor:
+    """activation(group_norm(input, ...)) in one pass each way (diffusion
+    U-Nets' GroupNorm + SiLU): group_norm's arguments and checks, then
+    batch_norm_act's activations ("identity", "relu", "relu6", "leaky_relu"
+    with negative_slope, "elu" with alpha, "silu"); the backward recomputes the
+    activation's input from the input, keeping nothing else."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm_act, (input, weight, bias), input, num_groups,
+                                     weight=weight, bias=bias, eps=eps, activation=activation,
+                                     negative_slope=negative_slope, alpha=alpha)
+    ops._check_activation(activation, negative_slope, alpha, op="group_norm_act")
+    if not _runs_group_norm(input, num_groups, weight, bias):
+        return _ACTIVATION_FUNCTIONS[activation](
+            torch.nn.functional.group_norm(input, num_groups, weight, bias, eps), negative_slope,
+            alpha)
+    torch.nn.functional._verify_batch_size(
+        [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    return _group_norm_op(input, num_groups, weight, bias, eps, activation, negative_slope,
+                          alpha)[0]
 
 
 def instance_norm(

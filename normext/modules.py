@@ -10,7 +10,7 @@ import torch
 from . import functional, ops
 
 __all__ = ["AddLayerNorm", "AddRMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "BatchNormAct3d", "GroupNorm", "GroupNormAct", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
            "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
            "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "RMSNorm"]
 
@@ -209,6 +209,38 @@ class GroupNorm(torch.nn.GroupNorm):
             return traced_as_leaf(self, input)
         return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
+
+class GroupNormAct(GroupNorm):
+    """torch.nn.GroupNorm (its parameters, state_dict and checks) whose output
+    passes through an activation, fused (normext.functional.group_norm_act):
+    GroupNorm + SiLU by default, the block of diffusion U-Nets. activation:
+    "identity", "relu", "relu6", "leaky_relu" (negative_slope), "elu"
+    (alpha) or "silu"."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, activation: str = "silu", negative_slope: float = 0.01,
+                 alpha: float = 1.0, device=None, dtype=None, **kwargs) -> None:
+        # kwargs: the installed torch's keyword-only arguments (bias=, torch >= 2.12)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype,
+                         **kwargs)
+        ops._check_activation(activation, negative_slope, alpha, op="GroupNormAct")
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        elif self.activation == "elu":
+            text += f", alpha={self.alpha}"
+        return text
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
+        return functional.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps,
+                                         self.activation, self.negative_slope, self.alpha)
 
 class _NormextInstanceNorm:
     """torch.nn's _InstanceNorm (its checks, unbatched inputs and

@@ -266,10 +266,10 @@ _ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
 
 
 def _check_activation(activation: str, negative_slope: float, alpha: float,
-                      memory_efficient: bool = False) -> None:
-    """The kernels' ValueErrors (csrc/batch_norm/common.cpp)."""
+                      memory_efficient: bool = False, op: str = "batch_norm_act") -> None:
+    """The kernels' ValueErrors (csrc/common/activation.cpp, csrc/batch_norm/common.cpp)."""
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"batch_norm_act: unknown activation '{activation}'; expected one of "
+        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of "
                          f"{', '.join(_ACTIVATIONS)}")
     if memory_efficient and not (activation == "identity"
                                  or (activation == "leaky_relu" and negative_slope > 0)
@@ -562,20 +562,25 @@ torch.library.register_autograd("normext::layer_norm_forward", _layer_norm_backw
 
 def group_norm_forward(
     input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+    activation: str = "identity", negative_slope: float = 0.01, alpha: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output, mean, rstd) with the statistics of each (sample, group), shaped
-    (N, groups) as torch's native_group_norm returns them; the output in the
-    input's memory format, differentiable (the backward is group_norm_backward)."""
-    return _ops.group_norm_forward.default(input, groups, weight, bias, eps)
+    (N, groups) as torch's native_group_norm returns them; the output (through
+    the activation, batch_norm_act's names) in the input's memory format,
+    differentiable (the backward is group_norm_backward)."""
+    return _ops.group_norm_forward.default(input, groups, weight, bias, eps, activation,
+                                          negative_slope, alpha)
 
 
 def group_norm_backward(
     grad_out: Tensor, input: Tensor, groups: int, mean: Tensor, rstd: Tensor,
-    weight: Tensor | None, output_mask: list[bool],
+    weight: Tensor | None, bias: Tensor | None, output_mask: list[bool],
+    activation: str = "identity", negative_slope: float = 0.01, alpha: float = 1.0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks for it."""
-    return _ops.group_norm_backward.default(grad_out, input, groups, mean, rstd, weight,
-                                           output_mask)
+    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks
+    for it; through the activation at the output recomputed from the input."""
+    return _ops.group_norm_backward.default(grad_out, input, groups, mean, rstd, weight, bias,
+                                           output_mask, activation, negative_slope, alpha)
 
 
 def _check_group_norm(input: Tensor, groups: int, weight: Tensor | None,
@@ -598,15 +603,18 @@ def _check_group_norm(input: Tensor, groups: int, weight: Tensor | None,
 
 
 @torch.library.register_fake("normext::group_norm_forward")
-def _(input, groups, weight, bias, eps):
+def _(input, groups, weight, bias, eps, activation="identity", negative_slope=0.01, alpha=1.0):
+    _check_activation(activation, negative_slope, alpha, op="group_norm")
     _check_group_norm(input, groups, weight, bias)
     stat = input.new_empty((input.shape[0], groups), dtype=accumulate_dtype(input.dtype))
     return _like_input(input), stat, torch.empty_like(stat)
 
 
 @torch.library.register_fake("normext::group_norm_backward")
-def _(grad_out, input, groups, mean, rstd, weight, output_mask):
-    _check_group_norm(input, groups, weight, None)
+def _(grad_out, input, groups, mean, rstd, weight, bias, output_mask, activation="identity",
+      negative_slope=0.01, alpha=1.0):
+    _check_activation(activation, negative_slope, alpha, op="group_norm")
+    _check_group_norm(input, groups, weight, bias)
     torch._check(grad_out.shape == input.shape and grad_out.dtype == input.dtype,
                  lambda: "group_norm_backward: expected grad_out of the input's shape and dtype")
     param_dtype = input.dtype if weight is None else weight.dtype
@@ -618,11 +626,28 @@ def _(grad_out, input, groups, mean, rstd, weight, output_mask):
 
 
 def _group_norm_setup_context(ctx, inputs, output):
-    input, groups, weight, bias, eps = inputs
+    input, groups, weight, bias, eps, *activation = inputs  # (the defaults where not given)
     _, mean, rstd = output
-    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
     ctx.groups, ctx.eps = groups, eps
+    ctx.activation = tuple(activation) + ("identity", 0.01, 1.0)[len(activation):]
     ctx.mark_non_differentiable(mean, rstd)
+
+
+def _pre_activation_grad_composite(grad_out: Tensor, input: Tensor, groups: int,
+                                   weight: Tensor | None, bias: Tensor | None, eps: float,
+                                   activation: tuple[str, float, float]) -> Tensor:
+    """dz = dy * act'(z), z = group_norm(input) in the accumulate dtype, as
+    differentiable torch ops (torch's activation differentiated once)."""
+    from .functional import _ACTIVATION_FUNCTIONS  # (functional imports this module)
+    dtype = accumulate_dtype(input.dtype)
+    z = torch.nn.functional.group_norm(
+        input.to(dtype), groups, None if weight is None else weight.to(dtype),
+        None if bias is None else bias.to(dtype), eps)
+    z = z if z.requires_grad else z.detach().requires_grad_()
+    with torch.enable_grad():
+        y = _ACTIVATION_FUNCTIONS[activation[0]](z, *activation[1:])
+    return torch.autograd.grad(y, z, grad_out.to(dtype), create_graph=True)[0]
 
 
 def _group_norm_grads_composite(grad_out: Tensor, input: Tensor, groups: int,
@@ -649,18 +674,21 @@ def _group_norm_grads_composite(grad_out: Tensor, input: Tensor, groups: int,
 
 
 def _group_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
-    input, weight, mean, rstd = ctx.saved_tensors
-    needs_input, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    needs_input, _, needs_weight, needs_bias = ctx.needs_input_grad[:4]
     if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (grad_out, input, weight)):
+            t is not None and t.requires_grad for t in (grad_out, input, weight, bias)):
+        if ctx.activation[0] != "identity":
+            grad_out = _pre_activation_grad_composite(grad_out, input, ctx.groups, weight, bias,
+                                                      ctx.eps, ctx.activation)
         grad_input, grad_weight, grad_bias = _group_norm_grads_composite(
             grad_out, input, ctx.groups, weight, ctx.eps)
     else:
         grad_input, grad_weight, grad_bias = group_norm_backward(
-            grad_out, input, ctx.groups, mean, rstd, weight,
-            [needs_input, needs_weight, needs_bias])
+            grad_out, input, ctx.groups, mean, rstd, weight, bias,
+            [needs_input, needs_weight, needs_bias], *ctx.activation)
     return (grad_input if needs_input else None, None, grad_weight if needs_weight else None,
-            grad_bias if needs_bias else None, None)
+            grad_bias if needs_bias else None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 torch.library.register_autograd("normext::group_norm_forward", _group_norm_backward,

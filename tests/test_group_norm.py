@@ -244,7 +244,7 @@ def test_op_checks_raise_runtime_error():
         normext.ops.group_norm_forward(torch.randn(2, 6, 3), 4, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="expected mean and rstd"):
         normext.ops.group_norm_backward(torch.randn(2, 6, 3), torch.randn(2, 6, 3), 3,
-                                        torch.zeros(5), torch.ones(6), None,
+                                        torch.zeros(5), torch.ones(6), None, None,
                                         [True, False, False])
 
 
@@ -386,3 +386,85 @@ def test_convert_timm_norm_layers():
         converted(x)
     calls = {e.name for e in prof.events() if e.name.startswith("normext::")}
     assert calls == {"normext::layer_norm_forward", "normext::group_norm_forward"}
+    assert "aten::silu" not in {e.name for e in prof.events()}  # fused into GroupNormAct
+
+
+_ACTIVATIONS = {
+    "identity": lambda z: z, "relu": F.relu, "relu6": F.relu6,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.2), "elu": lambda z: F.elu(z, 0.7), "silu": F.silu,
+}
+
+
+@settings(max_examples=50, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=group_cases(), activation=st.sampled_from(sorted(_ACTIVATIONS)),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_group_norm_act_matches_torchs_composition(case, activation, dtype):
+    """group_norm_act against torch's activation of torch's group_norm, in
+    float64 from the same inputs: output and every gradient."""
+    shape, groups = case["shape"], case["groups"]
+    cast, ref = _inputs(shape, shape[1], case, dtype)
+    act = _ACTIVATIONS[activation]
+    extra = dict(negative_slope=0.2) if activation == "leaky_relu" else (
+        dict(alpha=0.7) if activation == "elu" else {})
+
+    def theirs(x, weight, bias):
+        return act(F.group_norm(x, groups, weight, bias, case["eps"]))
+
+    def ours(x, weight, bias):
+        return NF.group_norm_act(x, groups, weight, bias, case["eps"], activation, **extra)
+
+    y_ref, g_ref = _grads(theirs, *ref)
+    y, g = _grads(ours, *cast)
+    assert y.stride() == y_ref.stride()
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                     msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "elu", "leaky_relu"])
+def test_group_norm_act_gradcheck_and_gradgradcheck(activation):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for layout in ("contiguous", "channels_last"):
+        xl = _in_layout(x.detach(), layout).requires_grad_()
+
+        def fn(*a):
+            return NF.group_norm_act(a[0], 2, a[1], a[2], 1e-5, activation)
+
+        assert torch.autograd.gradcheck(fn, (xl, w, b))
+        assert torch.autograd.gradgradcheck(fn, (xl, w, b))
+
+
+def test_group_norm_act_module_and_errors():
+    torch.manual_seed(0)
+    layer = normext.GroupNormAct(2, 6, activation="leaky_relu", negative_slope=0.1)
+    theirs = torch.nn.GroupNorm(2, 6)
+    assert isinstance(layer, torch.nn.GroupNorm)
+    layer.load_state_dict(theirs.state_dict(), strict=True)
+    assert repr(layer) == repr(theirs).replace("GroupNorm(", "GroupNormAct(").replace(
+        ")", ", activation=leaky_relu, negative_slope=0.1)")
+    x = torch.randn(3, 6, 4, 4)
+    assert_close(layer(x), F.leaky_relu(theirs(x), 0.1))
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        normext.GroupNormAct(2, 6, activation="gelu")
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        NF.group_norm_act(x, 2, activation="gelu")
+    compiled = torch.compile(normext.GroupNormAct(2, 6), backend="aot_eager", fullgraph=True)
+    assert_close(compiled(x), F.silu(F.group_norm(x, 2)))
+
+
+def test_convert_fuses_timm_group_norm_act():
+    timm = pytest.importorskip("timm")
+    layer = timm.layers.GroupNormAct(8, num_groups=4, act_layer=torch.nn.SiLU)
+    reference = copy.deepcopy(layer)
+    converted = normext.convert(layer)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.profiler.profile() as prof:
+        y = converted(x)
+    names = {e.name for e in prof.events()}
+    assert "normext::group_norm_forward" in names and "aten::silu" not in names
+    assert_close(y, reference(x))

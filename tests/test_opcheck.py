@@ -146,9 +146,14 @@ def _group_norm_samples(device):
                             (_leaf(x), 3, _leaf(w), _leaf(b), 1e-5)))
             samples.append((f"{name}-forward-instance-noaffine", "group_norm_forward",
                             (_leaf(x), 6, None, None, 1e-5)))
+            samples.append((f"{name}-forward-silu", "group_norm_forward",
+                            (_leaf(x), 3, _leaf(w), _leaf(b), 1e-5, "silu")))
             _, mean, rstd = ops.group_norm_forward(x, 3, w, b, 1e-5)
             samples.append((f"{name}-backward", "group_norm_backward",
-                            (torch.randn_like(x), x, 3, mean, rstd, w, [True, True, True])))
+                            (torch.randn_like(x), x, 3, mean, rstd, w, b, [True, True, True])))
+            samples.append((f"{name}-backward-elu", "group_norm_backward",
+                            (torch.randn_like(x), x, 3, mean, rstd, w, b, [True, True, True],
+                             "elu", 0.01, 0.5)))
     return samples
 
 

@@ -85,18 +85,6 @@ void check_same_as_input(const at::Tensor& input, const at::Tensor& other, const
 
 namespace normext::batch_norm {
 
-ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha) {
-  static constexpr std::pair<const char*, Activation> kNames[] = {
-      {"identity", Activation::kIdentity}, {"relu", Activation::kRelu},
-      {"relu6", Activation::kRelu6},       {"leaky_relu", Activation::kLeakyRelu},
-      {"elu", Activation::kElu},           {"silu", Activation::kSilu}};
-  for (const auto& [known, kind] : kNames) {
-    if (name == known) return {kind, negative_slope, alpha};
-  }
-  TORCH_CHECK_VALUE(false, "batch_norm_act: unknown activation '", name,
-                    "'; expected one of identity, relu, relu6, leaky_relu, elu, silu");
-}
-
 void check_invertible(const ActivationSpec& activation) {
   const bool invertible =
       activation.kind == Activation::kIdentity ||

@@ -40,9 +40,11 @@ struct FusedGrad {
   at::Tensor grad_residual;  // backward_elemt writes dz there (dense, input's layout) if defined
 };
 
-// The activation named `name` ("identity", "relu", "relu6", "leaky_relu",
-// "elu", "silu"; ValueError otherwise) with its parameters.
-ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha);
+// The activation named `name` (common/activation.h: activation_spec), with
+// batch_norm_act's error message.
+inline ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha) {
+  return normext::activation_spec(name, negative_slope, alpha, "batch_norm_act");
+}
 
 // Raises ValueError unless the backward can recover the activation's input from
 // its output (memory_efficient): identity, leaky_relu with a positive slope,

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
@@ -21,6 +22,11 @@ struct ActivationSpec {
   double negative_slope = 0.01;
   double alpha = 1.0;
 };
+
+// The activation named `name` ("identity", "relu", "relu6", "leaky_relu",
+// "elu", "silu"; ValueError naming `op` otherwise) with its parameters.
+ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha,
+                               const char* op);
 
 }  // namespace normext
 

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/activation.h"
 #include "common/channel_view.h"
 
 namespace normext::group_norm {
@@ -52,7 +53,9 @@ template <class Kernels>
 struct GroupNormOps {
   static TensorTriple forward(const at::Tensor& input, int64_t groups,
                               const OptionalTensor& weight, const OptionalTensor& bias,
-                              double eps) {
+                              double eps, c10::string_view activation, double negative_slope,
+                              double alpha) {
+    const ActivationSpec spec = activation_spec(activation, negative_slope, alpha, "group_norm");
     const ChannelView view = groups_view(input, groups, weight, bias);
     const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
     at::Tensor output = Kernels::empty_output(view, {view.data.const_data_ptr()});
@@ -65,15 +68,18 @@ struct GroupNormOps {
     at::Tensor rstd = at::empty({view.outer, groups}, stat_options);
     if (view.outer > 0) {
       Kernels::forward(view, groups, value_or_undefined(weight), value_or_undefined(bias), eps,
-                       output, mean, rstd);
+                       spec, output, mean, rstd);
     }
     return {output, mean, rstd};
   }
 
   static TensorTriple backward(const at::Tensor& grad_out, const at::Tensor& input,
                                int64_t groups, const at::Tensor& mean, const at::Tensor& rstd,
-                               const OptionalTensor& weight, std::array<bool, 3> output_mask) {
-    const ChannelView view = groups_view(input, groups, weight, {});
+                               const OptionalTensor& weight, const OptionalTensor& bias,
+                               std::array<bool, 3> output_mask, c10::string_view activation,
+                               double negative_slope, double alpha) {
+    const ActivationSpec spec = activation_spec(activation, negative_slope, alpha, "group_norm");
+    const ChannelView view = groups_view(input, groups, weight, bias);
     TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
                 "group_norm_backward: expected grad_out of the input's shape and dtype, got ",
                 grad_out.sizes(), " (", grad_out.scalar_type(), ")");
@@ -100,7 +106,8 @@ struct GroupNormOps {
       return {grad_input, grad_weight, grad_bias};
     }
     Kernels::backward(dy, view, groups, mean.contiguous(), rstd.contiguous(),
-                      value_or_undefined(weight), grad_input, grad_weight, grad_bias);
+                      value_or_undefined(weight), value_or_undefined(bias), spec, grad_input,
+                      grad_weight, grad_bias);
     return {grad_input, grad_weight, grad_bias};
   }
 };

@@ -1,6 +1,7 @@
-// Backward: per (sample, channel), sum(dy) and sum(dy * (x - mean)) in one
-// read of dy and x; each group's sums of g = dy * weight and g * (x - mean)
-// from those; then the input gradient (common/math.h:
+// Backward: dz = dy * act'(z), z the activation's input recomputed from x;
+// per (sample, channel), sum(dz) and sum(dz * (x - mean)) in one read of dy
+// and x; each group's sums of g = dz * weight and g * (x - mean) from those;
+// then the input gradient (common/math.h:
 // grad_input_coefficients, with the group as the set reduced). Contiguous
 // data: the group's run is written while it is in cache (2 reads + 1 write).
 // Channels-last: the sums per sample through the shared reducer, then a pass
@@ -12,30 +13,36 @@
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// The terms of a (sample, channel)'s backward sums: dy and dy * (x - mean).
-template <typename T, typename acc_t_>
+// The terms of a (sample, channel)'s backward sums: dz and dz * (x - mean).
+template <typename T, typename acc_t_, class Act>
 struct ChannelGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
   static constexpr bool kLaneTerms = false;
 
+  Act act;
   const T* dy;
   const T* x;
-  const acc_t* mean;  // per reducer group: the channel's group mean
+  // Per reducer group (a sample's channel): the group's mean, the affine's
+  // scale (rstd * weight) and bias, which give the activation's input z.
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* bias;
 
-  void terms(int64_t g, int64_t offset, acc_t& d, acc_t& d_xmu) const {
-    d = static_cast<acc_t>(dy[offset]);
-    d_xmu = d * (static_cast<acc_t>(x[offset]) - mean[g]);
+  void terms(int64_t g, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
+    const acc_t xmu = static_cast<acc_t>(x[offset]) - mean[g];
+    dz = static_cast<acc_t>(dy[offset]) * act.grad(xmu * scale[g] + bias[g]);
+    dz_xmu = dz * xmu;
   }
   bool group_rows(int64_t) const { return true; }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, class Act>
 void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t groups,
                      const at::Tensor& mean_in, const at::Tensor& rstd_in,
-                     const at::Tensor& weight, at::Tensor& grad_input, at::Tensor& grad_weight,
-                     at::Tensor& grad_bias) {
+                     const at::Tensor& weight, const at::Tensor& bias, const Act act,
+                     at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using T = cpu::loop_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
   const cpu::GroupShape s = cpu::shape_of(v, groups);
@@ -45,53 +52,61 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
   T* dx = grad_input.defined() ? cpu::mutable_loop_data<scalar_t>(grad_input) : nullptr;
   const acc_t* rstd = rstd_in.const_data_ptr<acc_t>();
   const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, C, 1);
+  const std::vector<acc_t> b = cpu::channel_values<acc_t>(bias, C, 0);
+  // Per (sample, channel): the group's mean, and the affine's scale and bias.
   const std::vector<acc_t> mean_c = cpu::per_channel(s, mean_in.const_data_ptr<acc_t>());
-  // Per (sample, channel): sum(dy), sum(dy * (x - mean)).
-  std::vector<double> sum_dy(N * C), sum_dy_xmu(N * C);
+  std::vector<acc_t> scale_c, bias_c;
+  cpu::channel_affine(s, rstd, w, b, scale_c, bias_c);
+  // Per (sample, channel): sum(dz), sum(dz * (x - mean)).
+  std::vector<double> sum_dz(N * C), sum_dz_xmu(N * C);
   // The input gradient's coefficients of a (sample, group), from its channels' sums.
   const auto coefficients = [&](int64_t r) {
     double sum_g = 0, sum_g_xmu = 0;
     for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-      sum_g += w[nc % C] * sum_dy[nc];
-      sum_g_xmu += w[nc % C] * sum_dy_xmu[nc];
+      sum_g += w[nc % C] * sum_dz[nc];
+      sum_g_xmu += w[nc % C] * sum_dz_xmu[nc];
     }
     return cpu::grad_input_coefficients(static_cast<acc_t>(sum_g), static_cast<acc_t>(sum_g_xmu),
                                         rstd[r], acc_t(1),
                                         static_cast<acc_t>(1.0 / static_cast<double>(D)));
   };
-  const ChannelGradSums<T, acc_t> sums_op{dy, x, mean_c.data()};
+  const ChannelGradSums<T, acc_t, Act> sums_op{act, dy, x, mean_c.data(), scale_c.data(),
+                                               bias_c.data()};
   if (s.runs) {
     at::parallel_for(0, N * G, cpu::grain_for(2 * D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
           double sums[cpu::kTerms];
           cpu::reduce_run(sums_op, nc, L, sums);
-          sum_dy[nc] = sums[0];
-          sum_dy_xmu[nc] = sums[1];
+          sum_dz[nc] = sums[0];
+          sum_dz_xmu[nc] = sums[1];
         }
         if (!dx) continue;
         const auto k = coefficients(r);
         for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
           const acc_t dy_scale = w[nc % C] * k.dy_scale, m = mean_c[nc];
+          const acc_t scale = scale_c[nc], shift = bias_c[nc];
           const T* __restrict__ dyc = dy + nc * L;
           const T* __restrict__ xc = x + nc * L;
           T* __restrict__ dxc = dx + nc * L;
 #pragma omp simd
           for (int64_t i = 0; i < L; ++i) {
-            cpu::store(dxc, i, cpu::grad_input(static_cast<acc_t>(dyc[i]), static_cast<acc_t>(xc[i]),
-                                               m, {dy_scale, k.xmu_scale, k.shift}));
+            const acc_t xmu = static_cast<acc_t>(xc[i]) - m;
+            const acc_t dz = static_cast<acc_t>(dyc[i]) * act.grad(xmu * scale + shift);
+            cpu::store(dxc, i, cpu::grad_input_centred(dz, xmu, {dy_scale, k.xmu_scale, k.shift}));
           }
         }
       }
     });
   } else {
     cpu::for_each_sample(N, [&](int64_t n) {
-      const ChannelGradSums<T, acc_t> sample_op{dy + n * L * C, x + n * L * C,
-                                                mean_c.data() + n * C};
+      const ChannelGradSums<T, acc_t, Act> sample_op{
+          act, dy + n * L * C, x + n * L * C, mean_c.data() + n * C, scale_c.data() + n * C,
+          bias_c.data() + n * C};
       const std::vector<double> sums =
           cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, sample_op);
-      std::copy_n(sums.begin(), C, sum_dy.begin() + n * C);
-      std::copy_n(sums.begin() + C, C, sum_dy_xmu.begin() + n * C);
+      std::copy_n(sums.begin(), C, sum_dz.begin() + n * C);
+      std::copy_n(sums.begin() + C, C, sum_dz_xmu.begin() + n * C);
     });
     if (dx) {
       std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
@@ -110,13 +125,16 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
           const T* __restrict__ xr = x + row * C;
           T* __restrict__ dxr = dx + row * C;
           const acc_t* __restrict__ m = mean_c.data() + n * C;
+          const acc_t* __restrict__ sc = scale_c.data() + n * C;
+          const acc_t* __restrict__ bc = bias_c.data() + n * C;
           const acc_t* __restrict__ a = dy_scale.data() + n * C;
           const acc_t* __restrict__ bx = xmu_scale.data() + n * C;
           const acc_t* __restrict__ sh = shift.data() + n * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            cpu::store(dxr, c, cpu::grad_input(static_cast<acc_t>(dyr[c]), static_cast<acc_t>(xr[c]),
-                                               m[c], {a[c], bx[c], sh[c]}));
+            const acc_t xmu = static_cast<acc_t>(xr[c]) - m[c];
+            const acc_t dz = static_cast<acc_t>(dyr[c]) * act.grad(xmu * sc[c] + bc[c]);
+            cpu::store(dxr, c, cpu::grad_input_centred(dz, xmu, {a[c], bx[c], sh[c]}));
           }
         }
       });
@@ -127,8 +145,8 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
   for (int64_t c = 0; c < C; ++c) {
     double total_w = 0, total_b = 0;
     for (int64_t n = 0; n < N; ++n) {
-      total_w += sum_dy_xmu[n * C + c] * static_cast<double>(rstd[n * G + c / Cg]);
-      total_b += sum_dy[n * C + c];
+      total_w += sum_dz_xmu[n * C + c] * static_cast<double>(rstd[n * G + c / Cg]);
+      total_b += sum_dz[n * C + c];
     }
     grad_w[c] = static_cast<acc_t>(total_w);
     grad_b[c] = static_cast<acc_t>(total_b);
@@ -141,11 +159,14 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
 
 void CpuKernels::backward(const ChannelView& grad_out, const ChannelView& input, int64_t groups,
                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                          const at::Tensor& bias, const ActivationSpec& activation,
                           at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "group_norm_backward", [&] {
-    backward_groups<scalar_t>(grad_out, input, groups, mean, rstd, weight, grad_input,
-                              grad_weight, grad_bias);
+    cpu::with_activation<at::opmath_type<scalar_t>>(activation, [&](auto act) {
+      backward_groups<scalar_t>(grad_out, input, groups, mean, rstd, weight, bias, act,
+                                grad_input, grad_weight, grad_bias);
+    });
   });
 }
 

@@ -9,19 +9,20 @@ namespace normext::group_norm {
 #include "common/cpu/variants.inc"
 
 void CpuKernels::forward(const ChannelView& input, int64_t groups, const at::Tensor& weight,
-                         const at::Tensor& bias, double eps, at::Tensor& output, at::Tensor& mean,
-                         at::Tensor& rstd) {
+                         const at::Tensor& bias, double eps, const ActivationSpec& activation,
+                         at::Tensor& output, at::Tensor& mean, at::Tensor& rstd) {
   cpu::with_variant<KernelsOf>([&](auto k) {
-    decltype(k)::type::forward(input, groups, weight, bias, eps, output, mean, rstd);
+    decltype(k)::type::forward(input, groups, weight, bias, eps, activation, output, mean, rstd);
   });
 }
 
 void CpuKernels::backward(const ChannelView& grad_out, const ChannelView& input, int64_t groups,
                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                          const at::Tensor& bias, const ActivationSpec& activation,
                           at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   cpu::with_variant<KernelsOf>([&](auto k) {
-    decltype(k)::type::backward(grad_out, input, groups, mean, rstd, weight, grad_input,
-                                grad_weight, grad_bias);
+    decltype(k)::type::backward(grad_out, input, groups, mean, rstd, weight, bias, activation,
+                                grad_input, grad_weight, grad_bias);
   });
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include "common/activation.h"
 #include "common/channel_view.h"
 
 namespace normext::group_norm {

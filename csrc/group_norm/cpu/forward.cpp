@@ -1,17 +1,18 @@
 // Forward: per (sample, group), one-pass statistics (sums of deviations from
-// a shift, the median of a sample of the group: common/math.h) and the affine,
-// per channel. Contiguous data: the group's run is written while it is in
-// cache (1 read + 1 write). Channels-last: statistics per sample through the
-// shared reducer, then the affine over the rows (2 reads + 1 write).
+// a shift, the median of a sample of the group: common/math.h) and the affine
+// per channel, through the activation (common/activation.h). Contiguous data:
+// the group's run is written while it is in cache (1 read + 1 write).
+// Channels-last: statistics per sample through the shared reducer, then the
+// affine over the rows (2 reads + 1 write).
 #include "group_norm/cpu/kernels.h"
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, class Act>
 void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weight,
-                    const at::Tensor& bias, double eps, at::Tensor& output, at::Tensor& mean_out,
-                    at::Tensor& rstd_out) {
+                    const at::Tensor& bias, double eps, const Act act, at::Tensor& output,
+                    at::Tensor& mean_out, at::Tensor& rstd_out) {
   using T = cpu::loop_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
   const cpu::GroupShape s = cpu::shape_of(v, groups);
@@ -36,7 +37,8 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
     at::parallel_for(0, N * G, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* run = x + r * D;
-        shift[r] = cpu::sample_shift<acc_t>(D, [&](int64_t j) { return static_cast<double>(run[j]); });
+        shift[r] = cpu::sample_shift<acc_t>(
+            D, [&](int64_t j) { return static_cast<double>(run[j]); });
         double sums[cpu::kTerms];
         cpu::reduce_run(sums_op, r, D, sums);
         set_moments(r, sums[0], sums[1]);
@@ -48,7 +50,8 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
           T* __restrict__ yc = y + r * D + j * L;
 #pragma omp simd
           for (int64_t i = 0; i < L; ++i) {
-            cpu::store(yc, i, cpu::normalize(static_cast<acc_t>(xc[i]), run_mean, scale, bias_c));
+            const acc_t z = cpu::normalize(static_cast<acc_t>(xc[i]), run_mean, scale, bias_c);
+            cpu::store(yc, i, act(z));
           }
         }
       }
@@ -78,11 +81,8 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
     }
   });
   const std::vector<acc_t> mean_c = cpu::per_channel(s, mean);
-  std::vector<acc_t> scale_c = cpu::per_channel(s, rstd), bias_c(N * C);
-  for (int64_t nc = 0; nc < N * C; ++nc) {
-    scale_c[nc] *= w[nc % C];
-    bias_c[nc] = b[nc % C];
-  }
+  std::vector<acc_t> scale_c, bias_c;
+  cpu::channel_affine(s, rstd, w, b, scale_c, bias_c);
   at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / L;
@@ -93,7 +93,8 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
       const acc_t* __restrict__ bc = bias_c.data() + n * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        cpu::store(yr, c, cpu::normalize(static_cast<acc_t>(xr[c]), m[c], sc[c], bc[c]));
+        const acc_t z = cpu::normalize(static_cast<acc_t>(xr[c]), m[c], sc[c], bc[c]);
+        cpu::store(yr, c, act(z));
       }
     }
   });
@@ -102,11 +103,13 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
 }  // namespace
 
 void CpuKernels::forward(const ChannelView& input, int64_t groups, const at::Tensor& weight,
-                         const at::Tensor& bias, double eps, at::Tensor& output, at::Tensor& mean,
-                         at::Tensor& rstd) {
+                         const at::Tensor& bias, double eps, const ActivationSpec& activation,
+                         at::Tensor& output, at::Tensor& mean, at::Tensor& rstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "group_norm", [&] {
-    forward_groups<scalar_t>(input, groups, weight, bias, eps, output, mean, rstd);
+    cpu::with_activation<at::opmath_type<scalar_t>>(activation, [&](auto act) {
+      forward_groups<scalar_t>(input, groups, weight, bias, eps, act, output, mean, rstd);
+    });
   });
 }
 

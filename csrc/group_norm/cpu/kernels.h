@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/channel_view.h"
 #include "common/cpu/capability.h"
 #include "common/cpu/loops.h"
@@ -31,6 +32,7 @@ namespace cpu {
 
 using namespace normext::cpu::NORMEXT_CPU_CAPABILITY;  // the reducer and the loops' types
 using namespace normext::math::NORMEXT_CPU_CAPABILITY;  // moments and gradient coefficients
+using namespace normext::NORMEXT_CPU_CAPABILITY;        // the activations
 
 // N samples of C channels in G groups, L spatial elements per channel.
 struct GroupShape {
@@ -66,6 +68,19 @@ std::vector<acc_t> per_channel(const GroupShape& s, const acc_t* per_group) {
   std::vector<acc_t> values(s.N * s.C);
   for (int64_t nc = 0; nc < s.N * s.C; ++nc) values[nc] = per_group[nc / s.channels_per_group()];
   return values;
+}
+
+// Per (sample, channel): the affine's scale rstd * weight[c] and its bias[c].
+template <typename acc_t>
+void channel_affine(const GroupShape& s, const acc_t* rstd, const std::vector<acc_t>& weight,
+                    const std::vector<acc_t>& bias, std::vector<acc_t>& scale_c,
+                    std::vector<acc_t>& bias_c) {
+  scale_c = per_channel(s, rstd);
+  bias_c.resize(s.N * s.C);
+  for (int64_t nc = 0; nc < s.N * s.C; ++nc) {
+    scale_c[nc] *= weight[nc % s.C];
+    bias_c[nc] = bias[nc % s.C];
+  }
 }
 
 }  // namespace cpu
