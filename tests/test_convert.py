@@ -147,12 +147,12 @@ def test_convert_keeps_parameters_buffers_and_flags():
 def test_convert_leaves_other_modules_alone():
     sync = torch.nn.SyncBatchNorm(4)
     custom = MyBatchNorm2d(4)
-    instance = torch.nn.InstanceNorm2d(4)
-    model = torch.nn.Sequential(sync, custom, instance, torch.nn.BatchNorm2d(4))
+    other_norm = torch.nn.LocalResponseNorm(2)  # a norm normext does not have
+    model = torch.nn.Sequential(sync, custom, other_norm, torch.nn.BatchNorm2d(4))
     normext.convert(model)
     assert model[0] is sync and type(model[0]) is torch.nn.SyncBatchNorm
     assert model[1] is custom and type(model[1]) is MyBatchNorm2d
-    assert model[2] is instance
+    assert model[2] is other_norm and type(model[2]) is torch.nn.LocalResponseNorm
     assert type(model[3]) is normext.BatchNorm2d
 
 

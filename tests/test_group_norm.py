@@ -468,3 +468,42 @@ def test_convert_fuses_timm_group_norm_act():
     names = {e.name for e in prof.events()}
     assert "normext::group_norm_forward" in names and "aten::silu" not in names
     assert_close(y, reference(x))
+
+
+class _Norms(torch.nn.Module):
+    """Every norm of this family: GroupNorm + SiLU, InstanceNorm (running
+    stats), a channels-first LayerNorm, and add + RMSNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.group = normext.GroupNormAct(2, 4)
+        self.instance = normext.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.layer = normext.LayerNorm(4)
+        self.add_rms = normext.AddRMSNorm(4)
+
+    def forward(self, x):
+        y = self.instance(self.group(x))
+        z = self.layer(y.permute(0, 2, 3, 1))
+        out, total = self.add_rms(z, z)
+        return out.sum() + total.square().sum()
+
+
+def test_torch_export():
+    """torch.export keeps each layer as its normext op, and the exported
+    module's gradients equal the eager module's."""
+    torch.manual_seed(0)
+    model = _Norms().double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    exported = torch.export.export(copy.deepcopy(model), (x,))
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    ops = torch.ops.normext
+    assert {ops.group_norm_forward.default, ops.layer_norm_forward.default,
+            ops.add_layer_norm_forward.default} <= targets
+    assert torch.ops.aten.silu.default not in targets
+    module = exported.module()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = module(xa), model(xb)
+    assert_close(ya, yb)
+    ya.backward()
+    yb.backward()
+    assert_close(xa.grad, xb.grad)
