@@ -1,5 +1,6 @@
-// Forward: per (sample, group), one-pass statistics (sums of deviations from
-// a shift, the median of a sample of the group: common/math.h) and the affine
+// Forward: per (sample, group), statistics from sums of deviations from a
+// shift (contiguous: common/cpu/run_shift.h; channels-last: the median of a
+// sample of the group, common/math.h) and the affine
 // per channel, through the activation (common/activation.h). Contiguous data:
 // the group's run is written while it is in cache (1 read + 1 write).
 // Channels-last: statistics per sample through the shared reducer, then the
@@ -37,8 +38,7 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
     at::parallel_for(0, N * G, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* run = x + r * D;
-        shift[r] = cpu::sample_shift<acc_t>(
-            D, [&](int64_t j) { return static_cast<double>(run[j]); });
+        shift[r] = cpu::run_shift<acc_t>(run, D);
         double sums[cpu::kTerms];
         cpu::reduce_run(sums_op, r, D, sums);
         set_moments(r, sums[0], sums[1]);

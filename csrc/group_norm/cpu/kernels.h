@@ -19,6 +19,7 @@
 #include "common/cpu/capability.h"
 #include "common/cpu/loops.h"
 #include "common/cpu/reduce.h"
+#include "common/cpu/run_shift.h"
 #include "common/math.h"
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {

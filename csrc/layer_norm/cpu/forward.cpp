@@ -1,20 +1,12 @@
-// Forward: per row, statistics from sums of deviations from a shift (the
-// row's mean from a first pass in cache, or for rows too long for it the
-// median of a sample of the row: common/math.h, sample_shift and
-// shifted_moments; RMSNorm sums squares) and the affine pass over the row
-// while it is in cache. With a residual the row is first summed into `sum`,
+// Forward: per row, statistics from sums of deviations from a shift
+// (common/cpu/run_shift.h, common/math.h: shifted_moments; RMSNorm sums
+// squares) and the affine pass over the row while it is in cache: 1R+1W from
+// memory. With a residual the row is first summed into `sum`,
 // which the statistics and the affine then read from cache: 2R+2W in all.
 #include "layer_norm/cpu/kernels.h"
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
-
-// Rows of up to this many bytes take their shift from a first pass over the
-// row, whose mean is the best shift, and are then read again from cache
-// (L2); longer rows take sample_shift's, which reads 8 elements. On short
-// rows the in-cache pass cost less than sample_shift's scattered loads and
-// sort (benchmarks/history/2026-12.md, session 6).
-constexpr int64_t kMeanPassBytes = 256 * 1024;
 
 template <typename scalar_t>
 void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& weight,
@@ -47,14 +39,8 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
         cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
       }
     }
+    if (!rms) shift[r] = cpu::run_shift<acc_t>(row, D);
     double sums[cpu::kTerms];
-    if (!rms && D * static_cast<int64_t>(sizeof(T)) <= kMeanPassBytes) {
-      cpu::reduce_run(sums_op, r, D, sums);  // shift[r] is 0: the row's sum
-      const acc_t first_mean = static_cast<acc_t>(sums[0] / static_cast<double>(D));
-      shift[r] = first_mean - first_mean == acc_t(0) ? first_mean : acc_t(0);
-    } else if (!rms) {
-      shift[r] = cpu::sample_shift<acc_t>(D, [&](int64_t j) { return static_cast<double>(row[j]); });
-    }
     cpu::reduce_run(sums_op, r, D, sums);
     double m = 0, m2 = sums[1];  // rms: the sum of squares
     if (!rms) cpu::shifted_moments(static_cast<double>(shift[r]), sums[0], sums[1],

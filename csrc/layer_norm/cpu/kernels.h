@@ -14,6 +14,7 @@
 #include "common/cpu/capability.h"
 #include "common/cpu/loops.h"
 #include "common/cpu/reduce.h"
+#include "common/cpu/run_shift.h"
 #include "common/math.h"
 #include "layer_norm/common.h"
 
