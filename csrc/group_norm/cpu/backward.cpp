@@ -1,20 +1,23 @@
 // Backward: dz = dy * act'(z), z the activation's input recomputed from x;
 // per (sample, channel), sum(dz) and sum(dz * (x - mean)) in one read of dy
 // and x; each group's sums of g = dz * weight and g * (x - mean) from those;
-// then the input gradient (common/math.h:
-// grad_input_coefficients, with the group as the set reduced). Contiguous
-// data: the group's run is written while it is in cache (2 reads + 1 write).
+// then the input gradient (common/math.h: grad_input_coefficients, with the
+// group as the set reduced). Contiguous data: the group's run is written
+// while it is in cache (2 reads + 1 write), dz computed once per element.
 // Channels-last: the sums per sample through the shared reducer, then a pass
 // over the rows (4 reads + 1 write). The parameter gradients add the
 // (sample, channel) sums in double in sample order: the same at any thread
 // count.
+#include <type_traits>
+
 #include "group_norm/cpu/kernels.h"
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// The terms of a (sample, channel)'s backward sums: dz and dz * (x - mean).
-template <typename T, typename acc_t_, class Act>
+// The terms of a (sample, channel)'s backward sums: dz and dz * (x - mean),
+// dz = dy * act'(z) from dy of type TDy (with the identity, dz itself).
+template <typename TDy, typename T, typename acc_t_, class Act>
 struct ChannelGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
@@ -22,7 +25,7 @@ struct ChannelGradSums {
   static constexpr bool kLaneTerms = false;
 
   Act act;
-  const T* dy;
+  const TDy* dy;
   const T* x;
   // Per reducer group (a sample's channel): the group's mean, the affine's
   // scale (rstd * weight) and bias, which give the activation's input z.
@@ -70,37 +73,62 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
                                         rstd[r], acc_t(1),
                                         static_cast<acc_t>(1.0 / static_cast<double>(D)));
   };
-  const ChannelGradSums<T, acc_t, Act> sums_op{act, dy, x, mean_c.data(), scale_c.data(),
-                                               bias_c.data()};
   if (s.runs) {
+    // A group's run in cache: its dz computed once (an activation's
+    // derivative costs more than the memory traffic; the identity's dz is
+    // dy), then its channels' sums and the input gradient from dz.
+    constexpr bool kIdentity = Act::kKind == Activation::kIdentity;
     at::parallel_for(0, N * G, cpu::grain_for(2 * D), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dz_buffer(kIdentity ? 0 : D);
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-          double sums[cpu::kTerms];
-          cpu::reduce_run(sums_op, nc, L, sums);
-          sum_dz[nc] = sums[0];
-          sum_dz_xmu[nc] = sums[1];
-        }
-        if (!dx) continue;
-        const auto k = coefficients(r);
-        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-          const acc_t dy_scale = w[nc % C] * k.dy_scale, m = mean_c[nc];
-          const acc_t scale = scale_c[nc], shift = bias_c[nc];
-          const T* __restrict__ dyc = dy + nc * L;
-          const T* __restrict__ xc = x + nc * L;
-          T* __restrict__ dxc = dx + nc * L;
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) {
-            const acc_t xmu = static_cast<acc_t>(xc[i]) - m;
-            const acc_t dz = static_cast<acc_t>(dyc[i]) * act.grad(xmu * scale + shift);
-            cpu::store(dxc, i, cpu::grad_input_centred(dz, xmu, {dy_scale, k.xmu_scale, k.shift}));
+        const T* x_run = x + r * D;
+        const int64_t nc0 = r * Cg;  // the run's first (sample, channel)
+        const auto from_dz = [&](const auto* dz) {
+          using TDz = std::remove_cv_t<std::remove_pointer_t<decltype(dz)>>;
+          const ChannelGradSums<TDz, T, acc_t, cpu::IdentityFn<acc_t>> sums_op{
+              {}, dz, x_run, mean_c.data() + nc0, scale_c.data() + nc0, bias_c.data() + nc0};
+          for (int64_t j = 0; j < Cg; ++j) {
+            double sums[cpu::kTerms];
+            cpu::reduce_run(sums_op, j, L, sums);
+            sum_dz[nc0 + j] = sums[0];
+            sum_dz_xmu[nc0 + j] = sums[1];
           }
+          if (!dx) return;
+          const auto k = coefficients(r);
+          for (int64_t j = 0; j < Cg; ++j) {
+            const acc_t dy_scale = w[(nc0 + j) % C] * k.dy_scale, m = mean_c[nc0 + j];
+            const TDz* __restrict__ dzc = dz + j * L;
+            const T* __restrict__ xc = x_run + j * L;
+            T* __restrict__ dxc = dx + r * D + j * L;
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) {
+              cpu::store(dxc, i, cpu::grad_input(static_cast<acc_t>(dzc[i]),
+                                                 static_cast<acc_t>(xc[i]), m,
+                                                 {dy_scale, k.xmu_scale, k.shift}));
+            }
+          }
+        };
+        if constexpr (kIdentity) {
+          from_dz(dy + r * D);
+        } else {
+          for (int64_t j = 0; j < Cg; ++j) {
+            const acc_t m = mean_c[nc0 + j], scale = scale_c[nc0 + j], shift = bias_c[nc0 + j];
+            const T* __restrict__ dyc = dy + r * D + j * L;
+            const T* __restrict__ xc = x_run + j * L;
+            acc_t* __restrict__ dzc = dz_buffer.data() + j * L;
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) {
+              dzc[i] = static_cast<acc_t>(dyc[i]) *
+                       act.grad((static_cast<acc_t>(xc[i]) - m) * scale + shift);
+            }
+          }
+          from_dz(dz_buffer.data());
         }
       }
     });
   } else {
     cpu::for_each_sample(N, [&](int64_t n) {
-      const ChannelGradSums<T, acc_t, Act> sample_op{
+      const ChannelGradSums<T, T, acc_t, Act> sample_op{
           act, dy + n * L * C, x + n * L * C, mean_c.data() + n * C, scale_c.data() + n * C,
           bias_c.data() + n * C};
       const std::vector<double> sums =

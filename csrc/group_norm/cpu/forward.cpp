@@ -1,8 +1,8 @@
 // Forward: per (sample, group), statistics from sums of deviations from a
 // shift (contiguous: common/cpu/run_shift.h; channels-last: the median of a
-// sample of the group, common/math.h) and the affine
-// per channel, through the activation (common/activation.h). Contiguous data:
-// the group's run is written while it is in cache (1 read + 1 write).
+// sample of the group, common/math.h) and the affine per channel, through
+// the activation (common/activation.h). Contiguous data: the group's run is
+// written while it is in cache (1 read + 1 write).
 // Channels-last: statistics per sample through the shared reducer, then the
 // affine over the rows (2 reads + 1 write).
 #include "group_norm/cpu/kernels.h"
