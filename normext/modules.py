@@ -23,6 +23,16 @@ def traced_as_leaf(module: torch.nn.Module, *args: torch.fx.Proxy | None) -> tor
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
+def _activation_repr(layer: torch.nn.Module) -> str:
+    """A fused layer's activation and the parameter it uses, for extra_repr."""
+    text = f"activation={layer.activation}"
+    if layer.activation == "leaky_relu":
+        text += f", negative_slope={layer.negative_slope}"
+    elif layer.activation == "elu":
+        text += f", alpha={layer.alpha}"
+    return text
+
+
 class _NormextForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward with normext's batch_norm."""
 
@@ -107,11 +117,7 @@ class _BatchNormAct:
         self.memory_efficient = memory_efficient
 
     def extra_repr(self) -> str:
-        text = f"{super().extra_repr()}, activation={self.activation}"
-        if self.activation == "leaky_relu":
-            text += f", negative_slope={self.negative_slope}"
-        elif self.activation == "elu":
-            text += f", alpha={self.alpha}"
+        text = f"{super().extra_repr()}, {_activation_repr(self)}"
         if self.memory_efficient:
             text += ", memory_efficient=True"
         return text
@@ -229,12 +235,7 @@ class GroupNormAct(GroupNorm):
         self.alpha = float(alpha)
 
     def extra_repr(self) -> str:
-        text = f"{super().extra_repr()}, activation={self.activation}"
-        if self.activation == "leaky_relu":
-            text += f", negative_slope={self.negative_slope}"
-        elif self.activation == "elu":
-            text += f", alpha={self.alpha}"
-        return text
+        return f"{super().extra_repr()}, {_activation_repr(self)}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, torch.fx.Proxy):
