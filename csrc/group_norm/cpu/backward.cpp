@@ -41,6 +41,37 @@ struct ChannelGradSums {
   bool group_rows(int64_t) const { return true; }
 };
 
+// The loops through the activation take it by value, outside any lambda
+// (forward.cpp: GCC vectorizes them only so).
+
+// dz = dy * act'((x - mean) * scale + bias) over a contiguous channel run.
+template <class Act, typename T, typename acc_t>
+void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
+                             acc_t* __restrict__ dz, int64_t length, acc_t mean, acc_t scale,
+                             acc_t bias) {
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) {
+    dz[i] = static_cast<acc_t>(dy[i]) *
+            act.grad((static_cast<acc_t>(x[i]) - mean) * scale + bias);
+  }
+}
+
+// The input gradient over a channels-last row from dz (as above) and the
+// per-channel coefficients dx = dz * dy_scale + (x - mean) * xmu_scale + shift.
+template <class Act, typename T, typename acc_t>
+void grad_input_row(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
+                    T* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
+                    const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
+                    const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
+                    const acc_t* __restrict__ shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t xmu = static_cast<acc_t>(x[c]) - mean[c];
+    const acc_t dz = static_cast<acc_t>(dy[c]) * act.grad(xmu * scale[c] + bias[c]);
+    cpu::store(dx, c, cpu::grad_input_centred(dz, xmu, {dy_scale[c], xmu_scale[c], shift[c]}));
+  }
+}
+
 template <typename scalar_t, class Act>
 void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t groups,
                      const at::Tensor& mean_in, const at::Tensor& rstd_in,
@@ -112,15 +143,9 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
           from_dz(dy + r * D);
         } else {
           for (int64_t j = 0; j < Cg; ++j) {
-            const acc_t m = mean_c[nc0 + j], scale = scale_c[nc0 + j], shift = bias_c[nc0 + j];
-            const T* __restrict__ dyc = dy + r * D + j * L;
-            const T* __restrict__ xc = x_run + j * L;
-            acc_t* __restrict__ dzc = dz_buffer.data() + j * L;
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) {
-              dzc[i] = static_cast<acc_t>(dyc[i]) *
-                       act.grad((static_cast<acc_t>(xc[i]) - m) * scale + shift);
-            }
+            pre_activation_grad_run(act, dy + r * D + j * L, x_run + j * L,
+                                    dz_buffer.data() + j * L, L, mean_c[nc0 + j],
+                                    scale_c[nc0 + j], bias_c[nc0 + j]);
           }
           from_dz(dz_buffer.data());
         }
@@ -148,22 +173,10 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
       }
       at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t n = row / L;
-          const T* __restrict__ dyr = dy + row * C;
-          const T* __restrict__ xr = x + row * C;
-          T* __restrict__ dxr = dx + row * C;
-          const acc_t* __restrict__ m = mean_c.data() + n * C;
-          const acc_t* __restrict__ sc = scale_c.data() + n * C;
-          const acc_t* __restrict__ bc = bias_c.data() + n * C;
-          const acc_t* __restrict__ a = dy_scale.data() + n * C;
-          const acc_t* __restrict__ bx = xmu_scale.data() + n * C;
-          const acc_t* __restrict__ sh = shift.data() + n * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xmu = static_cast<acc_t>(xr[c]) - m[c];
-            const acc_t dz = static_cast<acc_t>(dyr[c]) * act.grad(xmu * sc[c] + bc[c]);
-            cpu::store(dxr, c, cpu::grad_input_centred(dz, xmu, {a[c], bx[c], sh[c]}));
-          }
+          const int64_t nc = row / L * C;
+          grad_input_row(act, dy + row * C, x + row * C, dx + row * C, C, mean_c.data() + nc,
+                         scale_c.data() + nc, bias_c.data() + nc, dy_scale.data() + nc,
+                         xmu_scale.data() + nc, shift.data() + nc);
         }
       });
     }

@@ -10,6 +10,31 @@
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
+// The output loops take the activation by value, outside any lambda: GCC
+// vectorizes an omp simd loop over a parameterized functor (leaky_relu's
+// slope) only as a function parameter, not through a closure's reference.
+
+// y = act((x - mean) * scale + bias) over a contiguous channel run.
+template <class Act, typename T, typename acc_t>
+void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, int64_t length,
+                   acc_t mean, acc_t scale, acc_t bias) {
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) {
+    cpu::store(y, i, act(cpu::normalize(static_cast<acc_t>(x[i]), mean, scale, bias)));
+  }
+}
+
+// The same over a channels-last row, with per-channel values.
+template <class Act, typename T, typename acc_t>
+void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, int64_t channels,
+                   const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                   const acc_t* __restrict__ bias) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    cpu::store(y, c, act(cpu::normalize(static_cast<acc_t>(x[c]), mean[c], scale[c], bias[c])));
+  }
+}
+
 template <typename scalar_t, class Act>
 void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weight,
                     const at::Tensor& bias, double eps, const Act act, at::Tensor& output,
@@ -42,17 +67,9 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
         double sums[cpu::kTerms];
         cpu::reduce_run(sums_op, r, D, sums);
         set_moments(r, sums[0], sums[1]);
-        const acc_t run_mean = mean[r];
         for (int64_t j = 0; j < Cg; ++j) {
           const int64_t c = r % G * Cg + j;
-          const acc_t scale = rstd[r] * w[c], bias_c = b[c];
-          const T* __restrict__ xc = run + j * L;
-          T* __restrict__ yc = y + r * D + j * L;
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) {
-            const acc_t z = cpu::normalize(static_cast<acc_t>(xc[i]), run_mean, scale, bias_c);
-            cpu::store(yc, i, act(z));
-          }
+          normalize_run(act, run + j * L, y + r * D + j * L, L, mean[r], rstd[r] * w[c], b[c]);
         }
       }
     });
@@ -85,17 +102,9 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
   cpu::channel_affine(s, rstd, w, b, scale_c, bias_c);
   at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / L;
-      const T* __restrict__ xr = x + row * C;
-      T* __restrict__ yr = y + row * C;
-      const acc_t* __restrict__ m = mean_c.data() + n * C;
-      const acc_t* __restrict__ sc = scale_c.data() + n * C;
-      const acc_t* __restrict__ bc = bias_c.data() + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t z = cpu::normalize(static_cast<acc_t>(xr[c]), m[c], sc[c], bc[c]);
-        cpu::store(yr, c, act(z));
-      }
+      const int64_t nc = row / L * C;
+      normalize_row(act, x + row * C, y + row * C, C, mean_c.data() + nc, scale_c.data() + nc,
+                    bias_c.data() + nc);
     }
   });
 }
