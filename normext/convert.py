@@ -69,14 +69,31 @@ def _is_timm_norm(cls: type) -> bool:
     return cls.__module__.startswith("timm.layers.") and cls.__name__ in _TIMM_FORWARDS
 
 
+_TIMM_PREFIX = "_Timm"
+
+
 def _timm_replacement(cls: type) -> type:
-    """A subclass of timm's `cls` (so isinstance checks, attributes and
-    state_dict keys stay timm's) whose forward runs normext's kernels."""
+    """A subclass of timm's `cls` (so isinstance checks, attributes, repr and
+    state_dict keys stay timm's) whose forward runs normext's kernels. It is
+    this module's attribute _Timm<name>, which pickle finds (__getattr__
+    below makes it in a process that has not converted yet)."""
     if cls not in _timm_classes:
-        _timm_classes[cls] = type(cls.__name__, (cls,), {
+        replacement = type(cls.__name__, (cls,), {
             "forward": _TIMM_FORWARDS[cls.__name__], "__module__": __name__,
+            "__qualname__": _TIMM_PREFIX + cls.__name__,
             "__doc__": f"timm's {cls.__name__} on normext's kernels (normext.convert)."})
+        _timm_classes[cls] = replacement
+        globals()[replacement.__qualname__] = replacement
     return _timm_classes[cls]
+
+
+def __getattr__(name: str) -> type:
+    """The converted timm classes, for unpickling a converted model in a
+    process that has not converted one yet (imports timm)."""
+    if name.startswith(_TIMM_PREFIX) and name[len(_TIMM_PREFIX):] in _TIMM_FORWARDS:
+        import timm.layers
+        return _timm_replacement(getattr(timm.layers, name[len(_TIMM_PREFIX):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:

@@ -206,8 +206,8 @@ _layer_norm_op = torch.ops.normext.layer_norm_forward.default
 
 def _runs_layer_norm(input: Tensor, normalized_shape: tuple, *params: Tensor | None) -> bool:
     """Whether normext's kernels take this call: a floating-point input on a
-    device with kernels, parameters of normalized_shape on its device in its
-    dtype (or float32 for a 16-bit input, torch's mixed-dtype case), and no
+    device with kernels, parameters of normalized_shape on its device in one
+    dtype, its own (or float32 for a 16-bit input, torch's mixed-dtype case), and no
     torch.func transform or forward-mode tangent. torch's function takes the
     others, raising its own errors for bad arguments."""
     if input.device.type not in LAYER_NORM_DEVICES or not input.dtype.is_floating_point:
@@ -215,14 +215,21 @@ def _runs_layer_norm(input: Tensor, normalized_shape: tuple, *params: Tensor | N
     k = len(normalized_shape)
     if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
         return False
-    mixed = input.dtype in (torch.float16, torch.bfloat16)
     for param in params:
-        if param is not None and (
-                param.device != input.device or tuple(param.shape) != normalized_shape
-                or not (param.dtype == input.dtype or (mixed and param.dtype == torch.float32))):
+        if param is not None and (param.device != input.device
+                                  or tuple(param.shape) != normalized_shape):
             return False
-    return not (torch._C._are_functorch_transforms_active()
-                or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
+    return _takes_param_dtypes(input, params) and not (
+        torch._C._are_functorch_transforms_active()
+        or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
+
+
+def _takes_param_dtypes(input: Tensor, params) -> bool:
+    """The parameters (None: absent) share one dtype, the input's or float32
+    for a 16-bit input: what torch's kernels take, which raise for others."""
+    dtypes = {param.dtype for param in params if param is not None}
+    mixed = input.dtype in (torch.float16, torch.bfloat16)
+    return len(dtypes) <= 1 and dtypes <= {input.dtype, torch.float32 if mixed else input.dtype}
 
 
 def _shape_tuple(normalized_shape) -> tuple:
@@ -338,21 +345,20 @@ _group_norm_op = torch.ops.normext.group_norm_forward.default
 def _runs_group_norm(input: Tensor, groups: int, *params: Tensor | None) -> bool:
     """Whether normext's kernels take this call: a floating-point (N, C, *)
     input on a device with kernels, C divisible into `groups` groups,
-    per-channel parameters on its device in its dtype (or float32 for a 16-bit
-    input), and no torch.func transform or forward-mode tangent. torch's
+    per-channel parameters on its device in one dtype, its own (or float32 for
+    a 16-bit input), and no torch.func transform or forward-mode tangent. torch's
     function takes the others, raising its own errors for bad arguments."""
     if (input.device.type not in GROUP_NORM_DEVICES or not input.dtype.is_floating_point
             or input.dim() < 2 or not isinstance(groups, int) or groups <= 0
             or input.shape[1] % groups != 0):
         return False
-    mixed = input.dtype in (torch.float16, torch.bfloat16)
     for param in params:
-        if param is not None and (
-                param.device != input.device or param.shape != (input.shape[1],)
-                or not (param.dtype == input.dtype or (mixed and param.dtype == torch.float32))):
+        if param is not None and (param.device != input.device
+                                  or param.shape != (input.shape[1],)):
             return False
-    return not (torch._C._are_functorch_transforms_active()
-                or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
+    return _takes_param_dtypes(input, params) and not (
+        torch._C._are_functorch_transforms_active()
+        or (forward_ad._current_level >= 0 and _has_tangents(input, *params)))
 
 
 def group_norm(
@@ -432,23 +438,22 @@ def instance_norm(
             or not _runs_group_norm(input, channels, weight, bias, running_mean, running_var)):
         return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias,
                                                  use_input_stats, momentum, eps)
-    if not use_input_stats:
-        # batch norm's eval, which takes parameters of one dtype (torch's also mixes them)
-        if len({t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}) > 1:
-            return torch.nn.functional.instance_norm(input, running_mean, running_var, weight,
-                                                     bias, use_input_stats, momentum, eps)
+    if not use_input_stats:  # batch norm's eval
         if running_mean is None:
             raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     torch.nn.functional._verify_spatial_size(input.size())
-    output, mean, rstd = _group_norm_op(input, channels, weight, bias, eps)
+    output, mean, _ = _group_norm_op(input, channels, weight, bias, eps)
     if running_mean is not None:
         with torch.no_grad():
-            count = input[0, 0].numel()  # elements per (sample, channel)
-            var = (rstd.double().pow(-2) - eps) * (count / (count - 1))
-            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype),
-                                                 alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype),
-                                                alpha=momentum)
+            # The instances' unbiased variances from the input (a pass over it
+            # only where running statistics are kept: rstd holds var + eps,
+            # which loses a variance far below eps), and the update in at
+            # least float32, rounded once to the statistics' dtype.
+            var = input.to(mean.dtype).var(tuple(range(2, input.dim())), correction=1)
+            dtype = torch.promote_types(running_mean.dtype, mean.dtype)
+            for running, batch in ((running_mean, mean), (running_var, var)):
+                running.copy_(running.to(dtype) * (1 - momentum)
+                              + batch.mean(0).to(dtype) * momentum)
     return output

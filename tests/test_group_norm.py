@@ -5,6 +5,9 @@ gradcheck and gradgradcheck; errors; state_dict; convert; compile; the
 output's memory format; determinism at any thread count."""
 
 import copy
+import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,7 +352,7 @@ def test_bit_identical_at_any_thread_count(num_threads, layout):
             assert torch.equal(a, e)
 
 
-def test_convert_timm_norm_layers():
+def test_convert_timm_norm_layers(tmp_path):
     """timm's norm layers under other names run normext's kernels after
     convert, with timm's classes (isinstance), attributes and state_dict."""
     timm = pytest.importorskip("timm")
@@ -381,7 +384,17 @@ def test_convert_timm_norm_layers():
     assert_close(xa.grad, xb.grad, factor=4)
     for (name, pa), (_, pb) in zip(converted.named_parameters(), reference.named_parameters()):
         assert_close(pa.grad, pb.grad, factor=4, msg=name)
-    calls = []
+    # a converted model pickles (torch.save) and loads, in this process and in a fresh one
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    assert_close(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)(x), ya)
+    path = tmp_path / "converted.pt"
+    path.write_bytes(buffer.getvalue())
+    code = (f"import torch; m = torch.load({str(path)!r}, weights_only=False); "
+            "print(type(m[0]).__module__, type(m[0]).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["normext.convert", "LayerNorm2d"]
     with torch.profiler.profile() as prof:
         converted(x)
     calls = {e.name for e in prof.events() if e.name.startswith("normext::")}
@@ -507,3 +520,29 @@ def test_torch_export():
     ya.backward()
     yb.backward()
     assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_running_var_of_small_and_zero_variance(dtype):
+    """The running variance of instances whose variance is far below eps (or
+    0: a constant channel) as torch's: computed from the input, not from rstd."""
+    torch.manual_seed(0)
+    x = (1e-4 * torch.randn(2, 3, 64, dtype=torch.float64)).to(dtype)
+    x[:, 1] = 0.5
+    ours = normext.InstanceNorm1d(3, track_running_stats=True).to(dtype)
+    theirs = torch.nn.InstanceNorm1d(3, track_running_stats=True).to(dtype)
+    ours(x)
+    theirs(x)
+    assert_close(ours.running_mean, theirs.running_mean)
+    assert_close(ours.running_var, theirs.running_var, scaled=False)
+    assert ours.running_var[1] == theirs.running_var[1]
+
+
+def test_mixed_parameter_dtypes_raise_torchs_error():
+    """A 16-bit input whose parameters mix float32 and the input's dtype:
+    torch raises, and so does normext (by handing the call to torch)."""
+    x = torch.randn(2, 4, 3).bfloat16()
+    w, b = torch.ones(4), torch.zeros(4).bfloat16()
+    assert _error(lambda: NF.group_norm(x, 2, w, b)) == _error(lambda: F.group_norm(x, 2, w, b))
+    assert _error(lambda: NF.layer_norm(x, [3], w[:3], b[:3])) == _error(
+        lambda: F.layer_norm(x, [3], w[:3], b[:3]))
