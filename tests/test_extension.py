@@ -66,6 +66,15 @@ PUBLIC_API = {
     # a _BatchNorm like torch's SyncBatchNorm, not a subclass of it: its
     # forward (and convert_sync_batchnorm) are normext's own
     "SyncBatchNorm": torch.nn.modules.batchnorm._BatchNorm,
+    "LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm, "GroupNorm": torch.nn.GroupNorm,
+    "InstanceNorm1d": torch.nn.InstanceNorm1d, "InstanceNorm2d": torch.nn.InstanceNorm2d,
+    "InstanceNorm3d": torch.nn.InstanceNorm3d,
+    "LazyInstanceNorm1d": torch.nn.LazyInstanceNorm1d,
+    "LazyInstanceNorm2d": torch.nn.LazyInstanceNorm2d,
+    "LazyInstanceNorm3d": torch.nn.LazyInstanceNorm3d,
+    # the fused layers: their norm's torch class, with more in forward
+    "AddLayerNorm": torch.nn.LayerNorm, "AddRMSNorm": torch.nn.RMSNorm,
+    "GroupNormAct": torch.nn.GroupNorm,
 }
 
 
