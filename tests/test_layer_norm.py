@@ -81,12 +81,14 @@ def test_matches_torch_per_dtype(case, dtype):
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-@pytest.mark.parametrize("features", [64, 768, 4097, 8192 + 13])
-def test_long_and_many_rows(rms, features):
-    """Rows over one reduction block (kBlockElements) and row counts over a
-    parameter-gradient block, float32 against torch."""
+@pytest.mark.parametrize("rows,features", [(37, 64), (37, 768), (37, 4097), (37, 8192 + 13),
+                                           (1500, 64), (3000, 33)])
+def test_long_and_many_rows(rms, rows, features):
+    """Rows over one reduction block (kBlockElements), and row counts over a
+    parameter-gradient run (16 rows) and over 64 blocks of them, whose last
+    run is short, float32 against torch."""
     torch.manual_seed(features)
-    x, dy = torch.randn(37, features), torch.randn(37, features)
+    x, dy = torch.randn(rows, features), torch.randn(rows, features)
     w, b = torch.rand(features) + 0.5, torch.randn(features)
     y_ref, g_ref = _grads(_reference, rms, x, [features], w, b, 1e-5, dy)
     y, g = _grads(_ours, rms, x, [features], w, b, 1e-5, dy)
@@ -249,17 +251,18 @@ def test_compile_fullgraph(rms):
 
 def test_bit_identical_at_any_thread_count(num_threads):
     torch.manual_seed(0)
-    x = torch.randn(70, 5000)
-    w, b = torch.rand(5000) + 0.5, torch.randn(5000)
-    dy = torch.randn_like(x)
-    results = []
-    for threads in (1, 2, 3, 8):
-        num_threads(threads)
-        results.append(_grads(_ours, False, x, [5000], w, b, 1e-5, dy))
-    for y, grads in results[1:]:
-        assert torch.equal(y, results[0][0])
-        for a, e in zip(grads, results[0][1]):
-            assert torch.equal(a, e)
+    for rows, features in ((70, 5000), (1500, 40)):
+        x = torch.randn(rows, features)
+        w, b = torch.rand(features) + 0.5, torch.randn(features)
+        dy = torch.randn_like(x)
+        results = []
+        for threads in (1, 2, 3, 8):
+            num_threads(threads)
+            results.append(_grads(_ours, False, x, [features], w, b, 1e-5, dy))
+        for y, grads in results[1:]:
+            assert torch.equal(y, results[0][0])
+            for a, e in zip(grads, results[0][1]):
+                assert torch.equal(a, e)
 
 
 def _add_norm_grads(fn, rms, x, r, shape, w, b, eps, dy, ds):

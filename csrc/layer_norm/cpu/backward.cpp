@@ -1,17 +1,21 @@
 // Backward: per row, sum(g) and sum(g * (x - mean)) with g = dy * weight in
 // one read of dy and x, then the input gradient from the row in cache
 // (common/math.h: grad_input_coefficients, with the row as the group). The
-// parameter gradients' sums over rows go by blocks of kParamRows rows, added
-// in double in block order: the same at any thread count.
+// parameter gradients' sums over rows: per block of rows (at most kMaxBlocks,
+// fixed by the shape), sums of kParamRows rows in the accumulate type added in
+// double; the blocks' sums added in block order: the same at any thread count.
 #include "layer_norm/cpu/kernels.h"
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// Rows whose parameter-gradient terms a task adds in the accumulate type
-// before they are added in double: their partial sums cost 2 doubles per
-// feature per block, small beside the block's reads.
+// Rows whose parameter-gradient terms are added in the accumulate type before
+// they are added in double.
 constexpr int64_t kParamRows = 16;
+// Blocks of rows whose parameter-gradient sums are kept apart (2 doubles per
+// feature each): enough tasks for 64 threads, and their sums (read again to add
+// them up) stay small beside the input.
+constexpr int64_t kMaxBlocks = 64;
 
 // The terms of a row's backward sums: g = dy * weight and g * (x - mean).
 template <typename T, typename acc_t_>
@@ -49,16 +53,17 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, D, 1);
   const RowGradSums<T, acc_t> sums_op{dy, x, w.data(), mean, D};
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
-  const int64_t blocks = param_grads ? (rows + kParamRows - 1) / kParamRows : rows;
-  const int64_t rows_per_block = param_grads ? kParamRows : 1;
+  const int64_t rows_per_block =
+      param_grads ? std::max(kParamRows, (rows + kMaxBlocks - 1) / kMaxBlocks) : 1;
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   // [block][term][feature]: sum(dy * (x - mean) * rstd), sum(dy).
   std::vector<double> partials(param_grads ? blocks * 2 * D : 0);
   at::parallel_for(0, blocks, cpu::grain_for(rows_per_block * D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block_sums(param_grads ? 2 * D : 0);
+    std::vector<acc_t> run_sums(param_grads ? 2 * D : 0);
+    acc_t* __restrict__ sum_dy_xhat = run_sums.data();
+    acc_t* __restrict__ sum_dy = run_sums.data() + D;
     for (int64_t block = begin; block < end; ++block) {
-      std::fill(block_sums.begin(), block_sums.end(), acc_t(0));
-      acc_t* __restrict__ sum_dy_xhat = block_sums.data();
-      acc_t* __restrict__ sum_dy = block_sums.data() + D;
+      double* __restrict__ block_sums = partials.data() + block * 2 * D;
       const int64_t r_end = std::min(rows, (block + 1) * rows_per_block);
       for (int64_t r = block * rows_per_block; r < r_end; ++r) {
         const T* dy_row = dy + r * D;
@@ -80,27 +85,37 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
           }
         }
         if (param_grads) {
+          const int64_t in_block = r - block * rows_per_block;
+          if (in_block % kParamRows == 0) std::fill(run_sums.begin(), run_sums.end(), acc_t(0));
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             const acc_t g = static_cast<acc_t>(dy_row[d]);
             sum_dy_xhat[d] += g * ((static_cast<acc_t>(x_row[d]) - row_mean) * row_rstd);
             sum_dy[d] += g;
           }
+          if ((in_block + 1) % kParamRows == 0 || r + 1 == r_end) {
+#pragma omp simd
+            for (int64_t i = 0; i < 2 * D; ++i) block_sums[i] += run_sums[i];
+          }
         }
-      }
-      if (param_grads) {
-        std::copy(block_sums.begin(), block_sums.end(), partials.begin() + block * 2 * D);
       }
     }
   });
   if (!param_grads) return;
   std::vector<acc_t> totals(2 * D);
-  at::parallel_for(0, D, cpu::grain_for(blocks), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, D, cpu::grain_for(2 * blocks), [&](int64_t begin, int64_t end) {
+    std::vector<double> total(2 * (end - begin), 0.0);
+    for (int64_t block = 0; block < blocks; ++block) {
+      for (int q = 0; q < 2; ++q) {
+        const double* __restrict__ part = partials.data() + (block * 2 + q) * D + begin;
+        double* __restrict__ sum = total.data() + q * (end - begin);
+#pragma omp simd
+        for (int64_t d = 0; d < end - begin; ++d) sum[d] += part[d];
+      }
+    }
     for (int q = 0; q < 2; ++q) {
       for (int64_t d = begin; d < end; ++d) {
-        double total = 0;
-        for (int64_t block = 0; block < blocks; ++block) total += partials[(block * 2 + q) * D + d];
-        totals[q * D + d] = static_cast<acc_t>(total);
+        totals[q * D + d] = static_cast<acc_t>(total[q * (end - begin) + d - begin]);
       }
     }
   });
