@@ -10,6 +10,7 @@ reports the median of the per-pair ratios and their interquartile range.
 
     python benchmarks/ab_builds.py build base=HEAD new      # new: the working tree
     python benchmarks/ab_builds.py compare base new --ops backward --layouts channels_last
+    python benchmarks/ab_builds.py compare base new --ops act_train,act_fwdbwd --activation elu
 
 The name `normext` in `compare` is the package itself as imported (no build needed).
 
@@ -112,8 +113,9 @@ def load(name: str):
     return getattr(torch.ops, name)
 
 
-def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
-    """Each op the tool times, as a call of the build's `ops`."""
+def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="relu"):
+    """Each op the tool times, as a call of the build's `ops`; the act_ ops
+    are the fused batch norm + `activation` (no residual)."""
     mean, invstd = ops.batch_norm_moments(x)
     count = x.numel() / x.size(1)
     sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight)
@@ -125,6 +127,15 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
         _, save_mean, save_invstd = ops.batch_norm_forward(
             x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS)
         ops.batch_norm_backward(grad, x, weight, save_mean, save_invstd, True)
+
+    def act_train():
+        return ops.batch_norm_act_forward(x, weight, bias, running_mean, running_var, True,
+                                          MOMENTUM, EPS, activation, 0.01, 1.0, None)
+
+    def act_forward_backward():
+        _, save_mean, save_invstd = act_train()
+        ops.batch_norm_act_backward(grad, x, None, None, weight, bias, save_mean, save_invstd,
+                                    True, activation, 0.01, 1.0, False, True)
 
     return {
         "train": train,
@@ -138,11 +149,13 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var):
         "backward_reduce": lambda: ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight),
         "backward_elemt": lambda: ops.batch_norm_backward_elemt(grad, x, mean, invstd, weight,
                                                                 sum_dy, sum_dy_xmu, count),
+        "act_train": act_train,
+        "act_fwdbwd": act_forward_backward,
     }
 
 
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt",
-       "backward_reduce", "backward_elemt")
+       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd")
 
 
 def compare(args) -> None:
@@ -169,7 +182,8 @@ def compare(args) -> None:
                 params = [(make(channels).abs() + 0.5).to(device, dtype),
                           make(channels).to(device, dtype), make(channels).to(device, dtype),
                           (make(channels).abs() + 0.5).to(device, dtype)]
-                calls = [op_calls(ops, x, grad, *params) for ops in (a_ops, b_ops)]
+                calls = [op_calls(ops, x, grad, *params, activation=args.activation)
+                         for ops in (a_ops, b_ops)]
                 for op in common.split_list(args.ops):
                     # Two functions rotated every round: ABBA order.
                     timings = common.interleaved_timings(
@@ -201,6 +215,9 @@ def main(argv=None) -> None:
     compare_parser.add_argument("b")
     compare_parser.add_argument("--ops", default="train,eval,backward",
                                 help=f"comma list of {', '.join(OPS)}")
+    compare_parser.add_argument("--activation", default="relu",
+                                help="the act_ ops' activation (identity, relu, relu6, "
+                                     "leaky_relu, elu, silu)")
     compare_parser.add_argument("--dtypes", default="float32")
     compare_parser.add_argument("--layouts", default="nchw,channels_last")
     compare_parser.add_argument("--shapes", default=RESNET50_SHAPES)

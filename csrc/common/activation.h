@@ -53,7 +53,7 @@ C10_HOST_DEVICE inline T expm1_of(T x) {
 }
 #ifdef NORMEXT_CPU_CAPABILITY
 // 2^n and q of x, for x in [-87.34, 88] (clamped; a NaN x gives n = 0).
-inline void exp_parts(float x, float& scale, float& q) {
+C10_ALWAYS_INLINE void exp_parts(float x, float& scale, float& q) {
   const float clamped = x < -87.34f ? -87.34f : (x > 88.0f ? 88.0f : x);
   const float finite = clamped == clamped ? clamped : 0.0f;
   // round to nearest: adding 1.5 * 2^23 leaves no fraction bits
@@ -70,14 +70,14 @@ inline void exp_parts(float x, float& scale, float& q) {
   std::memcpy(&scale, &bits, sizeof scale);
 }
 template <>
-inline float exp_of(float x) {
+C10_ALWAYS_INLINE float exp_of(float x) {
   float scale, q;
   exp_parts(x, scale, q);
   const float value = scale * q + scale;
   return x > 88.72283f ? INFINITY : (x < -87.34f ? 0.0f : (x == x ? value : x));
 }
 template <>
-inline float expm1_of(float x) {
+C10_ALWAYS_INLINE float expm1_of(float x) {
   float scale, q;
   exp_parts(x, scale, q);
   const float value = scale * q + (scale - 1.0f);
@@ -89,16 +89,17 @@ inline float expm1_of(float x) {
 // grad_of_output(y) (the same derivative from the output y = act(z), as
 // torch's backward takes it from a result; all but silu), and where
 // invertible, inverse(y). Comparisons are written so that NaN propagates as
-// in torch.
+// in torch. Everything here is always inlined: in a large kernel file GCC
+// otherwise calls some of it out of line, and the loop around stays scalar.
 template <typename T>
 struct IdentityFn {
   static constexpr Activation kKind = Activation::kIdentity;
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
-  C10_HOST_DEVICE T operator()(T z) const { return z; }
-  C10_HOST_DEVICE T grad(T) const { return T(1); }
-  C10_HOST_DEVICE T inverse(T y) const { return y; }
-  C10_HOST_DEVICE T grad_of_output(T) const { return T(1); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T) const { return T(1); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T inverse(T y) const { return y; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T) const { return T(1); }
 };
 
 // relu'(0) = 0, as torch's threshold_backward.
@@ -107,9 +108,9 @@ struct ReluFn {
   static constexpr Activation kKind = Activation::kRelu;
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = true;
-  C10_HOST_DEVICE T operator()(T z) const { return z < T(0) ? T(0) : z; }
-  C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : T(0); }
-  C10_HOST_DEVICE T grad_of_output(T y) const { return grad(y); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z < T(0) ? T(0) : z; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) ? T(1) : T(0); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
 };
 
 // hardtanh(z, 0, 6): derivative 0 at both kinks, as torch's hardtanh_backward.
@@ -118,9 +119,9 @@ struct Relu6Fn {
   static constexpr Activation kKind = Activation::kRelu6;
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = true;
-  C10_HOST_DEVICE T operator()(T z) const { return z < T(0) ? T(0) : (z > T(6) ? T(6) : z); }
-  C10_HOST_DEVICE T grad(T z) const { return z > T(0) && z < T(6) ? T(1) : T(0); }
-  C10_HOST_DEVICE T grad_of_output(T y) const { return grad(y); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z < T(0) ? T(0) : (z > T(6) ? T(6) : z); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) && z < T(6) ? T(1) : T(0); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
 };
 
 // Invertible for a positive slope (the ops check it).
@@ -130,10 +131,10 @@ struct LeakyReluFn {
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   T negative_slope;
-  C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : z * negative_slope; }
-  C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : negative_slope; }
-  C10_HOST_DEVICE T inverse(T y) const { return y > T(0) ? y : y / negative_slope; }
-  C10_HOST_DEVICE T grad_of_output(T y) const { return y > T(0) ? T(1) : negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z > T(0) ? z : z * negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) ? T(1) : negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T inverse(T y) const { return y > T(0) ? y : y / negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return y > T(0) ? T(1) : negative_slope; }
 };
 
 // Invertible for a positive alpha, except where alpha * exp(z) rounds away
@@ -146,13 +147,13 @@ struct EluFn {
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   T alpha;
-  C10_HOST_DEVICE T operator()(T z) const { return z > T(0) ? z : alpha * expm1_of(z); }
-  C10_HOST_DEVICE T grad(T z) const { return z > T(0) ? T(1) : alpha * exp_of(z); }
-  C10_HOST_DEVICE T inverse(T y) const {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z > T(0) ? z : alpha * expm1_of(z); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) ? T(1) : alpha * exp_of(z); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T inverse(T y) const {
     const T u = y / alpha, floor = T(-1) + T(1e-7);
     return y > T(0) ? y : std::log1p(u < floor ? floor : u);
   }
-  C10_HOST_DEVICE T grad_of_output(T y) const { return y > T(0) ? T(1) : y + alpha; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return y > T(0) ? T(1) : y + alpha; }
 };
 
 template <typename T>
@@ -160,8 +161,8 @@ struct SiluFn {
   static constexpr Activation kKind = Activation::kSilu;
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = false;
-  C10_HOST_DEVICE T operator()(T z) const { return z / (T(1) + exp_of(-z)); }
-  C10_HOST_DEVICE T grad(T z) const {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z / (T(1) + exp_of(-z)); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const {
     const T sigmoid = T(1) / (T(1) + exp_of(-z));
     return sigmoid * (T(1) + z * (T(1) - sigmoid));
   }
