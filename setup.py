@@ -175,8 +175,13 @@ def make_extension():
     torch_version = torch.__version__.split("+")[0]
     define = [f'-DNORMEXT_TORCH_VERSION="{torch_version}"']
     # -g0: Python's CFLAGS ask for debug info, which doubles the time the
-    # kernels' template instantiations take to compile.
-    cxx = ["-O3", "-g0", "-fopenmp"] + define + cpu_variant_macros(variants)
+    # kernels' template instantiations take to compile. The hot loops are
+    # `omp simd` loops, vectorized under any cost model; -O3's default
+    # (dynamic) model also vectorizes their scalar tails, behind alias checks
+    # and epilogues, which tripled the code of the reductions and their
+    # compile time without making them faster (benchmarks/RESULTS.md).
+    cxx = ["-O3", "-fvect-cost-model=very-cheap", "-g0", "-fopenmp"] + define \
+        + cpu_variant_macros(variants)
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         # The kernel sources, compiled per variant outside `sources`, and every

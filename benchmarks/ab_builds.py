@@ -115,7 +115,9 @@ def load(name: str):
 
 def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="relu"):
     """Each op the tool times, as a call of the build's `ops`; the act_ ops
-    are the fused batch norm + `activation` (no residual)."""
+    are the fused batch norm + `activation` (no residual), the gn_ ops a
+    group norm of min(32, C) groups, the ln_ ops a layer norm over the
+    channels of the input as rows (N*H*W, C)."""
     mean, invstd = ops.batch_norm_moments(x)
     count = x.numel() / x.size(1)
     sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight)
@@ -137,6 +139,21 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         ops.batch_norm_act_backward(grad, x, None, None, weight, bias, save_mean, save_invstd,
                                     True, activation, 0.01, 1.0, False, True)
 
+    channels = x.size(1)
+    groups = math.gcd(channels, 32)
+    gn_mask = [True, True, True]
+    _, gn_mean, gn_rstd = ops.group_norm_forward(x, groups, weight, bias, EPS)
+
+    def gn_forward_backward():
+        _, mean, rstd = ops.group_norm_forward(x, groups, weight, bias, EPS)
+        ops.group_norm_backward(grad, x, groups, mean, rstd, weight, bias, gn_mask)
+
+    rows, grad_rows = (t.movedim(1, -1).reshape(-1, channels).contiguous() for t in (x, grad))
+
+    def ln_forward_backward():
+        _, mean, rstd = ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False)
+        ops.layer_norm_backward(grad_rows, rows, [channels], mean, rstd, weight, False, gn_mask)
+
     return {
         "train": train,
         "eval": lambda: ops.batch_norm_forward(x, weight, bias, running_mean, running_var,
@@ -151,11 +168,18 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
                                                                 sum_dy, sum_dy_xmu, count),
         "act_train": act_train,
         "act_fwdbwd": act_forward_backward,
+        "gn_forward": lambda: ops.group_norm_forward(x, groups, weight, bias, EPS),
+        "gn_backward": lambda: ops.group_norm_backward(grad, x, groups, gn_mean, gn_rstd,
+                                                       weight, bias, gn_mask),
+        "gn_fwdbwd": gn_forward_backward,
+        "ln_forward": lambda: ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False),
+        "ln_fwdbwd": ln_forward_backward,
     }
 
 
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt",
-       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd")
+       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "gn_forward",
+       "gn_backward", "gn_fwdbwd", "ln_forward", "ln_fwdbwd")
 
 
 def compare(args) -> None:
