@@ -115,9 +115,10 @@ def load(name: str):
 
 def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="relu"):
     """Each op the tool times, as a call of the build's `ops`; the act_ ops
-    are the fused batch norm + `activation` (no residual), the gn_ ops a
-    group norm of min(32, C) groups, the ln_ ops a layer norm over the
-    channels of the input as rows (N*H*W, C)."""
+    are the fused batch norm + `activation` (act_residual_: with a residual),
+    the gn_ ops a group norm of min(32, C) groups (gn_act_: + `activation`),
+    the ln_ ops a layer norm over the channels of the input as rows
+    (N*H*W, C)."""
     mean, invstd = ops.batch_norm_moments(x)
     count = x.numel() / x.size(1)
     sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight)
@@ -139,14 +140,25 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         ops.batch_norm_act_backward(grad, x, None, None, weight, bias, save_mean, save_invstd,
                                     True, activation, 0.01, 1.0, False, True)
 
+    def act_residual_forward_backward():
+        # As the autograd node runs it: the derivative from the output, but
+        # from the input and the residual for silu.
+        y, save_mean, save_invstd = ops.batch_norm_act_forward(
+            x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS, activation, 0.01,
+            1.0, grad)
+        silu = activation == "silu"
+        ops.batch_norm_act_backward(grad, x, grad if silu else None, None if silu else y, weight,
+                                    bias, save_mean, save_invstd, True, activation, 0.01, 1.0,
+                                    False, True)
+
     channels = x.size(1)
     groups = math.gcd(channels, 32)
     gn_mask = [True, True, True]
     _, gn_mean, gn_rstd = ops.group_norm_forward(x, groups, weight, bias, EPS)
 
-    def gn_forward_backward():
-        _, mean, rstd = ops.group_norm_forward(x, groups, weight, bias, EPS)
-        ops.group_norm_backward(grad, x, groups, mean, rstd, weight, bias, gn_mask)
+    def gn_forward_backward(activation="identity"):
+        _, mean, rstd = ops.group_norm_forward(x, groups, weight, bias, EPS, activation)
+        ops.group_norm_backward(grad, x, groups, mean, rstd, weight, bias, gn_mask, activation)
 
     rows, grad_rows = (t.movedim(1, -1).reshape(-1, channels).contiguous() for t in (x, grad))
 
@@ -168,6 +180,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
                                                                 sum_dy, sum_dy_xmu, count),
         "act_train": act_train,
         "act_fwdbwd": act_forward_backward,
+        "act_residual_fwdbwd": act_residual_forward_backward,
+        "gn_act_fwdbwd": lambda: gn_forward_backward(activation),
         "gn_forward": lambda: ops.group_norm_forward(x, groups, weight, bias, EPS),
         "gn_backward": lambda: ops.group_norm_backward(grad, x, groups, gn_mean, gn_rstd,
                                                        weight, bias, gn_mask),
@@ -178,8 +192,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
 
 
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt",
-       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "gn_forward",
-       "gn_backward", "gn_fwdbwd", "ln_forward", "ln_fwdbwd")
+       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "act_residual_fwdbwd",
+       "gn_forward", "gn_backward", "gn_fwdbwd", "gn_act_fwdbwd", "ln_forward", "ln_fwdbwd")
 
 
 def compare(args) -> None:
