@@ -240,7 +240,7 @@ def batch_norm_act_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(grad_input, grad_residual, grad_weight, grad_bias) of batch_norm_act_forward,
     from its input (`saved`) with its residual or with its output (the
-    activation's derivative from the output; not silu), or, saved_is_output,
+    activation's derivative from the output: see grad_from_output), or, saved_is_output,
     from its output alone (an invertible activation: identity, leaky_relu or
     elu with a positive parameter). grad_residual: where a residual or an
     output is given."""
@@ -311,14 +311,23 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
     return _like_input(input)
 
 
+def grad_from_output(activation: str, negative_slope: float, alpha: float) -> bool:
+    """Whether the activation's derivative is a function of its output
+    (csrc/common/activation.h: grad_from_output)."""
+    return (activation != "silu" and (activation != "leaky_relu" or negative_slope >= 0)
+            and (activation != "elu" or alpha >= 0))
+
+
 def _check_fused_grad(grad_out, saved, residual, output, weight, bias, activation,
                       negative_slope, alpha, saved_is_output, **stats) -> None:
     """The fused backward ops' checks (csrc/batch_norm/ops.h: fused_grad_inputs)."""
     _check_activation(activation, negative_slope, alpha, saved_is_output)
     torch._check_value(output is None or (not saved_is_output and residual is None
-                                          and activation != "silu"), lambda: (
+                                          and grad_from_output(activation, negative_slope,
+                                                               alpha)), lambda: (
         "batch_norm_act_backward: an output is given with the forward's input, in place of "
-        "the residual, and not for silu"))
+        "the residual, and not for silu, leaky_relu with a negative slope or elu with a "
+        "negative alpha"))
     _check_args(saved, grad_out, weight=weight, bias=bias, **stats)
     _check_residual(saved, residual)
     _check_residual(saved, output, "output")

@@ -135,7 +135,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         ctx.from_output = fusion.memory_efficient and ops.batch_norm_weights_invertible(
             weight, bias)
         derivative_from_output = (not ctx.from_output and residual is not None
-                                  and fusion.activation != "silu")
+                                  and ops.grad_from_output(*fusion[:3]))
         ctx.save_for_backward(
             output if ctx.from_output else input, weight, global_mean, invstd, bias,
             None if derivative_from_output else residual,

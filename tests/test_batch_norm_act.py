@@ -267,6 +267,43 @@ def test_residual_is_kept_only_for_silu(activation, kept):
     assert torch.isfinite(r0.grad).all() and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("activation,negative_slope,alpha,reference", [
+    ("leaky_relu", -0.3, 1.0, lambda z: F.leaky_relu(z, -0.3)),
+    ("elu", 0.01, -0.6, lambda z: F.elu(z, -0.6)),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_negative_slope_or_alpha_with_residual(activation, negative_slope, alpha, reference,
+                                               layout, training):
+    """A negative slope or alpha makes the output positive for some negative
+    inputs, so the derivative cannot come from the output: with a residual
+    the layer keeps it and recomputes the activation's input. Output and
+    every gradient against torch in float64; the op refuses an output there."""
+    x, r = (layout_variants(torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2)[layout]
+            for _ in range(2))
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    xa, ra, wa, ba = _leaves(x, r, w, b)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    out = batch_norm_act(xa, rm, rv, wa, ba, training, 0.1, 1e-5, activation, negative_slope,
+                         alpha, ra)
+    xr, rr, wr, br = _leaves(x, r, w, b)
+    expected = reference(F.batch_norm(xr, torch.zeros(3, dtype=torch.float64),
+                                      torch.ones(3, dtype=torch.float64), wr, br, training, 0.1,
+                                      1e-5) + rr)
+    assert_close(out, expected, torch.float64)
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, (xa, ra, wa, ba), grad),
+                         torch.autograd.grad(expected, (xr, rr, wr, br), grad)):
+        assert_close(got, want, torch.float64)
+    _, mean, invstd = torch.ops.normext.batch_norm_act_forward(
+        x, w, b, None, None, True, 0.1, 1e-5, activation, negative_slope, alpha, r)
+    with pytest.raises(ValueError, match="negative slope or elu with a negative alpha"):
+        torch.ops.normext.batch_norm_act_backward(
+            grad, x, None, out.detach(), w, b, mean, invstd, True, activation, negative_slope,
+            alpha, False)
+
+
 def test_weights_invertible_rule():
     """memory_efficient keeps the output only where every |weight| >= 1e-3 *
     max(1, |bias|): a weight of 0, a NaN or one too small for its bias falls back."""

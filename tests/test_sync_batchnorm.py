@@ -288,6 +288,8 @@ def test_convert_sync_keeps_parameters():
 _ACTIVATIONS = {
     "identity": torch.nn.Identity(), "relu": torch.nn.ReLU(), "relu6": torch.nn.ReLU6(),
     "leaky_relu": torch.nn.LeakyReLU(0.1), "elu": torch.nn.ELU(0.7), "silu": torch.nn.SiLU(),
+    # Negative parameters: the derivative cannot come from the output.
+    "leaky_relu:negative": torch.nn.LeakyReLU(-0.3), "elu:negative": torch.nn.ELU(-0.6),
 }
 
 
@@ -300,7 +302,7 @@ def _check_act_layers(rank, world_size, sizes, memory_format, cases):
     mine = _slices(sizes)[rank]
     tol = dict(rtol=1e-9, atol=1e-9)
     for activation, with_residual, memory_efficient, zero_weight in cases:
-        act = _ACTIVATIONS[activation]
+        act, name = _ACTIVATIONS[activation], activation.split(":")[0]
         reference = torch.nn.BatchNorm2d(C).double()
         with torch.no_grad():
             reference.weight.uniform_(0.5, 1.5)
@@ -308,12 +310,12 @@ def _check_act_layers(rank, world_size, sizes, memory_format, cases):
             if zero_weight:
                 reference.weight[1] = 0
         fused = normext.BatchNormAct2d(
-            C, activation=activation, negative_slope=getattr(act, "negative_slope", 0.01),
+            C, activation=name, negative_slope=getattr(act, "negative_slope", 0.01),
             alpha=getattr(act, "alpha", 1.0), memory_efficient=memory_efficient).double()
         fused.load_state_dict(reference.state_dict())
         sync = normext.convert(fused, sync=True)
         assert type(sync) is normext.SyncBatchNormAct and sync.weight is fused.weight
-        assert (sync.activation, sync.memory_efficient) == (activation, memory_efficient)
+        assert (sync.activation, sync.memory_efficient) == (name, memory_efficient)
         for step in range(2):
             x = (torch.randn(sum(sizes), C, 3, 5, dtype=torch.float64) * 2 + 3).contiguous(
                 memory_format=memory_format)

@@ -346,9 +346,8 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
                              !(w.defined() && at::isTensorSubclassLike(w)) &&
                              weights_invertible(w, b);
     // With a residual, the output (which the next layer keeps anyway) gives
-    // the activation's derivative, so that the residual is not kept.
-    const bool derivative_from_output =
-        !from_output && r.defined() && spec.kind != Activation::kSilu;
+    // the activation's derivative where it can, so that the residual is not kept.
+    const bool derivative_from_output = !from_output && r.defined() && grad_from_output(spec);
     ctx->save_for_backward({from_output ? output : input, w, b,
                             derivative_from_output ? at::Tensor() : r,
                             derivative_from_output ? output : at::Tensor(), save_mean,

@@ -340,9 +340,10 @@ struct BatchNormOps {
     fused.fusion.activation = activation_spec(activation, negative_slope, alpha);
     if (saved_is_output) check_invertible(fused.fusion.activation);
     TORCH_CHECK_VALUE(!output.has_value() || (!saved_is_output && !residual.has_value() &&
-                                              fused.fusion.activation.kind != Activation::kSilu),
+                                              grad_from_output(fused.fusion.activation)),
                       "batch_norm_act_backward: an output is given with the forward's input, "
-                      "in place of the residual, and not for silu");
+                      "in place of the residual, and not for silu, leaky_relu with a negative "
+                      "slope or elu with a negative alpha");
     FusedGradInputs inputs{channel_view(saved), at::Tensor(), fused};
     const ChannelView& view = inputs.view;
     inputs.dy = in_layout_of(view, grad_out);

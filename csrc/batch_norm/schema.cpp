@@ -37,8 +37,9 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
   // output = activation(batch_norm(input) + residual). The backward reads the
   // forward's input (`saved`) and either the residual (to recompute the
   // activation's input) or the output (the activation's derivative from it:
-  // not silu); or, saved_is_output, the output alone (memory_efficient). It
-  // returns grad_residual where it is given a residual or an output.
+  // not silu, nor a negative slope or alpha); or, saved_is_output, the output
+  // alone (memory_efficient). It returns grad_residual where it is given a
+  // residual or an output.
   m.def(
       "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "

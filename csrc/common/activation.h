@@ -28,6 +28,19 @@ struct ActivationSpec {
 ActivationSpec activation_spec(c10::string_view name, double negative_slope, double alpha,
                                const char* op);
 
+// Whether the derivative is a function of the output (grad_of_output below):
+// not for silu, nor for leaky_relu with a negative slope or elu with a
+// negative alpha, whose outputs are positive for some negative inputs (torch
+// refuses those too where its backward takes a result).
+inline bool grad_from_output(const ActivationSpec& spec) {
+  switch (spec.kind) {
+    case Activation::kSilu: return false;
+    case Activation::kLeakyRelu: return spec.negative_slope >= 0;
+    case Activation::kElu: return spec.alpha >= 0;
+    default: return true;
+  }
+}
+
 }  // namespace normext
 
 // Per CPU capability in the CPU kernels (common/cpu/capability.h), once elsewhere.
