@@ -175,11 +175,10 @@ def make_extension():
     torch_version = torch.__version__.split("+")[0]
     define = [f'-DNORMEXT_TORCH_VERSION="{torch_version}"']
     # -g0: Python's CFLAGS ask for debug info, which doubles the time the
-    # kernels' template instantiations take to compile. The hot loops are
-    # `omp simd` loops, vectorized under any cost model; -O3's default
-    # (dynamic) model also vectorizes their scalar tails, behind alias checks
-    # and epilogues, which tripled the code of the reductions and their
-    # compile time without making them faster (benchmarks/RESULTS.md).
+    # kernels' template instantiations take to compile. very-cheap: the hot
+    # `omp simd` loops vectorize under any model; the default one also
+    # vectorizes their scalar tails, which costs compile time, not speed
+    # (benchmarks/RESULTS.md).
     cxx = ["-O3", "-fvect-cost-model=very-cheap", "-g0", "-fopenmp"] + define \
         + cpu_variant_macros(variants)
     extra = dict(
