@@ -4,7 +4,8 @@ The benchmarks on the development machine run its AVX-512 kernels, and a
 variant's speed is not tested, so this reads the other variants' machine
 code: without -fno-trapping-math (setup.py) GCC kept a branch per element in
 the fused batch norm's and GroupNorm + SiLU's loops wherever AVX-512's masks
-were missing, and the AVX2 and baseline builds ran them 3-16x slower.
+were missing, and the AVX2 and baseline builds ran them several times slower
+(benchmarks/RESULTS.md).
 """
 
 import platform
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.skipif(
 # Packed float arithmetic (SSE's and AVX's *ps forms); the scalar code's
 # zeroing (xorps) and selects are left out.
 PACKED_ARITHMETIC = re.compile(r"\sv?(?:add|sub|mul|div|max|min|f(?:n?m(?:add|sub))\d{3})ps\s")
-# What a loop that GCC vectorized has at the least (31 or more when this was
-# written; the scalar builds had none).
+# At the least in a loop GCC vectorized (such loops hold dozens; the scalar
+# builds had none).
 MIN_PACKED = 8
 NAMESPACES = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "native": "NATIVE"}
 
