@@ -178,14 +178,10 @@ def make_extension():
     # kernels' template instantiations take to compile. very-cheap: the hot
     # `omp simd` loops vectorize under any model; the default one also
     # vectorizes their scalar tails, which costs compile time, not speed
-    # (benchmarks/RESULTS.md). -fno-trapping-math (clang's default; results are
-    # unchanged, torch enables no floating-point traps): without it GCC keeps a
-    # branch where a loop's select guards a multiply or an exp, which it may
-    # not run speculatively, and without AVX-512's masks such a loop stays
-    # scalar (the fused activations' kernels on AVX2 and baseline machines).
+    # (benchmarks/RESULTS.md). -fno-trapping-math: without AVX-512's masks, GCC
+    # otherwise leaves guarded-select loops scalar (docs/design.md, test_vectorized.py).
     cxx = ["-O3", "-fvect-cost-model=very-cheap", "-fno-trapping-math", "-g0", "-fopenmp"] \
-        + define \
-        + cpu_variant_macros(variants)
+        + define + cpu_variant_macros(variants)
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         # The kernel sources, compiled per variant outside `sources`, and every
