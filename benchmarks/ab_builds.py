@@ -151,6 +151,17 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
                                     bias, save_mean, save_invstd, True, activation, 0.01, 1.0,
                                     False, True)
 
+    # Through each build's autograd node, as a layer calls it: a graph is
+    # recorded, run backward and freed every call.
+    leaf_x, leaf_weight, leaf_bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+
+    def autograd_forward_backward(act=False):
+        leaf_x.grad = leaf_weight.grad = leaf_bias.grad = None
+        args = (leaf_x, leaf_weight, leaf_bias, running_mean, running_var, True, MOMENTUM, EPS)
+        y = (ops.batch_norm_act(*args, activation, 0.01, 1.0, None, False) if act
+             else ops.batch_norm(*args))
+        y.backward(grad)
+
     channels = x.size(1)
     groups = math.gcd(channels, 32)
     gn_mask = [True, True, True]
@@ -178,6 +189,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         "backward_reduce": lambda: ops.batch_norm_backward_reduce(grad, x, mean, invstd, weight),
         "backward_elemt": lambda: ops.batch_norm_backward_elemt(grad, x, mean, invstd, weight,
                                                                 sum_dy, sum_dy_xmu, count),
+        "autograd_fwdbwd": autograd_forward_backward,
+        "autograd_act_fwdbwd": lambda: autograd_forward_backward(act=True),
         "act_train": act_train,
         "act_fwdbwd": act_forward_backward,
         "act_residual_fwdbwd": act_residual_forward_backward,
@@ -191,7 +204,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
     }
 
 
-OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "moments", "elemt",
+OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
+       "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "act_residual_fwdbwd",
        "gn_forward", "gn_backward", "gn_fwdbwd", "gn_act_fwdbwd", "ln_forward", "ln_fwdbwd")
 

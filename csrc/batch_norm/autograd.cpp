@@ -1,6 +1,6 @@
-// normext::batch_norm: the fused forward and backward ops under one C++
-// autograd node, which costs a fraction of a Python autograd.Function's
-// bookkeeping per call (it matters next to a small batch norm).
+// normext::batch_norm and batch_norm_act: the fused forward and backward ops
+// under one hand-written autograd Node each, whose per-call bookkeeping is
+// what torch's own ops pay (it matters next to a small batch norm).
 #include <ATen/TensorOperators.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
@@ -16,12 +16,18 @@
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <initializer_list>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm/common.h"
@@ -31,7 +37,12 @@ namespace {
 
 using OptionalTensor = c10::optional<at::Tensor>;
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using torch::autograd::AutogradContext;
+using torch::autograd::CompiledNodeArgs;
+using torch::autograd::InputMetadata;
+using torch::autograd::Node;
+using torch::autograd::PackedArgs;
+using torch::autograd::SavedVariable;
+using torch::autograd::SwapSavedVariables;
 using torch::autograd::variable_list;
 
 // The fused ops are called below autograd: they have no autograd kernel, and
@@ -131,6 +142,10 @@ TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tenso
   return {dx, (g * x_hat).sum(dims), g.sum(dims)};
 }
 
+OptionalTensor optional(const at::Tensor& t) {
+  return t.defined() ? OptionalTensor(t) : c10::nullopt;
+}
+
 // `t` converted to `type`, without an op call when it already has it.
 at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
@@ -145,7 +160,7 @@ bool has_tangent(const OptionalTensor& t) {
 }
 
 // Raises for what the autograd nodes cannot take: inputs with forward-mode
-// tangents (a torch::autograd::Function would silently drop them) and, where
+// tangents (the nodes have no forward-mode formula) and, where
 // a graph is recorded, running stats that require grad.
 void check_autograd_arguments(const char* op, std::initializer_list<const OptionalTensor*> inputs,
                               const OptionalTensor& running_mean,
@@ -164,68 +179,137 @@ void check_autograd_arguments(const char* op, std::initializer_list<const Option
   }
 }
 
-// Which of input, weight and bias want gradients (and the bias's dtype), for
-// the backward's entries.
-void save_grad_flags(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& weight,
-                     const OptionalTensor& bias) {
-  ctx->saved_data["input_grad"] = input.requires_grad();
-  ctx->saved_data["weight_grad"] = requires_grad(weight);
-  ctx->saved_data["bias_grad"] = requires_grad(bias);
-  if (requires_grad(bias)) ctx->saved_data["bias_type"] = bias->scalar_type();
-}
-
-// grads[0..2]: the gradients of input, weight and bias where they are wanted.
-void set_grads(AutogradContext* ctx, variable_list& grads, const at::Tensor& grad_input,
-               const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-               const at::Tensor& weight) {
-  if (ctx->saved_data["input_grad"].toBool()) grads[0] = grad_input;
-  if (ctx->saved_data["weight_grad"].toBool()) {
-    grads[1] = as_type(grad_weight, weight.scalar_type());
-  }
-  if (ctx->saved_data["bias_grad"].toBool()) {
-    grads[2] = as_type(grad_bias, ctx->saved_data["bias_type"].toScalarType());
+// Nodes are held by c10::intrusive_ptr from torch 2.14 on, by std::shared_ptr
+// before (with deleteNode, which frees a long graph without deep recursion).
+template <class T>
+auto make_node() {
+  using NodePointer = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<Node>>) {
+    // (deleteNode found by argument-dependent lookup: torch 2.14 has none.)
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<T>();
   }
 }
 
-bool parameter_grads(AutogradContext* ctx) {
-  return ctx->saved_data["weight_grad"].toBool() || ctx->saved_data["bias_grad"].toBool();
+// Which of a node's inputs (its next edges) this backward pass wants.
+std::vector<bool> wanted_grads(const Node& node) {
+  std::vector<bool> wanted(node.num_outputs());
+  for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = node.task_should_compute_output(i);
+  return wanted;
 }
 
-class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const OptionalTensor& weight, const OptionalTensor& bias,
-                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                            bool training, double momentum, double eps) {
-    auto [output, save_mean, save_invstd] =
-        fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps);
-    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
-    ctx->save_for_backward({input, w, save_mean, save_invstd});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    save_grad_flags(ctx, input, weight, bias);
-    return output;
+// Compiled autograd (torch._dynamo.compiled_autograd) records a node as a call
+// of `functional` on the node's gradients and `args`: its saved state, read
+// while the tracer's tensors stand in for the saved ones, then which inputs
+// want gradients. Bound on every call, as torch's custom-function node does
+// (torch numbers the names); traceable, since the ops it calls have fakes.
+variable_list record_functional(const Node& node, const char* name,
+                                torch::autograd::functional_apply_t functional, PackedArgs args,
+                                const variable_list& grads, SwapSavedVariables& saved) {
+  args.pack(wanted_grads(node));
+  const std::vector<c10::IValue>& values = args.vec();
+  std::vector<at::TypePtr> schema;
+  for (const c10::IValue& value : values) {
+    schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
+  }
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  const std::string bound =
+      compiler->bind_function(saved.get_py_compiler(), name, std::move(functional), schema,
+                              /*is_custom_function=*/true, /*is_traceable=*/true);
+  const c10::IValue output_metadata =
+      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<InputMetadata>>>::pack(
+          torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads,
+                                 values, output_metadata);
+}
+
+// The backward of normext::batch_norm as a plain autograd Node, as torch's
+// own ops have: a torch::autograd::Function's node keeps its state in a
+// string-keyed map and wraps its outputs, which costs a small batch norm's
+// forward+backward a sixth of its time (benchmarks/RESULTS.md).
+struct BatchNormBackward final : Node {
+  SavedVariable input, weight, save_mean, save_invstd;
+  bool training = true;
+  double eps = 0.0;
+  at::ScalarType bias_type = at::kFloat;
+
+  std::string name() const override { return "normext::BatchNormBackward"; }
+
+  void release_variables() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* t : {&input, &weight, &save_mean, &save_invstd}) t->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1];
-    const bool training = ctx->saved_data["training"].toBool();
+  // The gradients of input, weight and bias, each where `wanted`.
+  static variable_list gradients(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const at::Tensor& w, const at::Tensor& mean,
+                                 const at::Tensor& invstd, bool training, double eps,
+                                 at::ScalarType bias_type, const std::vector<bool>& wanted) {
+    variable_list grads(3);
+    if (!grad_out.defined()) return grads;
     at::Tensor grad_input, grad_weight, grad_bias;
     if (at::GradMode::is_enabled()) {  // create_graph=True
       std::tie(grad_input, grad_weight, grad_bias) =
-          differentiable_backward(grad_outputs[0], input, weight, saved[2], saved[3], training,
-                                  ctx->saved_data["eps"].toDouble());
+          differentiable_backward(grad_out, x, w, mean, invstd, training, eps);
     } else {
       // Frozen parameters: no sums to reduce for them (none at all in eval).
       std::tie(grad_input, grad_weight, grad_bias) = fused_backward(
-          grad_outputs[0], input, weight.defined() ? OptionalTensor(weight) : c10::nullopt,
-          saved[2], saved[3], training, parameter_grads(ctx));
+          grad_out, x, optional(w), mean, invstd, training, wanted[1] || wanted[2]);
     }
-    // One entry per forward argument; undefined where no gradient is wanted.
-    variable_list grads(8);
-    set_grads(ctx, grads, grad_input, grad_weight, grad_bias, weight);
+    if (wanted[0]) grads[0] = grad_input;
+    if (wanted[1]) grads[1] = as_type(grad_weight, w.scalar_type());
+    if (wanted[2]) grads[2] = as_type(grad_bias, bias_type);
     return grads;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return gradients(grads[0], input.unpack(), weight.unpack(), save_mean.unpack(),
+                     save_invstd.unpack(), training, eps, bias_type, wanted_grads(*this));
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const SavedVariable* t : {&input, &weight, &save_mean, &save_invstd}) {
+      args.collect(*t, /*is_output=*/false);
+    }
+    args.collect(training);
+    args.collect(eps);
+    args.collect(bias_type);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& saved) override {
+    const std::initializer_list<SavedVariable*> tensors{&input, &weight, &save_mean,
+                                                        &save_invstd};
+    for (SavedVariable* t : tensors) saved.before(*t);
+    PackedArgs args;
+    args.pack(input.unpack());
+    args.pack(optional(weight.unpack()));
+    args.pack(save_mean.unpack());
+    args.pack(save_invstd.unpack());
+    args.pack(training);
+    args.pack(eps);
+    args.pack(bias_type);
+    variable_list result = record_functional(*this, "normext_BatchNormBackward", &functional,
+                                             std::move(args), grads, saved);
+    for (SavedVariable* t : tensors) saved.after(*t);
+    return result;
+  }
+
+  // apply on what apply_with_saved packed.
+  static variable_list functional(const variable_list& grads,
+                                  const std::vector<c10::IValue>& values) {
+    PackedArgs args(values);
+    const auto x = args.unpack<at::Tensor>();
+    const auto w = args.unpack<OptionalTensor>().value_or(at::Tensor());
+    const auto mean = args.unpack<at::Tensor>();
+    const auto invstd = args.unpack<at::Tensor>();
+    const auto training = args.unpack<bool>();
+    const auto eps = args.unpack<double>();
+    const auto bias_type = args.unpack<at::ScalarType>();
+    return gradients(grads[0], x, w, mean, invstd, training, eps, bias_type,
+                     args.unpack<std::vector<bool>>());
   }
 };
 
@@ -235,19 +319,22 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
                                double momentum, double eps) {
   const OptionalTensor x(input);
   check_autograd_arguments("batch_norm", {&x, &weight, &bias}, running_mean, running_var);
-  if (at::GradMode::is_enabled()) {
-    if (input.requires_grad() || requires_grad(weight) || requires_grad(bias)) {
-      return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
-                                      momentum, eps);
-    }
+  auto [output, save_mean, save_invstd] =
+      fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    auto node = make_node<BatchNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+    node->input = SavedVariable(input, /*is_output=*/false);
+    node->weight = SavedVariable(weight.value_or(at::Tensor()), false);
+    node->save_mean = SavedVariable(save_mean, false);
+    node->save_invstd = SavedVariable(save_invstd, false);
+    node->training = training;
+    node->eps = eps;
+    if (bias.has_value() && bias->defined()) node->bias_type = bias->scalar_type();
+    torch::autograd::set_history(output, node);
   }
-  // Nothing to differentiate: no node, straight to the backend's kernel.
-  return std::get<0>(
-      fused_forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
-}
-
-OptionalTensor optional(const at::Tensor& t) {
-  return t.defined() ? OptionalTensor(t) : c10::nullopt;
+  return output;
 }
 
 // activation(z) in differentiable ATen ops.
@@ -322,88 +409,133 @@ at::Tensor activation_grad_of_output(const at::Tensor& y, const ActivationSpec& 
   }
 }
 
-// The fused batch norm + activation; with memory_efficient (and weights it can
-// invert) it keeps its output instead of its input for the backward.
-class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const OptionalTensor& weight, const OptionalTensor& bias,
-                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                            bool training, double momentum, double eps,
-                            c10::string_view activation, double negative_slope, double alpha,
-                            const OptionalTensor& residual, bool memory_efficient) {
-    const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
-    if (memory_efficient) check_invertible(spec);
-    auto [output, save_mean, save_invstd] =
-        fused_act_forward(input, weight, bias, running_mean, running_var, training, momentum,
-                          eps, activation, negative_slope, alpha, residual);
-    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
-    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-    const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
-    // The weights' values decide; a traced call (torch.compile's fake or
-    // functional tensors, where no values exist) keeps the input.
-    const bool from_output = memory_efficient && !at::isTensorSubclassLike(input) &&
-                             !(w.defined() && at::isTensorSubclassLike(w)) &&
-                             weights_invertible(w, b);
-    // With a residual, the output (which the next layer keeps anyway) gives
-    // the activation's derivative where it can, so that the residual is not kept.
-    const bool derivative_from_output = !from_output && r.defined() && grad_from_output(spec);
-    ctx->save_for_backward({from_output ? output : input, w, b,
-                            derivative_from_output ? at::Tensor() : r,
-                            derivative_from_output ? output : at::Tensor(), save_mean,
-                            save_invstd});
-    ctx->saved_data["from_output"] = from_output;
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation_name"] = std::string(activation);
-    ctx->saved_data["negative_slope"] = negative_slope;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["residual_grad"] = requires_grad(residual);
-    save_grad_flags(ctx, input, weight, bias);
-    return output;
+// The non-tensor state of a batch norm + activation's backward.
+struct ActState {
+  bool from_output = false;  // the saved tensor is the output (memory_efficient)
+  bool training = true;
+  double eps = 0.0;
+  std::string activation;
+  double negative_slope = 0.0, alpha = 0.0;
+  at::ScalarType bias_type = at::kFloat;
+};
+
+// The fused batch norm + activation's backward; with memory_efficient (and
+// weights it can invert) it keeps its output instead of its input.
+struct BatchNormActBackward final : Node {
+  // saved: the input, or the output when state.from_output; output: the
+  // output beside the input, where the activation's derivative comes from it.
+  SavedVariable saved, weight, bias, residual, output, save_mean, save_invstd;
+  ActState state;
+
+  std::string name() const override { return "normext::BatchNormActBackward"; }
+
+  void release_variables() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* t : tensors()) t->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &weight = saved[1], &bias = saved[2], &residual = saved[3];
-    const at::Tensor &output = saved[4], &save_mean = saved[5], &save_invstd = saved[6];
-    const bool training = ctx->saved_data["training"].toBool();
-    const bool from_output = ctx->saved_data["from_output"].toBool();
-    const std::string activation = ctx->saved_data["activation_name"].toStringRef();
-    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
-    const double alpha = ctx->saved_data["alpha"].toDouble();
+  std::array<SavedVariable*, 7> tensors() {
+    return {&saved, &weight, &bias, &residual, &output, &save_mean, &save_invstd};
+  }
+
+  // The gradients of input, weight, bias and residual, each where `wanted`.
+  static variable_list gradients(const at::Tensor& grad_out, const at::Tensor& saved,
+                                 const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& residual, const at::Tensor& output,
+                                 const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                 const ActState& state, const std::vector<bool>& wanted) {
+    variable_list grads(4);
+    if (!grad_out.defined()) return grads;
     at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      TORCH_CHECK_NOT_IMPLEMENTED(!from_output,
+      TORCH_CHECK_NOT_IMPLEMENTED(!state.from_output,
                                   "normext: double backward through a memory_efficient batch "
                                   "norm + activation needs its input, which it did not keep; "
                                   "use memory_efficient=False");
-      const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
-      const double eps = ctx->saved_data["eps"].toDouble();
+      const ActivationSpec spec =
+          activation_spec(state.activation, state.negative_slope, state.alpha);
       if (output.defined()) {  // the derivative from the output, as the forward saved it
-        const at::Tensor dz = grad_outputs[0].to(accumulate_type(output.scalar_type())) *
+        const at::Tensor dz = grad_out.to(accumulate_type(output.scalar_type())) *
                               activation_grad_of_output(output, spec);
         std::tie(grad_input, grad_weight, grad_bias) = differentiable_backward(
-            dz, saved[0], weight, save_mean, save_invstd, training, eps);
+            dz, saved, weight, save_mean, save_invstd, state.training, state.eps);
         grad_residual = dz.to(output.scalar_type());
       } else {
-        const variable_list grads =
-            differentiable_act_backward(grad_outputs[0], saved[0], weight, bias, residual,
-                                        save_mean, save_invstd, training, eps, spec);
-        std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
-            std::tuple{grads[0], grads[1], grads[2], grads[3]};
+        const variable_list grads = differentiable_act_backward(
+            grad_out, saved, weight, bias, residual, save_mean, save_invstd, state.training,
+            state.eps, spec);
+        std::tie(grad_input, grad_weight, grad_bias, grad_residual) =
+            std::tuple{grads[0], grads[2], grads[3], grads[1]};
       }
     } else {
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
-          grad_outputs[0], saved[0], optional(residual), optional(output), optional(weight),
-          optional(bias), save_mean, save_invstd, training, activation, negative_slope, alpha,
-          from_output, parameter_grads(ctx));
+          grad_out, saved, optional(residual), optional(output), optional(weight),
+          optional(bias), save_mean, save_invstd, state.training, state.activation,
+          state.negative_slope, state.alpha, state.from_output, wanted[1] || wanted[2]);
     }
-    // One entry per forward argument; undefined where no gradient is wanted.
-    variable_list grads(13);
-    set_grads(ctx, grads, grad_input, grad_weight, grad_bias, weight);
-    if (ctx->saved_data["residual_grad"].toBool()) grads[11] = grad_residual;
+    if (wanted[0]) grads[0] = grad_input;
+    if (wanted[1]) grads[1] = as_type(grad_weight, weight.scalar_type());
+    if (wanted[2]) grads[2] = as_type(grad_bias, state.bias_type);
+    if (wanted[3]) grads[3] = grad_residual;
     return grads;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    // The output (and the saved tensor, when it is the output) is this node's own.
+    return gradients(grads[0], saved.unpack(getptr()), weight.unpack(), bias.unpack(),
+                     residual.unpack(), output.unpack(getptr()), save_mean.unpack(),
+                     save_invstd.unpack(), state, wanted_grads(*this));
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(saved, /*is_output=*/state.from_output);
+    for (const SavedVariable* t : {&weight, &bias, &residual}) args.collect(*t, false);
+    args.collect(output, /*is_output=*/true);
+    for (const SavedVariable* t : {&save_mean, &save_invstd}) args.collect(*t, false);
+    args.collect(state.from_output);
+    args.collect(state.training);
+    args.collect(state.eps);
+    args.collect(state.activation);
+    args.collect(state.negative_slope);
+    args.collect(state.alpha);
+    args.collect(state.bias_type);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& swapped) override {
+    for (SavedVariable* t : tensors()) swapped.before(*t);
+    PackedArgs args;
+    for (SavedVariable* t : tensors()) args.pack(optional(t->unpack(getptr())));
+    args.pack(state.from_output);
+    args.pack(state.training);
+    args.pack(state.eps);
+    args.pack(state.activation);
+    args.pack(state.negative_slope);
+    args.pack(state.alpha);
+    args.pack(state.bias_type);
+    variable_list result = record_functional(*this, "normext_BatchNormActBackward",
+                                             &functional, std::move(args), grads, swapped);
+    for (SavedVariable* t : tensors()) swapped.after(*t);
+    return result;
+  }
+
+  // apply on what apply_with_saved packed.
+  static variable_list functional(const variable_list& grads,
+                                  const std::vector<c10::IValue>& values) {
+    PackedArgs args(values);
+    std::array<at::Tensor, 7> t;  // in the order of tensors()
+    for (at::Tensor& tensor : t) tensor = args.unpack<OptionalTensor>().value_or(at::Tensor());
+    ActState state;
+    state.from_output = args.unpack<bool>();
+    state.training = args.unpack<bool>();
+    state.eps = args.unpack<double>();
+    state.activation = args.unpack<std::string>();
+    state.negative_slope = args.unpack<double>();
+    state.alpha = args.unpack<double>();
+    state.bias_type = args.unpack<at::ScalarType>();
+    return gradients(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], state,
+                     args.unpack<std::vector<bool>>());
   }
 };
 
@@ -417,18 +549,39 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor
   const OptionalTensor x(input);
   check_autograd_arguments("batch_norm_act", {&x, &weight, &bias, &residual}, running_mean,
                            running_var);
-  if (at::GradMode::is_enabled()) {
-    if (input.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
-        requires_grad(residual)) {
-      return BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
-                                         training, momentum, eps, activation, negative_slope,
-                                         alpha, residual, memory_efficient);
-    }
+  const ActivationSpec spec = activation_spec(activation, negative_slope, alpha);
+  if (memory_efficient) check_invertible(spec);
+  auto [output, save_mean, save_invstd] =
+      fused_act_forward(input, weight, bias, running_mean, running_var, training, momentum,
+                        eps, activation, negative_slope, alpha, residual);
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) ||
+                                       requires_grad(bias) || requires_grad(residual))) {
+    return output;
   }
-  if (memory_efficient) check_invertible(activation_spec(activation, negative_slope, alpha));
-  return std::get<0>(fused_act_forward(input, weight, bias, running_mean, running_var, training,
-                                       momentum, eps, activation, negative_slope, alpha,
-                                       residual));
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  const at::Tensor r = residual.value_or(at::Tensor());
+  auto node = make_node<BatchNormActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
+  // The weights' values decide; a traced call (torch.compile's fake or
+  // functional tensors, where no values exist) keeps the input.
+  const bool from_output = memory_efficient && !at::isTensorSubclassLike(input) &&
+                           !(w.defined() && at::isTensorSubclassLike(w)) &&
+                           weights_invertible(w, b);
+  // With a residual, the output (which the next layer keeps anyway) gives
+  // the activation's derivative where it can, so that the residual is not kept.
+  const bool derivative_from_output = !from_output && r.defined() && grad_from_output(spec);
+  torch::autograd::set_history(output, node);
+  // Saved after set_history: a saved output is recorded as this node's.
+  node->saved = SavedVariable(from_output ? output : input, /*is_output=*/from_output);
+  node->weight = SavedVariable(w, false);
+  node->bias = SavedVariable(b, false);
+  node->residual = SavedVariable(derivative_from_output ? at::Tensor() : r, false);
+  node->output = SavedVariable(derivative_from_output ? output : at::Tensor(), true);
+  node->save_mean = SavedVariable(save_mean, false);
+  node->save_invstd = SavedVariable(save_invstd, false);
+  node->state = {from_output, training, eps, std::string(activation), negative_slope, alpha,
+                 b.defined() ? b.scalar_type() : at::kFloat};
+  return output;
 }
 
 }  // namespace
