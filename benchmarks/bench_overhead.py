@@ -51,7 +51,9 @@ def _counts(fn, device) -> tuple[int, int | None]:
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.events()
-    ops = sum(e.name.startswith(("aten::", "normext::")) for e in events)
+    # scope 1 (RecordScope::BACKWARD_FUNCTION) marks an autograd node, such as
+    # normext::BatchNormBackward: not an operator call.
+    ops = sum(e.name.startswith(("aten::", "normext::")) and e.scope != 1 for e in events)
     gpu = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
     return ops, (gpu or None) if device.type == "cuda" else 0
 

@@ -1,7 +1,8 @@
 // The normext op library (each norm adds its schemas as a fragment:
 // <norm>/schema.cpp) and the Python extension module's build information.
-// pybind11 alone, not torch/extension.h: the module passes no tensors, and
-// the whole of torch's C++ API would make this the slowest file to compile.
+// pybind11 alone, not torch/extension.h: the whole of torch's C++ API would
+// make this the slowest file to compile (the entries that take tensors are
+// bound in their norm's python.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -18,6 +19,10 @@
 
 namespace py = pybind11;
 
+namespace normext::batch_norm {
+void bind_python(py::module_& m);  // batch_norm/python.cpp
+}
+
 TORCH_LIBRARY(normext, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -28,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   backends.append("cuda");
 #endif
   m.attr("backends") = backends;
+  normext::batch_norm::bind_python(m);
   m.attr("cuda_arches") = NORMEXT_CUDA_ARCHES;
   m.attr("torch_version") = NORMEXT_TORCH_VERSION;
   m.attr("cpu_capabilities") = normext::cpu::capabilities();

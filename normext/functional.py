@@ -10,6 +10,7 @@ from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
+from ._extension import _C
 
 __all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "batch_norm_act", "group_norm",
            "group_norm_act", "instance_norm", "layer_norm", "rms_norm"]
@@ -71,9 +72,11 @@ def _has_tangents(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-# The op itself, called without the typed wrapper and the op packet in eager
-# mode: a small layer's time is mostly per-call Python work.
+# Eager calls take the extension's direct entries (csrc/batch_norm/python.cpp:
+# no boxed call, whose argument matching costs a small layer time); torch.compile
+# and torch.export trace the ops themselves.
 _batch_norm_op = torch.ops.normext.batch_norm.default
+_batch_norm_direct = _C.batch_norm
 
 
 def batch_norm(
@@ -109,8 +112,8 @@ def batch_norm(
                 forward_ad._current_level >= 0 and _has_tangents(input, weight, bias)):
             return torch.nn.functional.batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _batch_norm_op(input, weight, bias, running_mean, running_var, training, momentum,
-                              eps)
+        call = _batch_norm_op if torch.compiler.is_compiling() else _batch_norm_direct
+        return call(input, weight, bias, running_mean, running_var, training, momentum, eps)
     _check_eps(eps, training)
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
 
@@ -126,6 +129,7 @@ _ACTIVATION_FUNCTIONS = {
 }
 
 _batch_norm_act_op = torch.ops.normext.batch_norm_act.default
+_batch_norm_act_direct = _C.batch_norm_act
 
 # The devices whose fused kernels the layers run. The CUDA kernels are
 # compiled and registered (torch.ops.normext.batch_norm_act* run them) but have
@@ -188,9 +192,9 @@ def batch_norm_act(
             _check_eps(eps, training)
         if type(momentum) is not float:
             _check_momentum(momentum)
-        return _batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
-                                  momentum, eps, activation, negative_slope, alpha, residual,
-                                  memory_efficient)
+        call = _batch_norm_act_op if torch.compiler.is_compiling() else _batch_norm_act_direct
+        return call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                    activation, negative_slope, alpha, residual, memory_efficient)
     z = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         z = z + residual

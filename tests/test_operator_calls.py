@@ -3,6 +3,8 @@ ATen ops a call makes besides normext's own (allocating per-channel results
 only), and no copy of a grad_output that differs from the input only on
 size-1 dims."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,11 +111,40 @@ def _python_calls_per_training_step(module) -> int:
 
 def test_module_runs_about_as_much_python_per_step_as_torch():
     """A small layer's time is mostly per-call host work: the module and the
-    functional path run at most two Python functions more than torch's
+    functional path run at most three Python functions more than torch's
     BatchNorm2d per training forward + backward (the TorchScript guards that
-    keep them scriptable and the op overload's __call__)."""
+    keep them scriptable, and torch.compiler.is_compiling, which sends eager
+    calls to the extension's direct entry instead of the op overload)."""
     import normext
 
     ours = _python_calls_per_training_step(normext.BatchNorm2d(16))
     theirs = _python_calls_per_training_step(torch.nn.BatchNorm2d(16))
-    assert ours <= theirs + 2, (ours, theirs)
+    assert ours <= theirs + 3, (ours, theirs)
+
+
+def test_direct_entries_match_the_ops_and_their_errors():
+    """normext.functional's eager calls go to normext._C.batch_norm(_act)
+    (csrc/batch_norm/python.cpp) instead of the op overloads: same outputs,
+    same graph node, same exception types and messages."""
+    from normext import _C
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    args = (x, w, None, *stats, True, 0.1, 1e-5)
+    direct, op = _C.batch_norm(*args), torch.ops.normext.batch_norm(*args)
+    assert torch.equal(direct, op) and direct.grad_fn.name() == op.grad_fn.name()
+    act_args = args + ("elu", 0.01, 1.0, None, True)
+    assert torch.equal(_C.batch_norm_act(*act_args), torch.ops.normext.batch_norm_act(*act_args))
+    bad_calls = [  # (exception, call with the op)
+        (RuntimeError, lambda f: f(x, torch.ones(4, dtype=torch.float64), None, None, None,
+                                   True, 0.1, 1e-5)),
+        (NotImplementedError, lambda f: f(torch.ones(4, 3, dtype=torch.long), None, None, None,
+                                          None, True, 0.1, 1e-5)),
+    ]
+    for error, call in bad_calls:
+        with pytest.raises(error) as from_op:
+            call(torch.ops.normext.batch_norm)
+        with pytest.raises(error, match=re.escape(str(from_op.value).splitlines()[0])):
+            call(_C.batch_norm)
+    with pytest.raises(ValueError, match="invertible"):
+        _C.batch_norm_act(*args, "relu", 0.01, 1.0, None, True)
