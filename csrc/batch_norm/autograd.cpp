@@ -224,76 +224,48 @@ variable_list record_functional(const Node& node, const char* name,
                                  values, output_metadata);
 }
 
-// The backward of normext::batch_norm as a plain autograd Node, as torch's
-// own ops have: a torch::autograd::Function's node keeps its state in a
-// string-keyed map and wraps its outputs, which costs a small batch norm's
-// forward+backward a sixth of its time (benchmarks/RESULTS.md).
-struct BatchNormBackward final : Node {
-  SavedVariable input, weight, save_mean, save_invstd;
-  bool training = true;
-  double eps = 0.0;
-  at::ScalarType bias_type = at::kFloat;
-
-  std::string name() const override { return "normext::BatchNormBackward"; }
+// A backward node that keeps N tensors (undefined where unused) and a State
+// (non-tensor values, visited in one order by State::fields), from which
+// Derived::gradients(grad_out, tensors, state, wanted) computes its inputs'
+// gradients. Plain autograd Nodes, as torch's own ops have: a
+// torch::autograd::Function's node keeps its state in a string-keyed map and
+// wraps its outputs, a sixth of a small batch norm's forward + backward
+// (benchmarks/RESULTS.md).
+template <class Derived, class State, size_t N>
+struct SavedStateNode : Node {
+  using Tensors = std::array<at::Tensor, N>;
+  std::array<SavedVariable, N> tensors;
+  std::array<bool, N> is_output{};  // a tensor that is this node's own output
+  State state;
 
   void release_variables() override {
     const std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* t : {&input, &weight, &save_mean, &save_invstd}) t->reset_data();
-  }
-
-  // The gradients of input, weight and bias, each where `wanted`.
-  static variable_list gradients(const at::Tensor& grad_out, const at::Tensor& x,
-                                 const at::Tensor& w, const at::Tensor& mean,
-                                 const at::Tensor& invstd, bool training, double eps,
-                                 at::ScalarType bias_type, const std::vector<bool>& wanted) {
-    variable_list grads(3);
-    if (!grad_out.defined()) return grads;
-    at::Tensor grad_input, grad_weight, grad_bias;
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      std::tie(grad_input, grad_weight, grad_bias) =
-          differentiable_backward(grad_out, x, w, mean, invstd, training, eps);
-    } else {
-      // Frozen parameters: no sums to reduce for them (none at all in eval).
-      std::tie(grad_input, grad_weight, grad_bias) = fused_backward(
-          grad_out, x, optional(w), mean, invstd, training, wanted[1] || wanted[2]);
-    }
-    if (wanted[0]) grads[0] = grad_input;
-    if (wanted[1]) grads[1] = as_type(grad_weight, w.scalar_type());
-    if (wanted[2]) grads[2] = as_type(grad_bias, bias_type);
-    return grads;
+    for (SavedVariable& t : tensors) t.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
     const std::lock_guard<std::mutex> lock(mutex_);
-    return gradients(grads[0], input.unpack(), weight.unpack(), save_mean.unpack(),
-                     save_invstd.unpack(), training, eps, bias_type, wanted_grads(*this));
+    Tensors t;
+    for (size_t i = 0; i < N; ++i) {
+      t[i] = is_output[i] ? tensors[i].unpack(getptr()) : tensors[i].unpack();
+    }
+    return Derived::gradients(grads[0], t, state, wanted_grads(*this));
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {
-    for (const SavedVariable* t : {&input, &weight, &save_mean, &save_invstd}) {
-      args.collect(*t, /*is_output=*/false);
-    }
-    args.collect(training);
-    args.collect(eps);
-    args.collect(bias_type);
+    for (size_t i = 0; i < N; ++i) args.collect(tensors[i], is_output[i]);
+    State::fields(state, [&](const auto& value) { args.collect(value); });
   }
 
   variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& saved) override {
-    const std::initializer_list<SavedVariable*> tensors{&input, &weight, &save_mean,
-                                                        &save_invstd};
-    for (SavedVariable* t : tensors) saved.before(*t);
+                                 SwapSavedVariables& swapped) override {
+    for (SavedVariable& t : tensors) swapped.before(t);
     PackedArgs args;
-    args.pack(input.unpack());
-    args.pack(optional(weight.unpack()));
-    args.pack(save_mean.unpack());
-    args.pack(save_invstd.unpack());
-    args.pack(training);
-    args.pack(eps);
-    args.pack(bias_type);
-    variable_list result = record_functional(*this, "normext_BatchNormBackward", &functional,
-                                             std::move(args), grads, saved);
-    for (SavedVariable* t : tensors) saved.after(*t);
+    for (const SavedVariable& t : tensors) args.pack(optional(t.unpack()));
+    State::fields(state, [&](const auto& value) { args.pack(value); });
+    variable_list result = record_functional(*this, Derived::kFunctionalName, &functional,
+                                             std::move(args), grads, swapped);
+    for (SavedVariable& t : tensors) swapped.after(t);
     return result;
   }
 
@@ -301,15 +273,55 @@ struct BatchNormBackward final : Node {
   static variable_list functional(const variable_list& grads,
                                   const std::vector<c10::IValue>& values) {
     PackedArgs args(values);
-    const auto x = args.unpack<at::Tensor>();
-    const auto w = args.unpack<OptionalTensor>().value_or(at::Tensor());
-    const auto mean = args.unpack<at::Tensor>();
-    const auto invstd = args.unpack<at::Tensor>();
-    const auto training = args.unpack<bool>();
-    const auto eps = args.unpack<double>();
-    const auto bias_type = args.unpack<at::ScalarType>();
-    return gradients(grads[0], x, w, mean, invstd, training, eps, bias_type,
-                     args.unpack<std::vector<bool>>());
+    Tensors t;
+    for (at::Tensor& tensor : t) tensor = args.unpack<OptionalTensor>().value_or(at::Tensor());
+    State s;
+    State::fields(s, [&](auto& value) {
+      value = args.template unpack<std::decay_t<decltype(value)>>();
+    });
+    return Derived::gradients(grads[0], t, s, args.unpack<std::vector<bool>>());
+  }
+};
+
+struct BatchNormState {
+  bool training = true;
+  double eps = 0.0;
+  at::ScalarType bias_type = at::kFloat;
+
+  template <class Self, class F>
+  static void fields(Self& s, F&& f) {
+    f(s.training);
+    f(s.eps);
+    f(s.bias_type);
+  }
+};
+
+// The backward of normext::batch_norm.
+struct BatchNormBackward final : SavedStateNode<BatchNormBackward, BatchNormState, 4> {
+  enum { kInput, kWeight, kMean, kInvstd };
+  static constexpr const char* kFunctionalName = "normext_BatchNormBackward";
+  std::string name() const override { return "normext::BatchNormBackward"; }
+
+  // The gradients of input, weight and bias, each where `wanted`.
+  static variable_list gradients(const at::Tensor& grad_out, const Tensors& t,
+                                 const BatchNormState& s, const std::vector<bool>& wanted) {
+    variable_list grads(3);
+    if (!grad_out.defined()) return grads;
+    const at::Tensor &x = t[kInput], &w = t[kWeight];
+    at::Tensor grad_input, grad_weight, grad_bias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      std::tie(grad_input, grad_weight, grad_bias) = differentiable_backward(
+          grad_out, x, w, t[kMean], t[kInvstd], s.training, s.eps);
+    } else {
+      // Frozen parameters: no sums to reduce for them (none at all in eval).
+      std::tie(grad_input, grad_weight, grad_bias) =
+          fused_backward(grad_out, x, optional(w), t[kMean], t[kInvstd], s.training,
+                         wanted[1] || wanted[2]);
+    }
+    if (wanted[0]) grads[0] = grad_input;
+    if (wanted[1]) grads[1] = as_type(grad_weight, w.scalar_type());
+    if (wanted[2]) grads[2] = as_type(grad_bias, s.bias_type);
+    return grads;
   }
 };
 
@@ -325,13 +337,13 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
       (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
     auto node = make_node<BatchNormBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
-    node->input = SavedVariable(input, /*is_output=*/false);
-    node->weight = SavedVariable(weight.value_or(at::Tensor()), false);
-    node->save_mean = SavedVariable(save_mean, false);
-    node->save_invstd = SavedVariable(save_invstd, false);
-    node->training = training;
-    node->eps = eps;
-    if (bias.has_value() && bias->defined()) node->bias_type = bias->scalar_type();
+    using Node = BatchNormBackward;
+    node->tensors[Node::kInput] = SavedVariable(input, /*is_output=*/false);
+    node->tensors[Node::kWeight] = SavedVariable(weight.value_or(at::Tensor()), false);
+    node->tensors[Node::kMean] = SavedVariable(save_mean, false);
+    node->tensors[Node::kInvstd] = SavedVariable(save_invstd, false);
+    const bool has_bias = bias.has_value() && bias->defined();
+    node->state = {training, eps, has_bias ? bias->scalar_type() : at::kFloat};
     torch::autograd::set_history(output, node);
   }
   return output;
@@ -409,133 +421,72 @@ at::Tensor activation_grad_of_output(const at::Tensor& y, const ActivationSpec& 
   }
 }
 
-// The non-tensor state of a batch norm + activation's backward.
-struct ActState {
-  bool from_output = false;  // the saved tensor is the output (memory_efficient)
+struct BatchNormActState {
+  bool from_output = false;  // the saved input is the output (memory_efficient)
   bool training = true;
   double eps = 0.0;
   std::string activation;
   double negative_slope = 0.0, alpha = 0.0;
   at::ScalarType bias_type = at::kFloat;
+
+  template <class Self, class F>
+  static void fields(Self& s, F&& f) {
+    f(s.from_output);
+    f(s.training);
+    f(s.eps);
+    f(s.activation);
+    f(s.negative_slope);
+    f(s.alpha);
+    f(s.bias_type);
+  }
 };
 
 // The fused batch norm + activation's backward; with memory_efficient (and
 // weights it can invert) it keeps its output instead of its input.
-struct BatchNormActBackward final : Node {
-  // saved: the input, or the output when state.from_output; output: the
-  // output beside the input, where the activation's derivative comes from it.
-  SavedVariable saved, weight, bias, residual, output, save_mean, save_invstd;
-  ActState state;
-
+struct BatchNormActBackward final : SavedStateNode<BatchNormActBackward, BatchNormActState, 7> {
+  // kSaved: the input, or the output when from_output; kOutput: the output
+  // beside the input, where the activation's derivative comes from it.
+  enum { kSaved, kWeight, kBias, kResidual, kOutput, kMean, kInvstd };
+  static constexpr const char* kFunctionalName = "normext_BatchNormActBackward";
   std::string name() const override { return "normext::BatchNormActBackward"; }
 
-  void release_variables() override {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* t : tensors()) t->reset_data();
-  }
-
-  std::array<SavedVariable*, 7> tensors() {
-    return {&saved, &weight, &bias, &residual, &output, &save_mean, &save_invstd};
-  }
-
   // The gradients of input, weight, bias and residual, each where `wanted`.
-  static variable_list gradients(const at::Tensor& grad_out, const at::Tensor& saved,
-                                 const at::Tensor& weight, const at::Tensor& bias,
-                                 const at::Tensor& residual, const at::Tensor& output,
-                                 const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                 const ActState& state, const std::vector<bool>& wanted) {
+  static variable_list gradients(const at::Tensor& grad_out, const Tensors& t,
+                                 const BatchNormActState& s, const std::vector<bool>& wanted) {
     variable_list grads(4);
     if (!grad_out.defined()) return grads;
+    const at::Tensor &saved = t[kSaved], &weight = t[kWeight], &output = t[kOutput];
     at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      TORCH_CHECK_NOT_IMPLEMENTED(!state.from_output,
+      TORCH_CHECK_NOT_IMPLEMENTED(!s.from_output,
                                   "normext: double backward through a memory_efficient batch "
                                   "norm + activation needs its input, which it did not keep; "
                                   "use memory_efficient=False");
-      const ActivationSpec spec =
-          activation_spec(state.activation, state.negative_slope, state.alpha);
+      const ActivationSpec spec = activation_spec(s.activation, s.negative_slope, s.alpha);
       if (output.defined()) {  // the derivative from the output, as the forward saved it
         const at::Tensor dz = grad_out.to(accumulate_type(output.scalar_type())) *
                               activation_grad_of_output(output, spec);
         std::tie(grad_input, grad_weight, grad_bias) = differentiable_backward(
-            dz, saved, weight, save_mean, save_invstd, state.training, state.eps);
+            dz, saved, weight, t[kMean], t[kInvstd], s.training, s.eps);
         grad_residual = dz.to(output.scalar_type());
       } else {
-        const variable_list grads = differentiable_act_backward(
-            grad_out, saved, weight, bias, residual, save_mean, save_invstd, state.training,
-            state.eps, spec);
-        std::tie(grad_input, grad_weight, grad_bias, grad_residual) =
-            std::tuple{grads[0], grads[2], grads[3], grads[1]};
+        const variable_list g =
+            differentiable_act_backward(grad_out, saved, weight, t[kBias], t[kResidual],
+                                        t[kMean], t[kInvstd], s.training, s.eps, spec);
+        std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
+            std::tuple{g[0], g[1], g[2], g[3]};
       }
     } else {
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
-          grad_out, saved, optional(residual), optional(output), optional(weight),
-          optional(bias), save_mean, save_invstd, state.training, state.activation,
-          state.negative_slope, state.alpha, state.from_output, wanted[1] || wanted[2]);
+          grad_out, saved, optional(t[kResidual]), optional(output), optional(weight),
+          optional(t[kBias]), t[kMean], t[kInvstd], s.training, s.activation,
+          s.negative_slope, s.alpha, s.from_output, wanted[1] || wanted[2]);
     }
     if (wanted[0]) grads[0] = grad_input;
     if (wanted[1]) grads[1] = as_type(grad_weight, weight.scalar_type());
-    if (wanted[2]) grads[2] = as_type(grad_bias, state.bias_type);
+    if (wanted[2]) grads[2] = as_type(grad_bias, s.bias_type);
     if (wanted[3]) grads[3] = grad_residual;
     return grads;
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    // The output (and the saved tensor, when it is the output) is this node's own.
-    return gradients(grads[0], saved.unpack(getptr()), weight.unpack(), bias.unpack(),
-                     residual.unpack(), output.unpack(getptr()), save_mean.unpack(),
-                     save_invstd.unpack(), state, wanted_grads(*this));
-  }
-
-  void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(saved, /*is_output=*/state.from_output);
-    for (const SavedVariable* t : {&weight, &bias, &residual}) args.collect(*t, false);
-    args.collect(output, /*is_output=*/true);
-    for (const SavedVariable* t : {&save_mean, &save_invstd}) args.collect(*t, false);
-    args.collect(state.from_output);
-    args.collect(state.training);
-    args.collect(state.eps);
-    args.collect(state.activation);
-    args.collect(state.negative_slope);
-    args.collect(state.alpha);
-    args.collect(state.bias_type);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& swapped) override {
-    for (SavedVariable* t : tensors()) swapped.before(*t);
-    PackedArgs args;
-    for (SavedVariable* t : tensors()) args.pack(optional(t->unpack(getptr())));
-    args.pack(state.from_output);
-    args.pack(state.training);
-    args.pack(state.eps);
-    args.pack(state.activation);
-    args.pack(state.negative_slope);
-    args.pack(state.alpha);
-    args.pack(state.bias_type);
-    variable_list result = record_functional(*this, "normext_BatchNormActBackward",
-                                             &functional, std::move(args), grads, swapped);
-    for (SavedVariable* t : tensors()) swapped.after(*t);
-    return result;
-  }
-
-  // apply on what apply_with_saved packed.
-  static variable_list functional(const variable_list& grads,
-                                  const std::vector<c10::IValue>& values) {
-    PackedArgs args(values);
-    std::array<at::Tensor, 7> t;  // in the order of tensors()
-    for (at::Tensor& tensor : t) tensor = args.unpack<OptionalTensor>().value_or(at::Tensor());
-    ActState state;
-    state.from_output = args.unpack<bool>();
-    state.training = args.unpack<bool>();
-    state.eps = args.unpack<double>();
-    state.activation = args.unpack<std::string>();
-    state.negative_slope = args.unpack<double>();
-    state.alpha = args.unpack<double>();
-    state.bias_type = args.unpack<at::ScalarType>();
-    return gradients(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], state,
-                     args.unpack<std::vector<bool>>());
   }
 };
 
@@ -572,13 +523,18 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor
   const bool derivative_from_output = !from_output && r.defined() && grad_from_output(spec);
   torch::autograd::set_history(output, node);
   // Saved after set_history: a saved output is recorded as this node's.
-  node->saved = SavedVariable(from_output ? output : input, /*is_output=*/from_output);
-  node->weight = SavedVariable(w, false);
-  node->bias = SavedVariable(b, false);
-  node->residual = SavedVariable(derivative_from_output ? at::Tensor() : r, false);
-  node->output = SavedVariable(derivative_from_output ? output : at::Tensor(), true);
-  node->save_mean = SavedVariable(save_mean, false);
-  node->save_invstd = SavedVariable(save_invstd, false);
+  using Node = BatchNormActBackward;
+  const auto save = [&](int slot, const at::Tensor& t, bool is_output) {
+    node->tensors[slot] = SavedVariable(t, is_output);
+    node->is_output[slot] = is_output;
+  };
+  save(Node::kSaved, from_output ? output : input, from_output);
+  save(Node::kWeight, w, false);
+  save(Node::kBias, b, false);
+  save(Node::kResidual, derivative_from_output ? at::Tensor() : r, false);
+  save(Node::kOutput, derivative_from_output ? output : at::Tensor(), true);
+  save(Node::kMean, save_mean, false);
+  save(Node::kInvstd, save_invstd, false);
   node->state = {from_output, training, eps, std::string(activation), negative_slope, alpha,
                  b.defined() ? b.scalar_type() : at::kFloat};
   return output;
