@@ -191,3 +191,14 @@ def test_compiled_autograd_matches_eager(memory_efficient, backend):
     traced_params = dict(traced.named_parameters())
     for name, p in eager.named_parameters():
         assert_close(traced_params[name].grad, p.grad, msg=f"grad of {name}")
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
+                    reason="torch.autograd.graph.node_creation_hook is newer than this torch")
+@pytest.mark.parametrize("name", CALLS)
+def test_node_creation_hook_sees_the_node(name):
+    """torch.autograd.graph.node_creation_hook gets each node, complete."""
+    seen = []
+    with torch.autograd.graph.node_creation_hook(lambda node: seen.append(node.name())):
+        out = CALLS[name](*_leaves())
+    assert out.grad_fn.name() in seen

@@ -181,15 +181,26 @@ void check_autograd_arguments(const char* op, std::initializer_list<const Option
 
 // Nodes are held by c10::intrusive_ptr from torch 2.14 on, by std::shared_ptr
 // before (with deleteNode, which frees a long graph without deep recursion).
+using NodePointer = decltype(torch::autograd::Edge::function);
+constexpr bool kSharedNodes = std::is_same_v<NodePointer, std::shared_ptr<Node>>;
+
 template <class T>
 auto make_node() {
-  using NodePointer = decltype(torch::autograd::Edge::function);
-  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<Node>>) {
+  if constexpr (kSharedNodes) {
     // (deleteNode found by argument-dependent lookup: torch 2.14 has none.)
     return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
   } else {
     return c10::make_intrusive<T>();
   }
+}
+
+// Runs torch.autograd.graph.node_creation_hook's hooks on a node whose edges,
+// output and saved tensors are all set: torch 2.14 runs them where a node is
+// attached to its outputs, not in set_history (found by argument-dependent
+// lookup, as older torch has no such function).
+template <class Pointer>
+void node_complete(const Pointer& node) {
+  if constexpr (!kSharedNodes) fire_node_creation_hooks(node);
 }
 
 // Which of a node's inputs (its next edges) this backward pass wants.
@@ -345,6 +356,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
     const bool has_bias = bias.has_value() && bias->defined();
     node->state = {training, eps, has_bias ? bias->scalar_type() : at::kFloat};
     torch::autograd::set_history(output, node);
+    node_complete(node);
   }
   return output;
 }
@@ -537,6 +549,7 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor
   save(Node::kInvstd, save_invstd, false);
   node->state = {from_output, training, eps, std::string(activation), negative_slope, alpha,
                  b.defined() ? b.scalar_type() : at::kFloat};
+  node_complete(node);
   return output;
 }
 

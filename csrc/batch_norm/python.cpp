@@ -47,10 +47,16 @@ at::Tensor batch_norm_act(const at::Tensor& input, const OptionalTensor& weight,
 void bind_python(pybind11::module_& m) {
   // Without the GIL while the kernels run, like torch's bindings.
   const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
+  using pybind11::arg;
   m.def("batch_norm", &batch_norm, release,
-        "torch.ops.normext.batch_norm without the boxed call's argument matching");
+        "torch.ops.normext.batch_norm without the boxed call's argument matching",
+        arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
+        arg("training"), arg("momentum"), arg("eps"));
   m.def("batch_norm_act", &batch_norm_act, release,
-        "torch.ops.normext.batch_norm_act without the boxed call's argument matching");
+        "torch.ops.normext.batch_norm_act without the boxed call's argument matching",
+        arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
+        arg("training"), arg("momentum"), arg("eps"), arg("activation"),
+        arg("negative_slope"), arg("alpha"), arg("residual"), arg("memory_efficient"));
 }
 
 }  // namespace normext::batch_norm
