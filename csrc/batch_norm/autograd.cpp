@@ -240,8 +240,7 @@ variable_list record_functional(const Node& node, const char* name,
 // Derived::gradients(grad_out, tensors, state, wanted) computes its inputs'
 // gradients. Plain autograd Nodes, as torch's own ops have: a
 // torch::autograd::Function's node keeps its state in a string-keyed map and
-// wraps its outputs, a sixth of a small batch norm's forward + backward
-// (benchmarks/RESULTS.md).
+// wraps its outputs, which a small batch norm's time shows (benchmarks/RESULTS.md).
 template <class Derived, class State, size_t N>
 struct SavedStateNode : Node {
   using Tensors = std::array<at::Tensor, N>;
