@@ -91,30 +91,82 @@ def batch_norm(
 ) -> Tensor:
     """Same signature, behaviour and errors as torch.nn.functional.batch_norm.
     Under torch.func transforms and forward-mode AD it is torch's batch_norm."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       None)
+
+
+def _count_batch(num_batches_tracked: Tensor | None, momentum: float | None) -> float | None:
+    """torch's _BatchNorm.forward before its batch_norm call: a module's
+    num_batches_tracked counts the batch, and momentum None asks for the
+    cumulative average (factor 1 / num_batches_tracked). Returns the factor."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return momentum
+
+
+def _check_args(input: Tensor, training: bool, momentum: float | None, eps: float,
+                num_batches_tracked: Tensor | None) -> None:
+    """batch_norm's argument errors, raised after the batch is counted (torch's
+    modules count it first). Each check is called only for values it might reject."""
+    try:
+        # (a batch of one value per channel: no other dim above 1, or no channel)
+        if training and (input.dim() < 2 or input.numel() == input.size(1)):
+            torch.nn.functional._verify_batch_size(input.size())
+        if not eps > 0.0:
+            _check_eps(eps, training)
+        if type(momentum) is not float and not (
+                momentum is None and num_batches_tracked is not None):
+            _check_momentum(momentum)
+    except (ValueError, TypeError):
+        _count_batch(num_batches_tracked, momentum)
+        raise
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """batch_norm, after the modules' step before it (_count_batch, given
+    their num_batches_tracked when it counts; momentum may then be None). An
+    eager call has the extension's entry count, which costs less than add_."""
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        momentum = _count_batch(num_batches_tracked, momentum)
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input,
             running_mean, running_var, weight=weight, bias=bias, training=training,
             momentum=momentum, eps=eps)
-    if training:
-        torch.nn.functional._verify_batch_size(input.size())
     # TorchScript checks argument types, and has neither transforms nor tangents.
     if not torch.jit.is_scripting():
-        # The checks' functions are called only for values they might reject.
-        if not eps > 0.0:
-            _check_eps(eps, training)
-        if type(momentum) is not float:
-            _check_momentum(momentum)
         # torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD
         # tangents: normext's op has neither batching rules nor a forward
         # derivative, torch's batch_norm has both.
         if torch._C._are_functorch_transforms_active() or (
                 forward_ad._current_level >= 0 and _has_tangents(input, weight, bias)):
+            momentum = _count_batch(num_batches_tracked, momentum)
             return torch.nn.functional.batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps)
-        call = _batch_norm_op if torch.compiler.is_compiling() else _batch_norm_direct
-        return call(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        if torch.compiler.is_compiling():  # traced: the count as torch's, and the op
+            momentum = _count_batch(num_batches_tracked, momentum)
+            _check_args(input, training, momentum, eps, None)
+            return _batch_norm_op(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps)
+        _check_args(input, training, momentum, eps, num_batches_tracked)
+        return _batch_norm_direct(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps, num_batches_tracked)
+    momentum = _count_batch(num_batches_tracked, momentum)
+    if training:
+        torch.nn.functional._verify_batch_size(input.size())
     _check_eps(eps, training)
+    assert momentum is not None  # (TorchScript's refinement) a module's momentum None counts
     return ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
@@ -173,29 +225,53 @@ def batch_norm_act(
     with forward-mode tangents, the same result is composed from batch_norm,
     an add and the activation, keeping the input (memory_efficient has no
     effect there)."""
+    return _batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, activation, negative_slope, alpha, residual, memory_efficient,
+                           None)
+
+
+def _batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+    residual: Tensor | None,
+    memory_efficient: bool,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """batch_norm_act, counting a module's batch as _batch_norm does."""
     tensors = (input, running_mean, running_var, weight, bias, residual)
     if has_torch_function_variadic(*tensors):
+        momentum = _count_batch(num_batches_tracked, momentum)
         return handle_torch_function(
             batch_norm_act, tensors, input, running_mean, running_var, weight=weight,
             bias=bias, training=training, momentum=momentum, eps=eps, activation=activation,
             negative_slope=negative_slope, alpha=alpha, residual=residual,
             memory_efficient=memory_efficient)
     ops._check_activation(activation, negative_slope, alpha, memory_efficient)
-    # batch_norm's eager checks, inline as there (each call costs a small layer time).
     if input.device.type in FUSED_DEVICES and not (
             torch._C._are_functorch_transforms_active()
             or (forward_ad._current_level >= 0
                 and _has_tangents(input, weight, bias, residual))):
-        if training:
-            torch.nn.functional._verify_batch_size(input.size())
-        if not eps > 0.0:
-            _check_eps(eps, training)
-        if type(momentum) is not float:
-            _check_momentum(momentum)
-        call = _batch_norm_act_op if torch.compiler.is_compiling() else _batch_norm_act_direct
-        return call(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                    activation, negative_slope, alpha, residual, memory_efficient)
-    z = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if torch.compiler.is_compiling():
+            momentum = _count_batch(num_batches_tracked, momentum)
+            _check_args(input, training, momentum, eps, None)
+            return _batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, activation, negative_slope, alpha, residual,
+                                      memory_efficient)
+        _check_args(input, training, momentum, eps, num_batches_tracked)
+        return _batch_norm_act_direct(input, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, activation, negative_slope, alpha, residual,
+                                      memory_efficient, num_batches_tracked)
+    z = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    num_batches_tracked)
     if residual is not None:
         z = z + residual
     return _ACTIVATION_FUNCTIONS[activation](z, negative_slope, alpha)

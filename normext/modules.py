@@ -41,24 +41,28 @@ class _NormextForward:
             if isinstance(input, torch.fx.Proxy):
                 return traced_as_leaf(self, input)
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
+        # functional._batch_norm counts the batch in num_batches_tracked (and,
+        # with momentum None, takes the cumulative average's factor from it).
+        momentum: float | None = self.momentum
+        counter: torch.Tensor | None = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+            counter = self.num_batches_tracked
+        elif momentum is None:
+            momentum = 0.0
         # Batch statistics in training, and in eval when no running stats exist.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running stats are passed only when they are used or updated.
         pass_running = not self.training or self.track_running_stats
-        return functional.batch_norm(
+        return functional._batch_norm(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
             self.weight,
             self.bias,
             use_batch_stats,
-            factor,
+            momentum,
             self.eps,
+            counter,
         )
 
 
@@ -128,27 +132,29 @@ class _BatchNormAct:
         if isinstance(input, torch.fx.Proxy):
             return traced_as_leaf(self, input, residual)
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
+        momentum: float | None = self.momentum
+        counter: torch.Tensor | None = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+            counter = self.num_batches_tracked
+        elif momentum is None:
+            momentum = 0.0
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        return functional.batch_norm_act(
+        return functional._batch_norm_act(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
             self.weight,
             self.bias,
             use_batch_stats,
-            factor,
+            momentum,
             self.eps,
             self.activation,
             self.negative_slope,
             self.alpha,
             residual,
             self.memory_efficient,
+            counter,
         )
 
 

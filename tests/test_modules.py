@@ -618,6 +618,86 @@ def test_error_one_value_per_channel_in_training(kind, shape):
     assert_close(ours(x), theirs(x))
 
 
+# ---------------------------------------------------------------------------
+# num_batches_tracked: counted in the extension's entry for eager calls
+
+
+def _counting_pair(fused, momentum):
+    """A normext layer (BatchNorm2d or BatchNormAct2d with identity) and torch's
+    BatchNorm2d, same state."""
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    ours = (normext.BatchNormAct2d(3, momentum=momentum, activation="identity") if fused
+            else normext.BatchNorm2d(3, momentum=momentum))
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_counter_like_torch_through_errors(fused, momentum):
+    """num_batches_tracked and its version counter follow torch's module step
+    by step, including a batch its checks reject (torch counts it first) and
+    the wrong-rank input it rejects before counting."""
+    ours, theirs = _counting_pair(fused, momentum)
+    inputs = [torch.randn(4, 3, 2, 2), torch.randn(1, 3, 1, 1), torch.randn(4, 3, 2),
+              torch.randn(4, 3, 2, 2) + 1]
+    versions = [layer.num_batches_tracked._version for layer in (ours, theirs)]
+    for x in inputs:
+        for layer in (ours, theirs):
+            try:
+                layer(x)
+            except ValueError:
+                pass
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
+        assert (ours.num_batches_tracked._version - versions[0]
+                == theirs.num_batches_tracked._version - versions[1])
+        assert_close(ours.running_mean, theirs.running_mean)
+        assert_close(ours.running_var, theirs.running_var)
+    assert ours.num_batches_tracked.item() == 3
+
+
+def test_counter_that_is_an_inference_tensor():
+    """A counter made under inference_mode cannot count outside it: torch's
+    RuntimeError, raised after counting as torch's add_ does, running stats
+    untouched; inside inference_mode it counts."""
+    with torch.inference_mode():
+        layers = _counting_pair(False, 0.1)
+    x = torch.randn(4, 3, 2, 2)
+    for layer in layers:
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+            layer(x)
+        assert layer.num_batches_tracked.item() == 1
+        assert layer.running_mean.abs().max() == 0
+        with torch.inference_mode():
+            layer(x)
+        assert layer.num_batches_tracked.item() == 2
+    assert_close(layers[0].running_mean, layers[1].running_mean)
+
+
+def test_counter_seen_by_dispatch_modes():
+    """Under a TorchDispatchMode the count is torch's add_, which the mode sees
+    (a counter on the CPU is otherwise incremented on the host)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours, theirs = _counting_pair(False, None)
+    x = torch.randn(4, 3, 2, 2)
+    for layer in (ours, theirs):
+        with Ops() as mode:
+            layer(x)
+        assert any(name.startswith("aten.add_.") for name in mode.names), mode.names
+        assert layer.num_batches_tracked.item() == 1
+    assert_close(ours.running_var, theirs.running_var)
+
+
 def test_error_running_mean_none_in_eval():
     assert_same_error(
         lambda impl: lambda: _functional(impl)(torch.randn(2, 3), None, None, training=False),

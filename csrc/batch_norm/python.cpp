@@ -4,6 +4,7 @@
 // call still goes through the dispatcher (autograd, autocast, tracing,
 // dispatch modes), as torch's own Python bindings do.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -14,31 +15,60 @@ namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// torch's _BatchNorm.forward before its batch_norm call: a module's
+// num_batches_tracked (when given) counts the batch, and momentum None asks
+// for the cumulative average. Returns the momentum factor. A plain CPU
+// counter is incremented here (bumping its version, as add_ does), a Python
+// add_'s TensorIterator being a few times the work; others take add_.
+double count_batch(const OptionalTensor& num_batches_tracked, std::optional<double> momentum) {
+  if (!num_batches_tracked) {
+    TORCH_CHECK_TYPE(momentum, "batch_norm(): argument 'momentum' must be float, not None");
+    return *momentum;
+  }
+  at::Tensor counter = *num_batches_tracked;
+  if (counter.is_cpu() && counter.layout() == at::kStrided &&
+      counter.scalar_type() == at::kLong && counter.numel() == 1 &&
+      !counter.unsafeGetTensorImpl()->is_python_dispatch() &&
+      c10::impl::TorchDispatchModeTLS::stack_len() == 0) {
+    const int64_t count = ++*counter.mutable_data_ptr<int64_t>();
+    // An inference tensor outside inference_mode raises here, counted, as from add_.
+    counter.unsafeGetTensorImpl()->bump_version();
+    return momentum ? *momentum : 1.0 / static_cast<double>(count);
+  }
+  counter.add_(1);
+  return momentum ? *momentum : 1.0 / counter.item<double>();
+}
+
 at::Tensor batch_norm(const at::Tensor& input, const OptionalTensor& weight,
                       const OptionalTensor& bias, const OptionalTensor& running_mean,
-                      const OptionalTensor& running_var, bool training, double momentum,
-                      double eps) {
+                      const OptionalTensor& running_var, bool training,
+                      std::optional<double> momentum, double eps,
+                      const OptionalTensor& num_batches_tracked) {
+  const double factor = count_batch(num_batches_tracked, momentum);
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("normext::batch_norm", "")
           .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                             const OptionalTensor&, const OptionalTensor&, bool, double,
                             double)>();
-  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  return op.call(input, weight, bias, running_mean, running_var, training, factor, eps);
 }
 
 at::Tensor batch_norm_act(const at::Tensor& input, const OptionalTensor& weight,
                           const OptionalTensor& bias, const OptionalTensor& running_mean,
-                          const OptionalTensor& running_var, bool training, double momentum,
-                          double eps, const std::string& activation, double negative_slope,
-                          double alpha, const OptionalTensor& residual, bool memory_efficient) {
+                          const OptionalTensor& running_var, bool training,
+                          std::optional<double> momentum, double eps,
+                          const std::string& activation, double negative_slope, double alpha,
+                          const OptionalTensor& residual, bool memory_efficient,
+                          const OptionalTensor& num_batches_tracked) {
+  const double factor = count_batch(num_batches_tracked, momentum);
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("normext::batch_norm_act", "")
           .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                             const OptionalTensor&, const OptionalTensor&, bool, double, double,
                             c10::string_view, double, double, const OptionalTensor&, bool)>();
-  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+  return op.call(input, weight, bias, running_mean, running_var, training, factor, eps,
                  activation, negative_slope, alpha, residual, memory_efficient);
 }
 
@@ -51,12 +81,13 @@ void bind_python(pybind11::module_& m) {
   m.def("batch_norm", &batch_norm, release,
         "torch.ops.normext.batch_norm without the boxed call's argument matching",
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
-        arg("training"), arg("momentum"), arg("eps"));
+        arg("training"), arg("momentum"), arg("eps"), arg("num_batches_tracked") = pybind11::none());
   m.def("batch_norm_act", &batch_norm_act, release,
         "torch.ops.normext.batch_norm_act without the boxed call's argument matching",
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
         arg("training"), arg("momentum"), arg("eps"), arg("activation"),
-        arg("negative_slope"), arg("alpha"), arg("residual"), arg("memory_efficient"));
+        arg("negative_slope"), arg("alpha"), arg("residual"), arg("memory_efficient"),
+        arg("num_batches_tracked") = pybind11::none());
 }
 
 }  // namespace normext::batch_norm
