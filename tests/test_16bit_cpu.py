@@ -89,3 +89,30 @@ def test_cpu_float16_ops_match_float32(layout):
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert y.is_contiguous(memory_format=memory_format)
     assert dx.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("length", [1, 7, 8, 15, 16, 17, 33])
+def test_cpu_float16_group_norm_output_is_rounded_float32(layout, length):
+    """GroupNorm's float16 output pass (whole vectors and a partial one where
+    the build converts vectors): the float32 formula on the op's statistics,
+    rounded once to float16 (within its rounding: one ulp, as float32's fused
+    multiply-add may differ in the last float32 bit), for runs and channel
+    rows of every length around the vector widths; float16 values near its
+    maximum included."""
+    torch.manual_seed(length)
+    channels, spatial = (2 * length, 3) if layout == "channels_last" else (4, length)
+    x = torch.randn(2, channels, spatial, dtype=torch.float32) * 3 + 1
+    x[0, 0, 0] = 65000.0
+    x = x.half()
+    if layout == "channels_last":
+        x = x.unsqueeze(-1).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
+    y, mean, rstd = torch.ops.normext.group_norm_forward(x, 2, w.half(), b.half(), 1e-5)
+    scale = (rstd.view(2, 2, 1) * w.half().float().view(1, 2, -1)).view(2, channels, 1)
+    expected = ((x.float().reshape(2, 2, -1) - mean.view(2, 2, 1)).reshape(2, channels, -1)
+                * scale + b.half().float().view(1, channels, 1))
+    ulps = (y.float().reshape(2, channels, -1) - expected).abs() / \
+        torch.finfo(torch.float16).eps / expected.abs().clamp_min(2 ** -14)
+    assert ulps.max() <= 1.0, ulps.max()
+    assert y.dtype == torch.float16

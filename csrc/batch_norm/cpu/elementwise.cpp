@@ -118,47 +118,12 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
 }
 
 #if defined(NORMEXT_VECTORS16)
-// float16 and bfloat16: whole vectors in registers (cpu::load_vector), math.h's
-// formulas on them, and a partial vector for a tail. A run's coefficients are
-// splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. The plain passes over these types take them (fused passes take
-// the loops above).
-// The coefficients are float (the 16-bit types' accumulate type, asserted).
-static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
-              std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
+// float16 and bfloat16 through whole vectors (common/cpu/normalize16.h): the
+// plain passes over these types take them (fused passes take the loops above).
+using cpu::plain_normalize_rows;
+using cpu::plain_normalize_run;
 using Vec = cpu::FloatVector;
 constexpr int kLanes = cpu::kVectorLanes;
-template <typename T>
-void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
-                         float bias) {
-  const Vec m = cpu::splat(mean), s = cpu::splat(scale), b = cpu::splat(bias);
-  int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
-    cpu::store_vector(y + i, normalize(cpu::load_vector(x + i), m, s, b));
-  }
-  if (const int64_t n = length - i) {
-    cpu::store_vector(y + i, normalize(cpu::load_vector(x + i, n), m, s, b), n);
-  }
-}
-
-template <int Rows, typename T>
-void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
-                          const float* scale, const float* bias) {
-  for (int64_t c = 0; c < channels; c += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, channels - c);
-    const bool whole = n == kLanes;
-    const Vec m = cpu::load_floats(mean + c, n), s = cpu::load_floats(scale + c, n),
-              b = cpu::load_floats(bias + c, n);
-    for (int k = 0; k < Rows; ++k) {
-      const int64_t i = k * channels + c;
-      if (whole) {
-        cpu::store_vector(y + i, normalize(cpu::load_vector(x + i), m, s, b));
-      } else {
-        cpu::store_vector(y + i, normalize(cpu::load_vector(x + i, n), m, s, b), n);
-      }
-    }
-  }
-}
 
 template <typename T, typename acc_t>
 void plain_grad_input_run(const T* dy, const T* x, T* dx, int64_t length, acc_t mean,

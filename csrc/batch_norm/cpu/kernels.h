@@ -20,6 +20,7 @@
 #include "common/cpu/capability.h"
 #include "common/cpu/vec16.h"
 #include "common/cpu/loops.h"
+#include "common/cpu/normalize16.h"
 #include "common/cpu/reduce.h"
 
 namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {

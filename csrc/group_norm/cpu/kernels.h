@@ -18,6 +18,7 @@
 #include "common/channel_view.h"
 #include "common/cpu/capability.h"
 #include "common/cpu/loops.h"
+#include "common/cpu/normalize16.h"
 #include "common/cpu/reduce.h"
 #include "common/cpu/run_shift.h"
 #include "common/math.h"
