@@ -116,3 +116,25 @@ def test_cpu_float16_group_norm_output_is_rounded_float32(layout, length):
         torch.finfo(torch.float16).eps / expected.abs().clamp_min(2 ** -14)
     assert ulps.max() <= 1.0, ulps.max()
     assert y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("length", [1, 7, 8, 15, 16, 17, 33])
+def test_cpu_float16_group_norm_input_gradient_is_rounded_float32(layout, length):
+    """GroupNorm's float16 input-gradient pass (whole vectors and a partial
+    one where the build converts vectors) against the same op on the values
+    upcast to float32, with the same statistics: float16's rounding apart."""
+    torch.manual_seed(length)
+    channels, spatial = (2 * length, 3) if layout == "channels_last" else (4, length)
+    x, dy = (torch.randn(2, channels, spatial, 1) * 3 + 1 for _ in range(2))
+    if layout == "channels_last":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    x, dy = x.half(), dy.half()
+    w, b = (torch.rand(channels) + 0.5).half(), torch.randn(channels).half()
+    _, mean, rstd = torch.ops.normext.group_norm_forward(x, 2, w, b, 1e-5)
+    grads16 = torch.ops.normext.group_norm_backward(dy, x, 2, mean, rstd, w, b, [True] * 3)
+    grads32 = torch.ops.normext.group_norm_backward(dy.float(), x.float(), 2, mean, rstd,
+                                                    w.float(), b.float(), [True] * 3)
+    dx16, dx32 = grads16[0].float(), grads32[0]
+    assert grads16[0].dtype == torch.float16
+    torch.testing.assert_close(dx16, dx32, rtol=2 ** -10, atol=2 ** -10 * dx32.abs().max())

@@ -257,7 +257,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     with_grad_source<acc_t>(fused, [&](auto act, auto plain, auto from, auto residual) {
       const auto run = [&](auto source, auto batch) {
         constexpr bool kBatchStats = decltype(batch)::value;
-        constexpr bool kPlainPass = decltype(source)::kPlainPass;
+        [[maybe_unused]] constexpr bool kPlainPass = decltype(source)::kPlainPass;
         if (input.channels_last) {
           const bool grouped = cpu::group_rows<acc_t>(C, 4);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {

@@ -22,7 +22,8 @@ struct ChannelGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
-  static constexpr bool kLaneTerms = false;
+  // float16 (and bfloat16 on AVX-512) widen as whole vectors (vec16.h).
+  static constexpr bool kLaneTerms = cpu::kWidensAsVector<TDy> && cpu::kWidensAsVector<T>;
 
   Act act;
   const TDy* dy;
@@ -33,10 +34,24 @@ struct ChannelGradSums {
   const acc_t* scale;
   const acc_t* bias;
 
-  void terms(int64_t g, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
-    const acc_t xmu = static_cast<acc_t>(x[offset]) - mean[g];
-    dz = static_cast<acc_t>(dy[offset]) * act.grad(xmu * scale[g] + bias[g]);
+  void element_terms(int64_t g, acc_t dy_value, acc_t x_value, acc_t& dz, acc_t& dz_xmu) const {
+    const acc_t xmu = x_value - mean[g];
+    dz = dy_value * act.grad(xmu * scale[g] + bias[g]);
     dz_xmu = dz * xmu;
+  }
+  void terms(int64_t g, int64_t offset, acc_t& dz, acc_t& dz_xmu) const {
+    element_terms(g, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(x[offset]), dz, dz_xmu);
+  }
+  template <int kGroupStep>
+  void lane_terms(int64_t g, int64_t offset, acc_t (&dz)[cpu::kLanes],
+                  acc_t (&dz_xmu)[cpu::kLanes]) const {
+    acc_t dy_values[cpu::kLanes], x_values[cpu::kLanes];
+    cpu::widen(dy + offset, dy_values);
+    cpu::widen(x + offset, x_values);
+#pragma omp simd
+    for (int k = 0; k < cpu::kLanes; ++k) {
+      element_terms(g + k * kGroupStep, dy_values[k], x_values[k], dz[k], dz_xmu[k]);
+    }
   }
   bool group_rows(int64_t) const { return true; }
 };
