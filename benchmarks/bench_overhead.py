@@ -10,7 +10,8 @@ side by side in one process), the operator calls one call makes (profiler
 events named aten::* or normext::*, nested ones included, so both columns
 count the same way), and on CUDA the GPU kernels, copies and fills it runs.
 Counts are of the whole module call: the training modes include the
-num_batches_tracked update (one kernel on a GPU).
+num_batches_tracked update (torch's add_; normext increments a CPU counter
+in its entry, no operator call, and calls add_ elsewhere: one kernel on a GPU).
 The module's parameters and buffers have the input's dtype (model.half()).
 """
 
@@ -106,8 +107,8 @@ def main() -> None:
             "median of one call over "
             f"{args.repeats} interleaved rounds of >= {args.min_time} s each; speedup = torch us / "
             "normext us. ops: operator calls per call of the module (profiler events aten::* and "
-            "normext::*, nested included; in training they include the num_batches_tracked "
-            "update). fwdbwd: forward and backward to the input, weight and bias, whose "
+            "normext::*, nested included; in training torch's include its num_batches_tracked "
+            "add_, which normext does on the host for a CPU counter). fwdbwd: forward and backward to the input, weight and bias, whose "
             "gradients are set to None before each step.")
     if device.type == "cuda":
         note += " GPU kernels: kernels, copies and fills per call (n/a: none recorded)."
