@@ -137,7 +137,8 @@ def _batch_norm(
 ) -> Tensor:
     """batch_norm, after the modules' step before it (_count_batch, given
     their num_batches_tracked when it counts; momentum may then be None). An
-    eager call has the extension's entry count, which costs less than add_."""
+    eager call has the extension's entry count, which costs less than add_;
+    a tensor subclass's counter counts here (its __torch_function__ sees add_)."""
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         momentum = _count_batch(num_batches_tracked, momentum)
         return handle_torch_function(
@@ -159,6 +160,8 @@ def _batch_norm(
             _check_args(input, training, momentum, eps, None)
             return _batch_norm_op(input, weight, bias, running_mean, running_var, training,
                                   momentum, eps)
+        if num_batches_tracked is not None and type(num_batches_tracked) is not Tensor:
+            momentum, num_batches_tracked = _count_batch(num_batches_tracked, momentum), None
         _check_args(input, training, momentum, eps, num_batches_tracked)
         return _batch_norm_direct(input, weight, bias, running_mean, running_var, training,
                                   momentum, eps, num_batches_tracked)
@@ -266,6 +269,8 @@ def _batch_norm_act(
             return _batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
                                       momentum, eps, activation, negative_slope, alpha, residual,
                                       memory_efficient)
+        if num_batches_tracked is not None and type(num_batches_tracked) is not Tensor:
+            momentum, num_batches_tracked = _count_batch(num_batches_tracked, momentum), None
         _check_args(input, training, momentum, eps, num_batches_tracked)
         return _batch_norm_act_direct(input, weight, bias, running_mean, running_var, training,
                                       momentum, eps, activation, negative_slope, alpha, residual,

@@ -693,9 +693,44 @@ def test_counter_seen_by_dispatch_modes():
     for layer in (ours, theirs):
         with Ops() as mode:
             layer(x)
-        assert any(name.startswith("aten.add_.") for name in mode.names), mode.names
+        assert "aten.add_.Tensor" in mode.names, mode.names  # the overload Python's add_(1) calls
         assert layer.num_batches_tracked.item() == 1
     assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d"])
+def test_counter_in_a_jit_trace(fused):
+    """torch.jit.trace records the count (torch's add_), so the traced module
+    counts each call as torch's traced module does."""
+    ours, theirs = _counting_pair(fused, 0.1)
+    x = torch.randn(4, 3, 2, 2)
+    traced = [torch.jit.trace(layer, x, check_trace=False) for layer in (ours, theirs)]
+    for _ in range(3):
+        for module in traced:
+            module(x)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 4
+    assert_close(ours.running_mean, theirs.running_mean)
+
+
+def test_counter_that_is_a_tensor_subclass():
+    """A counter of a tensor subclass is counted through its own add_ (its
+    __torch_function__ sees the call, as with torch's module)."""
+    seen = []
+
+    class Counter(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = torch.randn(4, 3, 2, 2)
+    for layer in _counting_pair(False, None):
+        seen.clear()
+        layer.num_batches_tracked = torch.tensor(0).as_subclass(Counter)
+        layer(x)
+        assert "add_" in seen, seen
+        assert int(layer.num_batches_tracked) == 1
 
 
 def test_error_running_mean_none_in_eval():

@@ -3,7 +3,11 @@
 // against the schema first, microseconds a small batch norm notices. The
 // call still goes through the dispatcher (autograd, autocast, tracing,
 // dispatch modes), as torch's own Python bindings do.
+#include <ATen/EmptyTensor.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -15,27 +19,37 @@ namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// The key set of a plain CPU tensor (no subclass, view bits, functionalization
+// or inference mode), the only counters count_batch increments itself.
+c10::DispatchKeySet plain_cpu_keys() {
+  static const c10::DispatchKeySet keys = [] {
+    c10::InferenceMode normal_mode(false);
+    return at::detail::empty_cpu({}, at::kLong).key_set();
+  }();
+  return keys;
+}
+
 // torch's _BatchNorm.forward before its batch_norm call: a module's
 // num_batches_tracked (when given) counts the batch, and momentum None asks
 // for the cumulative average. Returns the momentum factor. A plain CPU
 // counter is incremented here (bumping its version, as add_ does), a Python
-// add_'s TensorIterator being a few times the work; others take add_.
+// add_'s TensorIterator being a few times the work; others take torch's add_
+// (the overload Python's add_(1) calls), as do dispatch modes and jit.trace,
+// which record it.
 double count_batch(const OptionalTensor& num_batches_tracked, std::optional<double> momentum) {
   if (!num_batches_tracked) {
     TORCH_CHECK_TYPE(momentum, "batch_norm(): argument 'momentum' must be float, not None");
     return *momentum;
   }
   at::Tensor counter = *num_batches_tracked;
-  if (counter.is_cpu() && counter.layout() == at::kStrided &&
-      counter.scalar_type() == at::kLong && counter.numel() == 1 &&
-      !counter.unsafeGetTensorImpl()->is_python_dispatch() &&
-      c10::impl::TorchDispatchModeTLS::stack_len() == 0) {
+  if (counter.key_set() == plain_cpu_keys() && counter.scalar_type() == at::kLong &&
+      counter.numel() == 1 && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Tracer)) {
     const int64_t count = ++*counter.mutable_data_ptr<int64_t>();
-    // An inference tensor outside inference_mode raises here, counted, as from add_.
     counter.unsafeGetTensorImpl()->bump_version();
     return momentum ? *momentum : 1.0 / static_cast<double>(count);
   }
-  counter.add_(1);
+  counter.add_(at::native::wrapped_scalar_tensor(1));
   return momentum ? *momentum : 1.0 / counter.item<double>();
 }
 
