@@ -95,7 +95,8 @@ void bind_python(pybind11::module_& m) {
   m.def("batch_norm", &batch_norm, release,
         "torch.ops.normext.batch_norm without the boxed call's argument matching",
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
-        arg("training"), arg("momentum"), arg("eps"), arg("num_batches_tracked") = pybind11::none());
+        arg("training"), arg("momentum"), arg("eps"),
+        arg("num_batches_tracked") = pybind11::none());
   m.def("batch_norm_act", &batch_norm_act, release,
         "torch.ops.normext.batch_norm_act without the boxed call's argument matching",
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),

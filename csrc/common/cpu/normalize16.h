@@ -2,7 +2,7 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Every norm's identity output pass over these types takes them.
+// Rows rows. Batch norm's plain passes and group norm's float16 output take them.
 #pragma once
 
 #include <ATen/OpMathType.h>
