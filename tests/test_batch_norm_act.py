@@ -304,6 +304,48 @@ def test_negative_slope_or_alpha_with_residual(activation, negative_slope, alpha
             alpha, False)
 
 
+SPECIAL_VALUES = [-float("inf"), -2.0, -0.0, 0.0, 3.0, 6.0, 7.0, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("activation,negative_slope", [
+    ("identity", 0.01), ("relu", 0.01), ("relu6", 0.01), ("leaky_relu", 0.1),
+    ("leaky_relu", 0.0)])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_piecewise_linear_edges_match_torch(activation, negative_slope, residual, dtype, layout):
+    """relu, relu6, leaky_relu and the identity share one kernel (activation.h:
+    PiecewiseLinearFn). Their values at infinities, NaN, the kinks and zero,
+    and the gradients there, bit for bit as torch's: eval mode with unit
+    statistics, so that the activation's input is the input itself."""
+    if activation == "identity" and not residual:
+        pytest.skip("the plain batch norm: no activation")
+    values = torch.tensor(SPECIAL_VALUES, dtype=dtype)
+    x = layout_variants(values.repeat(2, 3, 2, 1))[layout]  # 2x3x2x9: every value per channel
+    r = torch.zeros_like(x) if residual else None
+    stats = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    xa, ra = _leaves(x, r)
+    out = batch_norm_act(xa, *stats, None, None, False, 0.1, 0.0, activation, negative_slope,
+                         1.0, ra)
+    xr, rr = _leaves(x, r)
+    z = F.batch_norm(xr, *stats, None, None, False, 0.1, 0.0)
+    z = z + rr if residual else z
+    reference = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6,
+                 "leaky_relu": lambda t: F.leaky_relu(t, negative_slope)}[activation]
+    expected = reference(z)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    # The sign of a zero follows the affine's arithmetic, and a NaN's has no meaning.
+    signed = (x != 0) & ~expected.isnan()
+    assert torch.equal(out.signbit()[signed], expected.signbit()[signed])
+    # torch's derivative at NaN differs between its vector loops and their
+    # scalar tails (relu6, leaky_relu): compared everywhere else.
+    grad = torch.ones_like(x)
+    for got, want in zip(torch.autograd.grad(out, [t for t in (xa, ra) if t is not None], grad),
+                         torch.autograd.grad(expected, [t for t in (xr, rr) if t is not None],
+                                             grad)):
+        torch.testing.assert_close(got[~x.isnan()], want[~x.isnan()], rtol=0, atol=0)
+
+
 def test_weights_invertible_rule():
     """memory_efficient keeps the output only where every |weight| >= 1e-3 *
     max(1, |bias|): a weight of 0, a NaN or one too small for its bias falls back."""

@@ -22,13 +22,20 @@ namespace normext::batch_norm {
 enum GradFrom : int { kFromInput, kFromInputAndOutput, kFromOutput };
 
 // fn(act, residual) for a fusion: act its activation functor of acc_t (math
-// in common/activation.h), residual std::true_type or std::false_type.
+// in common/activation.h), residual std::true_type or std::false_type. The
+// identity beside a residual is the piecewise-linear functor, whose kernels
+// the residual's relu, relu6 and leaky_relu run too.
 template <typename acc_t, typename F>
 void with_fusion(const Fusion& fusion, const F& fn) {
   if (fusion.plain()) return fn(IdentityFn<acc_t>{}, std::false_type{});
+  if (fusion.activation.kind == Activation::kIdentity) {
+    return fn(PiecewiseLinearFn<acc_t>::identity(), std::true_type{});
+  }
   with_activation<acc_t>(fusion.activation, [&](auto act) {
-    if (fusion.residual.defined()) return fn(act, std::true_type{});
-    fn(act, std::false_type{});
+    if constexpr (!kIsIdentity<decltype(act)>) {
+      if (fusion.residual.defined()) return fn(act, std::true_type{});
+      fn(act, std::false_type{});
+    }
   });
 }
 
@@ -51,7 +58,7 @@ void with_grad_source(const FusedGrad& fused, const F& fn) {
                   residual);
       }
     }
-    fn(act, std::bool_constant<!kResidual && Act::kKind == Activation::kIdentity>{},
+    fn(act, std::bool_constant<!kResidual && kIsIdentity<Act>>{},
        std::integral_constant<int, kFromInput>{}, residual);
   });
 }
