@@ -23,13 +23,12 @@ enum GradFrom : int { kFromInput, kFromInputAndOutput, kFromOutput };
 
 // fn(act, residual) for a fusion: act its activation functor of acc_t (math
 // in common/activation.h), residual std::true_type or std::false_type. The
-// identity beside a residual is the piecewise-linear functor, whose kernels
-// the residual's relu, relu6 and leaky_relu run too.
+// identity beside a residual is leaky_relu with a slope of 1: one kernel fewer.
 template <typename acc_t, typename F>
 void with_fusion(const Fusion& fusion, const F& fn) {
   if (fusion.plain()) return fn(IdentityFn<acc_t>{}, std::false_type{});
   if (fusion.activation.kind == Activation::kIdentity) {
-    return fn(PiecewiseLinearFn<acc_t>::identity(), std::true_type{});
+    return fn(LeakyReluFn<acc_t>{acc_t(1)}, std::true_type{});
   }
   with_activation<acc_t>(fusion.activation, [&](auto act) {
     if constexpr (!kIsIdentity<decltype(act)>) {

@@ -121,44 +121,37 @@ constexpr bool kIsIdentity = false;
 template <typename T>
 constexpr bool kIsIdentity<IdentityFn<T>> = true;
 
-// relu, relu6, leaky_relu and the identity (beside a residual) as one
-// function, so that each fused kernel is compiled once for the four: y = z
-// on (0, upper], `upper` above it, and below 0 either z * negative_slope or
-// (zero_below = 1: relu, relu6) torch's exact 0, where z * 0 would give -0,
-// or NaN for z = -inf. zero_below is a T: GCC does not vectorize a select on
-// a bool that the loop reloads from the functor. `upper` is NaN where there
-// is no ceiling: every comparison with it is false. The derivative is 0 at relu's kink and at both of
-// relu6's, as torch's threshold_backward and hardtanh_backward take it, and
-// `at_nan` at NaN: 1 for relu (its backward tests z <= 0), the slope for
-// leaky_relu (it tests z > 0), 0 for relu6 (torch's vectorized hardtanh
-// backward; its scalar loop gives 1). Invertible for a positive slope (the
-// ops check it).
+// relu and relu6 as one functor, so that each fused kernel is compiled once
+// for the two: z clamped to [0, upper], `upper` NaN for relu (every
+// comparison with it is false). The derivative is 0 at relu's kink and at
+// both of relu6's, as torch's threshold_backward and hardtanh_backward take it.
 template <typename T>
-struct PiecewiseLinearFn {
+struct ClampFn {
+  static constexpr bool kInvertible = false;
+  static constexpr bool kGradOfOutput = true;
+  T upper;
+  static ClampFn relu() { return {std::numeric_limits<T>::quiet_NaN()}; }
+  static ClampFn relu6() { return {T(6)}; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const {
+    return z < T(0) ? T(0) : (z > upper ? upper : z);
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const {
+    return z > T(0) && !(z >= upper) ? T(1) : T(0);
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
+};
+
+// Invertible for a positive slope (the ops check it). With a slope of 1 it is
+// the identity, whose kernels beside a residual are leaky_relu's.
+template <typename T>
+struct LeakyReluFn {
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   T negative_slope;
-  T upper;
-  T at_nan;
-  T zero_below;
-  static PiecewiseLinearFn identity() { return {T(1), kNoCeiling, T(1), T(0)}; }
-  static PiecewiseLinearFn relu() { return {T(0), kNoCeiling, T(1), T(1)}; }
-  static PiecewiseLinearFn relu6() { return {T(0), T(6), T(0), T(1)}; }
-  static PiecewiseLinearFn leaky_relu(T slope) { return {slope, kNoCeiling, slope, T(0)}; }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const {
-    const T below = zero_below != T(0) ? T(0) : z * negative_slope;
-    return z > T(0) ? (z > upper ? upper : z) : (z < T(0) ? below : z);
-  }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const {
-    return z > T(0) ? (z >= upper ? T(0) : T(1)) : (z <= T(0) ? negative_slope : at_nan);
-  }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T inverse(T y) const {
-    return y > T(0) ? y : y / negative_slope;
-  }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
-
- private:
-  static constexpr T kNoCeiling = std::numeric_limits<T>::quiet_NaN();
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z > T(0) ? z : z * negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) ? T(1) : negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T inverse(T y) const { return y > T(0) ? y : y / negative_slope; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return y > T(0) ? T(1) : negative_slope; }
 };
 
 // Invertible for a positive alpha, except where alpha * exp(z) rounds away
@@ -193,14 +186,13 @@ struct SiluFn {
 // fn(the activation functor of T) for a spec (host code).
 template <typename T, typename F>
 void with_activation(const ActivationSpec& spec, const F& fn) {
-  using PiecewiseLinear = PiecewiseLinearFn<T>;
   switch (spec.kind) {
     case Activation::kRelu:
-      return fn(PiecewiseLinear::relu());
+      return fn(ClampFn<T>::relu());
     case Activation::kRelu6:
-      return fn(PiecewiseLinear::relu6());
+      return fn(ClampFn<T>::relu6());
     case Activation::kLeakyRelu:
-      return fn(PiecewiseLinear::leaky_relu(static_cast<T>(spec.negative_slope)));
+      return fn(LeakyReluFn<T>{static_cast<T>(spec.negative_slope)});
     case Activation::kElu:
       return fn(EluFn<T>{static_cast<T>(spec.alpha)});
     case Activation::kSilu:
