@@ -313,12 +313,11 @@ SPECIAL_VALUES = [-float("inf"), -2.0, -0.0, 0.0, 3.0, 6.0, 7.0, float("inf"), f
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_shared_activation_kernels_at_edges_match_torch(activation, negative_slope, residual, dtype, layout):
-    """relu and relu6 share kernels (activation.h: ClampFn), and so do
-    leaky_relu and the identity beside a residual (a slope of 1). Their values
-    at infinities, NaN, the kinks and zero, and the gradients there, bit for
-    bit as torch's: eval mode with unit statistics, so that the activation's
-    input is the input itself."""
+def test_piecewise_linear_activations_at_edges_match_torch(activation, negative_slope, residual, dtype, layout):
+    """The piecewise-linear activations' values at infinities, NaN, the kinks
+    and zero, and the gradients there, bit for bit as torch's (activation.h):
+    eval mode with unit statistics, so that the activation's input is the
+    input itself."""
     if activation == "identity" and not residual:
         pytest.skip("the plain batch norm: no activation")
     values = torch.tensor(SPECIAL_VALUES, dtype=dtype)

@@ -22,19 +22,13 @@ namespace normext::batch_norm {
 enum GradFrom : int { kFromInput, kFromInputAndOutput, kFromOutput };
 
 // fn(act, residual) for a fusion: act its activation functor of acc_t (math
-// in common/activation.h), residual std::true_type or std::false_type. The
-// identity beside a residual is leaky_relu with a slope of 1: one kernel fewer.
+// in common/activation.h), residual std::true_type or std::false_type.
 template <typename acc_t, typename F>
 void with_fusion(const Fusion& fusion, const F& fn) {
   if (fusion.plain()) return fn(IdentityFn<acc_t>{}, std::false_type{});
-  if (fusion.activation.kind == Activation::kIdentity) {
-    return fn(LeakyReluFn<acc_t>{acc_t(1)}, std::true_type{});
-  }
   with_activation<acc_t>(fusion.activation, [&](auto act) {
-    if constexpr (!kIsIdentity<decltype(act)>) {
-      if (fusion.residual.defined()) return fn(act, std::true_type{});
-      fn(act, std::false_type{});
-    }
+    if (fusion.residual.defined()) return fn(act, std::true_type{});
+    fn(act, std::false_type{});
   });
 }
 
@@ -57,7 +51,7 @@ void with_grad_source(const FusedGrad& fused, const F& fn) {
                   residual);
       }
     }
-    fn(act, std::bool_constant<!kResidual && kIsIdentity<Act>>{},
+    fn(act, std::bool_constant<!kResidual && Act::kKind == Activation::kIdentity>{},
        std::integral_constant<int, kFromInput>{}, residual);
   });
 }

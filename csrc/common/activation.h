@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 namespace normext {
 
@@ -107,6 +106,7 @@ C10_ALWAYS_INLINE float expm1_of(float x) {
 // otherwise calls some of it out of line, and the loop around stays scalar.
 template <typename T>
 struct IdentityFn {
+  static constexpr Activation kKind = Activation::kIdentity;
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z; }
@@ -115,36 +115,32 @@ struct IdentityFn {
   C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T) const { return T(1); }
 };
 
-// Whether Act is the identity with nothing fused: the plain norm's passes.
-template <class Act>
-constexpr bool kIsIdentity = false;
+// relu'(0) = 0, as torch's threshold_backward.
 template <typename T>
-constexpr bool kIsIdentity<IdentityFn<T>> = true;
-
-// relu and relu6 as one functor, so that each fused kernel is compiled once
-// for the two: z clamped to [0, upper], `upper` NaN for relu (every
-// comparison with it is false). The derivative is 0 at relu's kink and at
-// both of relu6's, as torch's threshold_backward and hardtanh_backward take it.
-template <typename T>
-struct ClampFn {
+struct ReluFn {
+  static constexpr Activation kKind = Activation::kRelu;
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = true;
-  T upper;
-  static ClampFn relu() { return {std::numeric_limits<T>::quiet_NaN()}; }
-  static ClampFn relu6() { return {T(6)}; }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const {
-    return z < T(0) ? T(0) : (z > upper ? upper : z);
-  }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const {
-    return z > T(0) && !(z >= upper) ? T(1) : T(0);
-  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z < T(0) ? T(0) : z; }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) ? T(1) : T(0); }
   C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
 };
 
-// Invertible for a positive slope (the ops check it). With a slope of 1 it is
-// the identity, whose kernels beside a residual are leaky_relu's.
+// hardtanh(z, 0, 6): derivative 0 at both kinks, as torch's hardtanh_backward.
+template <typename T>
+struct Relu6Fn {
+  static constexpr Activation kKind = Activation::kRelu6;
+  static constexpr bool kInvertible = false;
+  static constexpr bool kGradOfOutput = true;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z < T(0) ? T(0) : (z > T(6) ? T(6) : z); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return z > T(0) && z < T(6) ? T(1) : T(0); }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_of_output(T y) const { return grad(y); }
+};
+
+// Invertible for a positive slope (the ops check it).
 template <typename T>
 struct LeakyReluFn {
+  static constexpr Activation kKind = Activation::kLeakyRelu;
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   T negative_slope;
@@ -160,6 +156,7 @@ struct LeakyReluFn {
 // -16, which is higher than the true z (finite, so that 0 * inverse stays 0).
 template <typename T>
 struct EluFn {
+  static constexpr Activation kKind = Activation::kElu;
   static constexpr bool kInvertible = true;
   static constexpr bool kGradOfOutput = true;
   T alpha;
@@ -174,6 +171,7 @@ struct EluFn {
 
 template <typename T>
 struct SiluFn {
+  static constexpr Activation kKind = Activation::kSilu;
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = false;
   C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z / (T(1) + exp_of(-z)); }
@@ -183,23 +181,31 @@ struct SiluFn {
   }
 };
 
-// fn(the activation functor of T) for a spec (host code).
-template <typename T, typename F>
+// fn(the activation functor of T) for a spec (host code); kInvertibleOnly
+// instantiates fn for the invertible ones alone (the caller checked the spec).
+template <typename T, bool kInvertibleOnly = false, typename F>
 void with_activation(const ActivationSpec& spec, const F& fn) {
   switch (spec.kind) {
-    case Activation::kRelu:
-      return fn(ClampFn<T>::relu());
-    case Activation::kRelu6:
-      return fn(ClampFn<T>::relu6());
     case Activation::kLeakyRelu:
       return fn(LeakyReluFn<T>{static_cast<T>(spec.negative_slope)});
     case Activation::kElu:
       return fn(EluFn<T>{static_cast<T>(spec.alpha)});
-    case Activation::kSilu:
-      return fn(SiluFn<T>{});
     default:
-      return fn(IdentityFn<T>{});
+      break;
   }
+  if constexpr (!kInvertibleOnly) {
+    switch (spec.kind) {
+      case Activation::kRelu:
+        return fn(ReluFn<T>{});
+      case Activation::kRelu6:
+        return fn(Relu6Fn<T>{});
+      case Activation::kSilu:
+        return fn(SiluFn<T>{});
+      default:
+        break;
+    }
+  }
+  return fn(IdentityFn<T>{});
 }
 
 }  // namespace

@@ -188,7 +188,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
       [[maybe_unused]] constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
-                                kIsIdentity<decltype(act)>;
+                                decltype(act)::kKind == Activation::kIdentity;
       if (input.channels_last) {
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {

@@ -123,7 +123,7 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
     // A group's run in cache: its dz computed once (an activation's
     // derivative costs more than the memory traffic; the identity's dz is
     // dy), then its channels' sums and the input gradient from dz.
-    constexpr bool kIdentity = cpu::kIsIdentity<Act>;
+    constexpr bool kIdentity = Act::kKind == Activation::kIdentity;
     at::parallel_for(0, N * G, cpu::grain_for(2 * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> dz_buffer(kIdentity ? 0 : D);
       for (int64_t r = begin; r < end; ++r) {

@@ -21,7 +21,7 @@ template <class Act, typename T, typename acc_t>
 void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, int64_t length,
                    acc_t mean, acc_t scale, acc_t bias) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (std::is_same_v<T, cpu::Float16> && cpu::kIsIdentity<Act>) {
+  if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_run(x, y, length, mean, scale, bias);
   }
 #endif
@@ -37,7 +37,7 @@ void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, in
                    const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                    const acc_t* __restrict__ bias) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (std::is_same_v<T, cpu::Float16> && cpu::kIsIdentity<Act>) {
+  if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_rows<1>(x, y, channels, mean, scale, bias);
   }
 #endif
