@@ -117,7 +117,8 @@ def cpu_variants():
         aten = torch.backends.cpu.get_cpu_capability()
         aten_macros = ([f"-DCPU_CAPABILITY={aten}", f"-DCPU_CAPABILITY_{aten}"]
                        if aten in ("AVX2", "AVX512") else [])
-        return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE"] + aten_macros)]
+        return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE",
+                            "-DNORMEXT_CPU_FLOAT64_ACTIVATIONS"] + aten_macros)]
     if arch:
         sys.exit(f"normext: NORMEXT_CPU_ARCH={arch!r}: only 'native' (or unset) is supported")
     names = ["DEFAULT"]
@@ -125,8 +126,11 @@ def cpu_variants():
         names += ["AVX2", "AVX512"]
     # NORMEXT_CPU_CAPABILITY names the kernels' namespace; CPU_CAPABILITY*
     # select ATen's matching at::vec implementation, as in ATen's own kernels.
+    # float64 through an activation is compiled for the baseline alone
+    # (common/activation.h: kActivationsFor).
     return [(name, [f"-DNORMEXT_CPU_CAPABILITY={name}", f"-DCPU_CAPABILITY={name}",
-                    f"-DCPU_CAPABILITY_{name}"] + CPU_CAPABILITY_FLAGS[name])
+                    f"-DCPU_CAPABILITY_{name}"] + CPU_CAPABILITY_FLAGS[name]
+             + (["-DNORMEXT_CPU_FLOAT64_ACTIVATIONS"] if name == "DEFAULT" else []))
             for name in names]
 
 

@@ -6,11 +6,13 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace normext {
 
@@ -181,31 +183,50 @@ struct SiluFn {
   }
 };
 
+// Whether this compilation has the activations' kernels for T: float64's
+// are compiled for the baseline CPU variant alone (setup.py defines
+// NORMEXT_CPU_FLOAT64_ACTIVATIONS there; common/cpu/dispatch.h: baseline_only
+// sends such calls to it), as one copy per instruction set would add compile
+// time for a dtype that is not trained in; everywhere else all are.
+#if defined(NORMEXT_CPU_CAPABILITY) && !defined(NORMEXT_CPU_FLOAT64_ACTIVATIONS)
+template <typename T>
+constexpr bool kActivationsFor = !std::is_same_v<T, double>;
+#else
+template <typename T>
+constexpr bool kActivationsFor = true;
+#endif
+
 // fn(the activation functor of T) for a spec (host code); kInvertibleOnly
 // instantiates fn for the invertible ones alone (the caller checked the spec).
 template <typename T, bool kInvertibleOnly = false, typename F>
 void with_activation(const ActivationSpec& spec, const F& fn) {
-  switch (spec.kind) {
-    case Activation::kLeakyRelu:
-      return fn(LeakyReluFn<T>{static_cast<T>(spec.negative_slope)});
-    case Activation::kElu:
-      return fn(EluFn<T>{static_cast<T>(spec.alpha)});
-    default:
-      break;
-  }
-  if constexpr (!kInvertibleOnly) {
+  if constexpr (!kActivationsFor<T>) {
+    TORCH_INTERNAL_ASSERT(spec.kind == Activation::kIdentity,
+                          "float64 activations run the baseline CPU variant's kernels");
+    return fn(IdentityFn<T>{});
+  } else {
     switch (spec.kind) {
-      case Activation::kRelu:
-        return fn(ReluFn<T>{});
-      case Activation::kRelu6:
-        return fn(Relu6Fn<T>{});
-      case Activation::kSilu:
-        return fn(SiluFn<T>{});
+      case Activation::kLeakyRelu:
+        return fn(LeakyReluFn<T>{static_cast<T>(spec.negative_slope)});
+      case Activation::kElu:
+        return fn(EluFn<T>{static_cast<T>(spec.alpha)});
       default:
         break;
     }
+    if constexpr (!kInvertibleOnly) {
+      switch (spec.kind) {
+        case Activation::kRelu:
+          return fn(ReluFn<T>{});
+        case Activation::kRelu6:
+          return fn(Relu6Fn<T>{});
+        case Activation::kSilu:
+          return fn(SiluFn<T>{});
+        default:
+          break;
+      }
+    }
+    return fn(IdentityFn<T>{});
   }
-  return fn(IdentityFn<T>{});
 }
 
 }  // namespace

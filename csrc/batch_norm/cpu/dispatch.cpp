@@ -10,10 +10,11 @@ namespace normext::batch_norm {
 
 namespace {
 
-// fn(Type<K>{}), K the selected variant's CpuKernels.
+// fn(Type<K>{}), K the selected variant's CpuKernels (the baseline's for
+// float64 through an activation: cpu::baseline_only).
 template <typename F>
-void with_kernels(const F& fn) {
-  cpu::with_variant<KernelsOf>(fn);
+void with_kernels(const F& fn, bool baseline = false) {
+  cpu::with_variant<KernelsOf>(fn, baseline);
 }
 
 }  // namespace
@@ -51,7 +52,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                            const at::Tensor& bias, at::Tensor& output, const Fusion& fusion) {
   with_kernels([&](auto k) {
     decltype(k)::type::normalize(input, mean, invstd, weight, bias, output, fusion);
-  });
+  }, cpu::baseline_only(input.data.scalar_type(), fusion.activation));
 }
 
 void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView& input,
@@ -62,7 +63,7 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
   with_kernels([&](auto k) {
     decltype(k)::type::backward_reduce(grad_out, input, mean, invstd, sum_dy, sum_dy_xmu,
                                        grad_weight, grad_bias, fused);
-  });
+  }, cpu::baseline_only(input.data.scalar_type(), fused.fusion.activation));
 }
 
 void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& input,
@@ -73,7 +74,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
   with_kernels([&](auto k) {
     decltype(k)::type::backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu,
                                       count, grad_input, fused);
-  });
+  }, cpu::baseline_only(input.data.scalar_type(), fused.fusion.activation));
 }
 
 }  // namespace normext::batch_norm

@@ -30,6 +30,10 @@ Variant selected_variant() {
   return variant;
 }
 
+bool baseline_only(c10::ScalarType dtype, const ActivationSpec& activation) {
+  return dtype == c10::kDouble && activation.kind != Activation::kIdentity;
+}
+
 std::string capability() {
   switch (selected_variant()) {
     case Variant::kAvx2: return "avx2";

@@ -5,8 +5,12 @@
 // the machine's vector units.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include <string>
 #include <vector>
+
+#include "common/activation.h"
 
 namespace normext::cpu {
 
@@ -19,17 +23,23 @@ std::string capability();
 // The variants compiled, best last.
 std::vector<std::string> capabilities();
 
+// Whether a call must take the baseline variant's kernels whatever the
+// machine: float64 through an activation, which only that variant compiles
+// (common/activation.h: kActivationsFor).
+bool baseline_only(c10::ScalarType dtype, const ActivationSpec& activation);
+
 // A type as a value (std::type_identity is C++20; torch 2.11 builds C++17).
 template <typename T>
 struct Type {
   using type = T;
 };
 
-// fn(Type<K>{}) with K = KernelsOf<v>::type for the selected variant v; a
-// norm's dispatch.cpp declares KernelsOf (variants.inc).
+// fn(Type<K>{}) with K = KernelsOf<v>::type for the selected variant v, or
+// the baseline one where `baseline` (baseline_only); a norm's dispatch.cpp
+// declares KernelsOf (variants.inc).
 template <template <Variant> class KernelsOf, typename F>
-decltype(auto) with_variant(const F& fn) {
-  switch (selected_variant()) {
+decltype(auto) with_variant(const F& fn, bool baseline = false) {
+  switch (baseline ? Variant::kDefault : selected_variant()) {
 #ifdef NORMEXT_CPU_NATIVE
     default:
       return fn(Type<typename KernelsOf<Variant::kNative>::type>{});

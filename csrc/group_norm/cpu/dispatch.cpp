@@ -13,7 +13,7 @@ void CpuKernels::forward(const ChannelView& input, int64_t groups, const at::Ten
                          at::Tensor& output, at::Tensor& mean, at::Tensor& rstd) {
   cpu::with_variant<KernelsOf>([&](auto k) {
     decltype(k)::type::forward(input, groups, weight, bias, eps, activation, output, mean, rstd);
-  });
+  }, cpu::baseline_only(input.data.scalar_type(), activation));
 }
 
 void CpuKernels::backward(const ChannelView& grad_out, const ChannelView& input, int64_t groups,
@@ -23,7 +23,7 @@ void CpuKernels::backward(const ChannelView& grad_out, const ChannelView& input,
   cpu::with_variant<KernelsOf>([&](auto k) {
     decltype(k)::type::backward(grad_out, input, groups, mean, rstd, weight, bias, activation,
                                 grad_input, grad_weight, grad_bias);
-  });
+  }, cpu::baseline_only(input.data.scalar_type(), activation));
 }
 
 }  // namespace normext::group_norm
