@@ -316,8 +316,8 @@ SPECIAL_VALUES = [-float("inf"), -2.0, -0.0, 0.0, 3.0, 6.0, 7.0, float("inf"), f
 def test_piecewise_linear_activations_at_edges_match_torch(activation, negative_slope, residual, dtype, layout):
     """The piecewise-linear activations' values at infinities, NaN, the kinks
     and zero, and the gradients there, bit for bit as torch's (activation.h):
-    eval mode with unit statistics, so that the activation's input is the
-    input itself."""
+    eval mode with unit statistics and an eps that rounds away, so that the
+    activation's input is the input itself."""
     if activation == "identity" and not residual:
         pytest.skip("the plain batch norm: no activation")
     values = torch.tensor(SPECIAL_VALUES, dtype=dtype)
@@ -325,10 +325,11 @@ def test_piecewise_linear_activations_at_edges_match_torch(activation, negative_
     r = torch.zeros_like(x) if residual else None
     stats = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
     xa, ra = _leaves(x, r)
-    out = batch_norm_act(xa, *stats, None, None, False, 0.1, 0.0, activation, negative_slope,
+    eps = 1e-20  # var + eps rounds to 1 (torch before 2.14 refuses an eps of 0)
+    out = batch_norm_act(xa, *stats, None, None, False, 0.1, eps, activation, negative_slope,
                          1.0, ra)
     xr, rr = _leaves(x, r)
-    z = F.batch_norm(xr, *stats, None, None, False, 0.1, 0.0)
+    z = F.batch_norm(xr, *stats, None, None, False, 0.1, eps)
     z = z + rr if residual else z
     reference = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6,
                  "leaky_relu": lambda t: F.leaky_relu(t, negative_slope)}[activation]
