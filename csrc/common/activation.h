@@ -183,11 +183,8 @@ struct SiluFn {
   }
 };
 
-// Whether this compilation has the activations' kernels for T: float64's
-// are compiled for the baseline CPU variant alone (setup.py defines
-// NORMEXT_CPU_FLOAT64_ACTIVATIONS there; common/cpu/dispatch.h: baseline_only
-// sends such calls to it), as one copy per instruction set would add compile
-// time for a dtype that is not trained in; everywhere else all are.
+// Whether this compilation has T's activation kernels: float64's only in the
+// baseline CPU variant, to save compile time (setup.py; cpu::baseline_only).
 #if defined(NORMEXT_CPU_CAPABILITY) && !defined(NORMEXT_CPU_FLOAT64_ACTIVATIONS)
 template <typename T>
 constexpr bool kActivationsFor = !std::is_same_v<T, double>;
