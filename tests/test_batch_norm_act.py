@@ -438,3 +438,47 @@ def test_bias_without_weight_16bit(dtype, device):
                          torch.autograd.grad(expected, leaves, grad)):
         assert got.dtype == dtype
         assert_close(got, want, dtype, factor=4)
+
+
+# Shapes whose float16 and bfloat16 passes cross the CPU kernels' float tiles
+# (512 elements, csrc/common/cpu/loops.h: kStageElements): runs longer than a
+# tile; channels-last rows several to a tile, one row in two slices, and
+# grouped rows (over 1024 channels) in three slices.
+TILE_SHAPES = [((2, 3, 24, 25), "contiguous"), ((3, 40, 5, 5), "channels_last"),
+               ((2, 600, 2, 2), "channels_last"), ((2, 1100, 2, 3), "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", TILE_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("activation,residual,memory_efficient",
+                         [("relu", False, False), ("silu", True, False), ("elu", True, True),
+                          ("identity", False, False)])
+def test_16bit_tiles_match_the_float32_kernels(dtype, shape, layout, activation, residual,
+                                               memory_efficient):
+    """Eval mode: the 16-bit fused passes are the float32 kernels on the widened
+    input, rounded once, so the output and the input and residual gradients
+    equal the float32 op's on the same values, rounded, bit for bit; training
+    mode against torch in float64 (memory_efficient: the output alone is exact,
+    its backward reading the rounded output)."""
+    c = shape[1]
+    x = layout_variants(torch.randn(shape, dtype=torch.float64))[layout]
+    w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    r = torch.randn(shape, dtype=torch.float64) if residual else None
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    grad = torch.randn(shape).to(dtype)
+    results = {}
+    for kind in (dtype, torch.float32):
+        xa = x.to(dtype).to(kind).requires_grad_()
+        ra = None if r is None else r.to(dtype).to(kind).requires_grad_()
+        out = batch_norm_act(xa, rm.clone(), rv.clone(), w.float(), b.float(), False, 0.1, 1e-5,
+                             activation, 0.1, 0.7, ra, memory_efficient)
+        inputs = [t for t in (xa, ra) if t is not None]
+        grads = torch.autograd.grad(out, inputs, grad.to(kind))
+        results[kind] = [out, *grads]
+    # memory_efficient's backward reads the rounded output: only the output is exact.
+    exact = 1 if memory_efficient else len(results[dtype])
+    for got, want in zip(results[dtype][:exact], results[torch.float32][:exact]):
+        assert got.dtype == dtype
+        assert torch.equal(got, want.to(dtype))
+    _compare(x, w, b, r, activation, memory_efficient, True, dtype,
+             4.0 if memory_efficient else 1.0)

@@ -49,6 +49,10 @@ struct GradSource {
   // dz is the residual's gradient too, where the forward had one.
   static constexpr bool kResidualGrad = kResidual || kFrom == kFromInputAndOutput;
   static constexpr bool kPlainPass = kPlain;
+  static constexpr bool kReadsOutput = kFrom == kFromInputAndOutput;
+  static constexpr bool kReadsResidual = kResidual;
+  // The same source over float tiles (the staged 16-bit passes below).
+  using FloatSource = GradSource<kPlain, kFrom, kResidual, Act, float, acc_t>;
 
   Act act;
   const scalar_t* dy;
@@ -115,6 +119,85 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
       cpu::store(dx, i, kBatchStats ? grad_input_centred(dz, xmu, {a, b, s}) : dz * a);
     }
   }
+}
+
+// float16 and bfloat16 passes other than the plain vector ones below: tiles
+// widened to float, the float32 kernels above run on them (out of line, one
+// copy for both types), the results narrowed. The tiles stay in L1; the
+// conversions are whole vectors where the CPU has them (loops.h: widen_n).
+constexpr int64_t kStage = cpu::kStageElements;
+
+template <bool kResidual, class Act>
+C10_NOINLINE void normalize_float_run(const Act act, const float* x, const float* r, float* y,
+                                      int64_t length, float mean, float scale, float bias) {
+  normalize_run<kResidual>(act, x, r, y, length, mean, scale, bias);
+}
+
+// `rows` rows of `width` channels, one after the other.
+template <bool kResidual, class Act>
+C10_NOINLINE void normalize_float_rows(const Act act, const float* x, const float* r, float* y,
+                                       int64_t rows, int64_t width, const float* mean,
+                                       const float* scale, const float* bias) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t i = k * width;
+    normalize_rows<1, kResidual>(act, x + i, kResidual ? r + i : r, y + i, width, mean, scale,
+                                 bias);
+  }
+}
+
+template <bool kBatchStats, class Source>
+C10_NOINLINE void grad_input_float_run(const Source& source, float* dx, float* dr, int64_t c,
+                                       int64_t length, const GradInputCoefficients<float> k) {
+  grad_input_run<kBatchStats>(source, dx, dr, c, 0, length, k);
+}
+
+template <bool kBatchStats, class Source>
+C10_NOINLINE void grad_input_float_rows(const Source& source, float* dx, float* dr, int64_t rows,
+                                        int64_t width, const float* dy_scale,
+                                        const float* xmu_scale, const float* shift) {
+  for (int64_t k = 0; k < rows; ++k) {
+    grad_input_rows<1, kBatchStats>(source, dx, dr, k * width, width, dy_scale, xmu_scale,
+                                    shift);
+  }
+}
+
+// fn(first element, rows, width, first channel) over channels-last rows
+// [begin, end) of C channels, in tiles of at most kStage elements: whole rows
+// where a row fits, else channel slices, `group` rows per slice so that the
+// slice's coefficients are read from L1 for all of them.
+template <typename F>
+void for_each_row_tile(int64_t begin, int64_t end, int64_t C, int64_t group, const F& fn) {
+  if (C <= kStage) {
+    const int64_t rows_per_tile = kStage / C;
+    for (int64_t row = begin; row < end; row += rows_per_tile) {
+      fn(row * C, std::min(rows_per_tile, end - row), C, int64_t{0});
+    }
+    return;
+  }
+  for (int64_t row = begin; row < end; row += group) {
+    const int64_t rows = std::min(group, end - row);
+    for (int64_t c0 = 0; c0 < C; c0 += kStage) {
+      const int64_t width = std::min(kStage, C - c0);
+      for (int64_t k = 0; k < rows; ++k) fn((row + k) * C + c0, int64_t{1}, width, c0);
+    }
+  }
+}
+
+// A 16-bit GradSource's arrays from element i widened into tiles, as a float
+// source whose per-channel arrays start at channel c0.
+struct GradTiles {
+  float dy[kStage], saved[kStage], output[kStage], residual[kStage], dx[kStage], dr[kStage];
+};
+template <class Source>
+typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t n, int64_t c0,
+                                          GradTiles& t) {
+  cpu::widen_n(src.dy + i, t.dy, n);
+  cpu::widen_n(src.saved + i, t.saved, n);
+  if constexpr (Source::kReadsOutput) cpu::widen_n(src.output + i, t.output, n);
+  if constexpr (Source::kReadsResidual) cpu::widen_n(src.residual + i, t.residual, n);
+  return {src.act,         t.dy,           t.saved,         t.output,
+          t.residual,      src.mean + c0,  src.scale + c0,  src.bias + c0,
+          src.inv_scale + c0};
 }
 
 #if defined(NORMEXT_VECTORS16)
@@ -187,32 +270,63 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     T* y = cpu::mutable_loop_data<scalar_t>(output);
     with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
-      [[maybe_unused]] constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
+      constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
                                 decltype(act)::kKind == Activation::kIdentity;
+      constexpr bool kStaged = !std::is_same_v<T, acc_t> && !kVectors;
       if (input.channels_last) {
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-          cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
-            const int64_t i = row * C;
+          if constexpr (kStaged) {
+            float xs[kStage], rs[kStage], ys[kStage];
+            const int64_t group = grouped ? cpu::kRowGroup : 1;
+            for_each_row_tile(begin, end, C, group, [&](int64_t i, int64_t rows, int64_t width,
+                                                         int64_t c0) {
+              const int64_t n = rows * width;
+              cpu::widen_n(x + i, xs, n);
+              if constexpr (kResidual) cpu::widen_n(r + i, rs, n);
+              normalize_float_rows<kResidual>(act, xs, rs, ys, rows, width, m.data() + c0,
+                                              scale.data() + c0, b.data() + c0);
+              cpu::narrow_n(ys, y + i, n);
+            });
+          } else {
+            cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
+              const int64_t i = row * C;
 #if defined(NORMEXT_VECTORS16)
-            if constexpr (kVectors) {
-              return plain_normalize_rows<rows()>(x + i, y + i, C, m.data(), scale.data(),
-                                                  b.data());
-            }
+              if constexpr (kVectors) {
+                return plain_normalize_rows<rows()>(x + i, y + i, C, m.data(), scale.data(),
+                                                    b.data());
+              } else
 #endif
-            normalize_rows<rows(), kResidual>(act, x + i, r ? r + i : r, y + i, C, m.data(),
-                                              scale.data(), b.data());
-          });
+              {
+                normalize_rows<rows(), kResidual>(act, x + i, r ? r + i : r, y + i, C,
+                                                  m.data(), scale.data(), b.data());
+              }
+            });
+          }
         });
       } else {
         cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
+          if constexpr (kStaged) {
+            float xs[kStage], rs[kStage], ys[kStage];
+            for (int64_t i = begin; i < end; i += kStage) {
+              const int64_t n = std::min(kStage, end - i);
+              cpu::widen_n(x + i, xs, n);
+              if constexpr (kResidual) cpu::widen_n(r + i, rs, n);
+              normalize_float_run<kResidual>(act, xs, rs, ys, n, m[c], scale[c], b[c]);
+              cpu::narrow_n(ys, y + i, n);
+            }
+          } else {
 #if defined(NORMEXT_VECTORS16)
-          if constexpr (kVectors) {
-            return plain_normalize_run(x + begin, y + begin, end - begin, m[c], scale[c], b[c]);
-          }
+            if constexpr (kVectors) {
+              return plain_normalize_run(x + begin, y + begin, end - begin, m[c], scale[c],
+                                         b[c]);
+            } else
 #endif
-          normalize_run<kResidual>(act, x + begin, r ? r + begin : r, y + begin, end - begin,
-                                   m[c], scale[c], b[c]);
+            {
+              normalize_run<kResidual>(act, x + begin, r ? r + begin : r, y + begin,
+                                       end - begin, m[c], scale[c], b[c]);
+            }
+          }
         });
       }
     });
@@ -256,34 +370,65 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
     const T* y = cpu::loop_data_or_null<scalar_t>(fused.output);
     with_grad_source<acc_t>(fused, [&](auto act, auto plain, auto from, auto residual) {
       const auto run = [&](auto source, auto batch) {
+        using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
-        [[maybe_unused]] constexpr bool kPlainPass = decltype(source)::kPlainPass;
+        constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
+        constexpr bool kStaged = !std::is_same_v<T, acc_t> && !kVectors;
         if (input.channels_last) {
           const bool grouped = cpu::group_rows<acc_t>(C, 4);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
-            cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
-              const int64_t i = row * C;
+            if constexpr (kStaged) {
+              GradTiles t;
+              const int64_t group = grouped ? cpu::kRowGroup : 1;
+              for_each_row_tile(begin, end, C, group, [&](int64_t i, int64_t rows,
+                                                          int64_t width, int64_t c0) {
+                const int64_t n = rows * width;
+                grad_input_float_rows<kBatchStats>(
+                    widen_source(source, i, n, c0, t), t.dx, t.dr, rows, width,
+                    dy_scale.data() + c0, xmu_scale.data() + c0, shift.data() + c0);
+                cpu::narrow_n(t.dx, dx + i, n);
+                if constexpr (Source::kResidualGrad) cpu::narrow_n(t.dr, dr + i, n);
+              });
+            } else {
+              cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
+                const int64_t i = row * C;
 #if defined(NORMEXT_VECTORS16)
-              if constexpr (kPlainPass && kBatchStats && cpu::kVectorElement<T>) {
-                return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
-                                                     dy_scale.data(), xmu_scale.data(),
-                                                     shift.data());
-              }
+                if constexpr (kVectors) {
+                  return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
+                                                       dy_scale.data(), xmu_scale.data(),
+                                                       shift.data());
+                } else
 #endif
-              grad_input_rows<rows(), kBatchStats>(
-                  source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
-            });
+                {
+                  grad_input_rows<rows(), kBatchStats>(source, dx, dr, i, C, dy_scale.data(),
+                                                       xmu_scale.data(), shift.data());
+                }
+              });
+            }
           });
         } else {
           cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
             const GradInputCoefficients<acc_t> k{dy_scale[c], xmu_scale[c], shift[c]};
+            if constexpr (kStaged) {
+              GradTiles t;
+              for (int64_t i = begin; i < end; i += kStage) {
+                const int64_t n = std::min(kStage, end - i);
+                grad_input_float_run<kBatchStats>(widen_source(source, i, n, 0, t), t.dx, t.dr,
+                                                  c, n, k);
+                cpu::narrow_n(t.dx, dx + i, n);
+                if constexpr (Source::kResidualGrad) cpu::narrow_n(t.dr, dr + i, n);
+              }
+            } else {
 #if defined(NORMEXT_VECTORS16)
-            if constexpr (kPlainPass && kBatchStats && cpu::kVectorElement<T>) {
-              return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin, m[c],
-                                          k);
-            }
+              if constexpr (kVectors) {
+                return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
+                                            m[c], k);
+              } else
 #endif
-            grad_input_run<kBatchStats>(source, dx, dr, c, begin, end, k);
+              {
+                grad_input_run<kBatchStats>(source, dx, dr, c, begin, end, k);
+              }
+            }
           });
         }
       };

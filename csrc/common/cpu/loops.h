@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/cpu/capability.h"
@@ -36,6 +37,46 @@ inline void store(c10::BFloat16* out, int64_t i, float value) {
 template <>
 inline void store(Float16* out, int64_t i, float value) {
   out[i] = Float16::from_float(value);
+}
+
+// 16-bit elements of a fused pass are widened into float tiles of this many
+// elements, which the float32 kernels then run on (elementwise.cpp): one copy
+// of each fused kernel serves three dtypes, a third of the compile time.
+constexpr int64_t kStageElements = 512;
+
+// out[0, n) = p[0, n) as floats, and p[0, n) = in[0, n) rounded as torch
+// does: whole vectors where the CPU converts them (vec16.h), else one by one.
+template <typename T>
+inline void widen_n(const T* __restrict__ p, float* __restrict__ out, int64_t n) {
+#if defined(NORMEXT_VECTORS16)
+  int64_t i = 0;
+  for (; i + kVectorLanes <= n; i += kVectorLanes) {
+    const FloatVector v = load_vector(p + i);
+    std::memcpy(out + i, &v, sizeof v);
+  }
+  if (i < n) {
+    const FloatVector v = load_vector(p + i, n - i);
+    std::memcpy(out + i, &v, (n - i) * sizeof(float));
+  }
+#else
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(p[k]);
+#endif
+}
+template <typename T>
+inline void narrow_n(const float* __restrict__ in, T* __restrict__ p, int64_t n) {
+#if defined(NORMEXT_VECTORS16)
+  int64_t i = 0;
+  for (; i + kVectorLanes <= n; i += kVectorLanes) {
+    FloatVector v;
+    std::memcpy(&v, in + i, sizeof v);
+    store_vector(p + i, v);
+  }
+  if (i < n) store_vector(p + i, load_floats(in + i, n - i), n - i);
+#else
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) store(p, k, in[k]);
+#endif
 }
 
 // The element type the loops use for a dispatched scalar_t: Float16 for
