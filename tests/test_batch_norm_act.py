@@ -440,8 +440,8 @@ def test_bias_without_weight_16bit(dtype, device):
         assert_close(got, want, dtype, factor=4)
 
 
-# Shapes whose float16 and bfloat16 passes cross the CPU kernels' float tiles
-# (512 elements, csrc/common/cpu/loops.h: kStageElements): runs longer than a
+# Shapes whose float16 passes cross the CPU kernels' float tiles (512
+# elements, csrc/common/cpu/loops.h: kStageElements): runs longer than a
 # tile; channels-last rows several to a tile, one row in two slices, and
 # grouped rows (over 1024 channels) in three slices.
 TILE_SHAPES = [((2, 3, 24, 25), "contiguous"), ((3, 40, 5, 5), "channels_last"),
@@ -455,8 +455,8 @@ TILE_SHAPES = [((2, 3, 24, 25), "contiguous"), ((3, 40, 5, 5), "channels_last"),
                           ("identity", False, False)])
 def test_16bit_tiles_match_the_float32_kernels(dtype, shape, layout, activation, residual,
                                                memory_efficient):
-    """Eval mode: the 16-bit fused passes are the float32 kernels on the widened
-    input, rounded once, so the output and the input and residual gradients
+    """Eval mode: the 16-bit fused passes compute what the float32 kernels do on
+    the widened input, rounded once, so the output and the input and residual gradients
     equal the float32 op's on the same values, rounded, bit for bit; training
     mode against torch in float64 (memory_efficient: the output alone is exact,
     its backward reading the rounded output)."""

@@ -121,10 +121,13 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
   }
 }
 
-// float16 and bfloat16 passes other than the plain vector ones below: tiles
-// widened to float, the float32 kernels above run on them (out of line, one
-// copy for both types), the results narrowed. The tiles stay in L1; the
-// conversions are whole vectors where the CPU has them (loops.h: widen_n).
+// float16 passes other than the plain vector ones below: tiles widened to
+// float, the float32 kernels above run on them (out of line, as measured), the
+// results narrowed. The tiles stay in L1; the conversions are whole vectors where the
+// CPU has them (loops.h: widen_n), where Float16's per-element bit arithmetic
+// bound the fused loops. bfloat16 converts in a few instructions per element
+// and keeps its direct loops, which the extra tile passes would slow down
+// (benchmarks/history: session 14).
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>
@@ -272,7 +275,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
       constexpr bool kResidual = decltype(residual)::value;
       constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
                                 decltype(act)::kKind == Activation::kIdentity;
-      constexpr bool kStaged = !std::is_same_v<T, acc_t> && !kVectors;
+      constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
       if (input.channels_last) {
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
@@ -373,7 +376,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
-        constexpr bool kStaged = !std::is_same_v<T, acc_t> && !kVectors;
+        constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
         if (input.channels_last) {
           const bool grouped = cpu::group_rows<acc_t>(C, 4);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
