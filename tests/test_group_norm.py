@@ -444,6 +444,28 @@ def test_group_norm_act_matches_torchs_composition(case, activation, dtype):
                      msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["identity", "silu", "elu"])
+@pytest.mark.parametrize("shape,groups", [((2, 8, 30, 20), 4), ((2, 600, 2, 3), 30),
+                                          ((3, 40, 5, 5), 8)])
+def test_group_norm_act_float16_across_tiles(shape, groups, activation, layout):
+    """float16 runs through float tiles of 512 elements (csrc/common/cpu/loops.h:
+    for_each_tile): runs of 600, channels-last rows of 600 and of 40 channels,
+    output and every gradient against torch's composition in float64."""
+    case = dict(seed=0, weight=True, bias=True, layout=layout)
+    cast, ref = _inputs(shape, shape[1], case, torch.float16)
+    act = _ACTIVATIONS[activation]
+    extra = dict(alpha=0.7) if activation == "elu" else {}
+    y_ref, g_ref = _grads(lambda x, weight, bias: act(_torch_group_norm(x, groups, weight, bias)),
+                          *ref)
+    y, g = _grads(lambda x, weight, bias: NF.group_norm_act(x, groups, weight, bias, 1e-5,
+                                                             activation, **extra), *cast)
+    assert y.dtype == torch.float16 and y.stride() == y_ref.stride()
+    assert_close(y, y_ref, torch.float16)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, torch.float16, factor=4, msg=f"grad {name}")
+
+
 @pytest.mark.parametrize("activation", ["silu", "elu", "leaky_relu"])
 def test_group_norm_act_gradcheck_and_gradgradcheck(activation):
     torch.manual_seed(0)

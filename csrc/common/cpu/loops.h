@@ -78,6 +78,21 @@ inline void narrow_n(const float* __restrict__ in, T* __restrict__ p, int64_t n)
 #endif
 }
 
+// fn(in, out, offset, n) over [0, length) in float tiles: in holds
+// x[offset, offset + n) widened, and what fn writes to out is narrowed into
+// y[offset, offset + n). float16 takes it where its per-element conversions
+// would bound a loop (an activation's, a gradient's).
+template <typename T, typename F>
+inline void for_each_tile(const T* x, T* y, int64_t length, const F& fn) {
+  float in[kStageElements], out[kStageElements];
+  for (int64_t i = 0; i < length; i += kStageElements) {
+    const int64_t n = std::min(kStageElements, length - i);
+    widen_n(x + i, in, n);
+    fn(static_cast<const float*>(in), out, i, n);
+    narrow_n(out, y + i, n);
+  }
+}
+
 // The element type the loops use for a dispatched scalar_t: Float16 for
 // c10::Half, the type itself otherwise.
 template <typename T>

@@ -60,14 +60,48 @@ struct ChannelGradSums {
 // (forward.cpp: GCC vectorizes them only so).
 
 // dz = dy * act'((x - mean) * scale + bias) over a contiguous channel run.
+// float16 through float tiles here and below (loops.h: for_each_tile).
 template <class Act, typename T, typename acc_t>
 void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
                              acc_t* __restrict__ dz, int64_t length, acc_t mean, acc_t scale,
                              acc_t bias) {
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    float dy_tile[cpu::kStageElements], x_tile[cpu::kStageElements];
+    for (int64_t i = 0; i < length; i += cpu::kStageElements) {
+      const int64_t n = std::min(cpu::kStageElements, length - i);
+      cpu::widen_n(dy + i, dy_tile, n);
+      cpu::widen_n(x + i, x_tile, n);
+      pre_activation_grad_run(act, dy_tile, x_tile, dz + i, n, mean, scale, bias);
+    }
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < length; ++i) {
-    dz[i] = static_cast<acc_t>(dy[i]) *
-            act.grad((static_cast<acc_t>(x[i]) - mean) * scale + bias);
+    for (int64_t i = 0; i < length; ++i) {
+      dz[i] = static_cast<acc_t>(dy[i]) *
+              act.grad((static_cast<acc_t>(x[i]) - mean) * scale + bias);
+    }
+  }
+}
+
+// dx = dz * dy_scale + (x - mean) * xmu_scale + shift over a contiguous run.
+template <typename TDz, typename T, typename acc_t>
+void grad_input_run(const TDz* __restrict__ dz, const T* __restrict__ x, T* __restrict__ dx,
+                    int64_t length, acc_t mean, const cpu::GradInputCoefficients<acc_t> k) {
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    float dz_tile[cpu::kStageElements];
+    cpu::for_each_tile(x, dx, length, [&](const float* xs, float* dxs, int64_t i, int64_t n) {
+      if constexpr (std::is_same_v<TDz, float>) {
+        grad_input_run(dz + i, xs, dxs, n, mean, k);
+      } else {
+        cpu::widen_n(dz + i, dz_tile, n);
+        grad_input_run(static_cast<const float*>(dz_tile), xs, dxs, n, mean, k);
+      }
+    });
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < length; ++i) {
+      cpu::store(dx, i, cpu::grad_input(static_cast<acc_t>(dz[i]), static_cast<acc_t>(x[i]),
+                                        mean, k));
+    }
   }
 }
 
@@ -79,11 +113,21 @@ void grad_input_row(const Act act, const T* __restrict__ dy, const T* __restrict
                     const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
                     const acc_t* __restrict__ shift) {
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    float dy_tile[cpu::kStageElements];
+    cpu::for_each_tile(x, dx, channels, [&](const float* xs, float* dxs, int64_t c0, int64_t n) {
+      cpu::widen_n(dy + c0, dy_tile, n);
+      grad_input_row(act, static_cast<const float*>(dy_tile), xs, dxs, n, mean + c0, scale + c0,
+                     bias + c0, dy_scale + c0, xmu_scale + c0, shift + c0);
+    });
+  } else {
 #pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) {
-    const acc_t xmu = static_cast<acc_t>(x[c]) - mean[c];
-    const acc_t dz = static_cast<acc_t>(dy[c]) * act.grad(xmu * scale[c] + bias[c]);
-    cpu::store(dx, c, cpu::grad_input_centred(dz, xmu, {dy_scale[c], xmu_scale[c], shift[c]}));
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t xmu = static_cast<acc_t>(x[c]) - mean[c];
+      const acc_t dz = static_cast<acc_t>(dy[c]) * act.grad(xmu * scale[c] + bias[c]);
+      cpu::store(dx, c,
+                 cpu::grad_input_centred(dz, xmu, {dy_scale[c], xmu_scale[c], shift[c]}));
+    }
   }
 }
 
@@ -142,16 +186,8 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
           if (!dx) return;
           const auto k = coefficients(r);
           for (int64_t j = 0; j < Cg; ++j) {
-            const acc_t dy_scale = w[(nc0 + j) % C] * k.dy_scale, m = mean_c[nc0 + j];
-            const TDz* __restrict__ dzc = dz + j * L;
-            const T* __restrict__ xc = x_run + j * L;
-            T* __restrict__ dxc = dx + r * D + j * L;
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) {
-              cpu::store(dxc, i, cpu::grad_input(static_cast<acc_t>(dzc[i]),
-                                                 static_cast<acc_t>(xc[i]), m,
-                                                 {dy_scale, k.xmu_scale, k.shift}));
-            }
+            grad_input_run(dz + j * L, x_run + j * L, dx + r * D + j * L, L, mean_c[nc0 + j],
+                           {w[(nc0 + j) % C] * k.dy_scale, k.xmu_scale, k.shift});
           }
         };
         if constexpr (kIdentity) {

@@ -15,19 +15,26 @@ namespace {
 // slope) only as a function parameter, not through a closure's reference.
 
 // y = act((x - mean) * scale + bias) over a contiguous channel run. float16
-// through whole vectors (normalize16.h) where it can: its scalar conversion
-// does not vectorize; bfloat16's does, as fast as at::vec's (A/B, history).
+// through whole vectors (normalize16.h) where it can, else through float
+// tiles (loops.h: for_each_tile): its scalar conversion does not vectorize;
+// bfloat16's does, as fast as at::vec's (A/B, history).
 template <class Act, typename T, typename acc_t>
 void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, int64_t length,
                    acc_t mean, acc_t scale, acc_t bias) {
 #if defined(NORMEXT_VECTORS16)
   if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_run(x, y, length, mean, scale, bias);
-  }
+  } else
 #endif
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    return cpu::for_each_tile(x, y, length, [&](const float* xs, float* ys, int64_t, int64_t n) {
+      normalize_run(act, xs, ys, n, mean, scale, bias);
+    });
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < length; ++i) {
-    cpu::store(y, i, act(cpu::normalize(static_cast<acc_t>(x[i]), mean, scale, bias)));
+    for (int64_t i = 0; i < length; ++i) {
+      cpu::store(y, i, act(cpu::normalize(static_cast<acc_t>(x[i]), mean, scale, bias)));
+    }
   }
 }
 
@@ -39,11 +46,19 @@ void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, in
 #if defined(NORMEXT_VECTORS16)
   if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_rows<1>(x, y, channels, mean, scale, bias);
-  }
+  } else
 #endif
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    return cpu::for_each_tile(x, y, channels, [&](const float* xs, float* ys, int64_t c0,
+                                                  int64_t n) {
+      normalize_row(act, xs, ys, n, mean + c0, scale + c0, bias + c0);
+    });
+  } else {
 #pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) {
-    cpu::store(y, c, act(cpu::normalize(static_cast<acc_t>(x[c]), mean[c], scale[c], bias[c])));
+    for (int64_t c = 0; c < channels; ++c) {
+      cpu::store(y, c,
+                 act(cpu::normalize(static_cast<acc_t>(x[c]), mean[c], scale[c], bias[c])));
+    }
   }
 }
 
