@@ -122,12 +122,12 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
 }
 
 // float16 passes other than the plain vector ones below: tiles widened to
-// float, the float32 kernels above run on them (out of line, as measured), the
-// results narrowed. The tiles stay in L1; the conversions are whole vectors where the
-// CPU has them (loops.h: widen_n), where Float16's per-element bit arithmetic
-// bound the fused loops. bfloat16 converts in a few instructions per element
-// and keeps its direct loops, which the extra tile passes would slow down
-// (benchmarks/history: session 14).
+// float, the float32 kernels above run on them (out of line: the form the A/B
+// measured), the results narrowed. The tiles stay in L1; the conversions are
+// whole vectors where the CPU has them (loops.h: widen_n), where Float16's
+// per-element bit arithmetic bound the fused loops. bfloat16 converts in a
+// few instructions per element and keeps its direct loops, which the tiles'
+// extra passes slowed (benchmarks/history: session 14).
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>

@@ -39,8 +39,9 @@ inline void store(Float16* out, int64_t i, float value) {
   out[i] = Float16::from_float(value);
 }
 
-// float16 elements of a fused pass are widened into float tiles of this many
-// elements, which the float32 kernels then run on (batch_norm/cpu/elementwise.cpp).
+// float16 loops through an activation or a gradient widen their inputs into
+// float tiles of this many elements and run the float32 loops on them
+// (for_each_tile below; batch_norm/cpu/elementwise.cpp).
 constexpr int64_t kStageElements = 512;
 
 // out[0, n) = p[0, n) as floats, and p[0, n) = in[0, n) rounded as torch
