@@ -280,16 +280,16 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
           if constexpr (kStaged) {
-            float xs[kStage], rs[kStage], ys[kStage];
+            float rs[kStage];
             const int64_t group = grouped ? cpu::kRowGroup : 1;
             for_each_row_tile(begin, end, C, group, [&](int64_t i, int64_t rows, int64_t width,
                                                          int64_t c0) {
-              const int64_t n = rows * width;
-              cpu::widen_n(x + i, xs, n);
-              if constexpr (kResidual) cpu::widen_n(r + i, rs, n);
-              normalize_float_rows<kResidual>(act, xs, rs, ys, rows, width, m.data() + c0,
-                                              scale.data() + c0, b.data() + c0);
-              cpu::narrow_n(ys, y + i, n);
+              cpu::for_each_tile(x + i, y + i, rows * width, [&](const float* xs, float* ys,
+                                                                 int64_t, int64_t n) {
+                if constexpr (kResidual) cpu::widen_n(r + i, rs, n);
+                normalize_float_rows<kResidual>(act, xs, rs, ys, rows, width, m.data() + c0,
+                                                scale.data() + c0, b.data() + c0);
+              });
             });
           } else {
             cpu::for_each_row_group(begin, end, grouped, [&](int64_t row, auto rows) {
@@ -310,14 +310,12 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
       } else {
         cpu::for_each_row_segment(input, [&](int64_t c, int64_t begin, int64_t end) {
           if constexpr (kStaged) {
-            float xs[kStage], rs[kStage], ys[kStage];
-            for (int64_t i = begin; i < end; i += kStage) {
-              const int64_t n = std::min(kStage, end - i);
-              cpu::widen_n(x + i, xs, n);
-              if constexpr (kResidual) cpu::widen_n(r + i, rs, n);
+            float rs[kStage];
+            cpu::for_each_tile(x + begin, y + begin, end - begin, [&](const float* xs, float* ys,
+                                                                      int64_t i, int64_t n) {
+              if constexpr (kResidual) cpu::widen_n(r + begin + i, rs, n);
               normalize_float_run<kResidual>(act, xs, rs, ys, n, m[c], scale[c], b[c]);
-              cpu::narrow_n(ys, y + i, n);
-            }
+            });
           } else {
 #if defined(NORMEXT_VECTORS16)
             if constexpr (kVectors) {
