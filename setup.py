@@ -11,7 +11,10 @@ Environment:
   NORMEXT_CPU_ARCH        unset: the CPU kernels are compiled once per x86-64
                           instruction set torch dispatches on (baseline, AVX2,
                           AVX-512) and the one torch uses runs, so the build
-                          runs on any x86-64 machine. "native": one variant for
+                          runs on any x86-64 machine; a build in the source
+                          tree (pip install -e ., build_ext --inplace) compiles
+                          the baseline and this machine's best only. "all":
+                          every variant there too. "native": one variant for
                           the build machine's own vector units (-march=native).
   MAX_JOBS                parallel compile jobs (ninja).
 """
@@ -106,24 +109,31 @@ def cuda_plan(torch, cuda_home):
     return True, "GPU visible"
 
 
-def cpu_variants():
+def cpu_variants(in_source_tree):
     """(name, compile flags) of each variant the CPU kernels are compiled as,
     baseline first (see BuildExtension.build_extension)."""
+    import torch
+
     arch = os.environ.get("NORMEXT_CPU_ARCH", "")
+    # torch's choice here: "AVX512", "AVX2", "DEFAULT" or "NO AVX" on x86-64
+    # (ATEN_CPU_CAPABILITY overrides it).
+    aten = torch.backends.cpu.get_cpu_capability()
     if arch == "native":
         # at::vec's implementation follows CPU_CAPABILITY_*: the one torch runs here.
-        import torch
-
-        aten = torch.backends.cpu.get_cpu_capability()
         aten_macros = ([f"-DCPU_CAPABILITY={aten}", f"-DCPU_CAPABILITY_{aten}"]
                        if aten in ("AVX2", "AVX512") else [])
         return [("NATIVE", ["-march=native", "-DNORMEXT_CPU_CAPABILITY=NATIVE",
                             "-DNORMEXT_CPU_FLOAT64_ACTIVATIONS"] + aten_macros)]
-    if arch:
-        sys.exit(f"normext: NORMEXT_CPU_ARCH={arch!r}: only 'native' (or unset) is supported")
+    if arch not in ("", "all"):
+        sys.exit(f"normext: NORMEXT_CPU_ARCH={arch!r}: only 'all', 'native' (or unset) is supported")
     names = ["DEFAULT"]
     if platform.machine() in ("x86_64", "AMD64"):
         names += ["AVX2", "AVX512"]
+        if in_source_tree and arch != "all":
+            # A build in the source tree runs on this machine: the variant torch
+            # runs here, and the baseline, which runs on any other; a third
+            # variant would add a third of the first install's compile time.
+            names = ["DEFAULT"] + [name for name in names[1:] if name == aten]
     # NORMEXT_CPU_CAPABILITY names the kernels' namespace; CPU_CAPABILITY*
     # select ATen's matching at::vec implementation, as in ATen's own kernels.
     # float64 through an activation is compiled for the baseline alone
@@ -171,11 +181,11 @@ def make_extension():
     from torch.utils import cpp_extension
 
     kernel_sources = cpu_kernel_sources()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "*", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "*", "cpu", "*.cpp")))
-    sources = [path for path in sources if path not in kernel_sources]
-    variants = cpu_variants()
+    once_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    once_sources += sorted(glob.glob(os.path.join("csrc", "*", "*.cpp")))
+    once_sources += sorted(glob.glob(os.path.join("csrc", "*", "cpu", "*.cpp")))
+    once_sources = [path for path in once_sources if path not in kernel_sources]
+    sources = [write_unity_source(once_sources)]
     torch_version = torch.__version__.split("+")[0]
     define = [f'-DNORMEXT_TORCH_VERSION="{torch_version}"']
     # -g0: Python's CFLAGS ask for debug info, which doubles the time the
@@ -184,14 +194,13 @@ def make_extension():
     # vectorizes their scalar tails, which costs compile time, not speed
     # (benchmarks/RESULTS.md). -fno-trapping-math: without AVX-512's masks, GCC
     # otherwise leaves guarded-select loops scalar (docs/design.md, test_vectorized.py).
-    cxx = ["-O3", "-fvect-cost-model=very-cheap", "-fno-trapping-math", "-g0", "-fopenmp"] \
-        + define + cpu_variant_macros(variants)
+    cxx = ["-O3", "-fvect-cost-model=very-cheap", "-fno-trapping-math", "-g0", "-fopenmp"] + define
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         # The kernel sources, compiled per variant outside `sources`, and every
         # header: setuptools relinks only when one of these is newer than the
         # library; ninja then recompiles just the objects whose inputs changed.
-        depends=kernel_sources + sorted(
+        depends=kernel_sources + once_sources + sorted(
             glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
             + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True)
             + glob.glob(os.path.join("csrc", "**", "*.inc"), recursive=True)),
@@ -203,11 +212,9 @@ def make_extension():
         extra_link_args=["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux")
                                         else []),
     )
-    cpu_names = ", ".join(name.lower() for name, _ in variants)
-
     use_cuda, why = cuda_plan(torch, cuda_home)
     if not use_cuda:
-        print(f"normext: building CPU kernels ({cpu_names}) only ({why})")
+        message = f"CPU kernels ({{cpu}}) only ({why})"
         ext = cpp_extension.CppExtension(
             "normext._C", sources, extra_compile_args={"cxx": cxx}, **extra
         )
@@ -215,8 +222,8 @@ def make_extension():
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHES
         arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-        print(f"normext: building CPU kernels ({cpu_names}) and CUDA kernels "
-              f"({why}, arches {arches or 'of the visible GPUs'})")
+        message = (f"CPU kernels ({{cpu}}) and CUDA kernels "
+                   f"({why}, arches {arches or 'of the visible GPUs'})")
         define += ["-DNORMEXT_WITH_CUDA", f'-DNORMEXT_CUDA_ARCHES="{arches}"']
         extra["include_dirs"] += extension_include_dirs()
         ext = cpp_extension.CUDAExtension(
@@ -229,8 +236,22 @@ def make_extension():
             **extra,
         )
     ext.cpu_kernel_sources = kernel_sources
-    ext.cpu_variants = variants
+    ext.build_message = message
     return ext
+
+
+def write_unity_source(once_sources):
+    """One translation unit that includes every source compiled once, so that
+    torch's headers, most of each one's compile time, are parsed once; its
+    path, rewritten only when the list changes (ninja tracks the includes)."""
+    path = os.path.join("build", "unity", "compiled_once.cpp")
+    text = ("// Generated by setup.py (write_unity_source): the sources compiled once.\n"
+            + "".join(f'#include "{os.path.relpath(source, "csrc")}"\n' for source in once_sources))
+    if not os.path.exists(path) or open(path).read() != text:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            file.write(text)
+    return path
 
 
 def build_ext_class():
@@ -247,13 +268,21 @@ def build_ext_class():
             super().finalize_options()
             self.build_temp = BUILD_TEMP
 
+        def run(self):
+            # setuptools clears `inplace` while it builds; editable installs set editable_mode.
+            self.in_source_tree = self.inplace or getattr(self, "editable_mode", False)
+            super().run()
+
         def build_extension(self, ext):
+            variants = cpu_variants(self.in_source_tree)
+            print("normext: building " + ext.build_message.format(
+                cpu=", ".join(name.lower() for name, _ in variants)))
             # Baseline first on the link line: of the copies of an inline
             # function from outside normext's namespaces (torch's headers) that
             # several variants compile, the linker keeps the first, which must
             # run on every machine.
             ext.extra_objects = []
-            for name, flags in ext.cpu_variants:
+            for name, flags in variants:
                 ext.extra_objects += self.compiler.compile(
                     ext.cpu_kernel_sources,
                     output_dir=os.path.join(self.build_temp, f"cpu-{name.lower()}"),
@@ -262,6 +291,7 @@ def build_ext_class():
                     extra_postargs={"cxx": ext.extra_compile_args["cxx"] + flags, "nvcc": []},
                     depends=ext.depends,
                 )
+            ext.extra_compile_args["cxx"] += cpu_variant_macros(variants)
             super().build_extension(ext)
 
     return BuildExtension
