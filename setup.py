@@ -19,6 +19,7 @@ Environment:
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
+import concurrent.futures
 import glob
 import os
 import platform
@@ -277,22 +278,43 @@ def build_ext_class():
             variants = cpu_variants(self.in_source_tree)
             print("normext: building " + ext.build_message.format(
                 cpu=", ".join(name.lower() for name, _ in variants)))
+            cxx = ext.extra_compile_args["cxx"]
+            ext.extra_compile_args["cxx"] = cxx + cpu_variant_macros(variants)
+            # One compile (one ninja run) per set of flags: the kernel sources
+            # per variant, and the C++ sources compiled once, which the final
+            # run (CUDA, then the link) then finds up to date. They run side by
+            # side, sharing the jobs, so that no core idles while a run waits
+            # on its slowest file.
+            runs = [(ext.cpu_kernel_sources, os.path.join(self.build_temp, f"cpu-{name.lower()}"),
+                     cxx + flags) for name, flags in variants]
+            runs.append(([path for path in ext.sources if path.endswith(".cpp")], self.build_temp,
+                         ext.extra_compile_args["cxx"]))
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            objects = self.compile_side_by_side(ext, runs, max(1, -(-jobs // len(runs))))
             # Baseline first on the link line: of the copies of an inline
             # function from outside normext's namespaces (torch's headers) that
             # several variants compile, the linker keeps the first, which must
             # run on every machine.
-            ext.extra_objects = []
-            for name, flags in variants:
-                ext.extra_objects += self.compiler.compile(
-                    ext.cpu_kernel_sources,
-                    output_dir=os.path.join(self.build_temp, f"cpu-{name.lower()}"),
-                    macros=ext.define_macros,
-                    include_dirs=ext.include_dirs,
-                    extra_postargs={"cxx": ext.extra_compile_args["cxx"] + flags, "nvcc": []},
-                    depends=ext.depends,
-                )
-            ext.extra_compile_args["cxx"] += cpu_variant_macros(variants)
+            ext.extra_objects = [path for run in objects[:-1] for path in run]
             super().build_extension(ext)
+
+        def compile_side_by_side(self, ext, runs, jobs_each):
+            """The objects of each (sources, folder, flags) run, compiled at once."""
+            max_jobs = os.environ.get("MAX_JOBS")
+            os.environ["MAX_JOBS"] = str(jobs_each)  # read by each ninja run
+            try:
+                with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+                    futures = [pool.submit(
+                        self.compiler.compile, sources, output_dir=folder,
+                        macros=ext.define_macros, include_dirs=ext.include_dirs,
+                        extra_postargs={"cxx": flags, "nvcc": []}, depends=ext.depends)
+                        for sources, folder, flags in runs]
+                    return [future.result() for future in futures]
+            finally:
+                if max_jobs is None:
+                    del os.environ["MAX_JOBS"]
+                else:
+                    os.environ["MAX_JOBS"] = max_jobs
 
     return BuildExtension
 
