@@ -283,14 +283,15 @@ def build_ext_class():
             # One compile (one ninja run) per set of flags: the kernel sources
             # per variant, and the C++ sources compiled once, which the final
             # run (CUDA, then the link) then finds up to date. They run side by
-            # side, sharing the jobs, so that no core idles while a run waits
-            # on its slowest file.
+            # side, sharing the jobs.
             runs = [(ext.cpu_kernel_sources, os.path.join(self.build_temp, f"cpu-{name.lower()}"),
                      cxx + flags) for name, flags in variants]
             runs.append(([path for path in ext.sources if path.endswith(".cpp")], self.build_temp,
                          ext.extra_compile_args["cxx"]))
+            # Twice the jobs over all runs, as ninja's own default (cores + 2)
+            # oversubscribes: a run's last, slowest file then leaves no core idle.
             jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-            objects = self.compile_side_by_side(ext, runs, max(1, -(-jobs // len(runs))))
+            objects = self.compile_side_by_side(ext, runs, max(1, -(-2 * jobs // len(runs))))
             # Baseline first on the link line: of the copies of an inline
             # function from outside normext's namespaces (torch's headers) that
             # several variants compile, the linker keeps the first, which must
