@@ -281,17 +281,18 @@ def build_ext_class():
             cxx = ext.extra_compile_args["cxx"]
             ext.extra_compile_args["cxx"] = cxx + cpu_variant_macros(variants)
             # One compile (one ninja run) per set of flags: the kernel sources
-            # per variant, and the C++ sources compiled once, which the final
-            # run (CUDA, then the link) then finds up to date. They run side by
-            # side, sharing the jobs.
+            # per variant (the baseline, which alone compiles float64 through
+            # an activation, the longest), then the C++ sources compiled once,
+            # which the final run (CUDA, then the link) finds up to date. Runs
+            # go to as many workers as there are jobs, each run's ninja sharing
+            # the jobs: on 2 cores, the baseline on one, the others in turn on
+            # the other, so that neither core idles while a run ends on its
+            # slowest file, and no more compilers run than there are jobs.
             runs = [(ext.cpu_kernel_sources, os.path.join(self.build_temp, f"cpu-{name.lower()}"),
                      cxx + flags) for name, flags in variants]
             runs.append(([path for path in ext.sources if path.endswith(".cpp")], self.build_temp,
                          ext.extra_compile_args["cxx"]))
-            # Twice the jobs over all runs, as ninja's own default (cores + 2)
-            # oversubscribes: a run's last, slowest file then leaves no core idle.
-            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-            objects = self.compile_side_by_side(ext, runs, max(1, -(-2 * jobs // len(runs))))
+            objects = self.compile_side_by_side(ext, runs)
             # Baseline first on the link line: of the copies of an inline
             # function from outside normext's namespaces (torch's headers) that
             # several variants compile, the linker keeps the first, which must
@@ -299,12 +300,14 @@ def build_ext_class():
             ext.extra_objects = [path for run in objects[:-1] for path in run]
             super().build_extension(ext)
 
-        def compile_side_by_side(self, ext, runs, jobs_each):
-            """The objects of each (sources, folder, flags) run, compiled at once."""
+        def compile_side_by_side(self, ext, runs):
+            """The objects of each (sources, folder, flags) run, in that order."""
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            workers = max(1, min(jobs, len(runs)))
             max_jobs = os.environ.get("MAX_JOBS")
-            os.environ["MAX_JOBS"] = str(jobs_each)  # read by each ninja run
+            os.environ["MAX_JOBS"] = str(max(1, jobs // workers))  # read by each ninja run
             try:
-                with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                     futures = [pool.submit(
                         self.compiler.compile, sources, output_dir=folder,
                         macros=ext.define_macros, include_dirs=ext.include_dirs,
