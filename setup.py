@@ -281,13 +281,10 @@ def build_ext_class():
             cxx = ext.extra_compile_args["cxx"]
             ext.extra_compile_args["cxx"] = cxx + cpu_variant_macros(variants)
             # One compile (one ninja run) per set of flags: the kernel sources
-            # per variant (the baseline, which alone compiles float64 through
-            # an activation, the longest), then the C++ sources compiled once,
-            # which the final run (CUDA, then the link) finds up to date. Runs
-            # go to as many workers as there are jobs, each run's ninja sharing
-            # the jobs: on 2 cores, the baseline on one, the others in turn on
-            # the other, so that neither core idles while a run ends on its
-            # slowest file, and no more compilers run than there are jobs.
+            # per variant, the baseline's the longest, then the C++ sources
+            # compiled once, which the final run (CUDA, the link) finds up to
+            # date. Side by side, so that no core idles while a run ends on its
+            # slowest file (compile_side_by_side).
             runs = [(ext.cpu_kernel_sources, os.path.join(self.build_temp, f"cpu-{name.lower()}"),
                      cxx + flags) for name, flags in variants]
             runs.append(([path for path in ext.sources if path.endswith(".cpp")], self.build_temp,
@@ -301,7 +298,9 @@ def build_ext_class():
             super().build_extension(ext)
 
         def compile_side_by_side(self, ext, runs):
-            """The objects of each (sources, folder, flags) run, in that order."""
+            """The objects of each (sources, folder, flags) run, in that order:
+            the runs queued to as many workers as there are jobs, each run's
+            ninja with its share, so no more compilers run than jobs."""
             jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
             workers = max(1, min(jobs, len(runs)))
             max_jobs = os.environ.get("MAX_JOBS")
