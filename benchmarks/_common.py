@@ -358,7 +358,8 @@ def metadata_markdown(info: dict, command: str) -> str:
         + f", Python {info['python']}, {info['platform']}",
         f"- normext {info['normext']} ({info['normext_path']}), build: "
         f"backends={','.join(build['backends'])}, openmp={build['openmp']}, "
-        f"cuda_arches={build['cuda_arches'] or '-'}",
+        f"cuda_arches={build['cuda_arches'] or '-'}, CPU kernels: {build['cpu_capability']} "
+        f"(of {','.join(build['cpu_capabilities'])})",
         f"- date: {info['date']}, git commit: {info['git_commit'] or 'unknown'}",
         f"- command: `{command}`",
     ]

@@ -17,8 +17,10 @@ The name `normext` in `compare` is the package itself as imported (no build need
 Two builds of one revision (`build aa1=HEAD aa2=HEAD`, then `compare aa1 aa2`)
 show the noise floor: differences inside their spread are not measured.
 Builds go to build/ab/NAME, CPU only unless `build --cuda` (then as setup.py
-decides: CUDA too where a toolkit and a CUDA torch exist); they need git and a
-compiler. `compare --device cuda` times CUDA builds on the GPU.
+decides: CUDA too where a toolkit and a CUDA torch exist), with every CPU
+variant (NORMEXT_CPU_ARCH=all unless set), for A/Bs under ATEN_CPU_CAPABILITY;
+`normext`, an in-place build, has the baseline and this machine's best
+only unless built with NORMEXT_CPU_ARCH=all. They need git and a compiler. `compare --device cuda` times CUDA builds on the GPU.
 """
 
 import argparse
@@ -94,7 +96,9 @@ def build(spec: str, cuda: bool = False) -> None:
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest,
                               stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "NORMEXT_CPU_ONLY": "0" if cuda else "1"})
+                              env={**os.environ, "NORMEXT_CPU_ONLY": "0" if cuda else "1",
+                                   # every variant, for ATEN_CPU_CAPABILITY A/Bs
+                                   "NORMEXT_CPU_ARCH": os.environ.get("NORMEXT_CPU_ARCH", "all")})
     if done.returncode != 0:
         sys.exit(f"error: building {name} failed; see {log}")
 
