@@ -14,8 +14,6 @@ from normext import _extension
 
 # torch.backends.cpu.get_cpu_capability()'s names for the variants normext compiles.
 TORCH_NAMES = {"NO AVX": "default", "DEFAULT": "default", "AVX2": "avx2", "AVX512": "avx512"}
-
-
 ORDER = ["default", "avx2", "avx512"]
 
 
@@ -26,6 +24,13 @@ def expected_capability(torch_choice, compiled):
         return "native"
     wanted = ORDER.index(TORCH_NAMES.get(torch_choice, "default"))
     return max((name for name in compiled if ORDER.index(name) <= wanted), key=ORDER.index)
+
+
+def test_cpu_capability_follows_torch():
+    info = normext.build_info()
+    assert info["cpu_capabilities"][0] in ("default", "native")
+    assert info["cpu_capability"] == expected_capability(
+        torch.backends.cpu.get_cpu_capability(), info["cpu_capabilities"])
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
