@@ -1,7 +1,7 @@
-"""The autograd nodes of normext.batch_norm and batch_norm_act (hand-written
-torch Nodes, csrc/batch_norm/autograd.cpp) keep the contracts of torch's own:
-saved-tensor hooks, in-place and second-backward errors, retain_graph, only
-the wanted gradients, threads, and compiled autograd."""
+"""The autograd nodes of every normext norm (hand-written torch Nodes,
+csrc/<norm>/autograd.cpp on common/autograd.h) keep the contracts of torch's
+own: saved-tensor hooks, in-place and second-backward errors, retain_graph,
+only the wanted gradients, threads, and compiled autograd."""
 
 import copy
 import threading
@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import normext
-from normext.functional import batch_norm, batch_norm_act
+from normext.functional import (add_layer_norm, batch_norm, batch_norm_act, group_norm,
+                                group_norm_act, layer_norm, rms_norm)
 from conftest import assert_close
 
-# (name, layer call) for the two nodes; memory_efficient keeps the output.
+# (name, layer call) for each node; memory_efficient keeps the output, and
+# add_layer_norm its sum. The input is (4, 3, 5, 3): the layer norms take its
+# last dim, the others its channels, with the same (3,) parameters.
 CALLS = {
     "batch_norm": lambda x, w, b, r: batch_norm(x, None, None, w, b, True),
     "act": lambda x, w, b, r: batch_norm_act(x, None, None, w, b, True, activation="silu",
@@ -23,9 +26,19 @@ CALLS = {
         x, None, None, w, b, True, activation="leaky_relu", memory_efficient=True),
     "act_derivative_from_output": lambda x, w, b, r: batch_norm_act(
         x, None, None, w, b, True, activation="relu", residual=r),
+    "group_norm": lambda x, w, b, r: group_norm(x, 1, w, b),
+    "group_norm_act": lambda x, w, b, r: group_norm_act(x, 3, w, b, activation="silu"),
+    "layer_norm": lambda x, w, b, r: layer_norm(x, [3], w, b),
+    "rms_norm": lambda x, w, b, r: rms_norm(x, [3], w, 1e-5),
+    # Both outputs carry gradient: the node's sum through an op of its own.
+    "add_layer_norm": lambda x, w, b, r: _sum_both(*add_layer_norm(x, r, [3], w, b)),
 }
 
-USE_RESIDUAL = {"act", "act_derivative_from_output"}
+SHAPE = (4, 3, 5, 3)
+
+
+def _sum_both(output, total):
+    return output + total.sin()
 
 
 def _reference(name, x, w, b, r):
@@ -37,32 +50,48 @@ def _reference(name, x, w, b, r):
         return F.leaky_relu(y)
     if name == "act_derivative_from_output":
         return F.relu(y + r)
+    if name == "group_norm":
+        return F.group_norm(x, 1, w, b)
+    if name == "group_norm_act":
+        return F.silu(F.group_norm(x, 3, w, b))
+    if name == "layer_norm":
+        return F.layer_norm(x, [3], w, b)
+    if name == "rms_norm":
+        return F.rms_norm(x, [3], w, 1e-5)
+    if name == "add_layer_norm":
+        return _sum_both(F.layer_norm(x + r, [3], w, b), x + r)
     return y
+
+
+def _normext_node(out):
+    """The normext node that made `out`, or the one an op of its own consumed."""
+    nodes = [out.grad_fn] + [next_node for next_node, _ in out.grad_fn.next_functions]
+    return next(node for node in nodes if node is not None and "normext::" in node.name())
 
 
 def _leaves(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     w = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
     b = torch.randn(3, generator=gen, dtype=torch.float64)
-    r = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     return [t.requires_grad_() for t in (x, w, b, r)]
 
 
 def _grads(name, call, seed=0):
     leaves = _leaves(seed)
-    g = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed + 1),
+    g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed + 1),
                     dtype=torch.float64)
     out = call(*leaves)
-    wanted = leaves if name in USE_RESIDUAL else leaves[:3]
-    return out, torch.autograd.grad(out, wanted, g)
+    # (Zeros for the leaves a call does not take.)
+    return out, torch.autograd.grad(out, leaves, g, allow_unused=True, materialize_grads=True)
 
 
 @pytest.mark.parametrize("name", CALLS)
 def test_gradients_match_torch(name):
     out, grads = _grads(name, CALLS[name])
     expected_out, expected = _grads(name, lambda *t: _reference(name, *t))
-    assert "normext::BatchNorm" in out.grad_fn.name()
+    assert _normext_node(out) is not None
     assert_close(out, expected_out)
     for got, want in zip(grads, expected, strict=True):
         assert_close(got, want)
@@ -85,7 +114,7 @@ def test_saved_tensor_hooks_pack_and_unpack_every_saved_tensor(name):
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out, grads = _grads(name, CALLS[name])
     _, expected = _grads(name, CALLS[name])
-    assert torch.Size([4, 3, 5, 5]) in packed and len(unpacked) == len(packed)
+    assert torch.Size(SHAPE) in packed and len(unpacked) == len(packed)
     for got, want in zip(grads, expected, strict=True):
         assert torch.equal(got, want)
 
@@ -97,6 +126,8 @@ def test_inplace_change_of_a_saved_tensor_raises(name):
     out = CALLS[name](x2, w, b, r)
     if name == "act_memory_efficient":
         out.add_(1)  # it keeps its output
+    elif name == "add_layer_norm":
+        out = add_layer_norm(x2, r, [3], w, b)[1].add_(1)  # it keeps its sum
     else:
         x2.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -168,9 +199,31 @@ class _Block(torch.nn.Module):
         return self.bn3(self.bn2(self.conv2(y), x))
 
 
+class _NormBlock(torch.nn.Module):
+    """conv, GroupNorm + silu, conv, add + LayerNorm (both outputs used), RMSNorm
+    and GroupNorm: the other norms' nodes in one backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.gn_act = normext.GroupNormAct(2, 4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.add_ln = normext.AddLayerNorm(5)
+        self.rms = normext.RMSNorm(5)
+        self.gn = normext.GroupNorm(4, 4)
+
+    def forward(self, x):
+        y, total = self.add_ln(self.conv2(self.gn_act(self.conv1(x))), x)
+        return self.gn(self.rms(y) * total)
+
+
+BLOCKS = {"batch_norm": lambda: _Block(False), "batch_norm_memory_efficient": lambda: _Block(True),
+          "other_norms": _NormBlock}
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_compiled_autograd_matches_eager(memory_efficient, backend):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_compiled_autograd_matches_eager(block, backend):
     """Compiled autograd (torch._dynamo.compiled_autograd) records each node as
     a call of its backward on its saved tensors: same gradients as eager."""
     from torch._dynamo import compiled_autograd
@@ -178,7 +231,7 @@ def test_compiled_autograd_matches_eager(memory_efficient, backend):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = _Block(memory_efficient).double()
+    eager = BLOCKS[block]().double()
     traced = copy.deepcopy(eager)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     target = torch.randn(3, 4, 5, 5, dtype=torch.float64)
@@ -201,4 +254,4 @@ def test_node_creation_hook_sees_the_node(name):
     seen = []
     with torch.autograd.graph.node_creation_hook(lambda node: seen.append(node.name())):
         out = CALLS[name](*_leaves())
-    assert out.grad_fn.name() in seen
+    assert _normext_node(out).name() in seen

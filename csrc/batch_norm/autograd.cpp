@@ -5,110 +5,85 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/elu.h>
-#include <ATen/ops/hardtanh.h>
-#include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/ones_like.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/rsqrt.h>
-#include <ATen/ops/silu.h>
 #include <ATen/ops/var.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
-#include <array>
 #include <initializer_list>
-#include <mutex>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "batch_norm/common.h"
+#include "common/autograd.h"
 
 namespace normext::batch_norm {
 namespace {
 
-using OptionalTensor = c10::optional<at::Tensor>;
-using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using torch::autograd::CompiledNodeArgs;
-using torch::autograd::InputMetadata;
-using torch::autograd::Node;
-using torch::autograd::PackedArgs;
-using torch::autograd::SavedVariable;
-using torch::autograd::SwapSavedVariables;
-using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
+using TensorQuad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-// The fused ops are called below autograd: they have no autograd kernel, and
-// the boxed fallback that would run in its place costs microseconds per call.
-// (Like torch's batch norm, they leave the running stats' version alone.)
-TensorTriple fused_forward(const at::Tensor& input, const OptionalTensor& weight,
+// The fused ops, called below autograd (common/autograd.h). Like torch's
+// batch norm, they leave the running stats' version alone.
+
+TensorTriple fused_forward(const Tensor& input, const OptionalTensor& weight,
                            const OptionalTensor& bias, const OptionalTensor& running_mean,
                            const OptionalTensor& running_var, bool training, double momentum,
                            double eps) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("normext::batch_norm_forward", "")
-          .typed<TensorTriple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                              const OptionalTensor&, const OptionalTensor&, bool, double,
-                              double)>();
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+      typed_op<TensorTriple(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                            const OptionalTensor&, const OptionalTensor&, bool, double, double)>(
+          "normext::batch_norm_forward");
+  return call_below_autograd(op, input, weight, bias, running_mean, running_var, training,
+                             momentum, eps);
 }
 
-TensorTriple fused_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                            const OptionalTensor& weight, const at::Tensor& save_mean,
-                            const at::Tensor& save_invstd, bool training, bool parameter_grads) {
+TensorTriple fused_backward(const Tensor& grad_out, const Tensor& input,
+                            const OptionalTensor& weight, const Tensor& save_mean,
+                            const Tensor& save_invstd, bool training, bool parameter_grads) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("normext::batch_norm_backward", "")
-          .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                              const at::Tensor&, const at::Tensor&, bool, bool)>();
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, input, weight, save_mean, save_invstd, training, parameter_grads);
+      typed_op<TensorTriple(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&,
+                            const Tensor&, bool, bool)>("normext::batch_norm_backward");
+  return call_below_autograd(op, grad_out, input, weight, save_mean, save_invstd, training,
+                             parameter_grads);
 }
 
-using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-TensorTriple fused_act_forward(const at::Tensor& input, const OptionalTensor& weight,
+TensorTriple fused_act_forward(const Tensor& input, const OptionalTensor& weight,
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
                                const OptionalTensor& running_var, bool training,
                                double momentum, double eps, c10::string_view activation,
                                double negative_slope, double alpha,
                                const OptionalTensor& residual) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("normext::batch_norm_act_forward", "")
-          .typed<TensorTriple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                              const OptionalTensor&, const OptionalTensor&, bool, double, double,
-                              c10::string_view, double, double, const OptionalTensor&)>();
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                 activation, negative_slope, alpha, residual);
+      typed_op<TensorTriple(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                            const OptionalTensor&, const OptionalTensor&, bool, double, double,
+                            c10::string_view, double, double, const OptionalTensor&)>(
+          "normext::batch_norm_act_forward");
+  return call_below_autograd(op, input, weight, bias, running_mean, running_var, training,
+                             momentum, eps, activation, negative_slope, alpha, residual);
 }
 
-TensorQuad fused_act_backward(const at::Tensor& grad_out, const at::Tensor& saved,
+TensorQuad fused_act_backward(const Tensor& grad_out, const Tensor& saved,
                               const OptionalTensor& residual, const OptionalTensor& output,
                               const OptionalTensor& weight, const OptionalTensor& bias,
-                              const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                              bool training, c10::string_view activation, double negative_slope,
-                              double alpha, bool saved_is_output, bool parameter_grads) {
+                              const Tensor& save_mean, const Tensor& save_invstd, bool training,
+                              c10::string_view activation, double negative_slope, double alpha,
+                              bool saved_is_output, bool parameter_grads) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("normext::batch_norm_act_backward", "")
-          .typed<TensorQuad(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                            const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-                            const at::Tensor&, const at::Tensor&, bool, c10::string_view, double,
-                            double, bool, bool)>();
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, saved, residual, output, weight, bias, save_mean, save_invstd,
-                 training, activation, negative_slope, alpha, saved_is_output, parameter_grads);
+      typed_op<TensorQuad(const Tensor&, const Tensor&, const OptionalTensor&,
+                          const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                          const Tensor&, const Tensor&, bool, c10::string_view, double, double,
+                          bool, bool)>("normext::batch_norm_act_backward");
+  return call_below_autograd(op, grad_out, saved, residual, output, weight, bias, save_mean,
+                             save_invstd, training, activation, negative_slope, alpha,
+                             saved_is_output, parameter_grads);
 }
 
 // The backward in differentiable ATen ops, for create_graph=True (double
@@ -142,34 +117,12 @@ TensorTriple differentiable_backward(const at::Tensor& grad_out, const at::Tenso
   return {dx, (g * x_hat).sum(dims), g.sum(dims)};
 }
 
-OptionalTensor optional(const at::Tensor& t) {
-  return t.defined() ? OptionalTensor(t) : c10::nullopt;
-}
-
-// `t` converted to `type`, without an op call when it already has it.
-at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
-  return t.scalar_type() == type ? t : t.to(type);
-}
-
-bool requires_grad(const OptionalTensor& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
-
-bool has_tangent(const OptionalTensor& t) {
-  return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
-}
-
 // Raises for what the autograd nodes cannot take: inputs with forward-mode
-// tangents (the nodes have no forward-mode formula) and, where
-// a graph is recorded, running stats that require grad.
+// tangents and, where a graph is recorded, running stats that require grad.
 void check_autograd_arguments(const char* op, std::initializer_list<const OptionalTensor*> inputs,
                               const OptionalTensor& running_mean,
                               const OptionalTensor& running_var) {
-  for (const OptionalTensor* t : inputs) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(*t), "normext::", op,
-                                " has no forward-mode AD formula; normext.functional.", op,
-                                " computes inputs with tangents with torch's ops");
-  }
+  check_no_tangents(op, inputs);
   if (!at::GradMode::is_enabled()) return;
   for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
                                    {&running_var, "running_var"}}) {
@@ -178,120 +131,6 @@ void check_autograd_arguments(const char* op, std::initializer_list<const Option
                 "'. This input cannot have requires_grad True.");
   }
 }
-
-// Nodes are held by c10::intrusive_ptr from torch 2.14 on, by std::shared_ptr
-// before (with deleteNode, which frees a long graph without deep recursion).
-using NodePointer = decltype(torch::autograd::Edge::function);
-constexpr bool kSharedNodes = std::is_same_v<NodePointer, std::shared_ptr<Node>>;
-
-template <class T>
-auto make_node() {
-  if constexpr (kSharedNodes) {
-    // (deleteNode found by argument-dependent lookup: torch 2.14 has none.)
-    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
-
-// Runs torch.autograd.graph.node_creation_hook's hooks on a node whose edges,
-// output and saved tensors are all set: torch 2.14 runs them where a node is
-// attached to its outputs, not in set_history (found by argument-dependent
-// lookup, as older torch has no such function).
-template <class Pointer>
-void node_complete(const Pointer& node) {
-  if constexpr (!kSharedNodes) fire_node_creation_hooks(node);
-}
-
-// Which of a node's inputs (its next edges) this backward pass wants.
-std::vector<bool> wanted_grads(const Node& node) {
-  std::vector<bool> wanted(node.num_outputs());
-  for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = node.task_should_compute_output(i);
-  return wanted;
-}
-
-// Compiled autograd (torch._dynamo.compiled_autograd) records a node as a call
-// of `functional` on the node's gradients and `args`: its saved state, read
-// while the tracer's tensors stand in for the saved ones, then which inputs
-// want gradients. Bound on every call, as torch's custom-function node does
-// (torch numbers the names); traceable, since the ops it calls have fakes.
-variable_list record_functional(const Node& node, const char* name,
-                                torch::autograd::functional_apply_t functional, PackedArgs args,
-                                const variable_list& grads, SwapSavedVariables& saved) {
-  args.pack(wanted_grads(node));
-  const std::vector<c10::IValue>& values = args.vec();
-  std::vector<at::TypePtr> schema;
-  for (const c10::IValue& value : values) {
-    schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
-  }
-  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
-  const std::string bound =
-      compiler->bind_function(saved.get_py_compiler(), name, std::move(functional), schema,
-                              /*is_custom_function=*/true, /*is_traceable=*/true);
-  const c10::IValue output_metadata =
-      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<InputMetadata>>>::pack(
-          torch::dynamo::autograd::get_input_metadata(node.next_edges()));
-  return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads,
-                                 values, output_metadata);
-}
-
-// A backward node that keeps N tensors (undefined where unused) and a State
-// (non-tensor values, visited in one order by State::fields), from which
-// Derived::gradients(grad_out, tensors, state, wanted) computes its inputs'
-// gradients. Plain autograd Nodes, as torch's own ops have: a
-// torch::autograd::Function's node keeps its state in a string-keyed map and
-// wraps its outputs, which a small batch norm's time shows (benchmarks/RESULTS.md).
-template <class Derived, class State, size_t N>
-struct SavedStateNode : Node {
-  using Tensors = std::array<at::Tensor, N>;
-  std::array<SavedVariable, N> tensors;
-  std::array<bool, N> is_output{};  // a tensor that is this node's own output
-  State state;
-
-  void release_variables() override {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable& t : tensors) t.reset_data();
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    Tensors t;
-    for (size_t i = 0; i < N; ++i) {
-      t[i] = is_output[i] ? tensors[i].unpack(getptr()) : tensors[i].unpack();
-    }
-    return Derived::gradients(grads[0], t, state, wanted_grads(*this));
-  }
-
-  void compiled_args(CompiledNodeArgs& args) const override {
-    for (size_t i = 0; i < N; ++i) args.collect(tensors[i], is_output[i]);
-    State::fields(state, [&](const auto& value) { args.collect(value); });
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& swapped) override {
-    for (SavedVariable& t : tensors) swapped.before(t);
-    PackedArgs args;
-    for (const SavedVariable& t : tensors) args.pack(optional(t.unpack()));
-    State::fields(state, [&](const auto& value) { args.pack(value); });
-    variable_list result = record_functional(*this, Derived::kFunctionalName, &functional,
-                                             std::move(args), grads, swapped);
-    for (SavedVariable& t : tensors) swapped.after(t);
-    return result;
-  }
-
-  // apply on what apply_with_saved packed.
-  static variable_list functional(const variable_list& grads,
-                                  const std::vector<c10::IValue>& values) {
-    PackedArgs args(values);
-    Tensors t;
-    for (at::Tensor& tensor : t) tensor = args.unpack<OptionalTensor>().value_or(at::Tensor());
-    State s;
-    State::fields(s, [&](auto& value) {
-      value = args.template unpack<std::decay_t<decltype(value)>>();
-    });
-    return Derived::gradients(grads[0], t, s, args.unpack<std::vector<bool>>());
-  }
-};
 
 struct BatchNormState {
   bool training = true;
@@ -313,9 +152,10 @@ struct BatchNormBackward final : SavedStateNode<BatchNormBackward, BatchNormStat
   std::string name() const override { return "normext::BatchNormBackward"; }
 
   // The gradients of input, weight and bias, each where `wanted`.
-  static variable_list gradients(const at::Tensor& grad_out, const Tensors& t,
+  static variable_list gradients(const variable_list& grad_outputs, const Tensors& t,
                                  const BatchNormState& s, const std::vector<bool>& wanted) {
     variable_list grads(3);
+    const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
     const at::Tensor &x = t[kInput], &w = t[kWeight];
     at::Tensor grad_input, grad_weight, grad_bias;
@@ -325,7 +165,7 @@ struct BatchNormBackward final : SavedStateNode<BatchNormBackward, BatchNormStat
     } else {
       // Frozen parameters: no sums to reduce for them (none at all in eval).
       std::tie(grad_input, grad_weight, grad_bias) =
-          fused_backward(grad_out, x, optional(w), t[kMean], t[kInvstd], s.training,
+          fused_backward(grad_out, x, as_optional(w), t[kMean], t[kInvstd], s.training,
                          wanted[1] || wanted[2]);
     }
     if (wanted[0]) grads[0] = grad_input;
@@ -348,28 +188,16 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
     auto node = make_node<BatchNormBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
     using Node = BatchNormBackward;
-    node->tensors[Node::kInput] = SavedVariable(input, /*is_output=*/false);
-    node->tensors[Node::kWeight] = SavedVariable(weight.value_or(at::Tensor()), false);
-    node->tensors[Node::kMean] = SavedVariable(save_mean, false);
-    node->tensors[Node::kInvstd] = SavedVariable(save_invstd, false);
+    node->save(Node::kInput, input);
+    node->save(Node::kWeight, weight.value_or(at::Tensor()));
+    node->save(Node::kMean, save_mean);
+    node->save(Node::kInvstd, save_invstd);
     const bool has_bias = bias.has_value() && bias->defined();
     node->state = {training, eps, has_bias ? bias->scalar_type() : at::kFloat};
     torch::autograd::set_history(output, node);
     node_complete(node);
   }
   return output;
-}
-
-// activation(z) in differentiable ATen ops.
-at::Tensor activate(const at::Tensor& z, const ActivationSpec& spec) {
-  switch (spec.kind) {
-    case Activation::kRelu: return at::relu(z);
-    case Activation::kRelu6: return at::hardtanh(z, 0.0, 6.0);
-    case Activation::kLeakyRelu: return at::leaky_relu(z, spec.negative_slope);
-    case Activation::kElu: return at::elu(z, spec.alpha);
-    case Activation::kSilu: return at::silu(z);
-    default: return z;
-  }
 }
 
 // The fused op's output recomputed in differentiable ATen ops from its saved
@@ -462,9 +290,10 @@ struct BatchNormActBackward final : SavedStateNode<BatchNormActBackward, BatchNo
   std::string name() const override { return "normext::BatchNormActBackward"; }
 
   // The gradients of input, weight, bias and residual, each where `wanted`.
-  static variable_list gradients(const at::Tensor& grad_out, const Tensors& t,
+  static variable_list gradients(const variable_list& grad_outputs, const Tensors& t,
                                  const BatchNormActState& s, const std::vector<bool>& wanted) {
     variable_list grads(4);
+    const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
     const at::Tensor &saved = t[kSaved], &weight = t[kWeight], &output = t[kOutput];
     at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
@@ -489,8 +318,8 @@ struct BatchNormActBackward final : SavedStateNode<BatchNormActBackward, BatchNo
       }
     } else {
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = fused_act_backward(
-          grad_out, saved, optional(t[kResidual]), optional(output), optional(weight),
-          optional(t[kBias]), t[kMean], t[kInvstd], s.training, s.activation,
+          grad_out, saved, as_optional(t[kResidual]), as_optional(output), as_optional(weight),
+          as_optional(t[kBias]), t[kMean], t[kInvstd], s.training, s.activation,
           s.negative_slope, s.alpha, s.from_output, wanted[1] || wanted[2]);
     }
     if (wanted[0]) grads[0] = grad_input;
@@ -535,17 +364,13 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& input, const OptionalTensor
   torch::autograd::set_history(output, node);
   // Saved after set_history: a saved output is recorded as this node's.
   using Node = BatchNormActBackward;
-  const auto save = [&](int slot, const at::Tensor& t, bool is_output) {
-    node->tensors[slot] = SavedVariable(t, is_output);
-    node->is_output[slot] = is_output;
-  };
-  save(Node::kSaved, from_output ? output : input, from_output);
-  save(Node::kWeight, w, false);
-  save(Node::kBias, b, false);
-  save(Node::kResidual, derivative_from_output ? at::Tensor() : r, false);
-  save(Node::kOutput, derivative_from_output ? output : at::Tensor(), true);
-  save(Node::kMean, save_mean, false);
-  save(Node::kInvstd, save_invstd, false);
+  node->save(Node::kSaved, from_output ? output : input, from_output);
+  node->save(Node::kWeight, w);
+  node->save(Node::kBias, b);
+  node->save(Node::kResidual, derivative_from_output ? at::Tensor() : r);
+  node->save(Node::kOutput, derivative_from_output ? output : at::Tensor(), true);
+  node->save(Node::kMean, save_mean);
+  node->save(Node::kInvstd, save_invstd);
   node->state = {from_output, training, eps, std::string(activation), negative_slope, alpha,
                  b.defined() ? b.scalar_type() : at::kFloat};
   node_complete(node);
