@@ -6,7 +6,7 @@
 //
 // The work is cut into units by the shape alone, each unit sums its elements
 // in float lanes (element i of a run to lane i % kLanes) and adds them in
-// double, and the units' partials are added in a fixed order: the sums are
+// double pairwise, and the units' partials are added in a fixed order: the sums are
 // bit-identical at any thread count.
 #pragma once
 
@@ -130,13 +130,18 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
 
 namespace detail {
 
-// Lanes added in double, in lane order.
+// Lanes added in double pairwise (lane k and k + width, width halving): a
+// fixed order, a few dependent adds instead of kLanes (a layer norm's short
+// row or a group's channel pays this per run).
 template <typename acc_t>
 inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
   for (int q = 0; q < kTerms; ++q) {
-    double sum = 0;
-    for (int k = 0; k < kLanes; ++k) sum += lanes[q][k];
-    partial[q] = sum;
+    double sums[kLanes];
+    for (int k = 0; k < kLanes; ++k) sums[k] = lanes[q][k];
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int k = 0; k < width; ++k) sums[k] += sums[k + width];
+    }
+    partial[q] = sums[0];
   }
 }
 
