@@ -181,6 +181,20 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         _, mean, rstd = ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False)
         ops.layer_norm_backward(grad_rows, rows, [channels], mean, rstd, weight, False, gn_mask)
 
+    # The group and layer norms through each build's autograd, as a layer calls them:
+    # builds from 1bede04 on (before it their autograd was Python, registered
+    # for the normext library, which a renamed build's ops do not get).
+    leaf_rows = rows.detach().requires_grad_()
+
+    def gn_autograd_forward_backward():
+        leaf_x.grad = leaf_weight.grad = leaf_bias.grad = None
+        ops.group_norm_forward(leaf_x, groups, leaf_weight, leaf_bias, EPS)[0].backward(grad)
+
+    def ln_autograd_forward_backward():
+        leaf_rows.grad = leaf_weight.grad = leaf_bias.grad = None
+        ops.layer_norm_forward(leaf_rows, [channels], leaf_weight, leaf_bias, EPS,
+                               False)[0].backward(grad_rows)
+
     return {
         "train": train,
         "eval": lambda: ops.batch_norm_forward(x, weight, bias, running_mean, running_var,
@@ -203,15 +217,18 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         "gn_backward": lambda: ops.group_norm_backward(grad, x, groups, gn_mean, gn_rstd,
                                                        weight, bias, gn_mask),
         "gn_fwdbwd": gn_forward_backward,
+        "gn_autograd_fwdbwd": gn_autograd_forward_backward,
         "ln_forward": lambda: ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False),
         "ln_fwdbwd": ln_forward_backward,
+        "ln_autograd_fwdbwd": ln_autograd_forward_backward,
     }
 
 
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
        "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "act_residual_fwdbwd",
-       "gn_forward", "gn_backward", "gn_fwdbwd", "gn_act_fwdbwd", "ln_forward", "ln_fwdbwd")
+       "gn_forward", "gn_backward", "gn_fwdbwd", "gn_act_fwdbwd", "gn_autograd_fwdbwd",
+       "ln_forward", "ln_fwdbwd", "ln_autograd_fwdbwd")
 
 
 def compare(args) -> None:
