@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import normext
@@ -255,3 +256,20 @@ def test_node_creation_hook_sees_the_node(name):
     with torch.autograd.graph.node_creation_hook(lambda node: seen.append(node.name())):
         out = CALLS[name](*_leaves())
     assert _normext_node(out).name() in seen
+
+
+@pytest.mark.parametrize("op,call", [
+    ("layer_norm_forward",
+     lambda x, w: torch.ops.normext.layer_norm_forward(x, [3], w, None, 1e-5, True)),
+    ("add_layer_norm_forward",
+     lambda x, w: torch.ops.normext.add_layer_norm_forward(x, x, [3], w, None, 1e-5, False)),
+    ("group_norm_forward",
+     lambda x, w: torch.ops.normext.group_norm_forward(x, 3, w, None, 1e-5, "silu")),
+])
+def test_op_with_tangents_raises_naming_itself(op, call):
+    """The ops have no forward derivative (normext.functional gives tangents to
+    torch's ops): an error naming the op called, not a zero tangent."""
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"normext::{op} has no"):
+        call(x, fwAD.make_dual(w, torch.ones_like(w)))

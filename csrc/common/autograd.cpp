@@ -15,8 +15,8 @@ void check_no_tangents(const char* op, std::initializer_list<const OptionalTenso
   for (const OptionalTensor* t : inputs) {
     TORCH_CHECK_NOT_IMPLEMENTED(
         !(t->has_value() && (*t)->defined() && (*t)->_fw_grad(/*level=*/0).defined()),
-        "normext::", op, " has no forward-mode AD formula; normext.functional.", op,
-        " computes inputs with tangents with torch's ops");
+        "normext::", op, " has no forward-mode AD formula; normext.functional's "
+        "functions compute inputs with tangents with torch's ops");
   }
 }
 

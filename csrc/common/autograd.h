@@ -4,8 +4,8 @@
 // conversions around the ops it calls below autograd. Plain Nodes, as torch's
 // own ops have: a torch::autograd::Function's node keeps its state in a
 // string-keyed map and wraps its outputs, and torch.library.register_autograd's
-// Python node costs tens of microseconds per call, which a small norm's time
-// shows (benchmarks/RESULTS.md).
+// Python node adds a per-call cost that a small norm's time shows
+// (benchmarks/RESULTS.md).
 #pragma once
 
 #include <ATen/core/Tensor.h>

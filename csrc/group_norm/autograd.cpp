@@ -144,7 +144,7 @@ TensorTriple group_norm_autograd(const Tensor& input, int64_t groups,
                                  double eps, c10::string_view activation, double negative_slope,
                                  double alpha) {
   const OptionalTensor x(input);
-  check_no_tangents("group_norm", {&x, &weight, &bias});
+  check_no_tangents("group_norm_forward", {&x, &weight, &bias});
   auto outputs = forward_below_autograd(input, groups, weight, bias, eps, activation,
                                         negative_slope, alpha);
   if (!records_graph({&x, &weight, &bias})) return outputs;

@@ -160,7 +160,7 @@ TensorTriple layer_norm_autograd(const Tensor& input, at::IntArrayRef normalized
                                  const OptionalTensor& weight, const OptionalTensor& bias,
                                  double eps, bool rms) {
   const OptionalTensor x(input);
-  check_no_tangents("layer_norm", {&x, &weight, &bias});
+  check_no_tangents("layer_norm_forward", {&x, &weight, &bias});
   auto outputs = forward_below_autograd(input, normalized_shape, weight, bias, eps, rms);
   if (!records_graph({&x, &weight, &bias})) return outputs;
   auto node = make_node<LayerNormBackward>();
@@ -182,7 +182,7 @@ TensorQuad add_layer_norm_autograd(const Tensor& input, const Tensor& residual,
                                    const OptionalTensor& weight, const OptionalTensor& bias,
                                    double eps, bool rms) {
   const OptionalTensor x(input), r(residual);
-  check_no_tangents("add_layer_norm", {&x, &r, &weight, &bias});
+  check_no_tangents("add_layer_norm_forward", {&x, &r, &weight, &bias});
   auto outputs =
       add_forward_below_autograd(input, residual, normalized_shape, weight, bias, eps, rms);
   if (!records_graph({&x, &r, &weight, &bias})) return outputs;
