@@ -347,6 +347,34 @@ def test_piecewise_linear_activations_at_edges_match_torch(activation, negative_
         torch.testing.assert_close(got[~x.isnan()], want[~x.isnan()], rtol=0, atol=0)
 
 
+EDGE_RTOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
+SMOOTH_EDGE_VALUES = [-float("inf"), -1000.0, -100.0, -88.8, -88.5, -87.5, -20.0, -1.0, -0.0, 0.0,
+                      1.0, 20.0, 87.5, 88.5, 100.0, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("activation", ["silu", "elu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_smooth_activations_at_edges_match_torch(activation, dtype):
+    """silu and elu where their exp overflows or underflows, at the
+    infinities and NaN: torch's values and gradients (0, -0, NaN and inf
+    where torch has them; results below FLT_MIN may flush to 0, activation.h),
+    in eval mode with unit statistics as above."""
+    values = torch.tensor(SMOOTH_EDGE_VALUES, dtype=dtype)
+    x = values.repeat(2, 3, 1, 1).requires_grad_()
+    stats = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    out = batch_norm_act(x, *stats, None, None, False, 0.1, 1e-20, activation, 0.01, 1.0)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    xr = x.detach().clone().requires_grad_()
+    expected = getattr(F, activation)(xr)
+    (expected_grad,) = torch.autograd.grad(expected, xr, torch.ones_like(expected))
+    # (torch's bfloat16 elu derivative at NaN is not NaN in all of its loops.)
+    number = ~x.isnan()
+    for got, want in ((out, expected), (grad[number], expected_grad[number])):
+        torch.testing.assert_close(got, want, atol=1e-36, rtol=EDGE_RTOL[dtype], equal_nan=True)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isinf(), want.isinf())
+
+
 def test_weights_invertible_rule():
     """memory_efficient keeps the output only where every |weight| >= 1e-3 *
     max(1, |bias|): a weight of 0, a NaN or one too small for its bias falls back."""

@@ -66,10 +66,16 @@ template <typename T>
 C10_HOST_DEVICE inline T expm1_of(T x) {
   return std::expm1(x);
 }
-// 1 / (1 + exp(-z)), 0 below the float range as torch's (1 + inf).
+// 1 / (1 + exp(-z)), 0 below the float range as torch's (1 + inf), and
+// silu's derivative, in torch's formula.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid_of(T z) {
   return T(1) / (T(1) + exp_of(-z));
+}
+template <typename T>
+C10_HOST_DEVICE inline T silu_grad_of(T z) {
+  const T sigmoid = sigmoid_of(z);
+  return sigmoid * (T(1) + z * (T(1) - sigmoid));
 }
 #ifdef NORMEXT_CPU_CAPABILITY
 // 2^n and q of x, for x in [-87.34, 88] (clamped; a NaN x gives n = 0).
@@ -89,11 +95,16 @@ C10_ALWAYS_INLINE void exp_parts(float x, float& scale, float& q) {
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   std::memcpy(&scale, &bits, sizeof scale);
 }
-template <>
-C10_ALWAYS_INLINE float exp_of(float x) {
+// exp on exp_parts' clamped range, no select: one between an exp and a
+// divide makes GCC divide once per select arm, so callers select after.
+C10_ALWAYS_INLINE float exp_clamped(float x) {
   float scale, q;
   exp_parts(x, scale, q);
-  const float value = scale * q + scale;
+  return scale * q + scale;
+}
+template <>
+C10_ALWAYS_INLINE float exp_of(float x) {
+  const float value = exp_clamped(x);
   return x > 88.72283f ? INFINITY : (x < -87.34f ? 0.0f : (x == x ? value : x));
 }
 template <>
@@ -103,15 +114,19 @@ C10_ALWAYS_INLINE float expm1_of(float x) {
   const float value = scale * q + (scale - 1.0f);
   return x > 88.72283f ? INFINITY : (x < -87.34f ? -1.0f : (x == x ? value : x));
 }
-// exp on the clamped range, so no select sits between exp and the divide
-// (GCC otherwise divides once per select arm); the one select after it gives
-// torch's 0 where exp(-z) overflows (NaN z: 1 / 2, and z * 1/2 stays NaN).
+// The select last (exp_clamped); where exp(-z) overflows, torch's 1 / (1 + inf)
+// = 0 and silu' = 0 * (1 + z) = z * 0 (-0, NaN at -inf). A NaN z gives
+// sigmoid 1 / 2, and z times it stays NaN.
 template <>
 C10_ALWAYS_INLINE float sigmoid_of(float z) {
-  float scale, q;
-  exp_parts(-z, scale, q);
-  const float sigmoid = 1.0f / (1.0f + (scale * q + scale));
+  const float sigmoid = 1.0f / (1.0f + exp_clamped(-z));
   return z < -88.72283f ? 0.0f : sigmoid;
+}
+template <>
+C10_ALWAYS_INLINE float silu_grad_of(float z) {
+  const float sigmoid = 1.0f / (1.0f + exp_clamped(-z));
+  const float grad = sigmoid * (1.0f + z * (1.0f - sigmoid));
+  return z < -88.72283f ? z * 0.0f : grad;
 }
 #endif
 
@@ -192,13 +207,7 @@ struct SiluFn {
   static constexpr bool kInvertible = false;
   static constexpr bool kGradOfOutput = false;
   C10_HOST_DEVICE C10_ALWAYS_INLINE T operator()(T z) const { return z * sigmoid_of(z); }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const {
-    // Not sigmoid_of: with it the 16-bit fused passes and the float32 kernels
-    // rounded differently, which the cancellation next to this derivative's
-    // root (z = -1.28) shows (test_16bit_tiles_match_the_float32_kernels).
-    const T sigmoid = T(1) / (T(1) + exp_of(-z));
-    return sigmoid * (T(1) + z * (T(1) - sigmoid));
-  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T grad(T z) const { return silu_grad_of(z); }
 };
 
 // Whether this compilation has T's activation kernels: float64's only in the
