@@ -345,7 +345,8 @@ def test_compile_fullgraph(layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_bit_identical_at_any_thread_count(num_threads, layout):
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_bit_identical_at_any_thread_count(num_threads, layout, activation):
     torch.manual_seed(0)
     x = _in_layout(torch.randn(4, 64, 40, 40), layout)
     dy = _in_layout(torch.randn(4, 64, 40, 40), layout)
@@ -353,7 +354,8 @@ def test_bit_identical_at_any_thread_count(num_threads, layout):
     results = []
     for threads in (1, 2, 3, 8):
         num_threads(threads)
-        results.append(_grads(NF.group_norm, x, w, b, dy, num_groups=8))
+        results.append(_grads(NF.group_norm_act, x, w, b, dy, num_groups=8,
+                              activation=activation))
     for y, grads in results[1:]:
         assert torch.equal(y, results[0][0])
         for a, e in zip(grads, results[0][1]):
@@ -464,6 +466,26 @@ def test_group_norm_act_float16_across_tiles(shape, groups, activation, layout):
     assert_close(y, y_ref, torch.float16)
     for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
         assert_close(actual, expected, torch.float16, factor=4, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 64, 9, 10), (1, 64, 128, 129)],
+                         ids=["dz kept", "dz twice"])
+def test_group_norm_act_channels_last_backward_both_ways(shape, dtype):
+    """Channels-last through an activation: a sample's dz kept in a buffer, or
+    computed in both passes for a sample over the buffer's cap
+    (group_norm/cpu/backward.cpp: kSampleDzBytes); output and every gradient
+    against torch's composition in float64."""
+    case = dict(seed=0, weight=True, bias=True, layout="channels_last")
+    cast, ref = _inputs(shape, shape[1], case, dtype)
+    y_ref, g_ref = _grads(lambda x, weight, bias: F.silu(_torch_group_norm(x, 16, weight, bias)),
+                          *ref)
+    y, g = _grads(lambda x, weight, bias: NF.group_norm_act(x, 16, weight, bias, 1e-5, "silu"),
+                  *cast)
+    assert y.stride() == y_ref.stride()
+    assert_close(y, y_ref, dtype)
+    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
+        assert_close(actual, expected, dtype, factor=4, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("activation", ["silu", "elu", "leaky_relu"])

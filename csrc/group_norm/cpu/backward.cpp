@@ -5,7 +5,8 @@
 // group as the set reduced). Contiguous data: the group's run is written
 // while it is in cache (2 reads + 1 write), dz computed once per element.
 // Channels-last: the sums per sample through the shared reducer, then a pass
-// over the rows (4 reads + 1 write). The parameter gradients add the
+// over the rows (4 reads + 1 write); through an activation, a sample's dz
+// first (kept in a buffer where it fits, so dz is computed once). The parameter gradients add the
 // (sample, channel) sums in double in sample order: the same at any thread
 // count.
 #include <type_traits>
@@ -14,6 +15,12 @@
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
+
+// The largest channels-last sample whose dz (acc_t) a backward through an
+// activation keeps, to compute the derivative once, not in both passes; past
+// it the buffer's memory traffic costs more than the second derivative
+// (an A/B on this project's CPU: benchmarks/history, session 18).
+constexpr int64_t kSampleDzBytes = int64_t(4) << 20;
 
 // The terms of a (sample, channel)'s backward sums: dz and dz * (x - mean),
 // dz = dy * act'(z) from dy of type TDy (with the identity, dz itself).
@@ -105,10 +112,35 @@ void grad_input_run(const TDz* __restrict__ dz, const T* __restrict__ x, T* __re
   }
 }
 
-// The input gradient over a channels-last row from dz (as above) and the
-// per-channel coefficients dx = dz * dy_scale + (x - mean) * xmu_scale + shift.
+// dz = dy * act'((x - mean) * scale + bias) over a channels-last row.
 template <class Act, typename T, typename acc_t>
-void grad_input_row(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
+void pre_activation_grad_row(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
+                             acc_t* __restrict__ dz, int64_t channels,
+                             const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                             const acc_t* __restrict__ bias) {
+  if constexpr (std::is_same_v<T, cpu::Float16>) {
+    float dy_tile[cpu::kStageElements], x_tile[cpu::kStageElements];
+    for (int64_t c0 = 0; c0 < channels; c0 += cpu::kStageElements) {
+      const int64_t n = std::min(cpu::kStageElements, channels - c0);
+      cpu::widen_n(dy + c0, dy_tile, n);
+      cpu::widen_n(x + c0, x_tile, n);
+      pre_activation_grad_row(act, dy_tile, x_tile, dz + c0, n, mean + c0, scale + c0,
+                              bias + c0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      dz[c] = static_cast<acc_t>(dy[c]) *
+              act.grad((static_cast<acc_t>(x[c]) - mean[c]) * scale[c] + bias[c]);
+    }
+  }
+}
+
+// The input gradient over a channels-last row from dy of type TDy (dz
+// through act, as above; dz itself with the identity) and the per-channel
+// coefficients dx = dz * dy_scale + (x - mean) * xmu_scale + shift.
+template <class Act, typename TDy, typename T, typename acc_t>
+void grad_input_row(const Act act, const TDy* __restrict__ dy, const T* __restrict__ x,
                     T* __restrict__ dx, int64_t channels, const acc_t* __restrict__ mean,
                     const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
@@ -116,9 +148,14 @@ void grad_input_row(const Act act, const T* __restrict__ dy, const T* __restrict
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     float dy_tile[cpu::kStageElements];
     cpu::for_each_tile(x, dx, channels, [&](const float* xs, float* dxs, int64_t c0, int64_t n) {
-      cpu::widen_n(dy + c0, dy_tile, n);
-      grad_input_row(act, static_cast<const float*>(dy_tile), xs, dxs, n, mean + c0, scale + c0,
-                     bias + c0, dy_scale + c0, xmu_scale + c0, shift + c0);
+      const float* dys = dy_tile;
+      if constexpr (std::is_same_v<TDy, float>) {
+        dys = dy + c0;
+      } else {
+        cpu::widen_n(dy + c0, dy_tile, n);
+      }
+      grad_input_row(act, dys, xs, dxs, n, mean + c0, scale + c0, bias + c0, dy_scale + c0,
+                     xmu_scale + c0, shift + c0);
     });
   } else {
 #pragma omp simd
@@ -203,33 +240,73 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
       }
     });
   } else {
-    cpu::for_each_sample(N, [&](int64_t n) {
-      const ChannelGradSums<T, T, acc_t, Act> sample_op{
-          act, dy + n * L * C, x + n * L * C, mean_c.data() + n * C, scale_c.data() + n * C,
-          bias_c.data() + n * C};
-      const std::vector<double> sums =
-          cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, sample_op);
-      std::copy_n(sums.begin(), C, sum_dz.begin() + n * C);
-      std::copy_n(sums.begin() + C, C, sum_dz_xmu.begin() + n * C);
-    });
-    if (dx) {
-      std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
-      for (int64_t r = 0; r < N * G; ++r) {
+    // Sample n's input-gradient coefficients per channel, at [c].
+    const auto sample_coefficients = [&](int64_t n, acc_t* dy_scale, acc_t* xmu_scale,
+                                         acc_t* shift) {
+      for (int64_t r = n * G; r < (n + 1) * G; ++r) {
         const auto k = coefficients(r);
         for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-          dy_scale[nc] = w[nc % C] * k.dy_scale;
-          xmu_scale[nc] = k.xmu_scale;
-          shift[nc] = k.shift;
+          dy_scale[nc - n * C] = w[nc % C] * k.dy_scale;
+          xmu_scale[nc - n * C] = k.xmu_scale;
+          shift[nc - n * C] = k.shift;
         }
       }
-      at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t nc = row / L * C;
-          grad_input_row(act, dy + row * C, x + row * C, dx + row * C, C, mean_c.data() + nc,
-                         scale_c.data() + nc, bias_c.data() + nc, dy_scale.data() + nc,
-                         xmu_scale.data() + nc, shift.data() + nc);
-        }
+    };
+    const auto sample_sums = [&](int64_t n, const auto& op) {
+      const std::vector<double> sums = cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, op);
+      std::copy_n(sums.begin(), C, sum_dz.begin() + n * C);
+      std::copy_n(sums.begin() + C, C, sum_dz_xmu.begin() + n * C);
+    };
+    if (Act::kKind != Activation::kIdentity &&
+        L * C * static_cast<int64_t>(sizeof(acc_t)) <= kSampleDzBytes) {
+      // Through an activation, a sample's dz fits in cache: computed once,
+      // as in the runs above, then the sample's sums and its rows' dx from it.
+      cpu::for_each_sample(N, [&](int64_t n) {
+        const int64_t nc = n * C;
+        std::vector<acc_t> dz(L * C);
+        at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+          for (int64_t l = begin; l < end; ++l) {
+            const int64_t row = (n * L + l) * C;
+            pre_activation_grad_row(act, dy + row, x + row, dz.data() + l * C, C,
+                                    mean_c.data() + nc, scale_c.data() + nc, bias_c.data() + nc);
+          }
+        });
+        sample_sums(n, ChannelGradSums<acc_t, T, acc_t, cpu::IdentityFn<acc_t>>{
+                           {}, dz.data(), x + nc * L, mean_c.data() + nc, scale_c.data() + nc,
+                           bias_c.data() + nc});
+        if (!dx) return;
+        std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
+        sample_coefficients(n, dy_scale.data(), xmu_scale.data(), shift.data());
+        at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+          for (int64_t l = begin; l < end; ++l) {
+            const int64_t row = (n * L + l) * C;
+            grad_input_row(cpu::IdentityFn<acc_t>{}, static_cast<const acc_t*>(dz.data() + l * C),
+                           x + row, dx + row, C, mean_c.data() + nc, scale_c.data() + nc,
+                           bias_c.data() + nc, dy_scale.data(), xmu_scale.data(), shift.data());
+          }
+        });
       });
+    } else {
+      cpu::for_each_sample(N, [&](int64_t n) {
+        sample_sums(n, ChannelGradSums<T, T, acc_t, Act>{
+                           act, dy + n * L * C, x + n * L * C, mean_c.data() + n * C,
+                           scale_c.data() + n * C, bias_c.data() + n * C});
+      });
+      if (dx) {
+        std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
+        for (int64_t n = 0; n < N; ++n) {
+          sample_coefficients(n, dy_scale.data() + n * C, xmu_scale.data() + n * C,
+                              shift.data() + n * C);
+        }
+        at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t nc = row / L * C;
+            grad_input_row(act, dy + row * C, x + row * C, dx + row * C, C, mean_c.data() + nc,
+                           scale_c.data() + nc, bias_c.data() + nc, dy_scale.data() + nc,
+                           xmu_scale.data() + nc, shift.data() + nc);
+          }
+        });
+      }
     }
   }
   if (!grad_weight.defined() && !grad_bias.defined()) return;
