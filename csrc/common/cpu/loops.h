@@ -94,6 +94,19 @@ inline void for_each_tile(const T* x, T* y, int64_t length, const F& fn) {
   }
 }
 
+// fn(a_tile, b_tile, offset, n) over [0, length) in float tiles of two
+// inputs, a[offset, offset + n) and b[offset, offset + n) widened.
+template <typename T, typename F>
+inline void for_each_tile_pair(const T* a, const T* b, int64_t length, const F& fn) {
+  float a_tile[kStageElements], b_tile[kStageElements];
+  for (int64_t i = 0; i < length; i += kStageElements) {
+    const int64_t n = std::min(kStageElements, length - i);
+    widen_n(a + i, a_tile, n);
+    widen_n(b + i, b_tile, n);
+    fn(static_cast<const float*>(a_tile), static_cast<const float*>(b_tile), i, n);
+  }
+}
+
 // The element type the loops use for a dispatched scalar_t: Float16 for
 // c10::Half, the type itself otherwise.
 template <typename T>

@@ -73,13 +73,10 @@ void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* _
                              acc_t* __restrict__ dz, int64_t length, acc_t mean, acc_t scale,
                              acc_t bias) {
   if constexpr (std::is_same_v<T, cpu::Float16>) {
-    float dy_tile[cpu::kStageElements], x_tile[cpu::kStageElements];
-    for (int64_t i = 0; i < length; i += cpu::kStageElements) {
-      const int64_t n = std::min(cpu::kStageElements, length - i);
-      cpu::widen_n(dy + i, dy_tile, n);
-      cpu::widen_n(x + i, x_tile, n);
-      pre_activation_grad_run(act, dy_tile, x_tile, dz + i, n, mean, scale, bias);
-    }
+    cpu::for_each_tile_pair(dy, x, length, [&](const float* dys, const float* xs, int64_t i,
+                                               int64_t n) {
+      pre_activation_grad_run(act, dys, xs, dz + i, n, mean, scale, bias);
+    });
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < length; ++i) {
@@ -119,14 +116,10 @@ void pre_activation_grad_row(const Act act, const T* __restrict__ dy, const T* _
                              const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                              const acc_t* __restrict__ bias) {
   if constexpr (std::is_same_v<T, cpu::Float16>) {
-    float dy_tile[cpu::kStageElements], x_tile[cpu::kStageElements];
-    for (int64_t c0 = 0; c0 < channels; c0 += cpu::kStageElements) {
-      const int64_t n = std::min(cpu::kStageElements, channels - c0);
-      cpu::widen_n(dy + c0, dy_tile, n);
-      cpu::widen_n(x + c0, x_tile, n);
-      pre_activation_grad_row(act, dy_tile, x_tile, dz + c0, n, mean + c0, scale + c0,
-                              bias + c0);
-    }
+    cpu::for_each_tile_pair(dy, x, channels, [&](const float* dys, const float* xs, int64_t c0,
+                                                 int64_t n) {
+      pre_activation_grad_row(act, dys, xs, dz + c0, n, mean + c0, scale + c0, bias + c0);
+    });
   } else {
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
