@@ -5,11 +5,10 @@
 // group as the set reduced). Contiguous data: the group's run is written
 // while it is in cache (2 reads + 1 write), dz computed once per element.
 // Channels-last: the sums per sample through the shared reducer, then a pass
-// over the rows (4 reads + 1 write); through silu or elu, a sample's dz
-// first where its buffer is small enough (kSampleDzBytes), so dz is computed once. The parameter gradients add the
+// over the rows (4 reads + 1 write); through an activation, a sample's dz
+// first (kept in a buffer where it fits, so dz is computed once). The parameter gradients add the
 // (sample, channel) sums in double in sample order: the same at any thread
 // count.
-#include <memory>
 #include <type_traits>
 
 #include "group_norm/cpu/kernels.h"
@@ -17,8 +16,8 @@
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
 
-// The largest channels-last sample whose dz (acc_t) a backward through silu
-// or elu keeps, to compute the derivative once, not in both passes; past
+// The largest channels-last sample whose dz (acc_t) a backward through an
+// activation keeps, to compute the derivative once, not in both passes; past
 // it the buffer's memory traffic costs more than the second derivative
 // (an A/B on this project's CPU: benchmarks/history, session 18).
 constexpr int64_t kSampleDzBytes = int64_t(4) << 20;
@@ -251,24 +250,22 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
       std::copy_n(sums.begin(), C, sum_dz.begin() + n * C);
       std::copy_n(sums.begin() + C, C, sum_dz_xmu.begin() + n * C);
     };
-    // (relu's kinds' derivative is a compare: computed twice, it costs less.)
-    constexpr bool kExpGrad = Act::kKind == Activation::kSilu || Act::kKind == Activation::kElu;
-    if (kExpGrad && L * C * static_cast<int64_t>(sizeof(acc_t)) <= kSampleDzBytes) {
-      // A sample's dz computed once, as in the runs above, then the sample's
-      // sums and its rows' dx from it.
+    if (Act::kKind != Activation::kIdentity &&
+        L * C * static_cast<int64_t>(sizeof(acc_t)) <= kSampleDzBytes) {
+      // Through an activation, a sample's dz fits in cache: computed once,
+      // as in the runs above, then the sample's sums and its rows' dx from it.
       cpu::for_each_sample(N, [&](int64_t n) {
         const int64_t nc = n * C;
-        const std::unique_ptr<acc_t[]> dz_buffer(new acc_t[L * C]);  // every element written
-        acc_t* dz = dz_buffer.get();
+        std::vector<acc_t> dz(L * C);
         at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
           for (int64_t l = begin; l < end; ++l) {
             const int64_t row = (n * L + l) * C;
-            pre_activation_grad_row(act, dy + row, x + row, dz + l * C, C,
+            pre_activation_grad_row(act, dy + row, x + row, dz.data() + l * C, C,
                                     mean_c.data() + nc, scale_c.data() + nc, bias_c.data() + nc);
           }
         });
         sample_sums(n, ChannelGradSums<acc_t, T, acc_t, cpu::IdentityFn<acc_t>>{
-                           {}, dz, x + nc * L, mean_c.data() + nc, scale_c.data() + nc,
+                           {}, dz.data(), x + nc * L, mean_c.data() + nc, scale_c.data() + nc,
                            bias_c.data() + nc});
         if (!dx) return;
         std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
@@ -276,7 +273,7 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
         at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
           for (int64_t l = begin; l < end; ++l) {
             const int64_t row = (n * L + l) * C;
-            grad_input_row(cpu::IdentityFn<acc_t>{}, static_cast<const acc_t*>(dz + l * C),
+            grad_input_row(cpu::IdentityFn<acc_t>{}, static_cast<const acc_t*>(dz.data() + l * C),
                            x + row, dx + row, C, mean_c.data() + nc, scale_c.data() + nc,
                            bias_c.data() + nc, dy_scale.data(), xmu_scale.data(), shift.data());
           }
