@@ -130,19 +130,31 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
 
 namespace detail {
 
+// Halves sums[term][0, 2 * kWidth) into [0, kWidth): lane k += lane k + kWidth.
+template <int kWidth>
+inline void fold_lanes(double (&sums)[kTerms][kLanes]) {
+  if constexpr (kWidth > 0) {
+    for (int q = 0; q < kTerms; ++q) {
+#pragma omp simd
+      for (int k = 0; k < kWidth; ++k) sums[q][k] += sums[q][k + kWidth];
+    }
+    fold_lanes<kWidth / 2>(sums);
+  }
+}
+
 // Lanes added in double pairwise (lane k and k + width, width halving): a
 // fixed order, a few dependent adds instead of kLanes (a layer norm's short
-// row or a group's channel pays this per run).
+// row or a group's channel pays this per run). The widths are constants so
+// that each step is one vector add, not kLanes scalar ones.
 template <typename acc_t>
 inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
+  double sums[kTerms][kLanes];
   for (int q = 0; q < kTerms; ++q) {
-    double sums[kLanes];
-    for (int k = 0; k < kLanes; ++k) sums[k] = lanes[q][k];
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int k = 0; k < width; ++k) sums[k] += sums[k + width];
-    }
-    partial[q] = sums[0];
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) sums[q][k] = lanes[q][k];
   }
+  fold_lanes<kLanes / 2>(sums);
+  for (int q = 0; q < kTerms; ++q) partial[q] = sums[q][0];
 }
 
 // Contiguous data (inner > 1). A unit is a block of one run (long runs) or a
