@@ -5,9 +5,10 @@
 // rows (1, rows, features).
 //
 // The work is cut into units by the shape alone, each unit sums its elements
-// in float lanes (element i of a run to lane i % kLanes) and adds them in
-// double pairwise, and the units' partials are added in a fixed order: the sums are
-// bit-identical at any thread count.
+// in float lanes (element i of a run to lane i % kLanes; in long runs, two
+// sets of lanes taking turns by vector, added at the run's end) and adds them
+// in double pairwise, and the units' partials are added in a fixed order: the
+// sums are bit-identical at any thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -36,6 +37,10 @@ constexpr int64_t kCacheLineBytes = 64;
 constexpr int kLanes = 16;
 // Elements of a long run one unit sums (a unit's lanes stay in registers).
 constexpr int64_t kBlockElements = 4096;
+// Runs of this many elements or more are summed into two sets of lanes; on
+// shorter ones (a layer norm's rows of 128 and 256) the second set cost more
+// than it saved (A/B, benchmarks/history, session 19).
+constexpr int64_t kTwoSetElements = 512;
 // Runs of fewer bytes than this are short: a unit sums a group's runs across
 // kUnitRows outer indices into the same lanes, since adding the lanes up per
 // run would cost more than the run.
@@ -91,10 +96,67 @@ struct GroupedShape {
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
+// Adds the terms of the kLanes elements from `offset` (group g) to local
+// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
+template <class Op, typename acc_t>
+[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
+                                                       acc_t (&lanes_a)[kLanes],
+                                                       acc_t (&lanes_b)[kLanes]) {
+  if constexpr (Op::kLaneTerms) {
+    acc_t a[kLanes], b[kLanes];
+    op.template lane_terms<0>(g, offset, a, b);
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      lanes_a[k] += a[k];
+      lanes_b[k] += b[k];
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t a, b;
+      op.terms(g, offset + k, a, b);
+      lanes_a[k] += a;
+      lanes_b[k] += b;
+    }
+  }
+}
+
+// add_run_in_lanes over a long run: every other vector into a second set of
+// lanes, the two added into `lanes` at the run's end. With one set, each
+// vector's adds wait on the previous vector's (one dependent chain per term
+// where a register holds kLanes floats).
+template <class Op, typename acc_t = typename Op::acc_t>
+void add_long_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
+                           acc_t (*__restrict__ lanes)[kLanes]) {
+  const Op op = op_ref;
+  acc_t even_a[kLanes] = {}, even_b[kLanes] = {}, odd_a[kLanes] = {}, odd_b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= length; i += 2 * kLanes) {
+    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
+    add_vector_in_lanes(op, g, offset + i + kLanes, odd_a, odd_b);
+  }
+  if (i + kLanes <= length) {
+    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
+    i += kLanes;
+  }
+  for (int k = 0; i < length; ++i, ++k) {
+    acc_t a, b;
+    op.terms(g, offset + i, a, b);
+    even_a[k] += a;
+    even_b[k] += b;
+  }
+#pragma omp simd
+  for (int k = 0; k < kLanes; ++k) {
+    lanes[0][k] += even_a[k] + odd_a[k];
+    lanes[1][k] += even_b[k] + odd_b[k];
+  }
+}
+
 // Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
                              acc_t (*__restrict__ lanes)[kLanes]) {
+  if (length >= kTwoSetElements) return add_long_run_in_lanes(op_ref, g, offset, length, lanes);
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
   acc_t* __restrict__ lanes_a = lanes[0];
   acc_t* __restrict__ lanes_b = lanes[1];
@@ -130,31 +192,19 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
 
 namespace detail {
 
-// Halves sums[term][0, 2 * kWidth) into [0, kWidth): lane k += lane k + kWidth.
-template <int kWidth>
-inline void fold_lanes(double (&sums)[kTerms][kLanes]) {
-  if constexpr (kWidth > 0) {
-    for (int q = 0; q < kTerms; ++q) {
-#pragma omp simd
-      for (int k = 0; k < kWidth; ++k) sums[q][k] += sums[q][k + kWidth];
-    }
-    fold_lanes<kWidth / 2>(sums);
-  }
-}
-
 // Lanes added in double pairwise (lane k and k + width, width halving): a
 // fixed order, a few dependent adds instead of kLanes (a layer norm's short
-// row or a group's channel pays this per run). The widths are constants so
-// that each step is one vector add, not kLanes scalar ones.
+// row or a group's channel pays this per run).
 template <typename acc_t>
 inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
-  double sums[kTerms][kLanes];
   for (int q = 0; q < kTerms; ++q) {
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) sums[q][k] = lanes[q][k];
+    double sums[kLanes];
+    for (int k = 0; k < kLanes; ++k) sums[k] = lanes[q][k];
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int k = 0; k < width; ++k) sums[k] += sums[k + width];
+    }
+    partial[q] = sums[0];
   }
-  fold_lanes<kLanes / 2>(sums);
-  for (int q = 0; q < kTerms; ++q) partial[q] = sums[q][0];
 }
 
 // Contiguous data (inner > 1). A unit is a block of one run (long runs) or a

@@ -4,11 +4,11 @@
 // then the input gradient (common/math.h: grad_input_coefficients, with the
 // group as the set reduced). Contiguous data: the group's run is written
 // while it is in cache (2 reads + 1 write), dz computed once per element.
-// Channels-last: the sums per sample through the shared reducer, then a pass
-// over the rows (4 reads + 1 write); through an activation, a sample's dz
-// first (kept in a buffer where it fits, so dz is computed once). The parameter gradients add the
-// (sample, channel) sums in double in sample order: the same at any thread
-// count.
+// Channels-last, per sample: the sums through the shared reducer, then a
+// pass over its rows while they are in cache; through an activation, the
+// sample's dz first (kept in a buffer where it fits, so dz is computed once).
+// The parameter gradients add the (sample, channel) sums in double in sample
+// order: the same at any thread count.
 #include <type_traits>
 
 #include "group_norm/cpu/kernels.h"
@@ -280,26 +280,24 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
         });
       });
     } else {
+      // A sample's sums, then its rows' dx while they are in cache.
       cpu::for_each_sample(N, [&](int64_t n) {
-        sample_sums(n, ChannelGradSums<T, T, acc_t, Act>{
-                           act, dy + n * L * C, x + n * L * C, mean_c.data() + n * C,
-                           scale_c.data() + n * C, bias_c.data() + n * C});
-      });
-      if (dx) {
-        std::vector<acc_t> dy_scale(N * C), xmu_scale(N * C), shift(N * C);
-        for (int64_t n = 0; n < N; ++n) {
-          sample_coefficients(n, dy_scale.data() + n * C, xmu_scale.data() + n * C,
-                              shift.data() + n * C);
-        }
-        at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const int64_t nc = row / L * C;
-            grad_input_row(act, dy + row * C, x + row * C, dx + row * C, C, mean_c.data() + nc,
-                           scale_c.data() + nc, bias_c.data() + nc, dy_scale.data() + nc,
-                           xmu_scale.data() + nc, shift.data() + nc);
+        const int64_t nc = n * C;
+        sample_sums(n, ChannelGradSums<T, T, acc_t, Act>{act, dy + nc * L, x + nc * L,
+                                                          mean_c.data() + nc,
+                                                          scale_c.data() + nc, bias_c.data() + nc});
+        if (!dx) return;
+        std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
+        sample_coefficients(n, dy_scale.data(), xmu_scale.data(), shift.data());
+        at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+          for (int64_t l = begin; l < end; ++l) {
+            const int64_t row = (n * L + l) * C;
+            grad_input_row(act, dy + row, x + row, dx + row, C, mean_c.data() + nc,
+                           scale_c.data() + nc, bias_c.data() + nc, dy_scale.data(),
+                           xmu_scale.data(), shift.data());
           }
         });
-      }
+      });
     }
   }
   if (!grad_weight.defined() && !grad_bias.defined()) return;

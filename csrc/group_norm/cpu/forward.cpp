@@ -3,8 +3,9 @@
 // sample of the group, common/math.h) and the affine per channel, through
 // the activation (common/activation.h). Contiguous data: the group's run is
 // written while it is in cache (1 read + 1 write).
-// Channels-last: statistics per sample through the shared reducer, then the
-// affine over the rows (2 reads + 1 write).
+// Channels-last: per sample, statistics through the shared reducer, then the
+// affine over its rows while they are in cache (2 reads, 1 of them from cache,
+// + 1 write).
 #include "group_norm/cpu/kernels.h"
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {
@@ -103,7 +104,9 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
     return;
   }
   // Channels-last: every channel of a group deviates from the group's shift,
-  // so the channels' sums add up to the group's.
+  // so the channels' sums add up to the group's. A sample is normalized right
+  // after its statistics, while the rows just read are in cache.
+  std::vector<acc_t> mean_c(N * C), scale_c(N * C);
   cpu::for_each_sample(N, [&](int64_t n) {
     const T* sample = x + n * L * C;
     for (int64_t g = 0; g < G; ++g) {
@@ -123,16 +126,18 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
       }
       set_moments(n * G + g, sum_d, sum_d2);
     }
-  });
-  const std::vector<acc_t> mean_c = cpu::per_channel(s, mean);
-  std::vector<acc_t> scale_c, bias_c;
-  cpu::channel_affine(s, rstd, w, b, scale_c, bias_c);
-  at::parallel_for(0, N * L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t nc = row / L * C;
-      normalize_row(act, x + row * C, y + row * C, C, mean_c.data() + nc, scale_c.data() + nc,
-                    bias_c.data() + nc);
+    const int64_t nc = n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      mean_c[nc + c] = mean[n * G + c / Cg];
+      scale_c[nc + c] = rstd[n * G + c / Cg] * w[c];
     }
+    at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l) {
+        const int64_t row = (n * L + l) * C;
+        normalize_row(act, x + row, y + row, C, mean_c.data() + nc, scale_c.data() + nc,
+                      b.data());
+      }
+    });
   });
 }
 
