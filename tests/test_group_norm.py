@@ -156,10 +156,14 @@ def test_instance_norm_matches_torch_per_dtype(case, dtype):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((3, 64, 33, 35), 32), ((2, 32, 70, 70), 8),
-                                          ((5, 6, 4, 3, 5), 3), ((4, 4096, 2, 2), 64)])
+                                          ((5, 6, 4, 3, 5), 3), ((4, 4096, 2, 2), 64),
+                                          ((2, 64, 64, 66), 32)])
 def test_group_norm_larger_shapes(shape, groups, layout):
-    """Groups over one reduction block (kBlockElements) and many channels per
-    row, float32 against torch; the output keeps the input's memory format."""
+    """Groups over one reduction block (kBlockElements), many channels per
+    row, and channels-last samples over 1 MiB (normalized after every
+    sample's statistics, not sample by sample: forward.cpp's
+    kCachedSampleBytes), float32 against torch; the output keeps the input's
+    memory format."""
     torch.manual_seed(0)
     x = _in_layout(torch.randn(shape), layout)
     dy = _in_layout(torch.randn(shape), layout)

@@ -81,12 +81,14 @@ def test_matches_torch_per_dtype(case, dtype):
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-@pytest.mark.parametrize("rows,features", [(37, 64), (37, 768), (37, 4097), (37, 8192 + 13),
-                                           (1500, 64), (3000, 33)])
+@pytest.mark.parametrize("rows,features", [(37, 64), (37, 768), (37, 1023), (37, 1043),
+                                           (37, 4097), (37, 8192 + 13), (1500, 64), (3000, 33)])
 def test_long_and_many_rows(rms, rows, features):
-    """Rows over one reduction block (kBlockElements), and row counts over a
-    parameter-gradient run (16 rows) and over 64 blocks of them, whose last
-    run is short, float32 against torch."""
+    """Rows just under and over the reducer's two sets of lanes
+    (kTwoSetElements: 1043 ends with an odd vector and 3 elements), over one
+    reduction block (kBlockElements), and row counts over a parameter-gradient
+    run (16 rows) and over 64 blocks of them, whose last run is short, float32
+    against torch."""
     torch.manual_seed(features)
     x, dy = torch.randn(rows, features), torch.randn(rows, features)
     w, b = torch.rand(features) + 0.5, torch.randn(features)

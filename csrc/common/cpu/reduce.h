@@ -5,9 +5,8 @@
 // rows (1, rows, features).
 //
 // The work is cut into units by the shape alone, each unit sums its elements
-// in float lanes (element i of a run to lane i % kLanes; in long runs, two
-// sets of lanes taking turns by vector, added at the run's end) and adds them
-// in double pairwise, and the units' partials are added in a fixed order: the
+// in float lanes (element i of a run to lane i % kLanes) and adds them in
+// double pairwise, and the units' partials are added in a fixed order: the
 // sums are bit-identical at any thread count.
 #pragma once
 
@@ -37,10 +36,11 @@ constexpr int64_t kCacheLineBytes = 64;
 constexpr int kLanes = 16;
 // Elements of a long run one unit sums (a unit's lanes stay in registers).
 constexpr int64_t kBlockElements = 4096;
-// Runs of this many elements or more are summed into two sets of lanes; on
-// shorter ones (a layer norm's rows of 128 and 256) the second set cost more
-// than it saved (A/B, benchmarks/history, session 19).
-constexpr int64_t kTwoSetElements = 512;
+// reduce_run sums blocks of this many elements or more into two sets of
+// lanes; on shorter runs (a layer norm's rows of 512 and less) the second set
+// cost more than it saved (A/B, benchmarks/history, session 19).
+constexpr int64_t kTwoSetElements = 1024;
+static_assert(kTwoSetElements <= kBlockElements);
 // Runs of fewer bytes than this are short: a unit sums a group's runs across
 // kUnitRows outer indices into the same lanes, since adding the lanes up per
 // run would cost more than the run.
@@ -96,67 +96,10 @@ struct GroupedShape {
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
-// Adds the terms of the kLanes elements from `offset` (group g) to local
-// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
-template <class Op, typename acc_t>
-[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
-                                                       acc_t (&lanes_a)[kLanes],
-                                                       acc_t (&lanes_b)[kLanes]) {
-  if constexpr (Op::kLaneTerms) {
-    acc_t a[kLanes], b[kLanes];
-    op.template lane_terms<0>(g, offset, a, b);
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      lanes_a[k] += a[k];
-      lanes_b[k] += b[k];
-    }
-  } else {
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      acc_t a, b;
-      op.terms(g, offset + k, a, b);
-      lanes_a[k] += a;
-      lanes_b[k] += b;
-    }
-  }
-}
-
-// add_run_in_lanes over a long run: every other vector into a second set of
-// lanes, the two added into `lanes` at the run's end. With one set, each
-// vector's adds wait on the previous vector's (one dependent chain per term
-// where a register holds kLanes floats).
-template <class Op, typename acc_t = typename Op::acc_t>
-void add_long_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
-                           acc_t (*__restrict__ lanes)[kLanes]) {
-  const Op op = op_ref;
-  acc_t even_a[kLanes] = {}, even_b[kLanes] = {}, odd_a[kLanes] = {}, odd_b[kLanes] = {};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= length; i += 2 * kLanes) {
-    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
-    add_vector_in_lanes(op, g, offset + i + kLanes, odd_a, odd_b);
-  }
-  if (i + kLanes <= length) {
-    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
-    i += kLanes;
-  }
-  for (int k = 0; i < length; ++i, ++k) {
-    acc_t a, b;
-    op.terms(g, offset + i, a, b);
-    even_a[k] += a;
-    even_b[k] += b;
-  }
-#pragma omp simd
-  for (int k = 0; k < kLanes; ++k) {
-    lanes[0][k] += even_a[k] + odd_a[k];
-    lanes[1][k] += even_b[k] + odd_b[k];
-  }
-}
-
 // Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
                              acc_t (*__restrict__ lanes)[kLanes]) {
-  if (length >= kTwoSetElements) return add_long_run_in_lanes(op_ref, g, offset, length, lanes);
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
   acc_t* __restrict__ lanes_a = lanes[0];
   acc_t* __restrict__ lanes_b = lanes[1];
@@ -406,20 +349,96 @@ std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
   return sums;
 }
 
-// The sums reduce_groups gives group g of a (1, groups, inner) shape (the
-// same blocks, lanes and order), for a norm that reduces its groups one at a
-// time where each fits in cache (a layer norm's rows). sums: [term].
+namespace detail {
+
+// Adds the terms of the kLanes elements from `offset` (group g) to local
+// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
+template <class Op, typename acc_t>
+[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
+                                                       acc_t (&lanes_a)[kLanes],
+                                                       acc_t (&lanes_b)[kLanes]) {
+  if constexpr (Op::kLaneTerms) {
+    acc_t a[kLanes], b[kLanes];
+    op.template lane_terms<0>(g, offset, a, b);
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      lanes_a[k] += a[k];
+      lanes_b[k] += b[k];
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t a, b;
+      op.terms(g, offset + k, a, b);
+      lanes_a[k] += a;
+      lanes_b[k] += b;
+    }
+  }
+}
+
+// add_run_in_lanes into zeroed lanes over a block of kTwoSetElements or more:
+// every other vector into a second set of lanes, the two added at the end.
+// With one set, each vector's adds wait on the previous vector's (one
+// dependent chain per term where a register holds kLanes floats).
+template <class Op, typename acc_t = typename Op::acc_t>
+void add_block_in_two_sets(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
+                           acc_t (*__restrict__ lanes)[kLanes]) {
+  const Op op = op_ref;
+  acc_t even_a[kLanes] = {}, even_b[kLanes] = {}, odd_a[kLanes] = {}, odd_b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= length; i += 2 * kLanes) {
+    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
+    add_vector_in_lanes(op, g, offset + i + kLanes, odd_a, odd_b);
+  }
+  if (i + kLanes <= length) {
+    add_vector_in_lanes(op, g, offset + i, even_a, even_b);
+    i += kLanes;
+  }
+  for (int k = 0; i < length; ++i, ++k) {
+    acc_t a, b;
+    op.terms(g, offset + i, a, b);
+    even_a[k] += a;
+    even_b[k] += b;
+  }
+#pragma omp simd
+  for (int k = 0; k < kLanes; ++k) {
+    lanes[0][k] = even_a[k] + odd_a[k];
+    lanes[1][k] = even_b[k] + odd_b[k];
+  }
+}
+
+// reduce_run over a run of kTwoSetElements or more, in a function of its
+// own: inlined, its code slowed the short runs' (A/B, session 19).
 template <class Op>
-void reduce_run(const Op& op, int64_t g, int64_t inner, double* sums) {
+[[gnu::noinline]] void reduce_long_run(const Op& op, int64_t g, int64_t inner, double* sums) {
   using acc_t = typename Op::acc_t;
   for (int q = 0; q < kTerms; ++q) sums[q] = 0;
   for (int64_t i0 = 0; i0 < inner; i0 += kBlockElements) {
+    const int64_t length = std::min(kBlockElements, inner - i0);
     acc_t lanes[kTerms][kLanes] = {};
-    add_run_in_lanes(op, g, g * inner + i0, std::min(kBlockElements, inner - i0), lanes);
+    if (length >= kTwoSetElements) {
+      add_block_in_two_sets(op, g, g * inner + i0, length, lanes);
+    } else {
+      add_run_in_lanes(op, g, g * inner + i0, length, lanes);
+    }
     double block[kTerms];
-    detail::add_lanes(lanes, block);
+    add_lanes(lanes, block);
     for (int q = 0; q < kTerms; ++q) sums[q] += block[q];
   }
+}
+
+}  // namespace detail
+
+// The sums reduce_groups gives group g of a (1, groups, inner) shape (the
+// same blocks, lanes and order, except that blocks of kTwoSetElements or more
+// are summed in two sets of lanes), for a norm that reduces its groups one at
+// a time where each fits in cache (a layer norm's rows). sums: [term].
+template <class Op>
+void reduce_run(const Op& op, int64_t g, int64_t inner, double* sums) {
+  if (inner >= kTwoSetElements) return detail::reduce_long_run(op, g, inner, sums);
+  typename Op::acc_t lanes[kTerms][kLanes] = {};  // one block (kTwoSetElements < kBlockElements)
+  add_run_in_lanes(op, g, g * inner, inner, lanes);
+  detail::add_lanes(lanes, sums);
 }
 
 // Prefetches [begin, end) shifted ahead by kPrefetchBytes or by its own

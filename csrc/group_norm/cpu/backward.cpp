@@ -233,22 +233,33 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
       }
     });
   } else {
-    // Sample n's input-gradient coefficients per channel, at [c].
-    const auto sample_coefficients = [&](int64_t n, acc_t* dy_scale, acc_t* xmu_scale,
-                                         acc_t* shift) {
-      for (int64_t r = n * G; r < (n + 1) * G; ++r) {
-        const auto k = coefficients(r);
-        for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-          dy_scale[nc - n * C] = w[nc % C] * k.dy_scale;
-          xmu_scale[nc - n * C] = k.xmu_scale;
-          shift[nc - n * C] = k.shift;
-        }
-      }
-    };
+    // Every branch below takes a sample at a time: its sums, then its rows'
+    // dx while they are in cache.
     const auto sample_sums = [&](int64_t n, const auto& op) {
       const std::vector<double> sums = cpu::reduce_groups(cpu::GroupedShape{L, C, 1}, op);
       std::copy_n(sums.begin(), C, sum_dz.begin() + n * C);
       std::copy_n(sums.begin() + C, C, sum_dz_xmu.begin() + n * C);
+    };
+    // Sample n's dx from its rows of dy through row_act (dz with the identity).
+    const auto sample_grad_input = [&](int64_t n, const auto row_act, const auto* dy_rows) {
+      const int64_t nc = n * C;
+      std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
+      for (int64_t r = n * G; r < (n + 1) * G; ++r) {
+        const auto k = coefficients(r);
+        for (int64_t c = r % G * Cg; c < (r % G + 1) * Cg; ++c) {
+          dy_scale[c] = w[c] * k.dy_scale;
+          xmu_scale[c] = k.xmu_scale;
+          shift[c] = k.shift;
+        }
+      }
+      at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
+        for (int64_t l = begin; l < end; ++l) {
+          const int64_t row = (n * L + l) * C;
+          grad_input_row(row_act, dy_rows + l * C, x + row, dx + row, C, mean_c.data() + nc,
+                         scale_c.data() + nc, bias_c.data() + nc, dy_scale.data(),
+                         xmu_scale.data(), shift.data());
+        }
+      });
     };
     if (Act::kKind != Activation::kIdentity &&
         L * C * static_cast<int64_t>(sizeof(acc_t)) <= kSampleDzBytes) {
@@ -267,36 +278,17 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
         sample_sums(n, ChannelGradSums<acc_t, T, acc_t, cpu::IdentityFn<acc_t>>{
                            {}, dz.data(), x + nc * L, mean_c.data() + nc, scale_c.data() + nc,
                            bias_c.data() + nc});
-        if (!dx) return;
-        std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
-        sample_coefficients(n, dy_scale.data(), xmu_scale.data(), shift.data());
-        at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
-          for (int64_t l = begin; l < end; ++l) {
-            const int64_t row = (n * L + l) * C;
-            grad_input_row(cpu::IdentityFn<acc_t>{}, static_cast<const acc_t*>(dz.data() + l * C),
-                           x + row, dx + row, C, mean_c.data() + nc, scale_c.data() + nc,
-                           bias_c.data() + nc, dy_scale.data(), xmu_scale.data(), shift.data());
-          }
-        });
+        if (dx) {
+          sample_grad_input(n, cpu::IdentityFn<acc_t>{}, static_cast<const acc_t*>(dz.data()));
+        }
       });
     } else {
-      // A sample's sums, then its rows' dx while they are in cache.
       cpu::for_each_sample(N, [&](int64_t n) {
         const int64_t nc = n * C;
         sample_sums(n, ChannelGradSums<T, T, acc_t, Act>{act, dy + nc * L, x + nc * L,
                                                           mean_c.data() + nc,
                                                           scale_c.data() + nc, bias_c.data() + nc});
-        if (!dx) return;
-        std::vector<acc_t> dy_scale(C), xmu_scale(C), shift(C);
-        sample_coefficients(n, dy_scale.data(), xmu_scale.data(), shift.data());
-        at::parallel_for(0, L, cpu::grain_for(C), [&](int64_t begin, int64_t end) {
-          for (int64_t l = begin; l < end; ++l) {
-            const int64_t row = (n * L + l) * C;
-            grad_input_row(act, dy + row, x + row, dx + row, C, mean_c.data() + nc,
-                           scale_c.data() + nc, bias_c.data() + nc, dy_scale.data(),
-                           xmu_scale.data(), shift.data());
-          }
-        });
+        if (dx) sample_grad_input(n, act, dy + nc * L);
       });
     }
   }
