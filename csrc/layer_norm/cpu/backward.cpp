@@ -1,10 +1,13 @@
 // Backward: per row, sum(g) and sum(g * (x - mean)) with g = dy * weight in
-// one read of dy and x, then the input gradient from the row in cache
-// (common/math.h: grad_input_coefficients, with the row as the group). The
-// parameter gradients' sums over rows: per block of rows (at most kMaxBlocks,
-// fixed by the shape), sums of kParamRows rows in the accumulate type added in
+// one read of dy and x, then one pass over the row in cache for its input
+// gradient (common/math.h: grad_input_coefficients, with the row as the group)
+// and its terms of the parameter gradients: 2R+1W from memory. The parameter
+// gradients' sums over rows: per block of rows (at most kMaxBlocks, fixed by
+// the shape), running sums of kParamRows rows in the accumulate type added in
 // double; the blocks' sums added in block order: the same at any thread count.
 #include "layer_norm/cpu/kernels.h"
+
+#include <memory>
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
@@ -16,6 +19,8 @@ constexpr int64_t kParamRows = 16;
 // feature each): enough tasks for 64 threads, and their sums (read again to add
 // them up) stay small beside the input.
 constexpr int64_t kMaxBlocks = 64;
+// A row pass's working set (dy, x, dx and the running sums) that stays in L1.
+constexpr int64_t kL1Bytes = 24 * 1024;
 
 // The terms of a row's backward sums: g = dy * weight and g * (x - mean).
 template <typename T, typename acc_t_>
@@ -38,6 +43,35 @@ struct RowGradSums {
   bool group_rows(int64_t) const { return false; }
 };
 
+// One pass over kRows consecutive rows in cache: their input gradient (kInput)
+// and their terms of the parameter gradients' running sums (kParams), added
+// row by row; dy and x are read once for both.
+template <int kRows, bool kInput, bool kParams, typename T, typename acc_t>
+C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restrict__ x_rows,
+                                 const acc_t* __restrict__ w, const acc_t (&row_mean)[kRows],
+                                 const acc_t (&row_rstd)[kRows],
+                                 const cpu::GradInputCoefficients<acc_t> (&k)[kRows],
+                                 T* __restrict__ dx_rows, acc_t* __restrict__ sum_dy_xhat,
+                                 acc_t* __restrict__ sum_dy, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    acc_t dy_xhat = kParams ? sum_dy_xhat[d] : acc_t(0), dy_sum = kParams ? sum_dy[d] : acc_t(0);
+    for (int i = 0; i < kRows; ++i) {
+      const acc_t g = static_cast<acc_t>(dy_rows[i * D + d]);
+      const acc_t xmu = static_cast<acc_t>(x_rows[i * D + d]) - row_mean[i];
+      if constexpr (kInput) {
+        cpu::store(dx_rows + i * D, d, cpu::grad_input_centred(g * w[d], xmu, k[i]));
+      }
+      dy_xhat += g * (xmu * row_rstd[i]);
+      dy_sum += g;
+    }
+    if constexpr (kParams) {
+      sum_dy_xhat[d] = dy_xhat;
+      sum_dy[d] = dy_sum;
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_in,
                    const at::Tensor& rstd_in, const at::Tensor& weight, bool rms,
@@ -55,48 +89,66 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
   const int64_t rows_per_block =
       param_grads ? std::max(kParamRows, (rows + kMaxBlocks - 1) / kMaxBlocks) : 1;
+  const int64_t run_rows = param_grads ? kParamRows : 1;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  // [block][term][feature]: sum(dy * (x - mean) * rstd), sum(dy).
-  std::vector<double> partials(param_grads ? blocks * 2 * D : 0);
+  // Rows too long for L1 go in pairs: a pass then loads and stores the
+  // running sums once for two rows' terms.
+  const bool pair_rows =
+      param_grads && D * (3 * int64_t(sizeof(T)) + 2 * int64_t(sizeof(acc_t))) > kL1Bytes;
+  // [block][term][feature]: sum(dy * (x - mean) * rstd), sum(dy); each block's
+  // first run of rows assigns its sums, so nothing is zeroed first.
+  std::unique_ptr<double[]> partials(param_grads ? new double[blocks * 2 * D] : nullptr);
+  // Rows [r, r + kRows) through rows_pass, with the variant of the outputs wanted.
+  const auto pass = [&](auto rows_c, int64_t r, acc_t* sum_dy_xhat, acc_t* sum_dy) {
+    constexpr int kRows = decltype(rows_c)::value;
+    acc_t row_mean[kRows], row_rstd[kRows];
+    cpu::GradInputCoefficients<acc_t> k[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      row_mean[i] = mean[r + i];
+      row_rstd[i] = rstd[r + i];
+      if (!dx) continue;
+      double sums[cpu::kTerms];
+      cpu::reduce_run(sums_op, r + i, D, sums);
+      k[i] = cpu::grad_input_coefficients(
+          rms ? acc_t(0) : static_cast<acc_t>(sums[0]), static_cast<acc_t>(sums[1]), row_rstd[i],
+          acc_t(1), static_cast<acc_t>(1.0 / static_cast<double>(D)));
+    }
+    const T* dy_rows = dy + r * D;
+    const T* x_rows = x + r * D;
+    T* dx_rows = dx ? dx + r * D : nullptr;
+    if (dx && param_grads) {
+      rows_pass<kRows, true, true>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
+                                   sum_dy_xhat, sum_dy, D);
+    } else if (dx) {
+      rows_pass<kRows, true, false>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
+                                    sum_dy_xhat, sum_dy, D);
+    } else {
+      rows_pass<kRows, false, true>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
+                                    sum_dy_xhat, sum_dy, D);
+    }
+  };
   at::parallel_for(0, blocks, cpu::grain_for(rows_per_block * D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run_sums(param_grads ? 2 * D : 0);
-    acc_t* __restrict__ sum_dy_xhat = run_sums.data();
-    acc_t* __restrict__ sum_dy = run_sums.data() + D;
+    acc_t* sum_dy_xhat = run_sums.data();
+    acc_t* sum_dy = run_sums.data() + D;
     for (int64_t block = begin; block < end; ++block) {
-      double* __restrict__ block_sums = partials.data() + block * 2 * D;
-      const int64_t r_end = std::min(rows, (block + 1) * rows_per_block);
-      for (int64_t r = block * rows_per_block; r < r_end; ++r) {
-        const T* dy_row = dy + r * D;
-        const T* x_row = x + r * D;
-        const acc_t row_mean = mean[r], row_rstd = rstd[r];
-        if (dx) {
-          double sums[cpu::kTerms];
-          cpu::reduce_run(sums_op, r, D, sums);
-          const auto k = cpu::grad_input_coefficients(
-              rms ? acc_t(0) : static_cast<acc_t>(sums[0]), static_cast<acc_t>(sums[1]), row_rstd,
-              acc_t(1), static_cast<acc_t>(1.0 / static_cast<double>(D)));
-          const acc_t* __restrict__ wp = w.data();
-          T* dx_row = dx + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t g = static_cast<acc_t>(dy_row[d]) * wp[d];
-            cpu::store(dx_row, d,
-                       cpu::grad_input_centred(g, static_cast<acc_t>(x_row[d]) - row_mean, k));
-          }
+      double* __restrict__ block_sums = param_grads ? partials.get() + block * 2 * D : nullptr;
+      const int64_t b_begin = block * rows_per_block, b_end = std::min(rows, b_begin + rows_per_block);
+      for (int64_t run = b_begin; run < b_end; run += run_rows) {
+        const int64_t run_end = std::min(b_end, run + run_rows);
+        std::fill(run_sums.begin(), run_sums.end(), acc_t(0));
+        int64_t r = run;
+        for (; pair_rows && r + 2 <= run_end; r += 2) {
+          pass(std::integral_constant<int, 2>{}, r, sum_dy_xhat, sum_dy);
         }
-        if (param_grads) {
-          const int64_t in_block = r - block * rows_per_block;
-          if (in_block % kParamRows == 0) std::fill(run_sums.begin(), run_sums.end(), acc_t(0));
+        for (; r < run_end; ++r) pass(std::integral_constant<int, 1>{}, r, sum_dy_xhat, sum_dy);
+        if (!param_grads) continue;
+        if (run == b_begin) {
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t g = static_cast<acc_t>(dy_row[d]);
-            sum_dy_xhat[d] += g * ((static_cast<acc_t>(x_row[d]) - row_mean) * row_rstd);
-            sum_dy[d] += g;
-          }
-          if ((in_block + 1) % kParamRows == 0 || r + 1 == r_end) {
+          for (int64_t i = 0; i < 2 * D; ++i) block_sums[i] = run_sums[i];
+        } else {
 #pragma omp simd
-            for (int64_t i = 0; i < 2 * D; ++i) block_sums[i] += run_sums[i];
-          }
+          for (int64_t i = 0; i < 2 * D; ++i) block_sums[i] += run_sums[i];
         }
       }
     }
@@ -107,7 +159,7 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
     std::vector<double> total(2 * (end - begin), 0.0);
     for (int64_t block = 0; block < blocks; ++block) {
       for (int q = 0; q < 2; ++q) {
-        const double* __restrict__ part = partials.data() + (block * 2 + q) * D + begin;
+        const double* __restrict__ part = partials.get() + (block * 2 + q) * D + begin;
         double* __restrict__ sum = total.data() + q * (end - begin);
 #pragma omp simd
         for (int64_t d = 0; d < end - begin; ++d) sum[d] += part[d];
