@@ -164,6 +164,28 @@ def test_large_mean_and_fp16_near_its_maximum(rms, dtype):
     assert error <= (theirs.double() - expected).abs().max() * 1.01
 
 
+@pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
+@pytest.mark.parametrize("mean", [0.0, 0.99, 1.01, 30.0])
+def test_first_pass_statistics_either_side_of_its_threshold(norm, mean):
+    """A run whose first pass's mean is at most its standard deviation takes
+    its statistics from that pass (E[x^2] - mean^2), else from a second pass
+    of deviations from that mean (common/cpu/run_shift.h): float32 outputs on
+    either side of |mean| = std against float64, within the float32
+    tolerance and within 2x torch's float32 error."""
+    torch.manual_seed(int(mean * 100))
+    x64 = torch.randn(16, 2, 768, dtype=torch.float64) * 2 + 2 * mean
+    x = x64.float()
+    if norm == "layer_norm":
+        ours, theirs = NF.layer_norm(x, [768]), F.layer_norm(x, [768])
+        expected = F.layer_norm(x.double(), [768])
+    else:
+        ours, theirs = NF.group_norm(x, 2), F.group_norm(x, 2)
+        expected = F.group_norm(x.double(), 2)
+    assert_close(ours, expected, torch.float32)
+    error, torch_error = ((t.double() - expected).abs().max() for t in (ours, theirs))
+    assert error <= 2 * torch_error + 1e-7
+
+
 def test_rms_norm_eps_none_is_the_dtype_epsilon():
     x = torch.randn(4, 8) * 1e-4
     assert_close(NF.rms_norm(x, [8]), F.rms_norm(x, [8]))

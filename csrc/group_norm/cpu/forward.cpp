@@ -1,6 +1,7 @@
 // Forward: per (sample, group), statistics from sums of deviations from a
-// shift (contiguous: common/cpu/run_shift.h; channels-last: the median of a
-// sample of the group, common/math.h) and the affine per channel, through
+// shift (contiguous: from the first pass where that is exact enough, else
+// its mean as the shift, common/cpu/run_shift.h; channels-last: the median of
+// a sample of the group, common/math.h) and the affine per channel, through
 // the activation (common/activation.h). Contiguous data: the group's run is
 // written while it is in cache (1 read + 1 write).
 // Channels-last: per sample, statistics through the shared reducer, then the
@@ -85,22 +86,29 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
   acc_t* rstd = rstd_out.mutable_data_ptr<acc_t>();
   // The shift as a value acc_t holds exactly, so the deviations and the mean use one value.
   std::vector<acc_t> shift(N * G);
+  const auto set_statistics = [&](int64_t r, double m, double m2) {
+    mean[r] = static_cast<acc_t>(m);
+    rstd[r] = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
+  };
   const auto set_moments = [&](int64_t r, double sum_d, double sum_d2) {
     double m, m2;
     cpu::shifted_moments(static_cast<double>(shift[r]), sum_d, sum_d2, static_cast<double>(D), m,
                          m2);
-    mean[r] = static_cast<acc_t>(m);
-    rstd[r] = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
+    set_statistics(r, m, m2);
   };
   if (s.runs) {
     const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
     at::parallel_for(0, N * G, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* run = x + r * D;
-        shift[r] = cpu::run_shift<acc_t>(run, D);
-        double sums[cpu::kTerms];
-        cpu::reduce_run(sums_op, r, D, sums);
-        set_moments(r, sums[0], sums[1]);
+        double m, m2;
+        if (cpu::run_moments_or_shift(run, D, m, m2, shift[r])) {
+          set_statistics(r, m, m2);
+        } else {
+          double sums[cpu::kTerms];
+          cpu::reduce_run(sums_op, r, D, sums);
+          set_moments(r, sums[0], sums[1]);
+        }
         for (int64_t j = 0; j < Cg; ++j) {
           const int64_t c = r % G * Cg + j;
           normalize_run(act, run + j * L, y + r * D + j * L, L, mean[r], rstd[r] * w[c], b[c]);

@@ -1,6 +1,6 @@
-// Forward: per row, statistics from sums of deviations from a shift
-// (common/cpu/run_shift.h, common/math.h: shifted_moments; RMSNorm sums
-// squares) and the affine pass over the row while it is in cache: 1R+1W from
+// Forward: per row, statistics from a first pass, or from sums of deviations
+// from a shift after it (common/cpu/run_shift.h, common/math.h:
+// shifted_moments; RMSNorm sums squares) and the affine pass over the row while it is in cache: 1R+1W from
 // memory. With a residual the row is first summed into `sum`,
 // which the statistics and the affine then read from cache: 2R+2W in all.
 #include "layer_norm/cpu/kernels.h"
@@ -39,12 +39,14 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
         cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
       }
     }
-    if (!rms) shift[r] = cpu::run_shift<acc_t>(row, D);
-    double sums[cpu::kTerms];
-    cpu::reduce_run(sums_op, r, D, sums);
-    double m = 0, m2 = sums[1];  // rms: the sum of squares
-    if (!rms) cpu::shifted_moments(static_cast<double>(shift[r]), sums[0], sums[1],
-                                   static_cast<double>(D), m, m2);
+    double m = 0, m2;  // rms: m2 is the sum of squares
+    if (rms || !cpu::run_moments_or_shift(row, D, m, m2, shift[r])) {
+      double sums[cpu::kTerms];
+      cpu::reduce_run(sums_op, r, D, sums);
+      m2 = sums[1];
+      if (!rms) cpu::shifted_moments(static_cast<double>(shift[r]), sums[0], sums[1],
+                                     static_cast<double>(D), m, m2);
+    }
     const acc_t row_mean = static_cast<acc_t>(m);
     const acc_t row_rstd = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
     mean[r] = row_mean;
