@@ -4,6 +4,7 @@ forward and forward + backward.
     python benchmarks/bench_norms.py                       # the issue's shapes, float32 + bfloat16
     python benchmarks/bench_norms.py --quick               # a smoke run
     python benchmarks/bench_norms.py --norms rms_norm --dtypes float32 --json-out norms.json
+    python benchmarks/bench_norms.py --device cuda         # the layer and RMS norms' CUDA kernels
 
 Each row is one layer: LayerNorm and RMSNorm on (tokens, hidden), GroupNorm(32)
 and InstanceNorm2d (affine) on (N, C, H, W) in both memory formats, and the
@@ -14,7 +15,10 @@ and a training forward + backward to the inputs, the weight and the bias.
 torch runs the torch.nn classes, normext the drop-in classes; both run
 interleaved in one process next to a copy of the input (`out.copy_(x)`: the
 memory-bandwidth floor), and with normext's CPU output cache switched off
-("cache off": the kernels alone).
+("cache off": the kernels alone). With --device cuda normext's layer and
+RMS norms run their CUDA kernels, which normext.functional otherwise leaves
+to torch on CUDA until they have passed the CUDA tests on a GPU
+(functional.LAYER_NORM_DEVICES); the other norms are torch's there.
 
 Memory traffic per row in multiples of bytes(x) (R read, W written):
   normext  LayerNorm/RMSNorm, and GroupNorm/InstanceNorm contiguous: forward
@@ -86,6 +90,8 @@ NORMS = {
 _FUSED_ROWS = {"add_layer_norm": "layer_norm", "add_rms_norm": "rms_norm",
                "group_norm_silu": "group_norm"}
 _INPUTS = {"add_layer_norm": 2, "add_rms_norm": 2}
+# The norms with CUDA kernels.
+CUDA_NORMS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 
 
 def _cases(norm: str, quick: bool):
@@ -154,7 +160,9 @@ def _check(label, theirs, ours, inputs, grad) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--norms", default=",".join(NORMS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--norms", help=f"comma list of {', '.join(NORMS)} (default: all; "
+                        f"on cuda: {', '.join(CUDA_NORMS)})")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
@@ -165,8 +173,11 @@ def main() -> None:
     parser.add_argument("--json-out", metavar="FILE")
     args = parser.parse_args()
     common.apply_threads(args.threads)
-    device = torch.device("cpu")
-    norms = common.parse_choices(args.norms, NORMS, "norm")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        normext.functional.LAYER_NORM_DEVICES = ("cpu", "cuda")
+    default_norms = CUDA_NORMS if device.type == "cuda" else tuple(NORMS)
+    norms = common.parse_choices(args.norms or ",".join(default_norms), NORMS, "norm")
 
     rows, records, speedups = [], [], {}
     for norm in norms:
@@ -175,14 +186,14 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             for shape_label, shape, memory_format in _cases(norm, args.quick):
                 gen = torch.Generator().manual_seed(0)
-                inputs = [torch.randn(shape, generator=gen).to(dtype).contiguous(
+                inputs = [torch.randn(shape, generator=gen).to(device, dtype).contiguous(
                     memory_format=memory_format).requires_grad_()
                     for _ in range(_INPUTS.get(norm, 1))]
                 x = inputs[0]
-                grad = torch.randn(shape, generator=gen).to(dtype).contiguous(
+                grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(
                     memory_format=memory_format)
-                theirs = make_layer("torch", shape).to(dtype)
-                ours = make_layer("normext", shape).to(dtype)
+                theirs = make_layer("torch", shape).to(device, dtype)
+                ours = make_layer("normext", shape).to(device, dtype)
                 label = f"{norm} {dtype_name} {shape_label}"
                 _check(label, theirs, ours, inputs, grad)
                 copy_out = torch.empty_like(x)  # (x's memory format)

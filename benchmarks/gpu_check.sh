@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: builds normext in place for this machine's GPU, runs the CUDA
 # tests and the per-call overhead check, then the BatchNorm benchmark on GPU
-# shapes and a ResNet-50 step (skipped with SKIP_BENCH=1). With AB_BASE=REV
+# shapes, the fused and layer-norm CUDA kernels' benchmarks and a ResNet-50
+# step (skipped with SKIP_BENCH=1). With AB_BASE=REV
 # (a commit, or a .tar of one: `git archive REV -o .ab/base.tar`, for a copy
 # of the repository without that commit) it also builds REV beside it and
 # times the two builds' ops against each other in one process (ab_builds.py;
@@ -161,6 +162,12 @@ timeout $(limit 90 90) $python benchmarks/bench_fused.py --device cuda --repeats
 fused_rc=$?
 [ $fused_rc -ne 0 ] && tail -5 "$out/fused.log"
 
+echo "== LayerNorm / RMSNorm CUDA kernels (the functions leave CUDA to torch until these pass)"
+timeout $(limit 90 60) $python benchmarks/bench_norms.py --device cuda --repeats 3 \
+  --min-time 0.02 > "$out/norms.md" 2> "$out/norms.log"
+norms_rc=$?
+[ $norms_rc -ne 0 ] && tail -5 "$out/norms.log"
+
 echo "== ResNet-50 step"
 timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
   --steps "${RESNET_STEPS:-5}" --repeats "${RESNET_REPEATS:-5}" \
@@ -168,10 +175,11 @@ timeout $(limit 90 0) $python benchmarks/bench_resnet50.py --device cuda \
 resnet_rc=$?
 [ $resnet_rc -ne 0 ] && tail -20 "$out/resnet50.log"
 
-echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, ab rc=$ab_rc, bench rc=$bench_rc, fused rc=$fused_rc, resnet50 rc=$resnet_rc)"
+echo "== results (error path rc=$error_rc, tests rc=$tests_rc, overhead rc=$overhead_rc, ab rc=$ab_rc, bench rc=$bench_rc, fused rc=$fused_rc, norms rc=$norms_rc, resnet50 rc=$resnet_rc)"
 cat "$out/resnet50.md"
 sed -n '/^| /,$p' "$out/fused.md" | tail -8
+grep -o "layer_norm forward geomean.*" "$out/norms.md"
 # the BatchNorm report's speedup summary (the full table is in bench.md)
 sed -n '/Speedup summary/,$p' "$out/bench.md"
 exit $(( error_rc != 0 || tests_rc != 0 || overhead_rc != 0 || ab_rc != 0 || bench_rc != 0 \
-  || fused_rc != 0 || resnet_rc != 0 ))
+  || fused_rc != 0 || norms_rc != 0 || resnet_rc != 0 ))

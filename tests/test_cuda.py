@@ -423,3 +423,127 @@ def test_fused_kernels_bit_identical_runs_and_graph_capture(dtype):
     torch.cuda.synchronize()
     for a, b_ in zip(first, captured):
         assert torch.equal(a, b_)
+
+
+LAYER_NORM_CASES = [
+    # (input shape, normalized_shape, dtype)
+    ((7, 1), (1,), torch.float32),
+    ((33, 768), (768,), torch.float32),
+    ((5, 4097), (4097,), torch.float32),
+    ((3, 2, 40), (2, 40), torch.float64),
+    ((16, 300), (300,), torch.float16),
+    ((130, 1024), (1024,), torch.bfloat16),
+]
+
+
+@pytest.fixture
+def cuda_layer_norm(monkeypatch):
+    """normext.functional's layer and RMS norms on the CUDA kernels
+    (csrc/layer_norm/cuda), which the functions leave to torch there until
+    these tests have passed on a GPU (functional.LAYER_NORM_DEVICES)."""
+    import normext.functional as NF
+    monkeypatch.setattr(NF, "LAYER_NORM_DEVICES", ("cpu", "cuda"))
+    return NF
+
+
+def _layer_norm_grads(fn, inputs, grads):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, grads[:len(outputs)])
+    return [out.detach() for out in outputs], [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape,normalized,dtype", LAYER_NORM_CASES)
+def test_layer_norm_cuda_kernels_match_float64(cuda_layer_norm, shape, normalized, dtype, rms,
+                                               residual):
+    """The CUDA layer-norm kernels against torch in float64 from the same
+    values: the output (and the sum), the input, residual and parameter
+    gradients; the same bits on a second run."""
+    NF = cuda_layer_norm
+    torch.manual_seed(len(shape) + shape[-1])
+    x = (torch.randn(shape, device=DEVICE) * 2 + 1).to(dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype) if residual else None
+    w = (torch.rand(normalized, device=DEVICE) + 0.5).to(dtype)
+    b = None if rms else torch.randn(normalized, device=DEVICE).to(dtype)
+    grads = [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(2)]
+    shape_list = list(normalized)
+
+    def ours(x, r, w, b):
+        if r is None:
+            return NF.rms_norm(x, shape_list, w, 1e-5) if rms else NF.layer_norm(
+                x, shape_list, w, b, 1e-5)
+        if rms:
+            return NF.add_rms_norm(x, r, shape_list, w, 1e-5)
+        return NF.add_layer_norm(x, r, shape_list, w, b, 1e-5)
+
+    def reference(x, r, w, b):
+        total = x if r is None else x + r
+        y = (F.rms_norm(total, shape_list, w, 1e-5) if rms
+             else F.layer_norm(total, shape_list, w, b, 1e-5))
+        return y if r is None else (y, total)
+
+    inputs = (x, r, w, b)
+    outs, grads_ours = _layer_norm_grads(ours, inputs, grads)
+    ref_outs, ref_grads = _layer_norm_grads(
+        reference, [t.cpu().double() if t is not None else None for t in inputs],
+        [g.cpu().double() for g in grads])
+    for actual, expected in zip(outs, ref_outs, strict=True):
+        assert actual.device.type == "cuda" and actual.dtype == dtype
+        assert_close(actual.cpu().double(), expected, dtype)
+    for actual, expected in zip(grads_ours, ref_grads, strict=True):
+        if expected is not None:
+            assert_close(actual.cpu().double(), expected, dtype, factor=4)
+    outs2, grads2 = _layer_norm_grads(ours, inputs, grads)
+    for a, b_ in zip(outs + grads_ours, outs2 + grads2):
+        assert (a is None and b_ is None) or torch.equal(a, b_)
+
+
+def test_layer_norm_cuda_kernels_large_mean(cuda_layer_norm):
+    """1e4 + randn in float32: the CUDA kernels' mean and variance passes
+    (deviations from the mean) within 2x torch's error against float64."""
+    NF = cuda_layer_norm
+    torch.manual_seed(0)
+    x = torch.randn(64, 1024, dtype=torch.float64) + 1e4
+    expected = F.layer_norm(x, [1024])
+    ours = NF.layer_norm(x.float().to(DEVICE), [1024]).cpu().double()
+    theirs = F.layer_norm(x.float().to(DEVICE), [1024]).cpu().double()
+    error, torch_error = ((t - expected).abs().max() for t in (ours, theirs))
+    assert error <= 2 * torch_error + 1e-6
+
+
+def test_layer_norm_cuda_module_and_graph_capture(cuda_layer_norm):
+    """normext.LayerNorm on CUDA: torch's layer's values and gradients; a
+    training step captured in a CUDA graph replays to the eager result."""
+    torch.manual_seed(0)
+    ours = normext.LayerNorm(256).to(DEVICE)
+    theirs = torch.nn.LayerNorm(256).to(DEVICE)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(8, 16, 256, device=DEVICE)
+    g = torch.randn_like(x)
+
+    def step(layer):
+        xs = x.detach().requires_grad_()
+        out = layer(xs)
+        return (out, *torch.autograd.grad(out, (xs, layer.weight, layer.bias), g))
+
+    for a, b in zip(step(ours), step(theirs)):
+        assert_close(a, b)
+    eager = step(ours)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(ours)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(ours)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
