@@ -454,22 +454,30 @@ def _layer_norm_grads(fn, inputs, grads):
     return [out.detach() for out in outputs], [t.grad if t is not None else None for t in leaves]
 
 
+@pytest.mark.parametrize("params", ["same", "float32", "none"])
 @pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("shape,normalized,dtype", LAYER_NORM_CASES)
 def test_layer_norm_cuda_kernels_match_float64(cuda_layer_norm, shape, normalized, dtype, rms,
-                                               residual):
+                                               residual, params):
     """The CUDA layer-norm kernels against torch in float64 from the same
-    values: the output (and the sum), the input, residual and parameter
-    gradients; the same bits on a second run."""
+    values: the output (and the sum, exactly torch's add), the input, residual
+    and parameter gradients, with parameters in the input's dtype, in float32
+    (torch's mixed-dtype case) or none; the same bits on a second run."""
     NF = cuda_layer_norm
+    if params == "float32" and dtype.itemsize != 2:
+        pytest.skip("float32 parameters with another input dtype: torch's mixed case is 16-bit")
     torch.manual_seed(len(shape) + shape[-1])
+    param_dtype = torch.float32 if params == "float32" else dtype
     x = (torch.randn(shape, device=DEVICE) * 2 + 1).to(dtype)
     r = torch.randn(shape, device=DEVICE).to(dtype) if residual else None
-    w = (torch.rand(normalized, device=DEVICE) + 0.5).to(dtype)
-    b = None if rms else torch.randn(normalized, device=DEVICE).to(dtype)
+    w = (torch.rand(normalized, device=DEVICE) + 0.5).to(param_dtype)
+    b = None if rms else torch.randn(normalized, device=DEVICE).to(param_dtype)
+    if params == "none":
+        w = b = None
     grads = [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(2)]
     shape_list = list(normalized)
+    rounded_sum = (x + r).cpu().double() if residual else None
 
     def ours(x, r, w, b):
         if r is None:
@@ -480,7 +488,10 @@ def test_layer_norm_cuda_kernels_match_float64(cuda_layer_norm, shape, normalize
         return NF.add_layer_norm(x, r, shape_list, w, b, 1e-5)
 
     def reference(x, r, w, b):
-        total = x if r is None else x + r
+        total = x
+        if r is not None:  # the sum as the dtype rounds it, differentiable as x + r
+            total = x + r
+            total = total + (rounded_sum - total).detach()
         y = (F.rms_norm(total, shape_list, w, 1e-5) if rms
              else F.layer_norm(total, shape_list, w, b, 1e-5))
         return y if r is None else (y, total)
@@ -490,15 +501,37 @@ def test_layer_norm_cuda_kernels_match_float64(cuda_layer_norm, shape, normalize
     ref_outs, ref_grads = _layer_norm_grads(
         reference, [t.cpu().double() if t is not None else None for t in inputs],
         [g.cpu().double() for g in grads])
+    if residual:
+        assert torch.equal(outs[1], x + r)
     for actual, expected in zip(outs, ref_outs, strict=True):
-        assert actual.device.type == "cuda" and actual.dtype == dtype
+        assert actual.device == x.device and actual.dtype == dtype
         assert_close(actual.cpu().double(), expected, dtype)
-    for actual, expected in zip(grads_ours, ref_grads, strict=True):
-        if expected is not None:
+    for actual, expected, leaf in zip(grads_ours, ref_grads, inputs, strict=True):
+        if leaf is not None:
+            assert actual.dtype == leaf.dtype
             assert_close(actual.cpu().double(), expected, dtype, factor=4)
     outs2, grads2 = _layer_norm_grads(ours, inputs, grads)
     for a, b_ in zip(outs + grads_ours, outs2 + grads2):
         assert (a is None and b_ is None) or torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("wanted", ["input", "parameters"])
+def test_layer_norm_cuda_backward_of_input_or_parameters_alone(cuda_layer_norm, wanted):
+    """The backward asked for the input's gradient alone (frozen parameters)
+    or the parameters' alone (an input that needs none): torch's values."""
+    NF = cuda_layer_norm
+    torch.manual_seed(0)
+    x = torch.randn(70, 500, device=DEVICE)
+    w, b = torch.rand(500, device=DEVICE) + 0.5, torch.randn(500, device=DEVICE)
+    g = torch.randn_like(x)
+    results = []
+    for fn in (NF.layer_norm, F.layer_norm):
+        xs = x.detach().requires_grad_(wanted == "input")
+        ws, bs = (t.detach().requires_grad_(wanted == "parameters") for t in (w, b))
+        leaves = [xs] if wanted == "input" else [ws, bs]
+        results.append(torch.autograd.grad(fn(xs, [500], ws, bs, 1e-5), leaves, g))
+    for a, e in zip(*results):
+        assert_close(a, e)
 
 
 def test_layer_norm_cuda_kernels_large_mean(cuda_layer_norm):

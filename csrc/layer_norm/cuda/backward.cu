@@ -1,10 +1,10 @@
 // Backward: a block per row sums g = dy * weight and g * (x - mean), then
 // writes the input gradient from the row in L1/L2 (common/math.h:
 // grad_input_coefficients, the row as the group): 2R+1W. The parameter
-// gradients: per split of kSplitRows rows a thread per feature sums
-// dy * (x - mean) * rstd and dy down the split's rows (coalesced across the
-// features), then a thread per feature adds the splits in order, in double:
-// the same bits on every run.
+// gradients read dy and x again (4R+1W in all): per split of rows a thread
+// per feature sums dy * (x - mean) * rstd and dy down the split's rows
+// (coalesced across the features), then a thread per feature adds the splits
+// in order; every sum in double: the same bits on every run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -19,9 +19,10 @@ namespace {
 using cuda::kThreads;
 using cuda::Sums;
 
-// Rows a split of the parameter gradients' sums covers (more where the grid's
-// y dimension, at most 65535, would not hold the splits).
+// Rows a split of the parameter gradients' sums covers at least; splits are
+// at most kPartialValues / features (their partials stay within 64 MiB).
 constexpr int64_t kSplitRows = 64;
+constexpr int64_t kPartialValues = int64_t{1} << 22;
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -34,11 +35,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* dy = grad_out + r * D;
   const T* x = input + r * D;
   const acc_t row_mean = mean[r];
-  acc_t sum_g = 0, sum_g_xmu = 0;
+  double sum_g = 0, sum_g_xmu = 0;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     const acc_t g = static_cast<acc_t>(dy[d]) * (weight != nullptr ? weight[d] : acc_t(1));
     sum_g += g;
-    sum_g_xmu += g * (static_cast<acc_t>(x[d]) - row_mean);
+    sum_g_xmu += static_cast<double>(g) * (static_cast<acc_t>(x[d]) - row_mean);
   }
   const Sums<double> sums = cuda::block_sums(shared, sum_g, sum_g_xmu);
   const auto k = math::grad_input_coefficients(
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   if (d >= D) return;
   const int64_t split = blockIdx.y;
   const int64_t r_end = (split + 1) * split_rows < rows ? (split + 1) * split_rows : rows;
-  acc_t dy_xhat = 0, dy_sum = 0;
+  double dy_xhat = 0, dy_sum = 0;
   for (int64_t r = split * split_rows; r < r_end; ++r) {
     const acc_t g = static_cast<acc_t>(grad_out[r * D + d]);
     dy_xhat += g * ((static_cast<acc_t>(input[r * D + d]) - mean[r]) * rstd[r]);
@@ -115,7 +116,8 @@ void CudaKernels::backward(const Rows& grad_out, const Rows& input, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (!grad_weight.defined() && !grad_bias.defined()) return;
-    const int64_t split_rows = std::max(kSplitRows, (rows + 65534) / 65535);
+    const int64_t max_splits = std::clamp<int64_t>(kPartialValues / D, 1, 65535);
+    const int64_t split_rows = std::max(kSplitRows, (rows + max_splits - 1) / max_splits);
     const int64_t splits = (rows + split_rows - 1) / split_rows;
     const int64_t feature_blocks = (D + kThreads - 1) / kThreads;
     TORCH_CHECK(feature_blocks <= std::numeric_limits<int32_t>::max(),

@@ -33,16 +33,18 @@ __global__ void __launch_bounds__(kThreads)
     }
     x = s;
   }
+  // A thread's sums in double: its D / kThreads terms neither round nor
+  // overflow where the CPU's double sums would not.
   acc_t mean = 0;
   if (!rms) {
-    acc_t local = 0;
+    double local = 0;
     for (int64_t d = threadIdx.x; d < D; d += kThreads) local += static_cast<acc_t>(x[d]);
     mean = static_cast<acc_t>(cuda::block_sums(shared, local, 0).first / static_cast<double>(D));
   }
-  acc_t squares = 0;
+  double squares = 0;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     const acc_t deviation = static_cast<acc_t>(x[d]) - mean;
-    squares += deviation * deviation;
+    squares += static_cast<double>(deviation) * deviation;
   }
   const double var = cuda::block_sums(shared, squares, 0).first / static_cast<double>(D);
   const acc_t rstd = math::inverse_std(static_cast<acc_t>(var), eps);
