@@ -148,7 +148,9 @@ def _group_norm_samples(device):
                             (_leaf(x), 6, None, None, 1e-5)))
             samples.append((f"{name}-forward-silu", "group_norm_forward",
                             (_leaf(x), 3, _leaf(w), _leaf(b), 1e-5, "silu")))
-            _, mean, rstd = ops.group_norm_forward(x, 3, w, b, 1e-5)
+            # (the statistics from the CPU kernels: group norm has none on CUDA)
+            _, mean, rstd = (t.to(device) for t in ops.group_norm_forward(
+                x.cpu(), 3, w.cpu(), b.cpu(), 1e-5))
             samples.append((f"{name}-backward", "group_norm_backward",
                             (torch.randn_like(x), x, 3, mean, rstd, w, b, [True, True, True])))
             samples.append((f"{name}-backward-elu", "group_norm_backward",
@@ -237,6 +239,8 @@ _SAMPLE_IDS = [s[0] for s in _opcheck_samples("cpu")]
 @pytest.mark.parametrize("index", range(len(_SAMPLE_IDS)), ids=_SAMPLE_IDS)
 def test_opcheck(index, device):
     _, name, args = _opcheck_samples(device)[index]
+    if device == "cuda" and name.startswith("group_norm"):
+        pytest.skip("the group norm ops have no CUDA kernels")
     op = getattr(OPS, name).default
     # schema (incl. the declared in-place mutations), autograd registration,
     # fake kernels (shapes, dtypes, strides) and aot dispatch with dynamic shapes
