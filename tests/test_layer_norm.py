@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import normext
 from normext import functional as NF
+from normext import ops
 from conftest import assert_close
 
 F = torch.nn.functional
@@ -100,28 +101,44 @@ def test_long_and_many_rows(rms, rows, features):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("input_grad", [True, False], ids=["all_grads", "parameter_grads"])
-@pytest.mark.parametrize("features", [700, 2000])
-def test_backward_rows_alone_and_in_pairs(features, input_grad, dtype):
+@pytest.mark.parametrize("rows,features", [(37, 700), (37, 2000), (1040, 1300)])
+def test_backward_rows_alone_and_in_pairs(rows, features, dtype):
     """The backward takes rows too long for L1 in pairs (float64 from 615
-    features, float32 from 1229, bfloat16 from 1756); 37 rows end each 16-row run of
-    parameter-gradient sums with an odd row. With the input needing no gradient
-    only the parameter gradients are computed. Against torch in float64."""
+    features, float32 from 1229, bfloat16 from 1756). 37 rows: blocks of one
+    16-row run, the last of 5 rows (an odd row after the pairs); 1040 rows:
+    blocks of 17 rows, a run in pairs and then a single row added to the
+    block's sums. Against torch in float64, with the input's gradient and
+    without it (the parameter gradients alone: the same bits)."""
     torch.manual_seed(features)
-    x64, dy64 = torch.randn(37, features, dtype=torch.float64), torch.randn(37, features,
-                                                                          dtype=torch.float64)
-    w64, b64 = torch.rand(features, dtype=torch.float64) + 0.5, torch.randn(features,
-                                                                          dtype=torch.float64)
+    x64, dy64 = (torch.randn(rows, features, dtype=torch.float64) for _ in range(2))
+    w64 = torch.rand(features, dtype=torch.float64) + 0.5
+    b64 = torch.randn(features, dtype=torch.float64)
     x, dy, w, b = (t.to(dtype) for t in (x64, dy64, w64, b64))
-    leaves = [x.clone().requires_grad_(input_grad), w.clone().requires_grad_(),
-              b.clone().requires_grad_()]
-    NF.layer_norm(leaves[0], [features], leaves[1], leaves[2], 1e-5).backward(dy)
-    ref = [t.to(torch.float64).requires_grad_() for t in (x, w, b)]
+    ref = [t.to(torch.float64, copy=True).requires_grad_() for t in (x, w, b)]
     F.layer_norm(ref[0], [features], ref[1], ref[2], 1e-5).backward(dy.to(torch.float64))
-    assert (leaves[0].grad is not None) == input_grad
-    for actual, expected in zip(leaves, ref):
-        if actual.grad is not None:
-            assert_close(actual.grad, expected.grad, dtype, factor=4)
+    param_grads = []
+    for input_grad in (True, False):
+        leaves = [x.clone().requires_grad_(input_grad), w.clone().requires_grad_(),
+                  b.clone().requires_grad_()]
+        NF.layer_norm(leaves[0], [features], leaves[1], leaves[2], 1e-5).backward(dy)
+        assert (leaves[0].grad is not None) == input_grad
+        for actual, expected in zip(leaves, ref):
+            if actual.grad is not None:
+                assert_close(actual.grad, expected.grad, dtype, factor=4)
+        param_grads.append([leaves[1].grad, leaves[2].grad])
+    for with_input, alone in zip(*param_grads):
+        assert torch.equal(with_input, alone)
+
+
+def test_backward_op_with_no_gradient_wanted():
+    """layer_norm_backward asked for nothing (or for a weight gradient with no
+    weight) computes nothing and returns undefined gradients."""
+    x, dy = torch.randn(5, 8), torch.randn(5, 8)
+    _, mean, rstd = ops.layer_norm_forward(x, [8], None, None, 1e-5, False)
+    assert ops.layer_norm_backward(dy, x, [8], mean, rstd, None, False,
+                                   [False, False, False]) == (None, None, None)
+    assert ops.layer_norm_backward(dy, x, [8], mean, rstd, None, False,
+                                   [False, True, False]) == (None, None, None)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
@@ -173,7 +190,9 @@ def test_first_pass_statistics_either_side_of_its_threshold(norm, mean):
     either side of |mean| = std against float64, within the float32
     tolerance and within 2x torch's float32 error."""
     torch.manual_seed(int(mean * 100))
-    x64 = torch.randn(16, 2, 768, dtype=torch.float64) * 2 + 2 * mean
+    z = torch.randn(16, 2, 768, dtype=torch.float64)  # rows of mean 0 and std 1 exactly
+    z = (z - z.mean(-1, keepdim=True)) / z.std(-1, unbiased=False, keepdim=True)
+    x64 = z * 2 + 2 * mean
     x = x64.float()
     if norm == "layer_norm":
         ours, theirs = NF.layer_norm(x, [768]), F.layer_norm(x, [768])
@@ -184,6 +203,22 @@ def test_first_pass_statistics_either_side_of_its_threshold(norm, mean):
     assert_close(ours, expected, torch.float32)
     error, torch_error = ((t.double() - expected).abs().max() for t in (ours, theirs))
     assert error <= 2 * torch_error + 1e-7
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
+def test_zero_constant_and_non_finite_runs_match_torch(norm):
+    """Runs the first pass's statistics take exactly (zeros) or hand to the
+    shifted pass (a constant, a NaN, an infinity): torch's outputs."""
+    x = torch.randn(5, 4, 64)
+    x[0] = 0.0
+    x[1] = 3.0
+    x[2, :, 5] = float("nan")
+    x[3, :, 7] = float("inf")
+    if norm == "layer_norm":
+        ours, theirs = NF.layer_norm(x, [64]), F.layer_norm(x, [64])
+    else:
+        ours, theirs = NF.group_norm(x, 4), F.group_norm(x, 4)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
 def test_rms_norm_eps_none_is_the_dtype_epsilon():

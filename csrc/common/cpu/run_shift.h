@@ -13,17 +13,19 @@
 
 namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 
-// Runs of up to this many bytes take their shift from a first pass over the
-// run, whose mean is the best shift, and are then read again from cache (L2);
-// longer runs take sample_shift's, which reads 8 elements. On short rows the
-// in-cache pass cost less than sample_shift's scattered loads and sort
-// (benchmarks/history/2026-12.md, session 6).
+// Runs of up to this many bytes have a first pass over the run (whose mean is
+// the best shift, read again from cache (L2) where the shifted pass is
+// needed); longer runs take sample_shift's, which reads 8 elements. On short
+// rows the in-cache pass cost less than sample_shift's scattered loads and
+// sort (benchmarks/history/2026-12.md, session 6).
 constexpr int64_t kMeanPassBytes = 256 * 1024;
 
 // The mean and m2 (the sum of squared deviations) of `length` elements from
-// `run`'s first pass alone (sums of x and x^2), when that pass's mean is at most its standard deviation, so that E[x^2] - mean^2
-// loses at most a bit to cancellation (and x^2 did not overflow): returns
-// true, and the second pass (sums of deviations from a shift) is not needed.
+// `run`'s first pass alone (sums of x and x^2), when that pass's mean is at
+// most its standard deviation, so that E[x^2] - mean^2 loses at most a bit to
+// cancellation beyond the sums' own rounding (and x^2 did not overflow):
+// returns true, and the second pass (sums of deviations from a shift) is not
+// needed.
 // Otherwise returns false with that pass's shift: the first pass's mean, as
 // a value acc_t holds exactly, 0 unless finite; or sample_shift's for runs
 // over kMeanPassBytes, which have no first pass.

@@ -1,7 +1,8 @@
 // Forward: per (sample, group), statistics from sums of deviations from a
 // shift (contiguous: from the first pass where that is exact enough, else
-// its mean as the shift, common/cpu/run_shift.h; channels-last: the median of
-// a sample of the group, common/math.h) and the affine per channel, through
+// its mean as the shift, or sample_shift's for runs over 256 KiB,
+// common/cpu/run_shift.h; channels-last: the median of a sample of the
+// group, common/math.h) and the affine per channel, through
 // the activation (common/activation.h). Contiguous data: the group's run is
 // written while it is in cache (1 read + 1 write).
 // Channels-last: per sample, statistics through the shared reducer, then the

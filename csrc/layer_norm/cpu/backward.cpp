@@ -87,6 +87,7 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, D, 1);
   const RowGradSums<T, acc_t> sums_op{dy, x, w.data(), mean, D};
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
+  if (!dx && !param_grads) return;
   const int64_t rows_per_block =
       param_grads ? std::max(kParamRows, (rows + kMaxBlocks - 1) / kMaxBlocks) : 1;
   const int64_t run_rows = param_grads ? kParamRows : 1;
@@ -102,7 +103,7 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   const auto pass = [&](auto rows_c, int64_t r, acc_t* sum_dy_xhat, acc_t* sum_dy) {
     constexpr int kRows = decltype(rows_c)::value;
     acc_t row_mean[kRows], row_rstd[kRows];
-    cpu::GradInputCoefficients<acc_t> k[kRows];
+    cpu::GradInputCoefficients<acc_t> k[kRows] = {};
     for (int i = 0; i < kRows; ++i) {
       row_mean[i] = mean[r + i];
       row_rstd[i] = rstd[r + i];
@@ -129,11 +130,12 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   };
   at::parallel_for(0, blocks, cpu::grain_for(rows_per_block * D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run_sums(param_grads ? 2 * D : 0);
-    acc_t* sum_dy_xhat = run_sums.data();
-    acc_t* sum_dy = run_sums.data() + D;
+    acc_t* sum_dy_xhat = param_grads ? run_sums.data() : nullptr;
+    acc_t* sum_dy = param_grads ? run_sums.data() + D : nullptr;
     for (int64_t block = begin; block < end; ++block) {
       double* __restrict__ block_sums = param_grads ? partials.get() + block * 2 * D : nullptr;
-      const int64_t b_begin = block * rows_per_block, b_end = std::min(rows, b_begin + rows_per_block);
+      const int64_t b_begin = block * rows_per_block;
+      const int64_t b_end = std::min(rows, b_begin + rows_per_block);
       for (int64_t run = b_begin; run < b_end; run += run_rows) {
         const int64_t run_end = std::min(b_end, run + run_rows);
         std::fill(run_sums.begin(), run_sums.end(), acc_t(0));

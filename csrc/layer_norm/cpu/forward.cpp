@@ -1,8 +1,9 @@
 // Forward: per row, statistics from a first pass, or from sums of deviations
 // from a shift after it (common/cpu/run_shift.h, common/math.h:
-// shifted_moments; RMSNorm sums squares) and the affine pass over the row while it is in cache: 1R+1W from
-// memory. With a residual the row is first summed into `sum`,
-// which the statistics and the affine then read from cache: 2R+2W in all.
+// shifted_moments; RMSNorm sums squares) and the affine pass over the row
+// while it is in cache: 1R+1W from memory. With a residual the row is first
+// summed into `sum`, which the statistics and the affine then read from
+// cache: 2R+2W in all.
 #include "layer_norm/cpu/kernels.h"
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
