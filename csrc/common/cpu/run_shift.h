@@ -52,4 +52,17 @@ bool run_moments_or_shift(const T* run, int64_t length, double& mean, double& m2
   return false;
 }
 
+// The mean and m2 of a contiguous run in cache: from its first pass where
+// that is exact enough, else from the sums of deviations from the shift it
+// gives (a second pass, from cache).
+template <typename acc_t, typename T>
+void run_moments(const T* run, int64_t length, double& mean, double& m2) {
+  acc_t shift;
+  if (run_moments_or_shift(run, length, mean, m2, shift)) return;
+  double sums[kTerms];
+  reduce_run(ShiftedSums<T, acc_t>{run, &shift}, 0, length, sums);
+  math::NORMEXT_CPU_CAPABILITY::shifted_moments(static_cast<double>(shift), sums[0], sums[1],
+                                                static_cast<double>(length), mean, m2);
+}
+
 }  // namespace normext::cpu::NORMEXT_CPU_CAPABILITY

@@ -98,18 +98,12 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
     set_statistics(r, m, m2);
   };
   if (s.runs) {
-    const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
     at::parallel_for(0, N * G, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* run = x + r * D;
         double m, m2;
-        if (cpu::run_moments_or_shift(run, D, m, m2, shift[r])) {
-          set_statistics(r, m, m2);
-        } else {
-          double sums[cpu::kTerms];
-          cpu::reduce_run(sums_op, r, D, sums);
-          set_moments(r, sums[0], sums[1]);
-        }
+        cpu::run_moments<acc_t>(run, D, m, m2);
+        set_statistics(r, m, m2);
         for (int64_t j = 0; j < Cg; ++j) {
           const int64_t c = r % G * Cg + j;
           normalize_run(act, run + j * L, y + r * D + j * L, L, mean[r], rstd[r] * w[c], b[c]);

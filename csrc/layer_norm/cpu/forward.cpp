@@ -26,9 +26,7 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
   const bool affine = weight.defined() || bias.defined();
   acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
   acc_t* rstd = rstd_out.mutable_data_ptr<acc_t>();
-  // The shift as a value acc_t holds exactly, so the deviations and the mean use one value.
-  std::vector<acc_t> shift(v.rows, acc_t(0));
-  const cpu::ShiftedSums<T, acc_t> sums_op{x, shift.data()};
+  const acc_t zero = 0;
   cpu::for_each_row(v, [&](int64_t r) {
     const T* row = x + r * D;
     if (s) {
@@ -41,12 +39,12 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
       }
     }
     double m = 0, m2;  // rms: m2 is the sum of squares
-    if (rms || !cpu::run_moments_or_shift(row, D, m, m2, shift[r])) {
+    if (rms) {
       double sums[cpu::kTerms];
-      cpu::reduce_run(sums_op, r, D, sums);
+      cpu::reduce_run(cpu::ShiftedSums<T, acc_t>{row, &zero}, 0, D, sums);
       m2 = sums[1];
-      if (!rms) cpu::shifted_moments(static_cast<double>(shift[r]), sums[0], sums[1],
-                                     static_cast<double>(D), m, m2);
+    } else {
+      cpu::run_moments<acc_t>(row, D, m, m2);
     }
     const acc_t row_mean = static_cast<acc_t>(m);
     const acc_t row_rstd = cpu::inverse_std(static_cast<acc_t>(m2 / D), static_cast<acc_t>(eps));
