@@ -13,6 +13,9 @@ Counts are of the whole module call: the training modes include the
 num_batches_tracked update (torch's add_; normext increments a CPU counter
 in its entry, no operator call, and calls add_ elsewhere: one kernel on a GPU).
 The module's parameters and buffers have the input's dtype (model.half()).
+On CUDA a third column set ("merged") is normext with its reductions' partials
+merged in the first kernel's last block (normext._C.set_cuda_merge_in_last_block:
+one kernel fewer per reduction; off by default until run on a GPU).
 """
 
 import argparse
@@ -38,6 +41,17 @@ def _call(module, x, grad, mode):
         with torch.no_grad():
             module(x)
     return forward
+
+
+def _merged(fn):
+    """fn with the CUDA reductions merged in their first kernel."""
+    def merged():
+        previous = normext._C.set_cuda_merge_in_last_block(True)
+        try:
+            fn()
+        finally:
+            normext._C.set_cuda_merge_in_last_block(previous)
+    return merged
 
 
 def _counts(fn, device) -> tuple[int, int | None]:
@@ -90,6 +104,9 @@ def main() -> None:
                 module = cls(shape[1]).to(device, dtype).train(mode.startswith("train"))
                 fns[name] = _call(module, x, grad, mode)
                 counts[name] = _counts(fns[name], device)
+                if device.type == "cuda" and name == "normext":
+                    fns["merged"] = _merged(_call(module, x, grad, mode))
+                    counts["merged"] = _counts(fns["merged"], device)
             log(f"{mode} {dtype_name}")
             timings = common.interleaved_timings(fns, device, args.repeats, args.min_time)
             t_us, n_us = (timings[name].median * 1e6 for name in ("torch", "normext"))
@@ -97,12 +114,15 @@ def main() -> None:
                    counts["torch"][0], counts["normext"][0]]
             if device.type == "cuda":
                 row += [counts[name][1] or "n/a" for name in ("torch", "normext")]
+                m_us = timings["merged"].median * 1e6
+                row += [f"{m_us:.1f}", f"{t_us / m_us:.2f}", counts["merged"][1] or "n/a"]
             rows.append(row)
 
     headers = ["mode", "dtype", "torch us", "normext us", "speedup", "torch ops", "normext ops"]
     if device.type == "cuda":
-        headers += ["torch GPU kernels", "normext GPU kernels"]
-    table = common.markdown_table(headers, rows, "llrrrrr" + "rr" * (device.type == "cuda"))
+        headers += ["torch GPU kernels", "normext GPU kernels", "merged us", "merged speedup",
+                    "merged GPU kernels"]
+    table = common.markdown_table(headers, rows, "llrrrrr" + "rrrrr" * (device.type == "cuda"))
     note = (f"BatchNorm2d({shape[1]}) on a {args.layout} input of shape {args.shape}; "
             "median of one call over "
             f"{args.repeats} interleaved rounds of >= {args.min_time} s each; speedup = torch us / "
@@ -111,7 +131,9 @@ def main() -> None:
             "add_, which normext does on the host for a CPU counter). fwdbwd: forward and backward to the input, weight and bias, whose "
             "gradients are set to None before each step.")
     if device.type == "cuda":
-        note += " GPU kernels: kernels, copies and fills per call (n/a: none recorded)."
+        note += (" GPU kernels: kernels, copies and fills per call (n/a: none recorded)."
+                 " merged: normext with each reduction's partials merged in its first kernel"
+                 " (one kernel fewer per reduction; a memset zeroes its counters).")
     report = common.Report("Per-call overhead: a small BatchNorm2d, torch.nn vs normext",
                            common.metadata(device, "bench_overhead"), common.command_line(),
                            [note, table])

@@ -86,9 +86,19 @@ def _make_input(shape, fmt, dtype, device=DEVICE, scale=2.0, shift=0.5):
     return x.to(dtype).contiguous(memory_format=MEMORY_FORMATS[fmt])
 
 
+@pytest.fixture(params=[False, True], ids=["two_kernels", "merged"])
+def merge_mode(request):
+    """Both modes of the CUDA reductions: stage 2 in a kernel of its own, or
+    merged in the stage-1 kernel's last block (normext._C.set_cuda_merge_in_last_block:
+    off by default until these tests have passed with it on a GPU)."""
+    previous = normext._C.set_cuda_merge_in_last_block(request.param)
+    yield request.param
+    normext._C.set_cuda_merge_in_last_block(previous)
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_torch_on_same_gpu_and_float64_cpu(case, training):
+def test_matches_torch_on_same_gpu_and_float64_cpu(case, training, merge_mode):
     shape, fmt, dtype, param_dtype = case
     ours, theirs = _pair(shape, dtype, param_dtype)
     reference = copy.deepcopy(theirs).to("cpu", torch.float64)
@@ -154,8 +164,8 @@ def test_reduced_precision_near_max(fmt, dtype):
     assert_close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("case", CASES[:8], ids=_case_id)
-def test_repeated_runs_are_bit_identical(case):
+@pytest.mark.parametrize("case", CASES[:8] + CASES[14:18], ids=_case_id)
+def test_repeated_runs_are_bit_identical(case, merge_mode):
     shape, fmt, dtype, param_dtype = case
     ours, _ = _pair(shape, dtype, param_dtype)
     initial = copy.deepcopy(ours.state_dict())
@@ -171,7 +181,7 @@ def test_repeated_runs_are_bit_identical(case):
             assert torch.equal(a, b)
 
 
-def test_non_default_stream():
+def test_non_default_stream(merge_mode):
     """The kernels run on the current stream: work queued on a side stream
     sees inputs produced on that stream and is ordered with it."""
     shape = (32, 16, 24, 24)
@@ -199,7 +209,7 @@ def test_non_default_stream():
     assert_close(stats[1], theirs.running_var)
 
 
-def test_cuda_graph_capture_and_replay_training_step():
+def test_cuda_graph_capture_and_replay_training_step(merge_mode):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), normext.BatchNorm2d(8),
@@ -423,6 +433,127 @@ def test_fused_kernels_bit_identical_runs_and_graph_capture(dtype):
     torch.cuda.synchronize()
     for a, b_ in zip(first, captured):
         assert torch.equal(a, b_)
+
+
+def _with_merge(enabled, fn):
+    previous = normext._C.set_cuda_merge_in_last_block(enabled)
+    try:
+        return fn()
+    finally:
+        normext._C.set_cuda_merge_in_last_block(previous)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_merge_in_last_block_fused_op(fmt, memory_efficient):
+    """The fused op (elu with a residual), merged: the same bits run to run,
+    the two-kernel mode's values (whose splits may differ)."""
+    torch.manual_seed(0)
+    x = _make_input((16, 24, 10, 10), fmt, torch.float32)
+    r = torch.randn_like(x)
+    w = torch.rand(24, device=DEVICE) + 0.5
+    b = torch.randn(24, device=DEVICE)
+    g = torch.randn_like(x)
+
+    def step():
+        xs, rs, ws, bs = (t.detach().requires_grad_() for t in (x, r, w, b))
+        out = torch.ops.normext.batch_norm_act(xs, ws, bs, None, None, True, 0.1, 1e-5, "elu",
+                                               0.01, 1.0, rs, memory_efficient)
+        return (out, *torch.autograd.grad(out, (xs, rs, ws, bs), g))
+
+    merged = _with_merge(True, step)
+    for a, b_ in zip(merged, _with_merge(True, step)):
+        assert torch.equal(a, b_)
+    for a, b_ in zip(merged, _with_merge(False, step)):
+        assert_close(a, b_)
+
+
+def _cuda_kernels_of(fn):
+    """The names of the CUDA kernels fn launches (torch.profiler)."""
+    fn()  # warm-up: occupancy queries, allocator
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and "memset" not in e.name.lower()
+            and "memcpy" not in e.name.lower()]
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_kernels_per_training_step(merge_mode, fmt):
+    """Issue 21's count: a training forward + backward of BatchNorm2d in at
+    most 4 normext kernels merged (statistics, normalize, backward reduction,
+    input gradient; 6 with stage 2 apart), besides torch's add to
+    num_batches_tracked."""
+    layer = normext.BatchNorm2d(32).to(DEVICE)
+    x = _make_input((8, 32, 14, 14), fmt, torch.float32).requires_grad_()
+    g = torch.randn_like(x)
+
+    def step():
+        torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+
+    names = _cuda_kernels_of(step)
+    ours = [n for n in names if "normext" in n]
+    assert len(ours) <= (4 if merge_mode else 6), names
+    assert len(names) - len(ours) <= 1, names  # num_batches_tracked's add
+
+
+def test_graph_replays_give_the_eager_bits(merge_mode):
+    """A captured training step replays to the eager step's bits (merged: the
+    counters are zeroed by a memset the graph replays)."""
+    layer = normext.BatchNorm2d(16).to(DEVICE)
+    x = _make_input((32, 16, 12, 12), "channels_last", torch.float32)
+    g = torch.randn_like(x)
+    static_x = x.clone().requires_grad_()
+
+    def step():
+        out = layer(static_x)
+        return (out, *torch.autograd.grad(out, (static_x, layer.weight, layer.bias), g))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for replay in range(2):
+        with torch.no_grad():
+            static_x.copy_(x * (replay + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = step()
+        for a, b in zip(captured, expected):
+            assert torch.equal(a, b), f"replay {replay}"
+
+
+def test_first_call_inside_graph_capture(merge_mode):
+    """Issue 21: a layer whose first call is inside CUDA graph capture (no
+    eager call before it, so the occupancy queries and the kernels' loading
+    happen during capture) captures, and replays to the eager step."""
+    torch.manual_seed(0)
+    captured_layer = normext.BatchNorm2d(24).to(DEVICE)
+    eager_layer = copy.deepcopy(captured_layer)
+    x = _make_input((6, 24, 9, 9), "channels_last", torch.float32)
+    g = torch.randn_like(x)
+    static_x = x.clone().requires_grad_()
+
+    def step(layer, inp):
+        out = layer(inp)
+        return (out, *torch.autograd.grad(out, (inp, layer.weight, layer.bias), g))
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(captured_layer, static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step(eager_layer, x.clone().requires_grad_())
+    for a, b in zip(captured, expected):
+        assert torch.equal(a, b)
+    assert torch.equal(captured_layer.running_mean, eager_layer.running_mean)
+    assert torch.equal(captured_layer.running_var, eager_layer.running_var)
 
 
 LAYER_NORM_CASES = [

@@ -3,10 +3,18 @@
 #include <ATen/ops/ones_like.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <utility>
 
 namespace normext::batch_norm {
+namespace {
+std::atomic<bool> merge_in_last_block{false};
+}  // namespace
+
+bool cuda_merge_in_last_block() { return merge_in_last_block.load(std::memory_order_relaxed); }
+
+bool set_cuda_merge_in_last_block(bool enabled) { return merge_in_last_block.exchange(enabled); }
 
 void check_input(const at::Tensor& input) {
   const auto type = input.scalar_type();

@@ -76,6 +76,15 @@ void check_params(const at::Tensor& input, const c10::optional<at::Tensor>& weig
 // (channels elements of the accumulate type, on the input's device).
 void check_stat(const at::Tensor& input, const at::Tensor& stat, const char* name);
 
+// Whether the CUDA reductions (cuda/reduce.cuh) merge each channel's partial
+// sums in the last block of their first kernel instead of in a second kernel:
+// a launch fewer per statistics and per backward reduction. Off until
+// tests/test_cuda.py has passed with it on a GPU (compiled, not run yet);
+// normext._C.set_cuda_merge_in_last_block switches it and returns the
+// previous setting.
+bool cuda_merge_in_last_block();
+bool set_cuda_merge_in_last_block(bool enabled);
+
 // Raises unless `other` has the shape and device of `input` and the same dtype.
 void check_same_as_input(const at::Tensor& input, const at::Tensor& other, const char* name);
 

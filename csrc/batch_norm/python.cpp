@@ -97,6 +97,10 @@ void bind_python(pybind11::module_& m) {
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
         arg("training"), arg("momentum"), arg("eps"),
         arg("num_batches_tracked") = pybind11::none());
+  m.def("set_cuda_merge_in_last_block", &set_cuda_merge_in_last_block,
+        "Whether the CUDA batch-norm reductions merge their partials in their first kernel's "
+        "last block (one launch fewer; not yet run on a GPU); returns the previous setting",
+        arg("enabled"));
   m.def("batch_norm_act", &batch_norm_act, release,
         "torch.ops.normext.batch_norm_act without the boxed call's argument matching",
         arg("input"), arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),

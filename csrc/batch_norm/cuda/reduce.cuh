@@ -1,7 +1,11 @@
 // Two-stage per-channel reduction of two sums, used by the statistics and the
 // backward reduction: stage 1 reduces slices of each channel into partial
 // sums (many blocks per channel when channels are few), stage 2 adds each
-// channel's partials in a fixed order, a warp per channel. A thread loads
+// channel's partials in a fixed order, a warp per channel: in a kernel of its
+// own, or (common.h: cuda_merge_in_last_block) in the stage-1 kernel, by the
+// last of a channel's blocks to finish, which a counter per channel block
+// tells (one launch fewer). The merging kernel is compiled apart (it needs
+// more registers, so its occupancy, one wave and the splits may differ). A thread loads
 // kUnroll packs (16 bytes where shape and alignment allow) before adding any,
 // so that several loads are in flight; it adds about kChunk elements of a
 // channel in the accumulate type and those chunk sums in double, so neither
@@ -21,6 +25,8 @@
 #pragma once
 
 #include <ATen/ops/empty.h>
+
+#include <type_traits>
 
 #include "batch_norm/cuda/launch.cuh"
 
@@ -51,13 +57,62 @@ __device__ inline void block_tree_add(Sums<double>* shared) {
   }
 }
 
+// Stage 2 of channel c, by one warp: lane l adds partials l, l + 32, ..., a
+// fixed shuffle tree adds the lanes, and lane 0 runs the finish with the
+// channel's context. Partials are read past L1 (__ldcg): in the last-block
+// merge, blocks on other multiprocessors wrote them.
+template <class R, class F>
+__device__ inline void finish_channel(const R& reducer, const F& finish,
+                                      const Sums<double>* partials, int64_t splits, int64_t c,
+                                      const typename R::Context* context, int lane) {
+  Sums<double> total{0.0, 0.0};
+  const Sums<double>* channel_partials = partials + c * splits;
+#pragma unroll 4
+  for (int64_t s = lane; s < splits; s += kWarp) {
+    add_to(total, Sums<double>{__ldcg(&channel_partials[s].first),
+                               __ldcg(&channel_partials[s].second)});
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    total.first += __shfl_down_sync(0xffffffffu, total.first, offset);
+    total.second += __shfl_down_sync(0xffffffffu, total.second, offset);
+  }
+  if (lane == 0) finish(reducer, c, total, *context);
+}
+
+// The end of a stage-1 block whose partials are written, where `arrivals`
+// (one zeroed counter per channel block, blockIdx.x) is given: the block
+// counts itself in, and the last of the gridDim.y blocks of its channels (every
+// other block's partials then visible: each fenced its writes before counting)
+// runs stage 2 for them, a warp per channel, block_contexts[k] being channel
+// first_channel + k's context.
+template <class R, class F>
+__device__ inline void merge_in_last_block(const R& reducer, const F& finish,
+                                           const Sums<double>* partials, unsigned* arrivals,
+                                           int64_t first_channel, int channel_count,
+                                           const typename R::Context* block_contexts,
+                                           int thread) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (thread == 0) last = atomicAdd(&arrivals[blockIdx.x], 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int k = thread / kWarp; k < channel_count; k += kThreads / kWarp) {
+    finish_channel(reducer, finish, partials, gridDim.y, first_channel + k, &block_contexts[k],
+                   thread % kWarp);
+  }
+}
+
 // Contiguous (N, C, L) read in packs of `size` (L % size == 0): block
 // (c, split) reduces packs [split * per_split, ...) of channel c's N * L / size.
-template <class R, int size, typename index_t>
+// kMerge: stage 2 runs here too (merge_in_last_block).
+template <class R, class F, bool kMerge, int size, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    reduce_contiguous_kernel(const R reducer, index_t channels, index_t row_packs, index_t packs,
-                             index_t per_split, Sums<double>* partials,
-                             typename R::Context* contexts) {
+    reduce_contiguous_kernel(const R reducer, const F finish, index_t channels,
+                             index_t row_packs, index_t packs, index_t per_split,
+                             Sums<double>* partials, typename R::Context* contexts,
+                             unsigned* arrivals) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   using Loaded = typename R::template Loaded<size>;
@@ -110,6 +165,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   shared[threadIdx.x] = total;
   block_tree_add(shared);
   if (threadIdx.x == 0) partials[c * gridDim.y + blockIdx.y] = shared[0];
+  if constexpr (kMerge) {
+    merge_in_last_block(reducer, finish, partials, arrivals, c, 1, &shared_context,
+                        threadIdx.x);
+  }
 }
 
 // Channels-last (rows, C) read in packs of `size` adjacent channels
@@ -117,11 +176,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // (launch.cuh: channel_lanes); blockIdx.y picks a slice of rows. A thread's
 // double totals live in shared memory (fewer registers, more resident
 // blocks), where one tree over the block's rows then adds every channel's.
-template <class R, int size, typename index_t>
+// kMerge: stage 2 runs here too (merge_in_last_block).
+template <class R, class F, bool kMerge, int size, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    reduce_channels_last_kernel(const R reducer, index_t channels, index_t rows,
+    reduce_channels_last_kernel(const R reducer, const F finish, index_t channels, index_t rows,
                                 index_t per_split, Sums<double>* partials,
-                                typename R::Context* contexts) {
+                                typename R::Context* contexts, unsigned* arrivals) {
   using acc_t = typename R::acc_t;
   using Context = typename R::Context;
   using Loaded = typename R::template Loaded<size>;
@@ -197,26 +257,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     partials[(block_channel + thread) * gridDim.y + blockIdx.y] =
         shared[thread % size][thread / size];
   }
+  if constexpr (kMerge) {
+    const index_t block_channels = channels - block_channel;
+    merge_in_last_block(reducer, finish, partials, arrivals, block_channel,
+                        static_cast<int>(block_channels < lanes * size ? block_channels
+                                                                       : lanes * size),
+                        shared_context, thread);
+  }
 }
 
-// Stage 2: a warp per channel; lane l adds partials l, l + 32, ..., then a
-// fixed shuffle tree adds the lanes, and lane 0 runs the finish.
+// The finish of a stage-1 kernel that does not merge: its instances do not
+// depend on the finish.
+struct NoFinish {};
+
+// Stage 2 in a kernel of its own: a warp per channel.
 template <class R, class F>
 __global__ void __launch_bounds__(kThreads)
     reduce_finish_kernel(const R reducer, const F finish, const Sums<double>* partials,
                          const typename R::Context* contexts, int64_t splits, int64_t channels) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
   if (c >= channels) return;  // whole warps: c is the same across a warp
-  const int lane = threadIdx.x % kWarp;
-  Sums<double> total{0.0, 0.0};
-  const Sums<double>* channel_partials = partials + c * splits;
-#pragma unroll 4
-  for (int64_t s = lane; s < splits; s += kWarp) add_to(total, channel_partials[s]);
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    total.first += __shfl_down_sync(0xffffffffu, total.first, offset);
-    total.second += __shfl_down_sync(0xffffffffu, total.second, offset);
-  }
-  if (lane == 0) finish(reducer, c, total, contexts[c]);
+  finish_channel(reducer, finish, partials, splits, c, contexts + c, threadIdx.x % kWarp);
 }
 
 // Runs both stages for `view` (the reducer and the finish hold their own
@@ -238,12 +299,23 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   const int lanes = channel_lanes(groups);
   const int rows_per_pass = kThreads / lanes;
   const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
+  const bool merge_in_last_block = cuda_merge_in_last_block();
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
-    const auto launch = [&](auto pack) {
+    const auto launch = [&](auto pack, auto merge) {
       constexpr int kSize = decltype(pack)::value;
-      constexpr auto channels_last_stage1 = reduce_channels_last_kernel<R, kSize, index_t>;
-      constexpr auto contiguous_stage1 = reduce_contiguous_kernel<R, kSize, index_t>;
+      constexpr bool kMerge = decltype(merge)::value;
+      const auto stage1_finish = [&] {
+        if constexpr (kMerge) {
+          return finish;
+        } else {
+          return NoFinish{};
+        }
+      }();
+      using Finish = decltype(stage1_finish);
+      constexpr auto channels_last_stage1 =
+          reduce_channels_last_kernel<R, Finish, kMerge, kSize, index_t>;
+      constexpr auto contiguous_stage1 = reduce_contiguous_kernel<R, Finish, kMerge, kSize, index_t>;
       // A block steps through rows_per_pass rows of its channels
       // (channels-last) or kThreads packs of one channel (contiguous) at a time.
       const int64_t splits =
@@ -252,36 +324,56 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
                                  wave_blocks<channels_last_stage1>(device))
               : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * kSize,
                                  wave_blocks<contiguous_stage1>(device));
-      // Stage 1 writes each channel's partials and context into one buffer.
+      // One buffer: each channel's partials, its context (written by stage
+      // 1), and where stage 1 merges, a counter per channel block (zeroed).
       const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
-      const at::Tensor workspace =
-          at::empty({partial_bytes + channels * static_cast<int64_t>(sizeof(Context))},
-                    view.data.options().dtype(at::kByte));
+      const int64_t context_bytes = channels * static_cast<int64_t>(sizeof(Context));
+      const int64_t arrivals_offset = (partial_bytes + context_bytes + 15) / 16 * 16;
+      const int64_t arrival_bytes =
+          kMerge ? channel_blocks * static_cast<int64_t>(sizeof(unsigned)) : 0;
+      const at::Tensor workspace = at::empty({arrivals_offset + arrival_bytes},
+                                             view.data.options().dtype(at::kByte));
       char* data = static_cast<char*>(workspace.mutable_data_ptr());
       Partial* partials = reinterpret_cast<Partial*>(data);
       Context* contexts = reinterpret_cast<Context*>(data + partial_bytes);
+      unsigned* arrivals = nullptr;
+      if constexpr (kMerge) {
+        arrivals = reinterpret_cast<unsigned*>(data + arrivals_offset);
+        C10_CUDA_CHECK(cudaMemsetAsync(arrivals, 0, arrival_bytes, stream));
+      }
       const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
       if (view.channels_last) {
         const int64_t per_split = (per_channel + splits - 1) / splits;
         channels_last_stage1<<<grid, dim3(lanes, rows_per_pass), 0, stream>>>(
-            reducer, channels, per_channel, per_split, partials, contexts);
+            reducer, stage1_finish, channels, per_channel, per_split, partials, contexts,
+            arrivals);
       } else {
         const int64_t packs = per_channel / kSize;
         const int64_t per_split = (packs + splits - 1) / splits;
-        contiguous_stage1<<<grid, kThreads, 0, stream>>>(
-            reducer, channels, view.inner / kSize, packs, per_split, partials, contexts);
+        contiguous_stage1<<<grid, kThreads, 0, stream>>>(reducer, stage1_finish, channels,
+                                                         view.inner / kSize, packs, per_split,
+                                                         partials, contexts, arrivals);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const unsigned finish_blocks =
-          static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
-      reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(
-          reducer, finish, partials, contexts, splits, channels);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (!kMerge) {
+        const unsigned finish_blocks =
+            static_cast<unsigned>((channels * kWarp + kThreads - 1) / kThreads);
+        reduce_finish_kernel<R, F><<<finish_blocks, kThreads, 0, stream>>>(
+            reducer, finish, partials, contexts, splits, channels);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
+    const auto with_merge = [&](auto pack) {
+      if (merge_in_last_block) {
+        launch(pack, std::true_type{});
+      } else {
+        launch(pack, std::false_type{});
+      }
     };
     if (size == kPack) {
-      launch(std::integral_constant<int, kPack>{});
+      with_merge(std::integral_constant<int, kPack>{});
     } else {
-      launch(std::integral_constant<int, 1>{});
+      with_merge(std::integral_constant<int, 1>{});
     }
   });
 }
