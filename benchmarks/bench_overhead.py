@@ -15,7 +15,7 @@ in its entry, no operator call, and calls add_ elsewhere: one kernel on a GPU).
 The module's parameters and buffers have the input's dtype (model.half()).
 On CUDA a third column set ("merged") is normext with its reductions' partials
 merged in the first kernel's last block (normext._C.set_cuda_merge_in_last_block:
-one kernel fewer per reduction; off by default until run on a GPU).
+per reduction a kernel fewer and a memset more; off by default until run on a GPU).
 """
 
 import argparse

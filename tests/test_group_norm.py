@@ -47,6 +47,25 @@ def _grads(fn, x, w, b, dy, **kwargs):
     return y, [t.grad if t is not None else None for t in leaves]
 
 
+def _assert_grads_close(grads, grads64, torch_grads, dtype):
+    """Gradients (input, weight, bias) against float64 with dtype's
+    tolerances, or, where a draw is ill-conditioned (a group of one element
+    per sample: its x - mean is 0, its rstd up to eps^-1/2, which multiplies
+    the rounding of a gradient that should cancel to 0), no further from
+    float64 than twice torch's own in dtype (torch_grads(): computed then)."""
+    for i, (name, actual, expected) in enumerate(zip(("input", "weight", "bias"), grads, grads64)):
+        try:
+            assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
+                         msg=f"grad {name}")
+        except AssertionError:
+            if dtype == torch.float64:
+                raise
+            theirs = torch_grads()[i]
+            ours_error = (actual.double() - expected).abs().max().item()
+            torch_error = (theirs.double() - expected).abs().max().item()
+            assert ours_error <= 2 * torch_error, (name, ours_error, torch_error)
+
+
 @st.composite
 def group_cases(draw):
     groups = draw(st.integers(1, 4))
@@ -82,9 +101,7 @@ def _compare_group_norm(case, dtype):
     y, g = _grads(NF.group_norm, *cast, **kwargs)
     assert y.dtype == dtype and y.shape == cast[0].shape
     assert_close(y, y_ref, dtype)
-    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
-        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
-                     msg=f"grad {name}")
+    _assert_grads_close(g, g_ref, lambda: _grads(_torch_group_norm, *cast, **kwargs)[1], dtype)
 
 
 @settings(max_examples=60, deadline=None, database=None, derandomize=True,
@@ -445,9 +462,7 @@ def test_group_norm_act_matches_torchs_composition(case, activation, dtype):
     y, g = _grads(ours, *cast)
     assert y.stride() == y_ref.stride()
     assert_close(y, y_ref, dtype)
-    for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
-        assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
-                     msg=f"grad {name}")
+    _assert_grads_close(g, g_ref, lambda: _grads(theirs, *cast)[1], dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -4,7 +4,7 @@
 // channel's partials in a fixed order, a warp per channel: in a kernel of its
 // own, or (common.h: cuda_merge_in_last_block) in the stage-1 kernel, by the
 // last of a channel's blocks to finish, which a counter per channel block
-// tells (one launch fewer). The merging kernel is compiled apart (it needs
+// tells (a kernel fewer; a memset zeroes the counters). The merging kernel is compiled apart (it needs
 // more registers, so its occupancy, one wave and the splits may differ). A thread loads
 // kUnroll packs (16 bytes where shape and alignment allow) before adding any,
 // so that several loads are in flight; it adds about kChunk elements of a
@@ -299,7 +299,7 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
   const int lanes = channel_lanes(groups);
   const int rows_per_pass = kThreads / lanes;
   const int64_t channel_blocks = view.channels_last ? (groups + lanes - 1) / lanes : channels;
-  const bool merge_in_last_block = cuda_merge_in_last_block();
+  const bool merge = cuda_merge_in_last_block();
   with_index_type(view.data, [&](auto index) {
     using index_t = decltype(index);
     const auto launch = [&](auto pack, auto merge) {
@@ -364,7 +364,7 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
       }
     };
     const auto with_merge = [&](auto pack) {
-      if (merge_in_last_block) {
+      if (merge) {
         launch(pack, std::true_type{});
       } else {
         launch(pack, std::false_type{});
