@@ -14,7 +14,11 @@ copy.deepcopy) start from the same weights and run interleaved in the same
 process, in NCHW and in channels_last. --activation leaky_relu replaces every
 ReLU with LeakyReLU(0.01) in all of them and adds normext.fuse(...,
 memory_efficient=True), whose layers keep their outputs instead of their
-inputs. Needs torchvision (optional: without it this says so and exits 0).
+inputs. On CUDA, "normext.convert merged" is normext.convert with the
+reductions' partials merged in their first kernel (normext._C.
+set_cuda_merge_in_last_block, switched on around its steps only: a kernel
+fewer per reduction; off by default until run on a GPU).
+Needs torchvision (optional: without it this says so and exits 0).
 Progress goes to stderr, a Markdown report to stdout. See README.md.
 """
 
@@ -35,6 +39,20 @@ LOSS_RTOL = {"float64": 1e-6, "float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2
 # Batch statistics over a handful of values (batch 2 at 32x32: two per channel
 # in layer4) amplify rounding differences through the network: no check there.
 MIN_VALUES_TO_CHECK = 8
+
+
+MERGED = "normext.convert merged"
+
+
+def merged_step(step):
+    """step with the CUDA reductions merged in their first kernel."""
+    def merged():
+        previous = normext._C.set_cuda_merge_in_last_block(True)
+        try:
+            return step()
+        finally:
+            normext._C.set_cuda_merge_in_last_block(previous)
+    return merged
 
 
 def train_step(model, optimizer, images, labels):
@@ -61,6 +79,8 @@ def make_models(torchvision, args, device, dtype, layout):
         sys.exit("error: normext.convert swapped no BatchNorm layer of resnet50")
     models = {"torch": reference, "normext.convert": converted,
               "normext.fuse": normext.fuse(copy.deepcopy(reference))}
+    if device.type == "cuda":
+        models[MERGED] = normext.convert(copy.deepcopy(reference))
     if args.activation == "leaky_relu":
         models["normext.fuse memory-efficient"] = normext.fuse(copy.deepcopy(reference),
                                                                memory_efficient=True)
@@ -82,6 +102,8 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
     for name, model in models.items():
         optimizers[name] = optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps[name] = (lambda m=model, o=optimizer: train_step(m, o, images, labels))
+        if name == MERGED:
+            steps[name] = merged_step(steps[name])
         losses[name] = steps[name]().item()  # first step: same weights, same loss
     if args.check:
         rtol = LOSS_RTOL[dtype_name]
