@@ -4,8 +4,9 @@
 // channel's partials in a fixed order, a warp per channel: in a kernel of its
 // own, or (common.h: cuda_merge_in_last_block) in the stage-1 kernel, by the
 // last of a channel's blocks to finish, which a counter per channel block
-// tells (a kernel fewer; a memset zeroes the counters). The merging kernel is compiled apart (it needs
-// more registers, so its occupancy, one wave and the splits may differ). A thread loads
+// tells (a kernel fewer; a memset zeroes the counters). The merging kernel is
+// compiled apart (it needs more registers, so its occupancy, one wave and the
+// splits may differ). A thread loads
 // kUnroll packs (16 bytes where shape and alignment allow) before adding any,
 // so that several loads are in flight; it adds about kChunk elements of a
 // channel in the accumulate type and those chunk sums in double, so neither
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   load_batch(first);  // in flight while thread 0 computes the context
   if (threadIdx.x == 0) {
     shared_context = reducer.context(c);
-    if (blockIdx.y == 0) contexts[c] = shared_context;
+    if (!kMerge && blockIdx.y == 0) contexts[c] = shared_context;  // for stage 2's kernel
   }
   __syncthreads();
   const Context context = shared_context;
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (active) load_batch(row);  // in flight while the contexts are computed
   if (writes_channel) {
     shared_context[thread] = reducer.context(block_channel + thread);
-    if (blockIdx.y == 0) contexts[block_channel + thread] = shared_context[thread];
+    if (!kMerge && blockIdx.y == 0) contexts[block_channel + thread] = shared_context[thread];
   }
 #pragma unroll
   for (int k = 0; k < size; ++k) shared[k][thread] = {0.0, 0.0};
@@ -315,7 +316,8 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
       using Finish = decltype(stage1_finish);
       constexpr auto channels_last_stage1 =
           reduce_channels_last_kernel<R, Finish, kMerge, kSize, index_t>;
-      constexpr auto contiguous_stage1 = reduce_contiguous_kernel<R, Finish, kMerge, kSize, index_t>;
+      constexpr auto contiguous_stage1 =
+          reduce_contiguous_kernel<R, Finish, kMerge, kSize, index_t>;
       // A block steps through rows_per_pass rows of its channels
       // (channels-last) or kThreads packs of one channel (contiguous) at a time.
       const int64_t splits =
@@ -324,22 +326,22 @@ void reduce_per_channel(const ChannelView& view, const R& reducer, const F& fini
                                  wave_blocks<channels_last_stage1>(device))
               : reduction_splits(channel_blocks, per_channel, int64_t{kThreads} * kSize,
                                  wave_blocks<contiguous_stage1>(device));
-      // One buffer: each channel's partials, its context (written by stage
-      // 1), and where stage 1 merges, a counter per channel block (zeroed).
+      // One buffer: each channel's partials, then for stage 2's kernel each
+      // channel's context, or where stage 1 merges a counter per channel
+      // block (zeroed).
       const int64_t partial_bytes = channels * splits * static_cast<int64_t>(sizeof(Partial));
-      const int64_t context_bytes = channels * static_cast<int64_t>(sizeof(Context));
-      const int64_t arrivals_offset = (partial_bytes + context_bytes + 15) / 16 * 16;
-      const int64_t arrival_bytes =
-          kMerge ? channel_blocks * static_cast<int64_t>(sizeof(unsigned)) : 0;
-      const at::Tensor workspace = at::empty({arrivals_offset + arrival_bytes},
+      const int64_t tail_bytes = kMerge
+                                     ? channel_blocks * static_cast<int64_t>(sizeof(unsigned))
+                                     : channels * static_cast<int64_t>(sizeof(Context));
+      const at::Tensor workspace = at::empty({partial_bytes + tail_bytes},
                                              view.data.options().dtype(at::kByte));
       char* data = static_cast<char*>(workspace.mutable_data_ptr());
       Partial* partials = reinterpret_cast<Partial*>(data);
-      Context* contexts = reinterpret_cast<Context*>(data + partial_bytes);
+      Context* contexts = kMerge ? nullptr : reinterpret_cast<Context*>(data + partial_bytes);
       unsigned* arrivals = nullptr;
       if constexpr (kMerge) {
-        arrivals = reinterpret_cast<unsigned*>(data + arrivals_offset);
-        C10_CUDA_CHECK(cudaMemsetAsync(arrivals, 0, arrival_bytes, stream));
+        arrivals = reinterpret_cast<unsigned*>(data + partial_bytes);
+        C10_CUDA_CHECK(cudaMemsetAsync(arrivals, 0, tail_bytes, stream));
       }
       const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
       if (view.channels_last) {
