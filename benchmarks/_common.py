@@ -48,6 +48,18 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half
                  "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
 
 
+def merged_reductions(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with normext's CUDA reductions merged in their first kernel
+    (normext._C.set_cuda_merge_in_last_block), switched on around each call only."""
+    def merged():
+        previous = normext._C.set_cuda_merge_in_last_block(True)
+        try:
+            return fn()
+        finally:
+            normext._C.set_cuda_merge_in_last_block(previous)
+    return merged
+
+
 # ---------------------------------------------------------------- arguments
 
 

@@ -43,17 +43,6 @@ def _call(module, x, grad, mode):
     return forward
 
 
-def _merged(fn):
-    """fn with the CUDA reductions merged in their first kernel."""
-    def merged():
-        previous = normext._C.set_cuda_merge_in_last_block(True)
-        try:
-            fn()
-        finally:
-            normext._C.set_cuda_merge_in_last_block(previous)
-    return merged
-
-
 def _counts(fn, device) -> tuple[int, int | None]:
     """(operator calls, GPU activities) of one call of fn, after a warm-up;
     None for the GPU's when the profiler recorded none (no CUPTI)."""
@@ -105,7 +94,7 @@ def main() -> None:
                 fns[name] = _call(module, x, grad, mode)
                 counts[name] = _counts(fns[name], device)
                 if device.type == "cuda" and name == "normext":
-                    fns["merged"] = _merged(_call(module, x, grad, mode))
+                    fns["merged"] = common.merged_reductions(_call(module, x, grad, mode))
                     counts["merged"] = _counts(fns["merged"], device)
             log(f"{mode} {dtype_name}")
             timings = common.interleaved_timings(fns, device, args.repeats, args.min_time)

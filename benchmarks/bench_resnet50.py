@@ -44,17 +44,6 @@ MIN_VALUES_TO_CHECK = 8
 MERGED = "normext.convert merged"
 
 
-def merged_step(step):
-    """step with the CUDA reductions merged in their first kernel."""
-    def merged():
-        previous = normext._C.set_cuda_merge_in_last_block(True)
-        try:
-            return step()
-        finally:
-            normext._C.set_cuda_merge_in_last_block(previous)
-    return merged
-
-
 def train_step(model, optimizer, images, labels):
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(images), labels)
@@ -103,7 +92,7 @@ def measure(torchvision, args, dtype_name: str, layout_name: str, memory_ok: boo
         optimizers[name] = optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps[name] = (lambda m=model, o=optimizer: train_step(m, o, images, labels))
         if name == MERGED:
-            steps[name] = merged_step(steps[name])
+            steps[name] = common.merged_reductions(steps[name])
         losses[name] = steps[name]().item()  # first step: same weights, same loss
     if args.check:
         rtol = LOSS_RTOL[dtype_name]
