@@ -14,6 +14,7 @@ SHAPES = [
     ((600, 3, 4, 4), torch.contiguous_format),
     ((300, 40, 3, 3), torch.contiguous_format),
     ((2, 80, 7, 7), torch.contiguous_format),
+    ((300, 3, 16, 16), torch.contiguous_format),
     ((16, 24, 20, 20), torch.channels_last),
     ((64, 8, 20, 20), torch.channels_last),
     ((4, 600, 5, 5), torch.channels_last),

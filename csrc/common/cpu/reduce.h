@@ -42,9 +42,10 @@ constexpr int64_t kBlockElements = 4096;
 constexpr int64_t kTwoSetElements = 1024;
 static_assert(kTwoSetElements <= kBlockElements);
 // Runs of fewer bytes than this are short: a unit sums a group's runs across
-// kUnitRows outer indices into the same lanes, since adding the lanes up per
-// run would cost more than the run.
-constexpr int64_t kShortRunBytes = 512;
+// up to kUnitRows outer indices (about kGrainElements elements) into the same
+// lanes, since adding the lanes up (and scheduling a unit) per run cost more
+// than runs of a few hundred elements (14x14, 28x28 maps: A/B, history, session 22).
+constexpr int64_t kShortRunBytes = 4096;
 // Outer indices (short runs) or rows (channels-last) whose float sums one
 // unit keeps before they are added in double.
 constexpr int64_t kUnitRows = 256;
@@ -151,7 +152,7 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
 }
 
 // Contiguous data (inner > 1). A unit is a block of one run (long runs) or a
-// group's runs across kUnitRows outer indices (short runs); units of
+// group's runs across up to kUnitRows outer indices (short runs); units of
 // neighbouring groups are scheduled together where runs are short. Partials
 // are stored [term][group][unit] and added per group in unit order.
 template <class Op>
@@ -160,16 +161,25 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   const bool short_runs = s.inner * Op::kElementBytes < kShortRunBytes;
   const int64_t run_length = short_runs ? s.inner : std::min(s.inner, kBlockElements);
   const int64_t blocks_per_run = (s.inner + run_length - 1) / run_length;
-  const int64_t rows_per_unit = short_runs ? kUnitRows : 1;
+  const int64_t rows_per_unit =
+      short_runs ? std::clamp<int64_t>(kGrainElements / s.inner, 1, kUnitRows) : 1;
   const int64_t row_units = (s.outer + rows_per_unit - 1) / rows_per_unit;
   const int64_t units_per_group = row_units * blocks_per_run;
-  // Short runs of a few vectors: several groups per task, so reading runs in
-  // memory order; this is scheduling only, each group's sums are the same.
-  const int64_t task_groups =
-      short_runs && s.inner < 4 * kLanes
-          ? std::clamp<int64_t>(s.groups / at::get_num_threads(), 1, kShortRunGroups)
-          : 1;
-  const int64_t group_tasks = (s.groups + task_groups - 1) / task_groups;
+  // Short runs: several neighbouring groups per task, so that a task reads
+  // memory in order (a group's runs alone are a row of the tensor apart), in
+  // group blocks that share out evenly between the threads. This is
+  // scheduling only: each group's sums are the same.
+  int64_t task_groups = 1;
+  if (short_runs) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t blocks = threads * at::divup(s.groups, threads * kShortRunGroups);
+    task_groups = at::divup(s.groups, std::min(blocks, s.groups));
+  }
+  const int64_t group_tasks = at::divup(s.groups, task_groups);
+  // A short run of a few vectors adds its terms to float lanes across the
+  // unit's rows; a longer one sums in float lanes of its own, added to double
+  // lanes (as accurate as adding up each run's sums in double, without its cost).
+  const bool runs_in_double = short_runs && s.inner >= 4 * kLanes;
   // Every partial is written before it is read: no zeroing.
   std::unique_ptr<double[]> partials(new double[kTerms * s.groups * units_per_group]);
   const auto partial = [&](int q, int64_t g, int64_t unit) {
@@ -181,6 +191,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   at::parallel_for(0, row_units * group_tasks * blocks_per_run, grain_for(unit_cost),
                    [&](int64_t begin, int64_t end) {
     acc_t block_lanes[kShortRunGroups][kTerms][kLanes];
+    double block_wide[kShortRunGroups][kTerms][kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks_per_run;
       const int64_t group_task = task / blocks_per_run % group_tasks;
@@ -192,11 +203,28 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       const int64_t i0 = block * run_length;
       const int64_t length = std::min(run_length, s.inner - i0);
       const int64_t unit = row_unit * blocks_per_run + block;
-      const auto store = [&](int64_t g, const acc_t(*lanes)[kLanes]) {
+      const auto store = [&](int64_t g, const auto(*lanes)[kLanes]) {
         double unit_sums[kTerms];
         add_lanes(lanes, unit_sums);
         for (int q = 0; q < kTerms; ++q) *partial(q, g, unit) = unit_sums[q];
       };
+      if (runs_in_double) {
+        std::fill_n(&block_wide[0][0][0], groups * kTerms * kLanes, 0.0);
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          for (int64_t b = 0; b < groups; ++b) {
+            acc_t lanes[kTerms][kLanes] = {};
+            add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length, lanes);
+            double(*__restrict__ wide)[kLanes] = block_wide[b];
+#pragma omp simd
+            for (int k = 0; k < kLanes; ++k) {
+              wide[0][k] += lanes[0][k];
+              wide[1][k] += lanes[1][k];
+            }
+          }
+        }
+        for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_wide[b]);
+        continue;
+      }
       if (groups == 1) {  // lanes of their own, which stay in registers
         acc_t lanes[kTerms][kLanes] = {};
         for (int64_t o = o_begin; o < o_end; ++o) {
