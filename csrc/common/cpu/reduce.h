@@ -5,9 +5,10 @@
 // rows (1, rows, features).
 //
 // The work is cut into units by the shape alone, each unit sums its elements
-// in float lanes (element i of a run to lane i % kLanes) and adds them in
-// double pairwise, and the units' partials are added in a fixed order: the
-// sums are bit-identical at any thread count.
+// in float lanes (element i of a run to lane i % kLanes; a short run's lanes
+// of its own are added to the unit's double lanes) and adds them in double
+// pairwise, and the units' partials are added in a fixed order: the sums are
+// bit-identical at any thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -44,14 +45,18 @@ static_assert(kTwoSetElements <= kBlockElements);
 // Runs of fewer bytes than this are short: a unit sums a group's runs across
 // up to kUnitRows outer indices (about kGrainElements elements) into the same
 // lanes, since adding the lanes up (and scheduling a unit) per run cost more
-// than runs of a few hundred elements (14x14, 28x28 maps: A/B, history, session 22).
-constexpr int64_t kShortRunBytes = 4096;
-// Outer indices (short runs) or rows (channels-last) whose float sums one
-// unit keeps before they are added in double.
+// than runs of a few hundred elements (float32 14x14 maps, 16-bit 28x28 maps;
+// float32 28x28 gained in the statistics and lost in the backward sums: A/B,
+// benchmarks/history, session 22).
+constexpr int64_t kShortRunBytes = 2048;
+// Outer indices (short runs) or rows (channels-last) one unit sums.
 constexpr int64_t kUnitRows = 256;
-// Groups whose short runs one unit sums together, outer index by outer index:
-// their runs are adjacent, so the unit reads memory in order.
+// Groups whose short runs one task sums, outer index by outer index: their
+// runs are adjacent, so the task reads memory in order. Runs of a few
+// vectors keep their float lanes on the stack (kShortRunGroups of them),
+// longer ones their double lanes on the heap (kWideRunGroups: 256 KiB).
 constexpr int64_t kShortRunGroups = 64;
+constexpr int64_t kWideRunGroups = 1024;
 
 // Channels-last rows are taken kRowGroup at a time where the op asks for it,
 // so that each group's accumulators are loaded and stored once per kRowGroup rows.
@@ -151,6 +156,56 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
   }
 }
 
+// Adds the terms of the kLanes elements from `offset` (group g) to local
+// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
+template <class Op, typename acc_t>
+[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
+                                                       acc_t (&lanes_a)[kLanes],
+                                                       acc_t (&lanes_b)[kLanes]) {
+  if constexpr (Op::kLaneTerms) {
+    acc_t a[kLanes], b[kLanes];
+    op.template lane_terms<0>(g, offset, a, b);
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      lanes_a[k] += a[k];
+      lanes_b[k] += b[k];
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t a, b;
+      op.terms(g, offset + k, a, b);
+      lanes_a[k] += a;
+      lanes_b[k] += b;
+    }
+  }
+}
+
+// add_run_in_lanes into zeroed lanes of the run's own, added to double lanes
+// `wide` (local lanes, which GCC keeps in registers).
+template <class Op, typename acc_t = typename Op::acc_t>
+[[gnu::noinline]] void add_run_to_double_lanes(const Op& op_ref, int64_t g, int64_t offset,
+                                               int64_t length,
+                                               double (*__restrict__ wide)[kLanes]) {
+  const Op op = op_ref;
+  acc_t lanes_a[kLanes] = {}, lanes_b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
+  }
+  for (int k = 0; i < length; ++i, ++k) {
+    acc_t a, b;
+    op.terms(g, offset + i, a, b);
+    lanes_a[k] += a;
+    lanes_b[k] += b;
+  }
+#pragma omp simd
+  for (int k = 0; k < kLanes; ++k) {
+    wide[0][k] += lanes_a[k];
+    wide[1][k] += lanes_b[k];
+  }
+}
+
 // Contiguous data (inner > 1). A unit is a block of one run (long runs) or a
 // group's runs across up to kUnitRows outer indices (short runs); units of
 // neighbouring groups are scheduled together where runs are short. Partials
@@ -165,21 +220,26 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       short_runs ? std::clamp<int64_t>(kGrainElements / s.inner, 1, kUnitRows) : 1;
   const int64_t row_units = (s.outer + rows_per_unit - 1) / rows_per_unit;
   const int64_t units_per_group = row_units * blocks_per_run;
-  // Short runs: several neighbouring groups per task, so that a task reads
-  // memory in order (a group's runs alone are a row of the tensor apart), in
-  // group blocks that share out evenly between the threads. This is
-  // scheduling only: each group's sums are the same.
+  // A short run of a few vectors adds its terms to float lanes across the
+  // unit's rows; a longer one sums in float lanes of its own, added to double
+  // lanes (as accurate as adding up each run's sums in double, without its
+  // cost). A long run's unit is one block: its double lanes hold its float lanes.
+  const bool runs_in_double = s.inner >= 4 * kLanes;
+  // Short runs: as many neighbouring groups per task as its lanes allow, so
+  // that a task reads memory in order (a group's runs alone are a row of the
+  // tensor apart); in group blocks that share out evenly between the threads
+  // where the row units do not. This is scheduling only: each group's sums
+  // are the same.
   int64_t task_groups = 1;
   if (short_runs) {
+    const int64_t most = runs_in_double ? kWideRunGroups : kShortRunGroups;
     const int64_t threads = at::get_num_threads();
-    const int64_t blocks = threads * at::divup(s.groups, threads * kShortRunGroups);
+    const int64_t blocks = row_units >= threads
+                               ? at::divup(s.groups, most)
+                               : threads * at::divup(s.groups, threads * most);
     task_groups = at::divup(s.groups, std::min(blocks, s.groups));
   }
   const int64_t group_tasks = at::divup(s.groups, task_groups);
-  // A short run of a few vectors adds its terms to float lanes across the
-  // unit's rows; a longer one sums in float lanes of its own, added to double
-  // lanes (as accurate as adding up each run's sums in double, without its cost).
-  const bool runs_in_double = short_runs && s.inner >= 4 * kLanes;
   // Every partial is written before it is read: no zeroing.
   std::unique_ptr<double[]> partials(new double[kTerms * s.groups * units_per_group]);
   const auto partial = [&](int q, int64_t g, int64_t unit) {
@@ -191,7 +251,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   at::parallel_for(0, row_units * group_tasks * blocks_per_run, grain_for(unit_cost),
                    [&](int64_t begin, int64_t end) {
     acc_t block_lanes[kShortRunGroups][kTerms][kLanes];
-    double block_wide[kShortRunGroups][kTerms][kLanes];
+    std::unique_ptr<double[][kTerms][kLanes]> block_wide;
+    if (runs_in_double) block_wide.reset(new double[task_groups][kTerms][kLanes]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks_per_run;
       const int64_t group_task = task / blocks_per_run % group_tasks;
@@ -212,14 +273,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
         std::fill_n(&block_wide[0][0][0], groups * kTerms * kLanes, 0.0);
         for (int64_t o = o_begin; o < o_end; ++o) {
           for (int64_t b = 0; b < groups; ++b) {
-            acc_t lanes[kTerms][kLanes] = {};
-            add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length, lanes);
-            double(*__restrict__ wide)[kLanes] = block_wide[b];
-#pragma omp simd
-            for (int k = 0; k < kLanes; ++k) {
-              wide[0][k] += lanes[0][k];
-              wide[1][k] += lanes[1][k];
-            }
+            add_run_to_double_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
+                                    block_wide[b]);
           }
         }
         for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_wide[b]);
@@ -378,31 +433,6 @@ std::vector<double> reduce_groups(const GroupedShape& shape, const Op& op) {
 }
 
 namespace detail {
-
-// Adds the terms of the kLanes elements from `offset` (group g) to local
-// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
-template <class Op, typename acc_t>
-[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
-                                                       acc_t (&lanes_a)[kLanes],
-                                                       acc_t (&lanes_b)[kLanes]) {
-  if constexpr (Op::kLaneTerms) {
-    acc_t a[kLanes], b[kLanes];
-    op.template lane_terms<0>(g, offset, a, b);
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      lanes_a[k] += a[k];
-      lanes_b[k] += b[k];
-    }
-  } else {
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      acc_t a, b;
-      op.terms(g, offset + k, a, b);
-      lanes_a[k] += a;
-      lanes_b[k] += b;
-    }
-  }
-}
 
 // add_run_in_lanes into zeroed lanes over a block of kTwoSetElements or more:
 // every other vector into a second set of lanes, the two added at the end.
