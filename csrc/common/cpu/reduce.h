@@ -223,8 +223,10 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   // A short run of a few vectors adds its terms to float lanes across the
   // unit's rows; a longer one sums in float lanes of its own, added to double
   // lanes (as accurate as adding up each run's sums in double, without its
-  // cost). A long run's unit is one block: its double lanes hold its float lanes.
-  const bool runs_in_double = s.inner >= 4 * kLanes;
+  // cost). A long run's unit is one block, whose double lanes hold its float
+  // lanes: 16-bit data takes that path too (GCC kept lanes inlined beside
+  // their vector widening in memory), float32 the inlined lanes (3% faster).
+  const bool runs_in_double = s.inner >= 4 * kLanes && (short_runs || Op::kLaneTerms);
   // Short runs: as many neighbouring groups per task as its lanes allow, so
   // that a task reads memory in order (a group's runs alone are a row of the
   // tensor apart); in group blocks that share out evenly between the threads
