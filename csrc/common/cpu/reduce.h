@@ -102,6 +102,21 @@ struct GroupedShape {
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
+// Adds the terms of elements [i, length) of a run, fewer than kLanes, to lanes
+// 0, 1, ... (the lanes the elements' vector would have given them).
+template <class Op, typename acc_t>
+[[gnu::always_inline]] inline void add_tail_in_lanes(const Op& op, int64_t g, int64_t offset,
+                                                     int64_t i, int64_t length,
+                                                     acc_t* __restrict__ lanes_a,
+                                                     acc_t* __restrict__ lanes_b) {
+  for (int k = 0; i < length; ++i, ++k) {
+    acc_t a, b;
+    op.terms(g, offset + i, a, b);
+    lanes_a[k] += a;
+    lanes_b[k] += b;
+  }
+}
+
 // Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
@@ -131,12 +146,7 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
       }
     }
   }
-  for (int k = 0; i < length; ++i, ++k) {
-    acc_t a, b;
-    op.terms(g, offset + i, a, b);
-    lanes_a[k] += a;
-    lanes_b[k] += b;
-  }
+  add_tail_in_lanes(op, g, offset, i, length, lanes_a, lanes_b);
 }
 
 namespace detail {
@@ -193,12 +203,7 @@ template <class Op, typename acc_t = typename Op::acc_t>
   for (; i + kLanes <= length; i += kLanes) {
     add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
   }
-  for (int k = 0; i < length; ++i, ++k) {
-    acc_t a, b;
-    op.terms(g, offset + i, a, b);
-    lanes_a[k] += a;
-    lanes_b[k] += b;
-  }
+  add_tail_in_lanes(op, g, offset, i, length, lanes_a, lanes_b);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
     wide[0][k] += lanes_a[k];
@@ -454,12 +459,7 @@ void add_block_in_two_sets(const Op& op_ref, int64_t g, int64_t offset, int64_t 
     add_vector_in_lanes(op, g, offset + i, even_a, even_b);
     i += kLanes;
   }
-  for (int k = 0; i < length; ++i, ++k) {
-    acc_t a, b;
-    op.terms(g, offset + i, a, b);
-    even_a[k] += a;
-    even_b[k] += b;
-  }
+  add_tail_in_lanes(op, g, offset, i, length, even_a, even_b);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
     lanes[0][k] = even_a[k] + odd_a[k];
