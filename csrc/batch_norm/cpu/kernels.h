@@ -47,7 +47,7 @@ template <typename F>
 void for_each_row_segment(const ChannelView& v, const F& fn) {
   const int64_t numel = v.outer * v.channels * v.inner;
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
-    // (The channel steps with the row: two divisions a row cost as much as a 7x7 map's pass.)
+    // (The channel steps with the row: two divisions a row showed on 7x7 maps.)
     int64_t row = begin / v.inner;
     int64_t c = row % v.channels;
     while (begin < end) {
