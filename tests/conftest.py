@@ -83,6 +83,13 @@ _TOLERANCES = {
 }
 
 
+# Where silu's and elu's exp overflows or underflows, the infinities and NaN,
+# and the relative tolerance of their values there against torch's.
+SMOOTH_EDGE_VALUES = [-float("inf"), -1000.0, -100.0, -88.8, -88.5, -87.5, -20.0, -1.0, -0.0, 0.0,
+                      1.0, 20.0, 87.5, 88.5, 100.0, float("inf"), float("nan")]
+EDGE_RTOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
+
+
 def tolerances(dtype: torch.dtype) -> dict:
     rtol, atol = _TOLERANCES[dtype]
     return {"rtol": rtol, "atol": atol}

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import normext
 from normext import ops
 from normext.functional import batch_norm_act
-from conftest import assert_close, assert_layout_like_torch, layout_variants
+from conftest import (EDGE_RTOL, SMOOTH_EDGE_VALUES, assert_close, assert_layout_like_torch,
+                      layout_variants)
 
 ACTIVATIONS = {
     "identity": lambda z: z,
@@ -345,11 +346,6 @@ def test_piecewise_linear_activations_at_edges_match_torch(activation, negative_
                          torch.autograd.grad(expected, [t for t in (xr, rr) if t is not None],
                                              grad)):
         torch.testing.assert_close(got[~x.isnan()], want[~x.isnan()], rtol=0, atol=0)
-
-
-EDGE_RTOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
-SMOOTH_EDGE_VALUES = [-float("inf"), -1000.0, -100.0, -88.8, -88.5, -87.5, -20.0, -1.0, -0.0, 0.0,
-                      1.0, 20.0, 87.5, 88.5, 100.0, float("inf"), float("nan")]
 
 
 @pytest.mark.parametrize("activation", ["silu", "elu"])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import normext
 from normext import functional as NF
-from conftest import assert_close
+from conftest import EDGE_RTOL, SMOOTH_EDGE_VALUES, assert_close
 
 F = torch.nn.functional
 
@@ -505,6 +505,32 @@ def test_group_norm_act_channels_last_backward_both_ways(shape, dtype):
     assert_close(y, y_ref, dtype)
     for name, actual, expected in zip(("input", "weight", "bias"), g, g_ref):
         assert_close(actual, expected, dtype, factor=4, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_silu_at_edges_matches_torch(dtype, layout):
+    """GroupNorm + SiLU where SiLU's exp overflows or underflows, at the
+    infinities and NaN: a zero weight makes the activation's input the bias,
+    one edge value per channel. torch's output, bias and weight gradients
+    (0, -0, NaN and inf where torch has them), over runs of 35 and rows of
+    17 channels, which end in a partial vector (common/cpu/vector_silu.h)."""
+    bias = torch.tensor(SMOOTH_EDGE_VALUES, dtype=dtype)
+    channels = bias.numel()
+    x = _in_layout(torch.randn(2, channels, 5, 7, dtype=dtype), layout)
+    dy = torch.randn_like(x)
+    results = []
+    for fn in (lambda *a: F.silu(F.group_norm(*a)), lambda *a: NF.group_norm_act(*a, "silu")):
+        weight = torch.zeros(channels, dtype=dtype, requires_grad=True)
+        b = bias.clone().requires_grad_()
+        y = fn(x, channels, weight, b, 1e-5)
+        results.append((y, *torch.autograd.grad(y, (weight, b), dy)))
+    # atol: the bias gradient adds 70 values near 1e-37, where the other CPU variants
+    # clamp exp's argument (activation.h: exp_parts)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-34, rtol=EDGE_RTOL[dtype] * 8,
+                                   equal_nan=True)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
 @pytest.mark.parametrize("activation", ["silu", "elu", "leaky_relu"])

@@ -78,19 +78,24 @@ C10_HOST_DEVICE inline T silu_grad_of(T z) {
   return sigmoid * (T(1) + z * (T(1) - sigmoid));
 }
 #ifdef NORMEXT_CPU_CAPABILITY
+// Cephes' expf: ln 2 in two parts (n * kLn2High is exact) and P, highest
+// power first (also common/cpu/activation_tiles.h's).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
+constexpr int kExpPolynomialTerms = 6;
+constexpr float kExpPolynomial[kExpPolynomialTerms] = {1.9875691500e-4f, 1.3981999507e-3f,
+                                                       8.3334519073e-3f, 4.1665795894e-2f,
+                                                       1.6666665459e-1f, 5.0000001201e-1f};
 // 2^n and q of x, for x in [-87.34, 88] (clamped; a NaN x gives n = 0).
 C10_ALWAYS_INLINE void exp_parts(float x, float& scale, float& q) {
   const float clamped = x < -87.34f ? -87.34f : (x > 88.0f ? 88.0f : x);
   const float finite = clamped == clamped ? clamped : 0.0f;
   // round to nearest: adding 1.5 * 2^23 leaves no fraction bits
-  const float n = (finite * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = finite - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float n = (finite * kLog2e + 12582912.0f) - 12582912.0f;
+  const float r = finite - n * kLn2High - n * kLn2Low;
+  float p = kExpPolynomial[0];
+  for (int k = 1; k < kExpPolynomialTerms; ++k) p = p * r + kExpPolynomial[k];
   q = p * r * r + r;
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   std::memcpy(&scale, &bits, sizeof scale);

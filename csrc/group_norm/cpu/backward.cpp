@@ -72,6 +72,14 @@ template <class Act, typename T, typename acc_t>
 void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* __restrict__ x,
                              acc_t* __restrict__ dz, int64_t length, acc_t mean, acc_t scale,
                              acc_t bias) {
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
+    cpu::for_each_tile_pair(dy, x, length, [&](const float* dys, const float* xs, int64_t i,
+                                               int64_t n) {
+      cpu::silu_affine_grad(dys, xs, dz + i, n, mean, scale, bias);
+    });
+  } else
+#endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     cpu::for_each_tile_pair(dy, x, length, [&](const float* dys, const float* xs, int64_t i,
                                                int64_t n) {
@@ -115,6 +123,14 @@ void pre_activation_grad_row(const Act act, const T* __restrict__ dy, const T* _
                              acc_t* __restrict__ dz, int64_t channels,
                              const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                              const acc_t* __restrict__ bias) {
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
+    cpu::for_each_tile_pair(dy, x, channels, [&](const float* dys, const float* xs, int64_t c0,
+                                                 int64_t n) {
+      cpu::silu_affine_grad(dys, xs, dz + c0, n, mean + c0, scale + c0, bias + c0);
+    });
+  } else
+#endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     cpu::for_each_tile_pair(dy, x, channels, [&](const float* dys, const float* xs, int64_t c0,
                                                  int64_t n) {

@@ -29,6 +29,13 @@ void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, in
     return cpu::plain_normalize_run(x, y, length, mean, scale, bias);
   } else
 #endif
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
+    return cpu::for_each_tile(x, y, length, [&](const float* xs, float* ys, int64_t, int64_t n) {
+      cpu::silu_affine(xs, ys, n, mean, scale, bias);
+    });
+  } else
+#endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     return cpu::for_each_tile(x, y, length, [&](const float* xs, float* ys, int64_t, int64_t n) {
       normalize_run(act, xs, ys, n, mean, scale, bias);
@@ -49,6 +56,14 @@ void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, in
 #if defined(NORMEXT_VECTORS16)
   if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_rows<1>(x, y, channels, mean, scale, bias);
+  } else
+#endif
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
+    return cpu::for_each_tile(x, y, channels, [&](const float* xs, float* ys, int64_t c0,
+                                                  int64_t n) {
+      cpu::silu_affine(xs, ys, n, mean + c0, scale + c0, bias + c0);
+    });
   } else
 #endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {

@@ -21,6 +21,7 @@
 #include "common/cpu/normalize16.h"
 #include "common/cpu/reduce.h"
 #include "common/cpu/run_shift.h"
+#include "common/cpu/vector_silu.h"
 #include "common/math.h"
 
 namespace normext::group_norm::NORMEXT_CPU_CAPABILITY {

@@ -1,0 +1,96 @@
+// SiLU after a norm's affine on AVX-512, written with intrinsics: y =
+// silu((x - mean) * scale + bias) and its input gradient dy * silu'(z). Its
+// exp through scalef needs no clamping of the exponent, no exponent bits and
+// no selects: about two thirds of the instructions of activation.h's
+// formulas as GCC vectorizes them, which bound these loops (A/B in one
+// process: benchmarks/RESULTS.md). Other CPUs run activation.h's SiluFn in
+// the loops. Compiled per capability (capability.h).
+#pragma once
+
+#include "common/cpu/capability.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#define NORMEXT_VECTOR_SILU 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "common/activation.h"
+
+namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
+namespace vector_silu {
+
+namespace exp_constants = normext::NORMEXT_CPU_CAPABILITY;
+
+// exp(x) = 2^n (1 + q), n = round(x / ln 2), q of r = x - n ln 2 as in
+// activation.h's exp_parts; scalef applies 2^n with overflow to infinity
+// and gradual underflow. The clamp keeps r finite at x = +-inf (exp is 0 in
+// float below -104, infinite above 89); max and min return a NaN x.
+inline __m512 exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(exp_constants::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(exp_constants::kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(exp_constants::kLn2Low), r);
+  __m512 p = _mm512_set1_ps(exp_constants::kExpPolynomial[0]);
+  for (int k = 1; k < exp_constants::kExpPolynomialTerms; ++k) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_constants::kExpPolynomial[k]));
+  }
+  const __m512 q = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r);
+  return _mm512_scalef_ps(_mm512_add_ps(q, _mm512_set1_ps(1.0f)), n);
+}
+
+// A parameter's lanes at element i: a run's scalar, or a row's per-channel values.
+inline __m512 lanes(float value, int64_t, __mmask16) { return _mm512_set1_ps(value); }
+inline __m512 lanes(const float* values, int64_t i, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, values + i);
+}
+
+// fn(i, mask) over [0, n) in vectors of 16 floats, the last one partial.
+template <typename F>
+inline void for_each_vector(int64_t n, const F& fn) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) fn(i, static_cast<__mmask16>(0xFFFF));
+  if (i < n) fn(i, static_cast<__mmask16>((1u << (n - i)) - 1));
+}
+
+// z = (x - mean) * scale + bias (math.h's normalize).
+template <typename P>
+inline __m512 affine(const float* x, int64_t i, __mmask16 mask, P mean, P scale, P bias) {
+  const __m512 xmu = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + i), lanes(mean, i, mask));
+  return _mm512_fmadd_ps(xmu, lanes(scale, i, mask), lanes(bias, i, mask));
+}
+
+}  // namespace vector_silu
+
+// y = silu(z) = z / (1 + exp(-z)), torch's formula (-0 where exp(-z)
+// overflows, NaN at z = -inf), for z = (x - mean) * scale + bias; P is
+// float (a run's values) or const float* (per element, a channels-last row).
+template <typename P>
+inline void silu_affine(const float* __restrict__ x, float* __restrict__ y, int64_t n, P mean,
+                        P scale, P bias) {
+  vector_silu::for_each_vector(n, [&](int64_t i, __mmask16 mask) {
+    const __m512 z = vector_silu::affine(x, i, mask, mean, scale, bias);
+    const __m512 e = vector_silu::exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
+    _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  });
+}
+
+// dz = dy * silu'(z), silu'(z) = s (1 + z (1 - s)) with s = 1 / (1 + exp(-z)),
+// torch's formula, for z as above.
+template <typename P>
+inline void silu_affine_grad(const float* __restrict__ dy, const float* __restrict__ x,
+                             float* __restrict__ dz, int64_t n, P mean, P scale, P bias) {
+  vector_silu::for_each_vector(n, [&](int64_t i, __mmask16 mask) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 z = vector_silu::affine(x, i, mask, mean, scale, bias);
+    const __m512 e = vector_silu::exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
+    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __m512 grad = _mm512_mul_ps(s, _mm512_fmadd_ps(z, _mm512_sub_ps(one, s), one));
+    _mm512_mask_storeu_ps(dz + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, dy + i), grad));
+  });
+}
+
+}  // namespace normext::cpu::NORMEXT_CPU_CAPABILITY
+#endif
