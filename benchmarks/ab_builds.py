@@ -217,6 +217,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         "gn_act_forward": lambda: ops.group_norm_forward(x, groups, weight, bias, EPS, activation),
         "gn_backward": lambda: ops.group_norm_backward(grad, x, groups, gn_mean, gn_rstd,
                                                        weight, bias, gn_mask),
+        "gn_act_backward": lambda: ops.group_norm_backward(grad, x, groups, gn_mean, gn_rstd,
+                                                           weight, bias, gn_mask, activation),
         "gn_fwdbwd": gn_forward_backward,
         "gn_autograd_fwdbwd": gn_autograd_forward_backward,
         "ln_forward": lambda: ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False),
@@ -228,8 +230,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
        "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "act_residual_fwdbwd",
-       "gn_forward", "gn_act_forward", "gn_backward", "gn_fwdbwd", "gn_act_fwdbwd",
-       "gn_autograd_fwdbwd", "ln_forward", "ln_fwdbwd", "ln_autograd_fwdbwd")
+       "gn_forward", "gn_act_forward", "gn_backward", "gn_act_backward", "gn_fwdbwd",
+       "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_fwdbwd", "ln_autograd_fwdbwd")
 
 
 def compare(args) -> None:

@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "common/cpu/capability.h"
@@ -82,44 +81,29 @@ inline void narrow_n(const float* __restrict__ in, T* __restrict__ p, int64_t n)
 
 // fn(in, out, offset, n) over [0, length) in float tiles: in holds
 // x[offset, offset + n) widened, and what fn writes to out is narrowed into
-// y[offset, offset + n) (float: x and y themselves, a tile at a time). float16
-// takes it where its per-element conversions would bound a loop (an
-// activation's, a gradient's), and an activation applied to a whole tile
-// (activation_tiles.h).
+// y[offset, offset + n). float16 takes it where its per-element conversions
+// would bound a loop (an activation's, a gradient's).
 template <typename T, typename F>
 inline void for_each_tile(const T* x, T* y, int64_t length, const F& fn) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < length; i += kStageElements) {
-      fn(x + i, y + i, i, std::min(kStageElements, length - i));
-    }
-  } else {
-    float in[kStageElements], out[kStageElements];
-    for (int64_t i = 0; i < length; i += kStageElements) {
-      const int64_t n = std::min(kStageElements, length - i);
-      widen_n(x + i, in, n);
-      fn(static_cast<const float*>(in), out, i, n);
-      narrow_n(out, y + i, n);
-    }
+  float in[kStageElements], out[kStageElements];
+  for (int64_t i = 0; i < length; i += kStageElements) {
+    const int64_t n = std::min(kStageElements, length - i);
+    widen_n(x + i, in, n);
+    fn(static_cast<const float*>(in), out, i, n);
+    narrow_n(out, y + i, n);
   }
 }
 
 // fn(a_tile, b_tile, offset, n) over [0, length) in float tiles of two
-// inputs, a[offset, offset + n) and b[offset, offset + n) widened (float:
-// a and b themselves).
+// inputs, a[offset, offset + n) and b[offset, offset + n) widened.
 template <typename T, typename F>
 inline void for_each_tile_pair(const T* a, const T* b, int64_t length, const F& fn) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < length; i += kStageElements) {
-      fn(a + i, b + i, i, std::min(kStageElements, length - i));
-    }
-  } else {
-    float a_tile[kStageElements], b_tile[kStageElements];
-    for (int64_t i = 0; i < length; i += kStageElements) {
-      const int64_t n = std::min(kStageElements, length - i);
-      widen_n(a + i, a_tile, n);
-      widen_n(b + i, b_tile, n);
-      fn(static_cast<const float*>(a_tile), static_cast<const float*>(b_tile), i, n);
-    }
+  float a_tile[kStageElements], b_tile[kStageElements];
+  for (int64_t i = 0; i < length; i += kStageElements) {
+    const int64_t n = std::min(kStageElements, length - i);
+    widen_n(a + i, a_tile, n);
+    widen_n(b + i, b_tile, n);
+    fn(static_cast<const float*>(a_tile), static_cast<const float*>(b_tile), i, n);
   }
 }
 

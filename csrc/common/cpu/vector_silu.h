@@ -7,13 +7,15 @@
 #pragma once
 
 #include "common/cpu/capability.h"
+#include "common/cpu/vec16.h"
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) && defined(NORMEXT_VECTORS16)
 #define NORMEXT_VECTOR_SILU 1
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/activation.h"
 
@@ -40,54 +42,72 @@ inline __m512 exp(__m512 x) {
   return _mm512_scalef_ps(_mm512_add_ps(q, _mm512_set1_ps(1.0f)), n);
 }
 
-// A parameter's lanes at element i: a run's scalar, or a row's per-channel values.
-inline __m512 lanes(float value, int64_t, __mmask16) { return _mm512_set1_ps(value); }
-inline __m512 lanes(const float* values, int64_t i, __mmask16 mask) {
-  return _mm512_maskz_loadu_ps(mask, values + i);
+// The first n (<= 16) elements at p as floats (16-bit types converted, vec16.h),
+// and v's first n lanes stored at p: plain loads and stores for whole vectors.
+template <typename T>
+inline __m512 load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_floats(p, n);
+  } else {
+    return n == kVectorLanes ? load_vector(p) : load_vector(p, n);
+  }
+}
+inline void store(float* p, __m512 v, int64_t n) {
+  if (n == kVectorLanes) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, first_lanes(n), v);
+  }
 }
 
-// fn(i, mask) over [0, n) in vectors of 16 floats, the last one partial.
+// A parameter's lanes at element i: a run's scalar, or a row's per-channel values.
+inline __m512 lanes(float value, int64_t, int64_t) { return _mm512_set1_ps(value); }
+inline __m512 lanes(const float* values, int64_t i, int64_t n) { return load(values + i, n); }
+
+// fn(i, n) over [0, length) in vectors of n = 16 floats, the last one partial.
 template <typename F>
-inline void for_each_vector(int64_t n, const F& fn) {
+inline void for_each_vector(int64_t length, const F& fn) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) fn(i, static_cast<__mmask16>(0xFFFF));
-  if (i < n) fn(i, static_cast<__mmask16>((1u << (n - i)) - 1));
+  for (; i + kVectorLanes <= length; i += kVectorLanes) fn(i, kVectorLanes);
+  if (i < length) fn(i, length - i);
 }
 
 // z = (x - mean) * scale + bias (math.h's normalize).
-template <typename P>
-inline __m512 affine(const float* x, int64_t i, __mmask16 mask, P mean, P scale, P bias) {
-  const __m512 xmu = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + i), lanes(mean, i, mask));
-  return _mm512_fmadd_ps(xmu, lanes(scale, i, mask), lanes(bias, i, mask));
+template <typename T, typename P>
+inline __m512 affine(const T* x, int64_t i, int64_t n, P mean, P scale, P bias) {
+  const __m512 xmu = _mm512_sub_ps(load(x + i, n), lanes(mean, i, n));
+  return _mm512_fmadd_ps(xmu, lanes(scale, i, n), lanes(bias, i, n));
 }
 
 }  // namespace vector_silu
 
 // y = silu(z) = z / (1 + exp(-z)), torch's formula (-0 where exp(-z)
-// overflows, NaN at z = -inf), for z = (x - mean) * scale + bias; P is
-// float (a run's values) or const float* (per element, a channels-last row).
+// overflows, NaN at z = -inf), for z = (x - mean) * scale + bias: P is float
+// (a run's values) or const float* (per element, a channels-last row).
+// 16-bit outputs go through float tiles (loops.h: for_each_tile), which
+// were faster than converting in this loop (A/B, benchmarks/RESULTS.md).
 template <typename P>
-inline void silu_affine(const float* __restrict__ x, float* __restrict__ y, int64_t n, P mean,
-                        P scale, P bias) {
-  vector_silu::for_each_vector(n, [&](int64_t i, __mmask16 mask) {
-    const __m512 z = vector_silu::affine(x, i, mask, mean, scale, bias);
+inline void silu_affine(const float* __restrict__ x, float* __restrict__ y, int64_t length,
+                        P mean, P scale, P bias) {
+  vector_silu::for_each_vector(length, [&](int64_t i, int64_t n) {
+    const __m512 z = vector_silu::affine(x, i, n, mean, scale, bias);
     const __m512 e = vector_silu::exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
-    _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    vector_silu::store(y + i, _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), n);
   });
 }
 
 // dz = dy * silu'(z), silu'(z) = s (1 + z (1 - s)) with s = 1 / (1 + exp(-z)),
-// torch's formula, for z as above.
-template <typename P>
-inline void silu_affine_grad(const float* __restrict__ dy, const float* __restrict__ x,
-                             float* __restrict__ dz, int64_t n, P mean, P scale, P bias) {
-  vector_silu::for_each_vector(n, [&](int64_t i, __mmask16 mask) {
+// torch's formula, for z as above; dy and x float or 16-bit, converted here.
+template <typename T, typename P>
+inline void silu_affine_grad(const T* __restrict__ dy, const T* __restrict__ x,
+                             float* __restrict__ dz, int64_t length, P mean, P scale, P bias) {
+  vector_silu::for_each_vector(length, [&](int64_t i, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 z = vector_silu::affine(x, i, mask, mean, scale, bias);
+    const __m512 z = vector_silu::affine(x, i, n, mean, scale, bias);
     const __m512 e = vector_silu::exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
     const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
     const __m512 grad = _mm512_mul_ps(s, _mm512_fmadd_ps(z, _mm512_sub_ps(one, s), one));
-    _mm512_mask_storeu_ps(dz + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, dy + i), grad));
+    vector_silu::store(dz + i, _mm512_mul_ps(vector_silu::load(dy + i, n), grad), n);
   });
 }
 

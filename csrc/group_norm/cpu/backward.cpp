@@ -74,10 +74,7 @@ void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* _
                              acc_t bias) {
 #if defined(NORMEXT_VECTOR_SILU)
   if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
-    cpu::for_each_tile_pair(dy, x, length, [&](const float* dys, const float* xs, int64_t i,
-                                               int64_t n) {
-      cpu::silu_affine_grad(dys, xs, dz + i, n, mean, scale, bias);
-    });
+    cpu::silu_affine_grad(dy, x, dz, length, mean, scale, bias);
   } else
 #endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
@@ -125,10 +122,7 @@ void pre_activation_grad_row(const Act act, const T* __restrict__ dy, const T* _
                              const acc_t* __restrict__ bias) {
 #if defined(NORMEXT_VECTOR_SILU)
   if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
-    cpu::for_each_tile_pair(dy, x, channels, [&](const float* dys, const float* xs, int64_t c0,
-                                                 int64_t n) {
-      cpu::silu_affine_grad(dys, xs, dz + c0, n, mean + c0, scale + c0, bias + c0);
-    });
+    cpu::silu_affine_grad(dy, x, dz, channels, mean, scale, bias);
   } else
 #endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {

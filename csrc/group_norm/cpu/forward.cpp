@@ -31,9 +31,15 @@ void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, in
 #endif
 #if defined(NORMEXT_VECTOR_SILU)
   if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
-    return cpu::for_each_tile(x, y, length, [&](const float* xs, float* ys, int64_t, int64_t n) {
-      cpu::silu_affine(xs, ys, n, mean, scale, bias);
-    });
+    // 16-bit data through float tiles: faster than converting in its loop (A/B)
+    if constexpr (std::is_same_v<T, float>) {
+      return cpu::silu_affine(x, y, length, mean, scale, bias);
+    } else {
+      return cpu::for_each_tile(x, y, length, [&](const float* xs, float* ys, int64_t,
+                                                  int64_t n) {
+        cpu::silu_affine(xs, ys, n, mean, scale, bias);
+      });
+    }
   } else
 #endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
@@ -60,10 +66,14 @@ void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, in
 #endif
 #if defined(NORMEXT_VECTOR_SILU)
   if constexpr (std::is_same_v<Act, cpu::SiluFn<float>>) {
-    return cpu::for_each_tile(x, y, channels, [&](const float* xs, float* ys, int64_t c0,
-                                                  int64_t n) {
-      cpu::silu_affine(xs, ys, n, mean + c0, scale + c0, bias + c0);
-    });
+    if constexpr (std::is_same_v<T, float>) {
+      return cpu::silu_affine(x, y, channels, mean, scale, bias);
+    } else {
+      return cpu::for_each_tile(x, y, channels, [&](const float* xs, float* ys, int64_t c0,
+                                                    int64_t n) {
+        cpu::silu_affine(xs, ys, n, mean + c0, scale + c0, bias + c0);
+      });
+    }
   } else
 #endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
