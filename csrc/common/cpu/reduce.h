@@ -157,9 +157,12 @@ namespace detail {
 template <typename acc_t>
 inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
   for (int q = 0; q < kTerms; ++q) {
-    double sums[kLanes];
-    for (int k = 0; k < kLanes; ++k) sums[k] = lanes[q][k];
-    for (int width = kLanes / 2; width > 0; width /= 2) {
+    double sums[kLanes / 2];
+#pragma omp simd
+    for (int k = 0; k < kLanes / 2; ++k) {
+      sums[k] = static_cast<double>(lanes[q][k]) + static_cast<double>(lanes[q][k + kLanes / 2]);
+    }
+    for (int width = kLanes / 4; width > 0; width /= 2) {
       for (int k = 0; k < width; ++k) sums[k] += sums[k + width];
     }
     partial[q] = sums[0];
