@@ -16,6 +16,11 @@ namespace {
 template <bool kResidual, class Act, typename scalar_t, typename acc_t>
 void normalize_run(const Act act, const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
                    scalar_t* __restrict__ y, int64_t length, acc_t mean, acc_t scale, acc_t bias) {
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>> && std::is_same_v<scalar_t, float>) {
+    return cpu::silu_affine(x, kResidual ? r : nullptr, y, length, mean, scale, bias);
+  }
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < length; ++i) {
     acc_t z = normalize(static_cast<acc_t>(x[i]), mean, scale, bias);
@@ -30,6 +35,15 @@ void normalize_rows(const Act act, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ r, scalar_t* __restrict__ y, int64_t channels,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                     const acc_t* __restrict__ bias) {
+#if defined(NORMEXT_VECTOR_SILU)
+  if constexpr (std::is_same_v<Act, cpu::SiluFn<float>> && std::is_same_v<scalar_t, float>) {
+    for (int k = 0; k < Rows; ++k) {
+      const int64_t i = k * channels;
+      cpu::silu_affine(x + i, kResidual ? r + i : nullptr, y + i, channels, mean, scale, bias);
+    }
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     for (int k = 0; k < Rows; ++k) {

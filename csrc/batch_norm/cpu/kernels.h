@@ -22,6 +22,7 @@
 #include "common/cpu/loops.h"
 #include "common/cpu/normalize16.h"
 #include "common/cpu/reduce.h"
+#include "common/cpu/vector_silu.h"
 
 namespace normext::batch_norm::NORMEXT_CPU_CAPABILITY {
 

@@ -1,5 +1,6 @@
 // SiLU after a norm's affine on AVX-512, written with intrinsics: y =
-// silu((x - mean) * scale + bias) and its input gradient dy * silu'(z). Its
+// silu((x - mean) * scale + bias) and its input gradient dy * silu'(z)
+// (GroupNorm's; a fused batch norm's forward). Its
 // exp through scalef needs no exponent bits and no selects, fewer
 // instructions than GCC makes of activation.h's formulas, which bound these
 // loops (the A/B in one process: benchmarks/RESULTS.md). Other CPUs run
@@ -82,18 +83,25 @@ inline __m512 affine(const T* x, int64_t i, int64_t n, P mean, P scale, P bias) 
 }  // namespace vector_silu
 
 // y = silu(z) = z / (1 + exp(-z)), torch's formula (-0 where exp(-z)
-// overflows, NaN at z = -inf), for z = (x - mean) * scale + bias: P is float
-// (a run's values) or const float* (per element, a channels-last row).
-// 16-bit outputs go through float tiles (loops.h: for_each_tile), which
-// were faster than converting in this loop (A/B, benchmarks/RESULTS.md).
+// overflows, NaN at z = -inf), for z = (x - mean) * scale + bias (+ the
+// residual r, where given: a fused batch norm's); P is float (a run's
+// values) or const float* (per element, a channels-last row). 16-bit data
+// go through float tiles (loops.h: for_each_tile), which were faster than
+// converting in this loop (A/B, benchmarks/RESULTS.md).
 template <typename P>
-inline void silu_affine(const float* __restrict__ x, float* __restrict__ y, int64_t length,
-                        P mean, P scale, P bias) {
+inline void silu_affine(const float* __restrict__ x, const float* __restrict__ r,
+                        float* __restrict__ y, int64_t length, P mean, P scale, P bias) {
   vector_silu::for_each_vector(length, [&](int64_t i, int64_t n) {
-    const __m512 z = vector_silu::affine(x, i, n, mean, scale, bias);
+    __m512 z = vector_silu::affine(x, i, n, mean, scale, bias);
+    if (r) z = _mm512_add_ps(z, vector_silu::load(r + i, n));
     const __m512 e = vector_silu::exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
     vector_silu::store(y + i, _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), n);
   });
+}
+template <typename P>
+inline void silu_affine(const float* __restrict__ x, float* __restrict__ y, int64_t length,
+                        P mean, P scale, P bias) {
+  silu_affine(x, static_cast<const float*>(nullptr), y, length, mean, scale, bias);
 }
 
 // dz = dy * silu'(z), silu'(z) = s (1 + z (1 - s)) with s = 1 / (1 + exp(-z)),
