@@ -79,7 +79,7 @@ C10_HOST_DEVICE inline T silu_grad_of(T z) {
 }
 #ifdef NORMEXT_CPU_CAPABILITY
 // Cephes' expf: ln 2 in two parts (n * kLn2High is exact) and P, highest
-// power first (also common/cpu/activation_tiles.h's).
+// power first (also common/cpu/vector_silu.h's).
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2High = 0.693359375f;
 constexpr float kLn2Low = -2.12194440e-4f;

@@ -18,14 +18,16 @@ void normalize_run(const Act act, const scalar_t* __restrict__ x, const scalar_t
                    scalar_t* __restrict__ y, int64_t length, acc_t mean, acc_t scale, acc_t bias) {
 #if defined(NORMEXT_VECTOR_SILU)
   if constexpr (std::is_same_v<Act, cpu::SiluFn<float>> && std::is_same_v<scalar_t, float>) {
-    return cpu::silu_affine(x, kResidual ? r : nullptr, y, length, mean, scale, bias);
-  }
+    cpu::silu_affine(x, kResidual ? r : nullptr, y, length, mean, scale, bias);
+  } else
 #endif
+  {
 #pragma omp simd
-  for (int64_t i = 0; i < length; ++i) {
-    acc_t z = normalize(static_cast<acc_t>(x[i]), mean, scale, bias);
-    if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
-    cpu::store(y, i, act(z));
+    for (int64_t i = 0; i < length; ++i) {
+      acc_t z = normalize(static_cast<acc_t>(x[i]), mean, scale, bias);
+      if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
+      cpu::store(y, i, act(z));
+    }
   }
 }
 
@@ -41,16 +43,17 @@ void normalize_rows(const Act act, const scalar_t* __restrict__ x,
       const int64_t i = k * channels;
       cpu::silu_affine(x + i, kResidual ? r + i : nullptr, y + i, channels, mean, scale, bias);
     }
-    return;
-  }
+  } else
 #endif
+  {
 #pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int k = 0; k < Rows; ++k) {
-      const int64_t i = k * channels + c;
-      acc_t z = normalize(static_cast<acc_t>(x[i]), mean[c], scale[c], bias[c]);
-      if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
-      cpu::store(y, i, act(z));
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int k = 0; k < Rows; ++k) {
+        const int64_t i = k * channels + c;
+        acc_t z = normalize(static_cast<acc_t>(x[i]), mean[c], scale[c], bias[c]);
+        if constexpr (kResidual) z += static_cast<acc_t>(r[i]);
+        cpu::store(y, i, act(z));
+      }
     }
   }
 }

@@ -1,10 +1,10 @@
 // SiLU after a norm's affine on AVX-512, written with intrinsics: y =
 // silu((x - mean) * scale + bias) and its input gradient dy * silu'(z)
-// (GroupNorm's; a fused batch norm's forward). Its
-// exp through scalef needs no exponent bits and no selects, fewer
-// instructions than GCC makes of activation.h's formulas, which bound these
-// loops (the A/B in one process: benchmarks/RESULTS.md). Other CPUs run
-// activation.h's SiluFn in the loops. Compiled per capability (capability.h).
+// (GroupNorm's; a fused batch norm's forward). Its exp through scalef needs
+// no exponent bits and no selects, fewer instructions than GCC makes of
+// activation.h's formulas, which bound these loops (the A/B in one process:
+// benchmarks/RESULTS.md). Other CPUs run activation.h's SiluFn in the
+// loops. Compiled per capability (capability.h).
 #pragma once
 
 #include "common/cpu/capability.h"
