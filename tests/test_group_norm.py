@@ -512,22 +512,29 @@ def test_group_norm_act_channels_last_backward_both_ways(shape, dtype):
 def test_group_norm_silu_at_edges_matches_torch(dtype, layout):
     """GroupNorm + SiLU where SiLU's exp overflows or underflows, at the
     infinities and NaN: a zero weight makes the activation's input the bias,
-    one edge value per channel. torch's output, bias and weight gradients
-    (0, -0, NaN and inf where torch has them), over runs of 35 and rows of
-    17 channels, which end in a partial vector (common/cpu/vector_silu.h)."""
+    one edge value per channel. torch's output, bias and weight gradients in
+    float32 from the same inputs (0, -0, NaN and inf where torch has them),
+    over runs of 35 and rows of 17 channels, which end in a partial vector
+    (common/cpu/vector_silu.h)."""
     bias = torch.tensor(SMOOTH_EDGE_VALUES, dtype=dtype)
     channels = bias.numel()
     x = _in_layout(torch.randn(2, channels, 5, 7, dtype=dtype), layout)
     dy = torch.randn_like(x)
     results = []
-    for fn in (lambda *a: F.silu(F.group_norm(*a)), lambda *a: NF.group_norm_act(*a, "silu")):
-        weight = torch.zeros(channels, dtype=dtype, requires_grad=True)
-        b = bias.clone().requires_grad_()
-        y = fn(x, channels, weight, b, 1e-5)
-        results.append((y, *torch.autograd.grad(y, (weight, b), dy)))
+    # torch's reference from contiguous data: torch 2.11's channels-last
+    # GroupNorm backward crashes on these values (a segfault; fixed by 2.14)
+    for fn, inputs in (
+            (lambda *a: F.silu(F.group_norm(*a)),
+             (x.float().contiguous(), dy.float().contiguous(), bias.float())),
+            (lambda *a: NF.group_norm_act(*a, "silu"), (x, dy, bias))):
+        weight = torch.zeros(channels, dtype=inputs[2].dtype, requires_grad=True)
+        b = inputs[2].clone().requires_grad_()
+        y = fn(inputs[0], channels, weight, b, 1e-5)
+        results.append((y, *torch.autograd.grad(y, (weight, b), inputs[1])))
     # atol: the bias gradient adds 70 values near 1e-37, where the other CPU variants
     # clamp exp's argument (activation.h: exp_parts)
-    for got, want in zip(*results):
+    for want, got in zip(*results):
+        got = got.float()
         torch.testing.assert_close(got, want, atol=1e-34, rtol=EDGE_RTOL[dtype] * 8,
                                    equal_nan=True)
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
