@@ -223,51 +223,10 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 #if defined(NORMEXT_VECTORS16)
 // float16 and bfloat16 through whole vectors (common/cpu/normalize16.h): the
 // plain passes over these types take them (fused passes take the loops above).
+using cpu::plain_grad_input_rows;
+using cpu::plain_grad_input_run;
 using cpu::plain_normalize_rows;
 using cpu::plain_normalize_run;
-using Vec = cpu::FloatVector;
-constexpr int kLanes = cpu::kVectorLanes;
-
-template <typename T, typename acc_t>
-void plain_grad_input_run(const T* dy, const T* x, T* dx, int64_t length, acc_t mean,
-                          const GradInputCoefficients<acc_t> k) {
-  const Vec m = cpu::splat(mean);
-  const GradInputCoefficients<Vec> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
-                                      cpu::splat(k.shift)};
-  int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
-    cpu::store_vector(dx + i,
-                      grad_input(cpu::load_vector(dy + i), cpu::load_vector(x + i), m, kv));
-  }
-  if (const int64_t n = length - i) {
-    cpu::store_vector(
-        dx + i, grad_input(cpu::load_vector(dy + i, n), cpu::load_vector(x + i, n), m, kv), n);
-  }
-}
-
-template <int Rows, typename T>
-void plain_grad_input_rows(const T* dy, const T* x, T* dx, int64_t channels,
-                           const float* mean, const float* dy_scale, const float* xmu_scale,
-                           const float* shift) {
-  for (int64_t c = 0; c < channels; c += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, channels - c);
-    const bool whole = n == kLanes;
-    const Vec m = cpu::load_floats(mean + c, n);
-    const GradInputCoefficients<Vec> kv{cpu::load_floats(dy_scale + c, n),
-                                        cpu::load_floats(xmu_scale + c, n),
-                                        cpu::load_floats(shift + c, n)};
-    for (int row = 0; row < Rows; ++row) {
-      const int64_t i = row * channels + c;
-      if (whole) {
-        cpu::store_vector(dx + i, grad_input(cpu::load_vector(dy + i),
-                                             cpu::load_vector(x + i), m, kv));
-      } else {
-        cpu::store_vector(dx + i, grad_input(cpu::load_vector(dy + i, n),
-                                             cpu::load_vector(x + i, n), m, kv), n);
-      }
-    }
-  }
-}
 #endif
 
 }  // namespace

@@ -1,6 +1,8 @@
 // The CPU variant torch's own kernels run, among those compiled (dispatch.h).
 #include <ATen/Version.h>
 
+#include <cstdlib>
+
 #include "common/cpu/dispatch.h"
 
 namespace normext::cpu {
@@ -23,7 +25,18 @@ Variant choose_variant() {
 #endif
 }
 
+bool cpu_converts_bfloat16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* env = std::getenv("NORMEXT_AVX512_BF16");
+  return __builtin_cpu_supports("avx512bf16") && !(env && std::string(env) == "0");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+const bool converts_bfloat16 = cpu_converts_bfloat16();
 
 Variant selected_variant() {
   static const Variant variant = choose_variant();

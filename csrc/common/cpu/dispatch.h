@@ -23,6 +23,10 @@ std::string capability();
 // The variants compiled, best last.
 std::vector<std::string> capabilities();
 
+// Whether the AVX-512 kernels narrow float to bfloat16 with AVX512_BF16's
+// instruction (vec16.h): the CPU has it and NORMEXT_AVX512_BF16 is not "0".
+extern const bool converts_bfloat16;
+
 // Whether a call must take the baseline variant's kernels whatever the
 // machine: float64 through an activation, which only that variant compiles
 // (common/activation.h: kActivationsFor).

@@ -2,7 +2,8 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Batch norm's plain passes and group norm's float16 output take them.
+// Rows rows. Batch norm's plain passes and the group and layer norms' 16-bit
+// passes without an activation take them.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -36,6 +37,36 @@ void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float sca
   }
 }
 
+// y = (x - mean) * (rstd * weight[i]) + bias[i] over a row of features (a
+// layer norm's affine, the scale's product as its scalar loop forms it).
+template <typename T>
+void plain_normalize_features(const T* x, T* y, int64_t length, float mean, float rstd,
+                              const float* weight, const float* bias) {
+  using math::NORMEXT_CPU_CAPABILITY::normalize;
+  const FloatVector m = splat(mean), r = splat(rstd);
+  int64_t i = 0;
+  for (; i + kVectorLanes <= length; i += kVectorLanes) {
+    const FloatVector s = r * load_floats(weight + i, kVectorLanes);
+    store_vector(y + i, normalize(load_vector(x + i), m, s, load_floats(bias + i, kVectorLanes)));
+  }
+  if (const int64_t n = length - i) {
+    const FloatVector s = r * load_floats(weight + i, n);
+    store_vector(y + i, normalize(load_vector(x + i, n), m, s, load_floats(bias + i, n)), n);
+  }
+}
+
+// sum = a + b, rounded to T.
+template <typename T>
+void plain_add(const T* a, const T* b, T* sum, int64_t length) {
+  int64_t i = 0;
+  for (; i + kVectorLanes <= length; i += kVectorLanes) {
+    store_vector(sum + i, load_vector(a + i) + load_vector(b + i));
+  }
+  if (const int64_t n = length - i) {
+    store_vector(sum + i, load_vector(a + i, n) + load_vector(b + i, n), n);
+  }
+}
+
 // The same over Rows consecutive rows of `channels` values, per-channel coefficients.
 template <int Rows, typename T>
 void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
@@ -52,6 +83,47 @@ void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
         store_vector(y + i, normalize(load_vector(x + i), m, s, b));
       } else {
         store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n);
+      }
+    }
+  }
+}
+
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift over a run of one
+// channel's (or group's) values; dy of x's type or float (a dz buffer).
+template <typename TDy, typename T, typename acc_t>
+void plain_grad_input_run(const TDy* dy, const T* x, T* dx, int64_t length, acc_t mean,
+                          const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<acc_t> k) {
+  using math::NORMEXT_CPU_CAPABILITY::grad_input;
+  const FloatVector m = splat(mean);
+  const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
+      splat(k.dy_scale), splat(k.xmu_scale), splat(k.shift)};
+  int64_t i = 0;
+  for (; i + kVectorLanes <= length; i += kVectorLanes) {
+    store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv));
+  }
+  if (const int64_t n = length - i) {
+    store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n);
+  }
+}
+
+// The same over Rows consecutive rows of `channels` values, per-channel coefficients.
+template <int Rows, typename TDy, typename T>
+void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
+                           const float* mean, const float* dy_scale, const float* xmu_scale,
+                           const float* shift) {
+  using math::NORMEXT_CPU_CAPABILITY::grad_input;
+  for (int64_t c = 0; c < channels; c += kVectorLanes) {
+    const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
+    const bool whole = n == kVectorLanes;
+    const FloatVector m = load_floats(mean + c, n);
+    const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
+        load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n), load_floats(shift + c, n)};
+    for (int row = 0; row < Rows; ++row) {
+      const int64_t i = row * channels + c;
+      if (whole) {
+        store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv));
+      } else {
+        store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n);
       }
     }
   }

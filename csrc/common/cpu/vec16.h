@@ -20,6 +20,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+namespace normext::cpu {
+// Whether the CPU narrows float to bfloat16 with AVX512_BF16 (dispatch.cpp).
+extern const bool converts_bfloat16;
+}  // namespace normext::cpu
+
 namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 
 // A float's bits and back.
@@ -96,7 +101,20 @@ inline __m512 from_bits(__m256i bits, c10::BFloat16) {
   at::vec::cvtbf16_fp32(bits, v);
   return v;
 }
-inline __m256i to_bits(__m512 v, c10::BFloat16) { return at::vec::cvtfp32_bf16(v); }
+// AVX512_BF16's vcvtneps2bf16 where the CPU has it (dispatch.h:
+// converts_bfloat16) rounds as torch does except NaN (it keeps the payload)
+// and subnormals (it flushes them to zero): vectors holding either take
+// at::vec's conversion. Inline assembly, so that no other code of this
+// variant needs AVX512_BF16.
+inline __m256i to_bits(__m512 v, c10::BFloat16) {
+  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, subnormal, signalling NaN
+  if (converts_bfloat16 && _mm512_fpclass_ps_mask(v, kNanOrSubnormal) == 0) {
+    __m256i bits;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(v));
+    return bits;
+  }
+  return at::vec::cvtfp32_bf16(v);
+}
 inline __m256i load_bits(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline void store_bits(void* p, __m256i bits) { _mm256_storeu_si256(static_cast<__m256i*>(p), bits); }
 #elif (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)) && defined(__F16C__) && \
@@ -138,6 +156,12 @@ template <typename T>
 inline void store_vector(T* p, FloatVector v) {
   store_bits(p, to_bits(v, T{}));
 }
+// float (a dz buffer) as loops over either read it.
+inline FloatVector load_vector(const float* p) {
+  FloatVector v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // The first n (<= kVectorLanes) values at p as a vector, the other lanes 0;
 // and the first n lanes of v stored at p. Masked loads and stores where
@@ -157,6 +181,10 @@ inline void store_vector(T* p, __m512 v, int64_t n) {
 inline __m512 load_floats(const float* p, int64_t n) {
   if (n == kVectorLanes) return _mm512_loadu_ps(p);
   return _mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+inline void store_floats(float* p, __m512 v, int64_t n) {
+  if (n == kVectorLanes) return _mm512_storeu_ps(p, v);
+  _mm512_mask_storeu_ps(p, first_lanes(n), v);
 }
 #else
 template <typename T>
@@ -180,6 +208,9 @@ inline FloatVector load_floats(const float* p, int64_t n) {
   }
   return v;
 }
+inline void store_floats(float* p, FloatVector v, int64_t n) {
+  std::memcpy(p, &v, n * sizeof(float));
+}
 #endif
 #endif
 
@@ -199,6 +230,16 @@ template <>
 constexpr bool kWidensAsVector<c10::BFloat16> = true;
 #endif
 #endif
+
+#if defined(NORMEXT_VECTORS16)
+inline FloatVector load_vector(const float* p, int64_t n) { return load_floats(p, n); }
+#endif
+
+// Whether T's elementwise passes go through whole vectors (load_vector,
+// store_vector): the types of kWidensAsVector, whose narrowing is then one
+// instruction (F16C; AVX512_BF16 where the CPU has it) or at::vec's.
+template <typename T>
+constexpr bool kNarrowsAsVector = kWidensAsVector<T>;
 
 // N consecutive values as floats: whole vectors where T loads into them (N a
 // multiple of kVectorLanes), else one by one.

@@ -95,6 +95,11 @@ void pre_activation_grad_run(const Act act, const T* __restrict__ dy, const T* _
 template <typename TDz, typename T, typename acc_t>
 void grad_input_run(const TDz* __restrict__ dz, const T* __restrict__ x, T* __restrict__ dx,
                     int64_t length, acc_t mean, const cpu::GradInputCoefficients<acc_t> k) {
+#if defined(NORMEXT_VECTORS16)
+  if constexpr (cpu::kNarrowsAsVector<T>) {
+    cpu::plain_grad_input_run(dz, x, dx, length, mean, k);
+  } else
+#endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     float dz_tile[cpu::kStageElements];
     cpu::for_each_tile(x, dx, length, [&](const float* xs, float* dxs, int64_t i, int64_t n) {
@@ -148,6 +153,11 @@ void grad_input_row(const Act act, const TDy* __restrict__ dy, const T* __restri
                     const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
                     const acc_t* __restrict__ shift) {
+#if defined(NORMEXT_VECTORS16)
+  if constexpr (cpu::kNarrowsAsVector<T> && Act::kKind == Activation::kIdentity) {
+    cpu::plain_grad_input_rows<1>(dy, x, dx, channels, mean, dy_scale, xmu_scale, shift);
+  } else
+#endif
   if constexpr (std::is_same_v<T, cpu::Float16>) {
     float dy_tile[cpu::kStageElements];
     cpu::for_each_tile(x, dx, channels, [&](const float* xs, float* dxs, int64_t c0, int64_t n) {

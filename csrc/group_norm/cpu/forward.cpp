@@ -17,15 +17,16 @@ namespace {
 // vectorizes an omp simd loop over a parameterized functor (leaky_relu's
 // slope) only as a function parameter, not through a closure's reference.
 
-// y = act((x - mean) * scale + bias) over a contiguous channel run. float16
-// through whole vectors (normalize16.h) where it can, else through float
-// tiles (loops.h: for_each_tile): its scalar conversion does not vectorize;
-// bfloat16's does, as fast as at::vec's (A/B, history).
+// y = act((x - mean) * scale + bias) over a contiguous channel run. 16-bit
+// data without an activation through whole vectors (normalize16.h) where
+// they convert as vectors (vec16.h: kNarrowsAsVector); float16 through an
+// activation through float tiles (loops.h: for_each_tile): its scalar
+// conversion does not vectorize; bfloat16's does.
 template <class Act, typename T, typename acc_t>
 void normalize_run(const Act act, const T* __restrict__ x, T* __restrict__ y, int64_t length,
                    acc_t mean, acc_t scale, acc_t bias) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
+  if constexpr (cpu::kNarrowsAsVector<T> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_run(x, y, length, mean, scale, bias);
   } else
 #endif
@@ -60,7 +61,7 @@ void normalize_row(const Act act, const T* __restrict__ x, T* __restrict__ y, in
                    const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                    const acc_t* __restrict__ bias) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
+  if constexpr (cpu::kNarrowsAsVector<T> && Act::kKind == Activation::kIdentity) {
     return cpu::plain_normalize_rows<1>(x, y, channels, mean, scale, bias);
   } else
 #endif

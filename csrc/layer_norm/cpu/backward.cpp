@@ -43,6 +43,50 @@ struct RowGradSums {
   bool group_rows(int64_t) const { return false; }
 };
 
+#if defined(NORMEXT_VECTORS16)
+// rows_pass below over 16-bit rows through whole vectors (vec16.h), the same
+// terms in the same order in each lane.
+template <int kRows, bool kInput, bool kParams, typename T>
+C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, const float* w,
+                                         const float (&row_mean)[kRows],
+                                         const float (&row_rstd)[kRows],
+                                         const cpu::GradInputCoefficients<float> (&k)[kRows],
+                                         T* dx_rows, float* sum_dy_xhat, float* sum_dy,
+                                         int64_t D) {
+  using V = cpu::FloatVector;
+  cpu::GradInputCoefficients<V> kv[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    kv[i] = {cpu::splat(k[i].dy_scale), cpu::splat(k[i].xmu_scale), cpu::splat(k[i].shift)};
+  }
+  for (int64_t d = 0; d < D; d += cpu::kVectorLanes) {
+    const int64_t n = std::min<int64_t>(cpu::kVectorLanes, D - d);
+    const bool whole = n == cpu::kVectorLanes;
+    const auto load = [&](const T* p) { return whole ? cpu::load_vector(p) : cpu::load_vector(p, n); };
+    V dy_xhat = kParams ? cpu::load_floats(sum_dy_xhat + d, n) : V{};
+    V dy_sum = kParams ? cpu::load_floats(sum_dy + d, n) : V{};
+    const V wv = cpu::load_floats(w + d, n);
+    for (int i = 0; i < kRows; ++i) {
+      const V g = load(dy_rows + i * D + d);
+      const V xmu = load(x_rows + i * D + d) - row_mean[i];
+      if constexpr (kInput) {
+        const V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
+        if (whole) {
+          cpu::store_vector(dx_rows + i * D + d, dx);
+        } else {
+          cpu::store_vector(dx_rows + i * D + d, dx, n);
+        }
+      }
+      dy_xhat += g * (xmu * row_rstd[i]);
+      dy_sum += g;
+    }
+    if constexpr (kParams) {
+      cpu::store_floats(sum_dy_xhat + d, dy_xhat, n);
+      cpu::store_floats(sum_dy + d, dy_sum, n);
+    }
+  }
+}
+#endif
+
 // One pass over kRows consecutive rows in cache: their input gradient (kInput)
 // and their terms of the parameter gradients' running sums (kParams), added
 // row by row; dy and x are read once for both.
@@ -53,6 +97,12 @@ C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restr
                                  const cpu::GradInputCoefficients<acc_t> (&k)[kRows],
                                  T* __restrict__ dx_rows, acc_t* __restrict__ sum_dy_xhat,
                                  acc_t* __restrict__ sum_dy, int64_t D) {
+#if defined(NORMEXT_VECTORS16)
+  if constexpr (cpu::kNarrowsAsVector<T>) {
+    return rows_pass_vectors<kRows, kInput, kParams>(dy_rows, x_rows, w, row_mean, row_rstd, k,
+                                                     dx_rows, sum_dy_xhat, sum_dy, D);
+  }
+#endif
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     acc_t dy_xhat = kParams ? sum_dy_xhat[d] : acc_t(0), dy_sum = kParams ? sum_dy[d] : acc_t(0);

@@ -33,9 +33,16 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
       const T* __restrict__ in_row = input + r * D;
       const T* __restrict__ res_row = res + r * D;
       T* __restrict__ sum_row = s + r * D;
+#if defined(NORMEXT_VECTORS16)
+      if constexpr (cpu::kNarrowsAsVector<T>) {
+        cpu::plain_add(in_row, res_row, sum_row, D);
+      } else
+#endif
+      {
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
         cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
+      }
       }
     }
     double m = 0, m2;  // rms: m2 is the sum of squares
@@ -51,6 +58,12 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
     mean[r] = row_mean;
     rstd[r] = row_rstd;
     T* out = y + r * D;
+#if defined(NORMEXT_VECTORS16)
+    if constexpr (cpu::kNarrowsAsVector<T>) {
+      cpu::plain_normalize_features(row, out, D, row_mean, row_rstd, w.data(), b.data());
+      return;
+    }
+#endif
     if (affine) {
       const acc_t* __restrict__ wp = w.data();
       const acc_t* __restrict__ bp = b.data();

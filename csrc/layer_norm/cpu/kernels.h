@@ -13,6 +13,7 @@
 
 #include "common/cpu/capability.h"
 #include "common/cpu/loops.h"
+#include "common/cpu/normalize16.h"
 #include "common/cpu/reduce.h"
 #include "common/cpu/run_shift.h"
 #include "common/math.h"
