@@ -154,7 +154,7 @@ void grad_input_row(const Act act, const TDy* __restrict__ dy, const T* __restri
                     const acc_t* __restrict__ dy_scale, const acc_t* __restrict__ xmu_scale,
                     const acc_t* __restrict__ shift) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (cpu::kNarrowsAsVector<T> && Act::kKind == Activation::kIdentity) {
+  if constexpr (std::is_same_v<T, cpu::Float16> && Act::kKind == Activation::kIdentity) {
     cpu::plain_grad_input_rows<1>(dy, x, dx, channels, mean, dy_scale, xmu_scale, shift);
   } else
 #endif

@@ -28,7 +28,8 @@ struct RowGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
-  static constexpr bool kLaneTerms = false;
+  // float16 and bfloat16 (on AVX-512) widen as whole vectors (vec16.h).
+  static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
 
   const T* dy;
   const T* x;
@@ -36,9 +37,26 @@ struct RowGradSums {
   const acc_t* mean;    // per row
   int64_t features;
 
+  void element_terms(int64_t r, acc_t dy_value, acc_t x_value, acc_t w, acc_t& g,
+                     acc_t& g_xmu) const {
+    g = dy_value * w;
+    g_xmu = g * (x_value - mean[r]);
+  }
   void terms(int64_t r, int64_t offset, acc_t& g, acc_t& g_xmu) const {
-    g = static_cast<acc_t>(dy[offset]) * weight[offset - r * features];
-    g_xmu = g * (static_cast<acc_t>(x[offset]) - mean[r]);
+    element_terms(r, static_cast<acc_t>(dy[offset]), static_cast<acc_t>(x[offset]),
+                  weight[offset - r * features], g, g_xmu);
+  }
+  template <int kGroupStep>  // 0: a row's elements (group_rows is false)
+  void lane_terms(int64_t r, int64_t offset, acc_t (&g)[cpu::kLanes],
+                  acc_t (&g_xmu)[cpu::kLanes]) const {
+    acc_t dy_values[cpu::kLanes], x_values[cpu::kLanes];
+    cpu::widen(dy + offset, dy_values);
+    cpu::widen(x + offset, x_values);
+    const acc_t* w = weight + (offset - r * features);
+#pragma omp simd
+    for (int k = 0; k < cpu::kLanes; ++k) {
+      element_terms(r, dy_values[k], x_values[k], w[k], g[k], g_xmu[k]);
+    }
   }
   bool group_rows(int64_t) const { return false; }
 };
