@@ -66,13 +66,15 @@ inline void widen_n(const T* __restrict__ p, float* __restrict__ out, int64_t n)
 template <typename T>
 inline void narrow_n(const float* __restrict__ in, T* __restrict__ p, int64_t n) {
 #if defined(NORMEXT_VECTORS16)
-  int64_t i = 0;
-  for (; i + kVectorLanes <= n; i += kVectorLanes) {
-    FloatVector v;
-    std::memcpy(&v, in + i, sizeof v);
-    store_vector(p + i, v);
-  }
-  if (i < n) store_vector(p + i, load_floats(in + i, n - i), n - i);
+  with_narrowing<T>([&](auto how) {
+    int64_t i = 0;
+    for (; i + kVectorLanes <= n; i += kVectorLanes) {
+      FloatVector v;
+      std::memcpy(&v, in + i, sizeof v);
+      store_vector(p + i, v, how);
+    }
+    if (i < n) store_vector(p + i, load_floats(in + i, n - i), n - i, how);
+  });
 #else
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) store(p, k, in[k]);

@@ -26,15 +26,17 @@ static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
 template <typename T>
 void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
                          float bias) {
-  using math::NORMEXT_CPU_CAPABILITY::normalize;
-  const FloatVector m = splat(mean), s = splat(scale), b = splat(bias);
-  int64_t i = 0;
-  for (; i + kVectorLanes <= length; i += kVectorLanes) {
-    store_vector(y + i, normalize(load_vector(x + i), m, s, b));
-  }
-  if (const int64_t n = length - i) {
-    store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n);
-  }
+  with_narrowing<T>([&](auto how) {
+    using math::NORMEXT_CPU_CAPABILITY::normalize;
+    const FloatVector m = splat(mean), s = splat(scale), b = splat(bias);
+    int64_t i = 0;
+    for (; i + kVectorLanes <= length; i += kVectorLanes) {
+      store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
+    }
+    if (const int64_t n = length - i) {
+      store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n, how);
+    }
+  });
 }
 
 // y = (x - mean) * (rstd * weight[i]) + bias[i] over a row of features (a
@@ -42,50 +44,56 @@ void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float sca
 template <typename T>
 void plain_normalize_features(const T* x, T* y, int64_t length, float mean, float rstd,
                               const float* weight, const float* bias) {
-  using math::NORMEXT_CPU_CAPABILITY::normalize;
-  const FloatVector m = splat(mean), r = splat(rstd);
-  int64_t i = 0;
-  for (; i + kVectorLanes <= length; i += kVectorLanes) {
-    const FloatVector s = r * load_floats(weight + i, kVectorLanes);
-    store_vector(y + i, normalize(load_vector(x + i), m, s, load_floats(bias + i, kVectorLanes)));
-  }
-  if (const int64_t n = length - i) {
-    const FloatVector s = r * load_floats(weight + i, n);
-    store_vector(y + i, normalize(load_vector(x + i, n), m, s, load_floats(bias + i, n)), n);
-  }
+  with_narrowing<T>([&](auto how) {
+    using math::NORMEXT_CPU_CAPABILITY::normalize;
+    const FloatVector m = splat(mean), r = splat(rstd);
+    int64_t i = 0;
+    for (; i + kVectorLanes <= length; i += kVectorLanes) {
+      const FloatVector s = r * load_floats(weight + i, kVectorLanes);
+      store_vector(y + i, normalize(load_vector(x + i), m, s, load_floats(bias + i, kVectorLanes)), how);
+    }
+    if (const int64_t n = length - i) {
+      const FloatVector s = r * load_floats(weight + i, n);
+      store_vector(y + i, normalize(load_vector(x + i, n), m, s, load_floats(bias + i, n)), n, how);
+    }
+  });
 }
 
 // sum = a + b, rounded to T.
 template <typename T>
 void plain_add(const T* a, const T* b, T* sum, int64_t length) {
-  int64_t i = 0;
-  for (; i + kVectorLanes <= length; i += kVectorLanes) {
-    store_vector(sum + i, load_vector(a + i) + load_vector(b + i));
-  }
-  if (const int64_t n = length - i) {
-    store_vector(sum + i, load_vector(a + i, n) + load_vector(b + i, n), n);
-  }
+  with_narrowing<T>([&](auto how) {
+    int64_t i = 0;
+    for (; i + kVectorLanes <= length; i += kVectorLanes) {
+      store_vector(sum + i, load_vector(a + i) + load_vector(b + i), how);
+    }
+    if (const int64_t n = length - i) {
+      store_vector(sum + i, load_vector(a + i, n) + load_vector(b + i, n), n, how);
+    }
+  });
 }
 
 // The same over Rows consecutive rows of `channels` values, per-channel coefficients.
 template <int Rows, typename T>
 void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
                           const float* scale, const float* bias) {
-  using math::NORMEXT_CPU_CAPABILITY::normalize;
-  for (int64_t c = 0; c < channels; c += kVectorLanes) {
-    const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
-    const bool whole = n == kVectorLanes;
-    const FloatVector m = load_floats(mean + c, n), s = load_floats(scale + c, n),
-                      b = load_floats(bias + c, n);
-    for (int k = 0; k < Rows; ++k) {
-      const int64_t i = k * channels + c;
-      if (whole) {
-        store_vector(y + i, normalize(load_vector(x + i), m, s, b));
-      } else {
-        store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n);
+  with_narrowing<T>([&](auto how) {
+    using math::NORMEXT_CPU_CAPABILITY::normalize;
+    for (int64_t c = 0; c < channels; c += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
+      const bool whole = n == kVectorLanes;
+      const FloatVector m = load_floats(mean + c, n), s = load_floats(scale + c, n),
+                        b = load_floats(bias + c, n);
+      for (int k = 0; k < Rows; ++k) {
+        const int64_t i = k * channels + c;
+        if (whole) {
+          store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
+        } else {
+          store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n, how);
+        }
       }
     }
-  }
+  });
 }
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over a run of one
@@ -93,17 +101,19 @@ void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
 template <typename TDy, typename T, typename acc_t>
 void plain_grad_input_run(const TDy* dy, const T* x, T* dx, int64_t length, acc_t mean,
                           const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<acc_t> k) {
-  using math::NORMEXT_CPU_CAPABILITY::grad_input;
-  const FloatVector m = splat(mean);
-  const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
-      splat(k.dy_scale), splat(k.xmu_scale), splat(k.shift)};
-  int64_t i = 0;
-  for (; i + kVectorLanes <= length; i += kVectorLanes) {
-    store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv));
-  }
-  if (const int64_t n = length - i) {
-    store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n);
-  }
+  with_narrowing<T>([&](auto how) {
+    using math::NORMEXT_CPU_CAPABILITY::grad_input;
+    const FloatVector m = splat(mean);
+    const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
+        splat(k.dy_scale), splat(k.xmu_scale), splat(k.shift)};
+    int64_t i = 0;
+    for (; i + kVectorLanes <= length; i += kVectorLanes) {
+      store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
+    }
+    if (const int64_t n = length - i) {
+      store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n, how);
+    }
+  });
 }
 
 // The same over Rows consecutive rows of `channels` values, per-channel coefficients.
@@ -111,22 +121,24 @@ template <int Rows, typename TDy, typename T>
 void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
                            const float* mean, const float* dy_scale, const float* xmu_scale,
                            const float* shift) {
-  using math::NORMEXT_CPU_CAPABILITY::grad_input;
-  for (int64_t c = 0; c < channels; c += kVectorLanes) {
-    const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
-    const bool whole = n == kVectorLanes;
-    const FloatVector m = load_floats(mean + c, n);
-    const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
-        load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n), load_floats(shift + c, n)};
-    for (int row = 0; row < Rows; ++row) {
-      const int64_t i = row * channels + c;
-      if (whole) {
-        store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv));
-      } else {
-        store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n);
+  with_narrowing<T>([&](auto how) {
+    using math::NORMEXT_CPU_CAPABILITY::grad_input;
+    for (int64_t c = 0; c < channels; c += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
+      const bool whole = n == kVectorLanes;
+      const FloatVector m = load_floats(mean + c, n);
+      const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
+          load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n), load_floats(shift + c, n)};
+      for (int row = 0; row < Rows; ++row) {
+        const int64_t i = row * channels + c;
+        if (whole) {
+          store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
+        } else {
+          store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n, how);
+        }
       }
     }
-  }
+  });
 }
 #endif
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common/cpu/capability.h"
+#include "common/cpu/dispatch.h"  // converts_bfloat16
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <ATen/cpu/vec/vec.h>  // at::vec's bfloat16 conversions
@@ -19,11 +20,6 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-
-namespace normext::cpu {
-// Whether the CPU narrows float to bfloat16 with AVX512_BF16 (dispatch.cpp).
-extern const bool converts_bfloat16;
-}  // namespace normext::cpu
 
 namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 
@@ -93,7 +89,8 @@ using Bits16 = __m256i;  // the 16-bit elements of one vector
 constexpr int kVectorLanes = 16;
 inline __m512 splat(float v) { return _mm512_set1_ps(v); }
 inline __m512 from_bits(__m256i bits, Float16) { return _mm512_cvtph_ps(bits); }
-inline __m256i to_bits(__m512 v, Float16) {
+template <class How>
+inline __m256i to_bits(__m512 v, Float16, How) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m512 from_bits(__m256i bits, c10::BFloat16) {
@@ -106,9 +103,10 @@ inline __m512 from_bits(__m256i bits, c10::BFloat16) {
 // and subnormals (it flushes them to zero): vectors holding either take
 // at::vec's conversion. Inline assembly, so that no other code of this
 // variant needs AVX512_BF16.
-inline __m256i to_bits(__m512 v, c10::BFloat16) {
+template <bool kBf16Instruction>
+inline __m256i to_bits(__m512 v, c10::BFloat16, std::bool_constant<kBf16Instruction>) {
   constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, subnormal, signalling NaN
-  if (converts_bfloat16 && _mm512_fpclass_ps_mask(v, kNanOrSubnormal) == 0) {
+  if (kBf16Instruction && _mm512_fpclass_ps_mask(v, kNanOrSubnormal) == 0) {
     __m256i bits;
     asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(v));
     return bits;
@@ -125,7 +123,8 @@ using Bits16 = __m128i;
 constexpr int kVectorLanes = 8;
 inline __m256 splat(float v) { return _mm256_set1_ps(v); }
 inline __m256 from_bits(__m128i bits, Float16) { return _mm256_cvtph_ps(bits); }
-inline __m128i to_bits(__m256 v, Float16) {
+template <class How>
+inline __m128i to_bits(__m256 v, Float16, How) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m256 from_bits(__m128i bits, c10::BFloat16) {
@@ -133,7 +132,10 @@ inline __m256 from_bits(__m128i bits, c10::BFloat16) {
   at::vec::cvtbf16_fp32(bits, v);
   return v;
 }
-inline __m128i to_bits(__m256 v, c10::BFloat16) { return at::vec::cvtfp32_bf16(v); }
+template <class How>
+inline __m128i to_bits(__m256 v, c10::BFloat16, How) {
+  return at::vec::cvtfp32_bf16(v);
+}
 inline __m128i load_bits(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline void store_bits(void* p, __m128i bits) { _mm_storeu_si128(static_cast<__m128i*>(p), bits); }
 #endif
@@ -152,9 +154,9 @@ template <typename T>
 inline FloatVector load_vector(const T* p) {
   return from_bits(load_bits(p), T{});
 }
-template <typename T>
-inline void store_vector(T* p, FloatVector v) {
-  store_bits(p, to_bits(v, T{}));
+template <typename T, class How>
+inline void store_vector(T* p, FloatVector v, How how) {
+  store_bits(p, to_bits(v, T{}, how));
 }
 // float (a dz buffer) as loops over either read it.
 inline FloatVector load_vector(const float* p) {
@@ -174,9 +176,9 @@ template <typename T>
 inline __m512 load_vector(const T* p, int64_t n) {
   return from_bits(_mm256_maskz_loadu_epi16(first_lanes(n), p), T{});
 }
-template <typename T>
-inline void store_vector(T* p, __m512 v, int64_t n) {
-  _mm256_mask_storeu_epi16(p, first_lanes(n), to_bits(v, T{}));
+template <typename T, class How>
+inline void store_vector(T* p, __m512 v, int64_t n, How how) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), to_bits(v, T{}, how));
 }
 inline __m512 load_floats(const float* p, int64_t n) {
   if (n == kVectorLanes) return _mm512_loadu_ps(p);
@@ -193,10 +195,10 @@ inline FloatVector load_vector(const T* p, int64_t n) {
   std::memcpy(part, p, n * sizeof(T));
   return load_vector(part);
 }
-template <typename T>
-inline void store_vector(T* p, FloatVector v, int64_t n) {
+template <typename T, class How>
+inline void store_vector(T* p, FloatVector v, int64_t n, How how) {
   T part[kVectorLanes];
-  store_vector(part, v);
+  store_vector(part, v, how);
   std::memcpy(p, part, n * sizeof(T));
 }
 inline FloatVector load_floats(const float* p, int64_t n) {
@@ -240,6 +242,20 @@ inline FloatVector load_vector(const float* p, int64_t n) { return load_floats(p
 // instruction (F16C; AVX512_BF16 where the CPU has it) or at::vec's.
 template <typename T>
 constexpr bool kNarrowsAsVector = kWidensAsVector<T>;
+
+#if defined(NORMEXT_VECTORS16)
+// fn(how), how = std::bool_constant<whether bfloat16 takes AVX512_BF16's
+// instruction> (to_bits): the CPU is tested once per loop, not per vector.
+template <typename T, typename F>
+[[gnu::always_inline]] inline void with_narrowing(const F& fn) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (converts_bfloat16) return fn(std::true_type{});
+  }
+#endif
+  fn(std::false_type{});
+}
+#endif
 
 // N consecutive values as floats: whole vectors where T loads into them (N a
 // multiple of kVectorLanes), else one by one.

@@ -72,36 +72,38 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
                                          T* dx_rows, float* sum_dy_xhat, float* sum_dy,
                                          int64_t D) {
   using V = cpu::FloatVector;
-  cpu::GradInputCoefficients<V> kv[kRows];
-  for (int i = 0; i < kRows; ++i) {
-    kv[i] = {cpu::splat(k[i].dy_scale), cpu::splat(k[i].xmu_scale), cpu::splat(k[i].shift)};
-  }
-  for (int64_t d = 0; d < D; d += cpu::kVectorLanes) {
-    const int64_t n = std::min<int64_t>(cpu::kVectorLanes, D - d);
-    const bool whole = n == cpu::kVectorLanes;
-    const auto load = [&](const T* p) { return whole ? cpu::load_vector(p) : cpu::load_vector(p, n); };
-    V dy_xhat = kParams ? cpu::load_floats(sum_dy_xhat + d, n) : V{};
-    V dy_sum = kParams ? cpu::load_floats(sum_dy + d, n) : V{};
-    const V wv = cpu::load_floats(w + d, n);
+  cpu::with_narrowing<T>([&](auto how) {
+    cpu::GradInputCoefficients<V> kv[kRows];
     for (int i = 0; i < kRows; ++i) {
-      const V g = load(dy_rows + i * D + d);
-      const V xmu = load(x_rows + i * D + d) - row_mean[i];
-      if constexpr (kInput) {
-        const V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
-        if (whole) {
-          cpu::store_vector(dx_rows + i * D + d, dx);
-        } else {
-          cpu::store_vector(dx_rows + i * D + d, dx, n);
+      kv[i] = {cpu::splat(k[i].dy_scale), cpu::splat(k[i].xmu_scale), cpu::splat(k[i].shift)};
+    }
+    for (int64_t d = 0; d < D; d += cpu::kVectorLanes) {
+      const int64_t n = std::min<int64_t>(cpu::kVectorLanes, D - d);
+      const bool whole = n == cpu::kVectorLanes;
+      const auto load = [&](const T* p) { return whole ? cpu::load_vector(p) : cpu::load_vector(p, n); };
+      V dy_xhat = kParams ? cpu::load_floats(sum_dy_xhat + d, n) : V{};
+      V dy_sum = kParams ? cpu::load_floats(sum_dy + d, n) : V{};
+      const V wv = cpu::load_floats(w + d, n);
+      for (int i = 0; i < kRows; ++i) {
+        const V g = load(dy_rows + i * D + d);
+        const V xmu = load(x_rows + i * D + d) - row_mean[i];
+        if constexpr (kInput) {
+          const V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
+          if (whole) {
+            cpu::store_vector(dx_rows + i * D + d, dx, how);
+          } else {
+            cpu::store_vector(dx_rows + i * D + d, dx, n, how);
+          }
         }
+        dy_xhat += g * (xmu * row_rstd[i]);
+        dy_sum += g;
       }
-      dy_xhat += g * (xmu * row_rstd[i]);
-      dy_sum += g;
+      if constexpr (kParams) {
+        cpu::store_floats(sum_dy_xhat + d, dy_xhat, n);
+        cpu::store_floats(sum_dy + d, dy_sum, n);
+      }
     }
-    if constexpr (kParams) {
-      cpu::store_floats(sum_dy_xhat + d, dy_xhat, n);
-      cpu::store_floats(sum_dy + d, dy_sum, n);
-    }
-  }
+  });
 }
 #endif
 
