@@ -39,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cpu_capabilities") = normext::cpu::capabilities();
   m.def("cpu_capability", &normext::cpu::capability,
         "The CPU kernel variant this process runs (torch's choice among those compiled)");
+  m.def("cpu_bfloat16_instruction", [] { return normext::cpu::converts_bfloat16; },
+        "Whether the AVX-512 kernels narrow to bfloat16 with AVX512_BF16's instruction");
   m.def("release_cpu_output_cache", &normext::release_cpu_output_cache,
         "Frees the CPU output blocks normext keeps for reuse; returns the bytes freed");
   m.def(

@@ -1,11 +1,16 @@
-"""16-bit floats on the CPU: the vector conversions (F16C, at::vec's for
-bfloat16) and the bit arithmetic (baseline builds, tails), bit for bit
-against torch's conversions, and every float16 op against float32 arithmetic
-on the same values."""
+"""16-bit floats on the CPU: the vector conversions (F16C, AVX512_BF16's or
+at::vec's for bfloat16) and the bit arithmetic (baseline builds, tails), bit
+for bit against torch's conversions, and every float16 op against float32
+arithmetic on the same values."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import normext
 from normext import ops
 
 
@@ -138,3 +143,61 @@ def test_cpu_float16_group_norm_input_gradient_is_rounded_float32(layout, length
     dx16, dx32 = grads16[0].float(), grads32[0]
     assert grads16[0].dtype == torch.float16
     torch.testing.assert_close(dx16, dx32, rtol=2 ** -10, atol=2 ** -10 * dx32.abs().max())
+
+
+# Every op that narrows to bfloat16 through vectors, on every bfloat16 value
+# (subnormals, infinities and NaN included) scaled into and out of float's
+# subnormal range; saved to the file named by argv[1].
+_BFLOAT16_OUTPUTS = """
+import sys, torch, normext
+from normext import ops
+every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+x = torch.cat([every, every[:12]]).reshape(4, 16387)
+dy = x.flip(1) * 0.5
+w = torch.linspace(-3, 3, 16387).to(torch.bfloat16)
+b = torch.linspace(-1e-38, 1e-38, 16387).to(torch.bfloat16)
+out = {"instruction": normext.build_info()["cpu_bfloat16_instruction"]}
+y, mean, rstd = ops.layer_norm_forward(x, [16387], w, b, 1e-5, False)
+out["ln"] = (y, ops.add_layer_norm_forward(x, dy, [16387], w, b, 1e-5, False),
+             ops.layer_norm_backward(dy, x, [16387], mean, rstd, w, False, [True, True, True]))
+for name, fmt in (("runs", torch.contiguous_format), ("rows", torch.channels_last)):
+    xg, dyg = (t.reshape(4, 16, 2, 512).contiguous(memory_format=fmt) for t in (x[:, :16384], dy[:, :16384]))
+    wg, bg = w[:16] * 1e-30, b[:16]
+    yg, gmean, grstd = ops.group_norm_forward(xg, 4, wg, bg, 1e-5)
+    out["gn_" + name] = (yg, ops.group_norm_backward(dyg, xg, 4, gmean, grstd, wg, bg, [True, True, True]))
+    out["bn_" + name] = (ops.batch_norm_elemt(xg, wg, bg, torch.zeros(16), torch.ones(16)),
+                         ops.batch_norm_elemt(xg, w[:16] * 1e30, bg, torch.zeros(16), torch.ones(16)))
+torch.save(out, sys.argv[1])
+"""
+
+
+def _flatten(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _flatten(item)]
+    return []
+
+
+def test_bfloat16_instruction_and_its_fallback_give_the_same_bits(tmp_path):
+    """Where the CPU has AVX512_BF16, the AVX-512 kernels narrow to bfloat16
+    with vcvtneps2bf16, and vectors holding NaN or subnormals (which it
+    rounds otherwise than torch) through at::vec's bit arithmetic, as CPUs
+    without it do and NORMEXT_AVX512_BF16=0 makes them: the two processes
+    must give every op's outputs the same bits (NaN as NaN)."""
+    results = []
+    for setting in ("1", "0"):
+        path = tmp_path / f"outputs_{setting}.pt"
+        env = dict(os.environ, NORMEXT_AVX512_BF16=setting)
+        subprocess.run([sys.executable, "-c", _BFLOAT16_OUTPUTS, str(path)], env=env,
+                       check=True, timeout=120)
+        results.append(torch.load(path))
+    with_setting, without = results
+    assert without["instruction"] is False
+    assert with_setting["instruction"] == normext.build_info()["cpu_bfloat16_instruction"]
+    for key in with_setting:
+        if key == "instruction":
+            continue
+        for a, b in zip(_flatten(with_setting[key]), _flatten(without[key]), strict=True):
+            same_bits = a.view(torch.int16) == b.view(torch.int16)
+            assert (same_bits | (a.isnan() & b.isnan())).all(), key

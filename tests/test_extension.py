@@ -41,8 +41,9 @@ def test_extension_carries_no_libstdcxx_code():
 
 def test_build_info():
     info = normext.build_info()
-    assert set(info) == {"backends", "cpu_capability", "cpu_capabilities", "cuda_arches",
-                         "openmp", "torch_version"}
+    assert set(info) == {"backends", "cpu_bfloat16_instruction", "cpu_capability",
+                         "cpu_capabilities", "cuda_arches", "openmp", "torch_version"}
+    assert isinstance(info["cpu_bfloat16_instruction"], bool)
     assert info["cpu_capability"] in info["cpu_capabilities"]
     assert isinstance(info["backends"], list)
     assert "cpu" in info["backends"]
