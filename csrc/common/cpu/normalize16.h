@@ -50,7 +50,8 @@ void plain_normalize_features(const T* x, T* y, int64_t length, float mean, floa
     int64_t i = 0;
     for (; i + kVectorLanes <= length; i += kVectorLanes) {
       const FloatVector s = r * load_floats(weight + i, kVectorLanes);
-      store_vector(y + i, normalize(load_vector(x + i), m, s, load_floats(bias + i, kVectorLanes)), how);
+      const FloatVector b = load_floats(bias + i, kVectorLanes);
+      store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
     }
     if (const int64_t n = length - i) {
       const FloatVector s = r * load_floats(weight + i, n);
@@ -111,7 +112,8 @@ void plain_grad_input_run(const TDy* dy, const T* x, T* dx, int64_t length, acc_
       store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
     }
     if (const int64_t n = length - i) {
-      store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n, how);
+      const FloatVector dyv = load_vector(dy + i, n), xv = load_vector(x + i, n);
+      store_vector(dx + i, grad_input(dyv, xv, m, kv), n, how);
     }
   });
 }
@@ -134,7 +136,8 @@ void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
         if (whole) {
           store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
         } else {
-          store_vector(dx + i, grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv), n, how);
+          const FloatVector dyv = load_vector(dy + i, n), xv = load_vector(x + i, n);
+          store_vector(dx + i, grad_input(dyv, xv, m, kv), n, how);
         }
       }
     }

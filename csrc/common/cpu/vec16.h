@@ -105,7 +105,7 @@ inline __m512 from_bits(__m256i bits, c10::BFloat16) {
 // variant needs AVX512_BF16.
 template <bool kBf16Instruction>
 inline __m256i to_bits(__m512 v, c10::BFloat16, std::bool_constant<kBf16Instruction>) {
-  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, subnormal, signalling NaN
+  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: qNaN, subnormal, sNaN
   if (kBf16Instruction && _mm512_fpclass_ps_mask(v, kNanOrSubnormal) == 0) {
     __m256i bits;
     asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(v));

@@ -80,7 +80,9 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
     for (int64_t d = 0; d < D; d += cpu::kVectorLanes) {
       const int64_t n = std::min<int64_t>(cpu::kVectorLanes, D - d);
       const bool whole = n == cpu::kVectorLanes;
-      const auto load = [&](const T* p) { return whole ? cpu::load_vector(p) : cpu::load_vector(p, n); };
+      const auto load = [&](const T* p) {
+        return whole ? cpu::load_vector(p) : cpu::load_vector(p, n);
+      };
       V dy_xhat = kParams ? cpu::load_floats(sum_dy_xhat + d, n) : V{};
       V dy_sum = kParams ? cpu::load_floats(sum_dy + d, n) : V{};
       const V wv = cpu::load_floats(w + d, n);

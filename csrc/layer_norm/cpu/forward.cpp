@@ -40,9 +40,9 @@ void forward_rows(const Rows& v, const at::Tensor& residual, const at::Tensor& w
 #endif
       {
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
-      }
+        for (int64_t d = 0; d < D; ++d) {
+          cpu::store(sum_row, d, static_cast<acc_t>(in_row[d]) + static_cast<acc_t>(res_row[d]));
+        }
       }
     }
     double m = 0, m2;  // rms: m2 is the sum of squares
