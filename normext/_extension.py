@@ -36,15 +36,17 @@ def build_info() -> dict:
     """What the installed normext was compiled with: the backends (\"cpu\",
     \"cuda\"), the CPU kernel variants (\"cpu_capabilities\") and the one
     this process runs (\"cpu_capability\": torch's choice, which
-    ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides), whether its AVX-512
-    kernels narrow to bfloat16 with the CPU's AVX512_BF16 instruction
-    (\"cpu_bfloat16_instruction\": the same bits as without it;
-    NORMEXT_AVX512_BF16=0 turns it off), the CUDA arches, whether OpenMP is
-    on, and the torch version."""
+    ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides), whether the kernels
+    it runs round float to bfloat16 with the CPU's AVX512_BF16 instruction
+    (\"cpu_bfloat16_instruction\": the AVX-512 kernels on such a CPU, to the
+    same bits; NORMEXT_AVX512_BF16=0, set before the import, turns it off),
+    the CUDA arches, whether OpenMP is on, and the torch version."""
+    capability = _C.cpu_capability()
     return {
         "backends": list(_C.backends),
-        "cpu_bfloat16_instruction": _C.cpu_bfloat16_instruction(),
-        "cpu_capability": _C.cpu_capability(),
+        "cpu_bfloat16_instruction": (_C.cpu_bfloat16_instruction()
+                                     and capability in ("avx512", "native")),
+        "cpu_capability": capability,
         "cpu_capabilities": list(_C.cpu_capabilities),
         "cuda_arches": _C.cuda_arches,
         "openmp": bool(_C.openmp),

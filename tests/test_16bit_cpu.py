@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import normext
 from normext import ops
 
 
@@ -184,7 +183,8 @@ def test_bfloat16_instruction_and_its_fallback_give_the_same_bits(tmp_path):
     with vcvtneps2bf16, and vectors holding NaN or subnormals (which it
     rounds otherwise than torch) through at::vec's bit arithmetic, as CPUs
     without it do and NORMEXT_AVX512_BF16=0 makes them: the two processes
-    must give every op's outputs the same bits (NaN as NaN)."""
+    must give every op's outputs the same bits, NaN's included (at::vec's
+    0xFFFF in both)."""
     results = []
     for setting in ("1", "0"):
         path = tmp_path / f"outputs_{setting}.pt"
@@ -194,10 +194,11 @@ def test_bfloat16_instruction_and_its_fallback_give_the_same_bits(tmp_path):
         results.append(torch.load(path))
     with_setting, without = results
     assert without["instruction"] is False
-    assert with_setting["instruction"] == normext.build_info()["cpu_bfloat16_instruction"]
+    if not with_setting["instruction"]:
+        pytest.skip("the kernels run here do not take AVX512_BF16's instruction")
     for key in with_setting:
         if key == "instruction":
             continue
         for a, b in zip(_flatten(with_setting[key]), _flatten(without[key]), strict=True):
-            same_bits = a.view(torch.int16) == b.view(torch.int16)
-            assert (same_bits | (a.isnan() & b.isnan())).all(), key
+            bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+            assert torch.equal(a.view(bits), b.view(bits)), key

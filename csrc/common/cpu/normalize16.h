@@ -2,8 +2,8 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Batch norm's plain passes and the group and layer norms' 16-bit
-// passes without an activation take them.
+// Rows rows. Batch norm's plain passes, the layer norm's 16-bit passes and
+// the group norm's output without an activation and its input gradient take them.
 #pragma once
 
 #include <ATen/OpMathType.h>
