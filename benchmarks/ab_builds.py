@@ -176,6 +176,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         ops.group_norm_backward(grad, x, groups, mean, rstd, weight, bias, gn_mask, activation)
 
     rows, grad_rows = (t.movedim(1, -1).reshape(-1, channels).contiguous() for t in (x, grad))
+    _, ln_mean, ln_rstd = ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False)
 
     def ln_forward_backward():
         _, mean, rstd = ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False)
@@ -210,6 +211,9 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         "autograd_fwdbwd": autograd_forward_backward,
         "autograd_act_fwdbwd": lambda: autograd_forward_backward(act=True),
         "act_train": act_train,
+        "act_residual_train": lambda: ops.batch_norm_act_forward(
+            x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS, activation, 0.01,
+            1.0, grad),
         "act_fwdbwd": act_forward_backward,
         "act_residual_fwdbwd": act_residual_forward_backward,
         "gn_act_fwdbwd": lambda: gn_forward_backward(activation),
@@ -222,6 +226,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         "gn_fwdbwd": gn_forward_backward,
         "gn_autograd_fwdbwd": gn_autograd_forward_backward,
         "ln_forward": lambda: ops.layer_norm_forward(rows, [channels], weight, bias, EPS, False),
+        "ln_backward": lambda: ops.layer_norm_backward(grad_rows, rows, [channels], ln_mean,
+                                                       ln_rstd, weight, False, gn_mask),
         "ln_fwdbwd": ln_forward_backward,
         "ln_autograd_fwdbwd": ln_autograd_forward_backward,
     }
@@ -229,9 +235,9 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
 
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
        "autograd_act_fwdbwd", "moments", "elemt",
-       "backward_reduce", "backward_elemt", "act_train", "act_fwdbwd", "act_residual_fwdbwd",
+       "backward_reduce", "backward_elemt", "act_train", "act_residual_train", "act_fwdbwd", "act_residual_fwdbwd",
        "gn_forward", "gn_act_forward", "gn_backward", "gn_act_backward", "gn_fwdbwd",
-       "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_fwdbwd", "ln_autograd_fwdbwd")
+       "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_backward", "ln_fwdbwd", "ln_autograd_fwdbwd")
 
 
 def compare(args) -> None:

@@ -166,6 +166,12 @@ for name, fmt in (("runs", torch.contiguous_format), ("rows", torch.channels_las
     out["gn_" + name] = (yg, ops.group_norm_backward(dyg, xg, 4, gmean, grstd, wg, bg, [True, True, True]))
     out["bn_" + name] = (ops.batch_norm_elemt(xg, wg, bg, torch.zeros(16), torch.ones(16)),
                          ops.batch_norm_elemt(xg, w[:16] * 1e30, bg, torch.zeros(16), torch.ones(16)))
+    out["bn_act_" + name] = [
+        ops.batch_norm_act_forward(xg, w[:16] * scale, bg, torch.zeros(16).bfloat16(),
+                                   torch.ones(16).bfloat16(), False,
+                                   0.1, 0.0, act, 0.01, 1.0, residual)[0]
+        for act, scale, residual in (("relu", 1e30, None), ("leaky_relu", 1e-30, dyg),
+                                     ("relu6", 1.0, dyg), ("elu", 1.0, None))]
 torch.save(out, sys.argv[1])
 """
 

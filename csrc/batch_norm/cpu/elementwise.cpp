@@ -225,8 +225,8 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 // plain passes over these types take them (fused passes take the loops above).
 using cpu::plain_grad_input_rows;
 using cpu::plain_grad_input_run;
-using cpu::plain_normalize_rows;
-using cpu::plain_normalize_run;
+using cpu::normalize_rows_vectors;
+using cpu::normalize_run_vectors;
 #endif
 
 }  // namespace
@@ -249,8 +249,9 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     T* y = cpu::mutable_loop_data<scalar_t>(output);
     with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
-      constexpr bool kVectors = cpu::kVectorElement<T> && !kResidual &&
-                                decltype(act)::kKind == Activation::kIdentity;
+      // SiLU keeps its own vector formula (float16 through tiles).
+      constexpr bool kVectors = cpu::kVectorElement<T> &&
+                                decltype(act)::kKind != Activation::kSilu;
       constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
       if (input.channels_last) {
         const bool grouped = cpu::group_rows<acc_t>(C, 3);
@@ -272,8 +273,8 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
               const int64_t i = row * C;
 #if defined(NORMEXT_VECTORS16)
               if constexpr (kVectors) {
-                return plain_normalize_rows<rows()>(x + i, y + i, C, m.data(), scale.data(),
-                                                    b.data());
+                return normalize_rows_vectors<rows(), kResidual>(
+                    act, x + i, r ? r + i : r, y + i, C, m.data(), scale.data(), b.data());
               } else
 #endif
               {
@@ -295,8 +296,9 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
           } else {
 #if defined(NORMEXT_VECTORS16)
             if constexpr (kVectors) {
-              return plain_normalize_run(x + begin, y + begin, end - begin, m[c], scale[c],
-                                         b[c]);
+              return normalize_run_vectors<kResidual>(act, x + begin, r ? r + begin : r,
+                                                      y + begin, end - begin, m[c], scale[c],
+                                                      b[c]);
             } else
 #endif
             {

@@ -2,16 +2,19 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Batch norm's plain passes, the layer norm's 16-bit passes and
-// the group norm's output without an activation and its input gradient take them.
+// Rows rows. Batch norm's passes (through an activation and a residual too),
+// the layer norm's 16-bit passes and the group norm's output without an
+// activation and its input gradient take them.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
+#include "common/activation.h"
 #include "common/cpu/vec16.h"
 #include "common/math.h"
 
@@ -22,21 +25,50 @@ namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
               std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
 
-// y = (x - mean) * scale + bias over a run of one channel's (or group's) values.
-template <typename T>
-void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
-                         float bias) {
+// act(z) lane by lane: the activation's scalar formula, which GCC vectorizes
+// over the lanes in registers.
+template <class Act>
+C10_ALWAYS_INLINE FloatVector activate(const Act act, FloatVector z) {
+  if constexpr (Act::kKind == normext::Activation::kIdentity) {
+    return z;
+  } else {
+    float lanes[kVectorLanes];
+    std::memcpy(lanes, &z, sizeof z);
+#pragma omp simd
+    for (int k = 0; k < kVectorLanes; ++k) lanes[k] = act(lanes[k]);
+    std::memcpy(&z, lanes, sizeof z);
+    return z;
+  }
+}
+
+// y = act((x - mean) * scale + bias + r) over a run of one channel's (or
+// group's) values; r (kResidual) of x's type.
+template <bool kResidual, class Act, typename T>
+void normalize_run_vectors(const Act act, const T* x, const T* r, T* y, int64_t length,
+                           float mean, float scale, float bias) {
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::normalize;
     const FloatVector m = splat(mean), s = splat(scale), b = splat(bias);
     int64_t i = 0;
     for (; i + kVectorLanes <= length; i += kVectorLanes) {
-      store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
+      FloatVector z = normalize(load_vector(x + i), m, s, b);
+      if constexpr (kResidual) z += load_vector(r + i);
+      store_vector(y + i, activate(act, z), how);
     }
     if (const int64_t n = length - i) {
-      store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n, how);
+      FloatVector z = normalize(load_vector(x + i, n), m, s, b);
+      if constexpr (kResidual) z += load_vector(r + i, n);
+      store_vector(y + i, activate(act, z), n, how);
     }
   });
+}
+
+// y = (x - mean) * scale + bias over a run of one channel's (or group's) values.
+template <typename T>
+void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
+                         float bias) {
+  normalize_run_vectors<false>(normext::NORMEXT_CPU_CAPABILITY::IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y, length,
+                               mean, scale, bias);
 }
 
 // y = (x - mean) * (rstd * weight[i]) + bias[i] over a row of features (a
@@ -75,9 +107,9 @@ void plain_add(const T* a, const T* b, T* sum, int64_t length) {
 }
 
 // The same over Rows consecutive rows of `channels` values, per-channel coefficients.
-template <int Rows, typename T>
-void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
-                          const float* scale, const float* bias) {
+template <int Rows, bool kResidual, class Act, typename T>
+void normalize_rows_vectors(const Act act, const T* x, const T* r, T* y, int64_t channels,
+                            const float* mean, const float* scale, const float* bias) {
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::normalize;
     for (int64_t c = 0; c < channels; c += kVectorLanes) {
@@ -88,13 +120,24 @@ void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
       for (int k = 0; k < Rows; ++k) {
         const int64_t i = k * channels + c;
         if (whole) {
-          store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
+          FloatVector z = normalize(load_vector(x + i), m, s, b);
+          if constexpr (kResidual) z += load_vector(r + i);
+          store_vector(y + i, activate(act, z), how);
         } else {
-          store_vector(y + i, normalize(load_vector(x + i, n), m, s, b), n, how);
+          FloatVector z = normalize(load_vector(x + i, n), m, s, b);
+          if constexpr (kResidual) z += load_vector(r + i, n);
+          store_vector(y + i, activate(act, z), n, how);
         }
       }
     }
   });
+}
+
+template <int Rows, typename T>
+void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
+                          const float* scale, const float* bias) {
+  normalize_rows_vectors<Rows, false>(normext::NORMEXT_CPU_CAPABILITY::IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y,
+                                      channels, mean, scale, bias);
 }
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over a run of one
