@@ -138,13 +138,13 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
   }
 }
 
-// float16 passes other than the plain vector ones below: tiles widened to
-// float, the float32 kernels above run on them (out of line: the form the A/B
-// measured), the results narrowed. The tiles stay in L1; the conversions are
-// whole vectors where the CPU has them (loops.h: widen_n), where Float16's
-// per-element bit arithmetic bound the fused loops. bfloat16 converts in a
-// few instructions per element and keeps its direct loops, which the tiles'
-// extra passes slowed (benchmarks/history: session 14).
+// float16 passes that do not go through the vectors below (the SiLU forward,
+// and every fused pass of the baseline build, which has no F16C): tiles
+// widened to float, the float32 kernels above run on them (out of line: the
+// form the A/B measured), the results narrowed; Float16's per-element bit
+// arithmetic bound the direct loops. The tiles stay in L1. bfloat16's fused
+// backward keeps its direct loops, which GCC vectorizes (the vectors below
+// were slower for it; the tiles too: benchmarks/history, sessions 14 and 25).
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>
@@ -221,8 +221,91 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 }
 
 #if defined(NORMEXT_VECTORS16)
+// The fused float16 input gradient through whole vectors (below); bfloat16's
+// fused forward and every plain 16-bit pass go through normalize16.h.
+using cpu::FloatVector;
+using cpu::kVectorLanes;
+
+// Stores the first n lanes of v (all of them: a plain store) at p.
+template <typename T, class How>
+C10_ALWAYS_INLINE void store_lanes(T* p, FloatVector v, int64_t n, How how) {
+  if (n == kVectorLanes) return cpu::store_vector(p, v, how);
+  cpu::store_vector(p, v, n, how);
+}
+
+// A 16-bit source's (dz, x - mean) at elements [i, i + n), n <= kVectorLanes,
+// as vectors: the inputs widened as vectors into float lanes, the source's
+// formula on them lane by lane (GCC vectorizes it in registers). Lane k's
+// channel is c + k * kStep (kStep 0: a run of channel c).
+template <int kStep, class Source>
+C10_ALWAYS_INLINE void source_vectors(const Source& src, int64_t i, int64_t n, int64_t c,
+                                      FloatVector& dz, FloatVector& xmu) {
+  float g[kVectorLanes], s[kVectorLanes], o[kVectorLanes], r[kVectorLanes];
+  float dz_lanes[kVectorLanes], xmu_lanes[kVectorLanes];
+  const auto widen = [&](const auto* p, float* out) {
+    const FloatVector v = n == kVectorLanes ? cpu::load_vector(p) : cpu::load_vector(p, n);
+    std::memcpy(out, &v, sizeof v);
+  };
+  widen(src.dy + i, g);
+  widen(src.saved + i, s);
+  if constexpr (Source::kReadsOutput) widen(src.output + i, o);
+  if constexpr (Source::kReadsResidual) widen(src.residual + i, r);
+  const typename Source::FloatSource lanes{src.act,  g, s, o, r, src.mean + c, src.scale + c,
+                                           src.bias + c, src.inv_scale + c};
+#pragma omp simd
+  for (int k = 0; k < kVectorLanes; ++k) {
+    lanes.at(k, lanes.mean[k * kStep], lanes.scale[k * kStep], lanes.bias[k * kStep],
+             lanes.inv_scale[k * kStep], dz_lanes[k], xmu_lanes[k]);
+  }
+  std::memcpy(&dz, dz_lanes, sizeof dz);
+  std::memcpy(&xmu, xmu_lanes, sizeof xmu);
+}
+
+// grad_input_run and grad_input_rows over 16-bit data through source_vectors.
+template <bool kBatchStats, class Source, typename T>
+void grad_input_run_vectors(const Source& source, T* dx, T* dr, int64_t c, int64_t begin,
+                            int64_t end, const GradInputCoefficients<float> k) {
+  const Source src = source;
+  cpu::with_narrowing<T>([&](auto how) {
+    const GradInputCoefficients<FloatVector> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
+                                                cpu::splat(k.shift)};
+    for (int64_t i = begin; i < end; i += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, end - i);
+      FloatVector dz, xmu;
+      source_vectors<0>(src, i, n, c, dz, xmu);
+      if constexpr (Source::kResidualGrad) store_lanes(dr + i, dz, n, how);
+      store_lanes(dx + i, kBatchStats ? grad_input_centred(dz, xmu, kv) : dz * kv.dy_scale, n,
+                  how);
+    }
+  });
+}
+
+template <int Rows, bool kBatchStats, class Source, typename T>
+void grad_input_rows_vectors(const Source& source, T* dx, T* dr, int64_t begin, int64_t channels,
+                             const float* dy_scale, const float* xmu_scale, const float* shift) {
+  const Source src = source;
+  cpu::with_narrowing<T>([&](auto how) {
+    for (int64_t c = 0; c < channels; c += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
+      const GradInputCoefficients<FloatVector> kv{cpu::load_floats(dy_scale + c, n),
+                                                  cpu::load_floats(xmu_scale + c, n),
+                                                  cpu::load_floats(shift + c, n)};
+      for (int row = 0; row < Rows; ++row) {
+        const int64_t i = begin + row * channels + c;
+        FloatVector dz, xmu;
+        source_vectors<1>(src, i, n, c, dz, xmu);
+        if constexpr (Source::kResidualGrad) store_lanes(dr + i, dz, n, how);
+        store_lanes(dx + i, kBatchStats ? grad_input_centred(dz, xmu, kv) : dz * kv.dy_scale, n,
+                    how);
+      }
+    }
+  });
+}
+#endif
+
+#if defined(NORMEXT_VECTORS16)
 // float16 and bfloat16 through whole vectors (common/cpu/normalize16.h): the
-// plain passes over these types take them (fused passes take the loops above).
+// plain passes and the fused forward but SiLU's.
 using cpu::plain_grad_input_rows;
 using cpu::plain_grad_input_run;
 using cpu::normalize_rows_vectors;
@@ -352,7 +435,10 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
-        constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
+        // float16's fused passes (bfloat16's direct loops were faster).
+        constexpr bool kLaneVectors =
+            std::is_same_v<T, cpu::Float16> && cpu::kVectorElement<T> && !kVectors;
+        constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors && !kLaneVectors;
         if (input.channels_last) {
           const bool grouped = cpu::group_rows<acc_t>(C, 4);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
@@ -376,6 +462,9 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
                   return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
                                                        dy_scale.data(), xmu_scale.data(),
                                                        shift.data());
+                } else if constexpr (kLaneVectors) {
+                  return grad_input_rows_vectors<rows(), kBatchStats>(
+                      source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
                 } else
 #endif
                 {
@@ -402,6 +491,8 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
               if constexpr (kVectors) {
                 return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
                                             m[c], k);
+              } else if constexpr (kLaneVectors) {
+                return grad_input_run_vectors<kBatchStats>(source, dx, dr, c, begin, end, k);
               } else
 #endif
               {
