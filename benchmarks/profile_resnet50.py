@@ -1,15 +1,23 @@
-"""Where a ResNet-50 training step's time goes, torch.nn vs normext.convert.
+"""Where a ResNet-50 training step's time goes, torch.nn vs normext.
 
     python benchmarks/profile_resnet50.py --layouts nchw --steps 3
+    python benchmarks/profile_resnet50.py --device cpu --layouts nchw --steps 3
 
-For each layout: the step's wall time (synchronized), the GPU time (sum of
-kernel, copy and fill durations) and the host time the profiler saw in
+On a GPU, for each layout: the step's wall time (synchronized), the GPU time
+(sum of kernel, copy and fill durations) and the host time the profiler saw in
 operators, then the GPU kernels whose time per step differs most between the
-two models. A wall time well above the GPU time means a host-bound step. Same
-models and step as bench_resnet50.py (needs torchvision and a GPU).
+two models. A wall time well above the GPU time means a host-bound step.
+
+On the CPU: each model's operator time per step by what the operators do
+(self time, so nested calls count once; medians of `--steps` profiled steps,
+the models interleaved), and the bound on a step's speedup that a norm layer
+can give: the step time over the step time without the batch norm, ReLU and
+residual-add time (what normext's layers replace); convolutions take the rest.
+Same models and step as bench_resnet50.py (needs torchvision).
 """
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -48,9 +56,58 @@ def step_profile(step, steps, device):
     return wall * 1e3, sum(kernels.values()), host, kernels
 
 
+# Operators (profiler keys) of the ReLU and its backward.
+RELU_OPS = ("aten::relu", "aten::relu_", "aten::threshold_backward", "aten::clamp_min",
+            "aten::clamp_min_")
+CPU_GROUPS = ("convolution", "batch norm", "relu", "residual add", "other")
+
+
+def cpu_group(key, shapes, batch):
+    """What an operator of a CPU step does: a batch norm (torch's ops, normext's
+    ops and autograd nodes), a convolution, the ReLU, an add of two activations
+    (the residual, and the gradients of its two branches), or anything else."""
+    if key.startswith("normext::") or "batch_norm" in key or "BatchNorm" in key:
+        return "batch norm"
+    if "conv" in key:
+        return "convolution"
+    if key in RELU_OPS:
+        return "relu"
+    if (key in ("aten::add", "aten::add_") and shapes and len(shapes[0]) == 4
+            and shapes[0][0] == batch):
+        return "residual add"
+    return "other"
+
+
+def cpu_step_groups(step, batch):
+    """(wall ms, {group: self ms}) of one profiled CPU step."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    groups = dict.fromkeys(CPU_GROUPS, 0.0)
+    for event in prof.key_averages(group_by_input_shape=True):
+        groups[cpu_group(event.key, event.input_shapes, batch)] += event.self_cpu_time_total / 1e3
+    return wall * 1e3, groups
+
+
+def print_cpu_groups(steps_by_model, title):
+    print(f"\n### {title}\n")
+    print("| model | wall ms/step | " + " | ".join(f"{g} ms" for g in CPU_GROUPS)
+          + " | step bound without batch norm, relu, add |")
+    print("|---|---:|" + "---:|" * len(CPU_GROUPS) + "---:|")
+    for name, samples in steps_by_model.items():
+        wall = statistics.median(w for w, _ in samples)
+        group_ms = {g: statistics.median(groups[g] for _, groups in samples) for g in CPU_GROUPS}
+        replaced = group_ms["batch norm"] + group_ms["relu"] + group_ms["residual add"]
+        print(f"| {name} | {wall:.0f} | "
+              + " | ".join(f"{group_ms[g]:.0f}" for g in CPU_GROUPS)
+              + f" | {wall / max(wall - replaced, 1e-9):.2f}x |")
+    sys.stdout.flush()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu (operator time by group)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dtype", default="float32")
@@ -73,6 +130,20 @@ def main(argv=None):
         labels = torch.randint(1000, (args.batch,), generator=gen).to(device)
         models, _ = make_models(torchvision, argparse.Namespace(activation="relu", compile=False),
                                 device, dtype, memory_format)
+        if device.type == "cpu":
+            optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+                          for name, m in models.items()}
+            step_of = {name: (lambda m=m, o=optimizers[name]: train_step(m, o, images, labels))
+                       for name, m in models.items()}
+            for step in step_of.values():  # warm-up
+                step()
+            samples = {name: [] for name in models}
+            for _ in range(args.steps):
+                for name, step in step_of.items():
+                    samples[name].append(cpu_step_groups(step, args.batch))
+            print_cpu_groups(samples, f"{args.dtype} {layout}, batch {args.batch}, "
+                                      f"{args.size}x{args.size}, cpu")
+            continue
         results = {}
         for name, model in models.items():
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
