@@ -63,30 +63,41 @@ CPU_GROUPS = ("convolution", "batch norm", "relu", "residual add", "other")
 
 
 def cpu_group(key, shapes, batch):
-    """What an operator of a CPU step does: a batch norm (torch's ops, normext's
-    ops and autograd nodes), a convolution, the ReLU, an add of two activations
-    (the residual, and the gradients of its two branches), or anything else."""
+    """What an operator of a CPU step (outside the optimizer) does: a batch
+    norm (torch's ops, normext's ops and autograd nodes), a convolution, the
+    ReLU, an add of two activations (the residual, and in the backward the
+    gradients of a block's two branches, which the engine adds), or anything else."""
     if key.startswith("normext::") or "batch_norm" in key or "BatchNorm" in key:
         return "batch norm"
-    if "conv" in key:
+    if "conv" in key or "Convolution" in key:
         return "convolution"
-    if key in RELU_OPS:
+    if key in RELU_OPS or "ReluBackward" in key:
         return "relu"
-    if (key in ("aten::add", "aten::add_") and shapes and len(shapes[0]) == 4
-            and shapes[0][0] == batch):
+    if "AddBackward" in key or (key in ("aten::add", "aten::add_") and shapes
+                                and len(shapes[0]) == 4 and shapes[0][0] == batch):
         return "residual add"
     return "other"
 
 
+def _in_optimizer(event):
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("Optimizer."):
+        parent = parent.cpu_parent
+    return parent is not None
+
+
 def cpu_step_groups(step, batch):
-    """(wall ms, {group: self ms}) of one profiled CPU step."""
+    """(wall ms, {group: self ms}) of one profiled CPU step; the optimizer's
+    operators (inside its Optimizer.step range) are "other"."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         step()
         wall = time.perf_counter() - start
     groups = dict.fromkeys(CPU_GROUPS, 0.0)
-    for event in prof.key_averages(group_by_input_shape=True):
-        groups[cpu_group(event.key, event.input_shapes, batch)] += event.self_cpu_time_total / 1e3
+    for event in prof.events():
+        group = "other" if _in_optimizer(event) else cpu_group(event.name, event.input_shapes,
+                                                               batch)
+        groups[group] += event.self_cpu_time_total / 1e3
     return wall * 1e3, groups
 
 
@@ -99,8 +110,8 @@ def print_cpu_groups(steps_by_model, title):
         wall = statistics.median(w for w, _ in samples)
         group_ms = {g: statistics.median(groups[g] for _, groups in samples) for g in CPU_GROUPS}
         replaced = group_ms["batch norm"] + group_ms["relu"] + group_ms["residual add"]
-        print(f"| {name} | {wall:.0f} | "
-              + " | ".join(f"{group_ms[g]:.0f}" for g in CPU_GROUPS)
+        print(f"| {name} | {wall:.1f} | "
+              + " | ".join(f"{group_ms[g]:.1f}" for g in CPU_GROUPS)
               + f" | {wall / max(wall - replaced, 1e-9):.2f}x |")
     sys.stdout.flush()
 

@@ -138,13 +138,13 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
   }
 }
 
-// float16 passes that do not go through the vectors below (the SiLU forward,
-// and every fused pass of the baseline build, which has no F16C): tiles
-// widened to float, the float32 kernels above run on them (out of line: the
-// form the A/B measured), the results narrowed; Float16's per-element bit
-// arithmetic bound the direct loops. The tiles stay in L1. bfloat16's fused
-// backward keeps its direct loops, which GCC vectorizes (the vectors below
-// were slower for it; the tiles too: benchmarks/history, sessions 14 and 25).
+// float16 passes that do not go through whole vectors (the SiLU forward, and
+// every pass of the baseline build, which has no F16C): tiles widened to
+// float, the float32 kernels above run on them (out of line: the form the A/B
+// measured), the results narrowed; Float16's per-element bit arithmetic bound
+// the direct loops. The tiles stay in L1. bfloat16's input gradient but the
+// plain one under batch statistics keeps its direct loops, which GCC
+// vectorizes (vectors and tiles were slower: benchmarks/history, sessions 14 and 25).
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>
@@ -221,8 +221,9 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 }
 
 #if defined(NORMEXT_VECTORS16)
-// The fused float16 input gradient through whole vectors (below); bfloat16's
-// fused forward and every plain 16-bit pass go through normalize16.h.
+// float16's input gradient through whole vectors (below), but the plain one
+// under batch statistics (normalize16.h, as the fused 16-bit forward but
+// SiLU's).
 using cpu::FloatVector;
 using cpu::kVectorLanes;
 
@@ -250,8 +251,17 @@ C10_ALWAYS_INLINE void source_vectors(const Source& src, int64_t i, int64_t n, i
   widen(src.saved + i, s);
   if constexpr (Source::kReadsOutput) widen(src.output + i, o);
   if constexpr (Source::kReadsResidual) widen(src.residual + i, r);
-  const typename Source::FloatSource lanes{src.act,  g, s, o, r, src.mean + c, src.scale + c,
-                                           src.bias + c, src.inv_scale + c};
+  const float* coefficients[4] = {src.mean + c, src.scale + c, src.bias + c, src.inv_scale + c};
+  float last_channels[4][kVectorLanes];
+  if (kStep == 1 && n < kVectorLanes) {  // the last channels: no reads past the arrays' ends
+    for (int q = 0; q < 4; ++q) {
+      const FloatVector v = cpu::load_floats(coefficients[q], n);
+      std::memcpy(last_channels[q], &v, sizeof v);
+      coefficients[q] = last_channels[q];
+    }
+  }
+  const typename Source::FloatSource lanes{src.act,           g, s, o, r, coefficients[0],
+                                           coefficients[1], coefficients[2], coefficients[3]};
 #pragma omp simd
   for (int k = 0; k < kVectorLanes; ++k) {
     lanes.at(k, lanes.mean[k * kStep], lanes.scale[k * kStep], lanes.bias[k * kStep],
@@ -332,7 +342,8 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
     T* y = cpu::mutable_loop_data<scalar_t>(output);
     with_fusion<acc_t>(fusion, [&](auto act, auto residual) {
       constexpr bool kResidual = decltype(residual)::value;
-      // SiLU keeps its own vector formula (float16 through tiles).
+      // SiLU keeps its own loops (float32's vector formula, float16's tiles,
+      // bfloat16's direct loop).
       constexpr bool kVectors = cpu::kVectorElement<T> &&
                                 decltype(act)::kKind != Activation::kSilu;
       constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
@@ -435,7 +446,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
-        // float16's fused passes (bfloat16's direct loops were faster).
+        // float16's other passes (bfloat16's direct loops were faster).
         constexpr bool kLaneVectors =
             std::is_same_v<T, cpu::Float16> && cpu::kVectorElement<T> && !kVectors;
         constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors && !kLaneVectors;

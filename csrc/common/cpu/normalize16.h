@@ -2,8 +2,8 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Batch norm's passes (through an activation and a residual too),
-// the layer norm's 16-bit passes and the group norm's output without an
+// Rows rows. Batch norm's plain passes and its fused forward but SiLU's, the
+// layer norm's 16-bit passes and the group norm's output without an
 // activation and its input gradient take them.
 #pragma once
 
@@ -67,7 +67,8 @@ void normalize_run_vectors(const Act act, const T* x, const T* r, T* y, int64_t 
 template <typename T>
 void plain_normalize_run(const T* x, T* y, int64_t length, float mean, float scale,
                          float bias) {
-  normalize_run_vectors<false>(normext::NORMEXT_CPU_CAPABILITY::IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y, length,
+  using normext::NORMEXT_CPU_CAPABILITY::IdentityFn;
+  normalize_run_vectors<false>(IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y, length,
                                mean, scale, bias);
 }
 
@@ -106,7 +107,8 @@ void plain_add(const T* a, const T* b, T* sum, int64_t length) {
   });
 }
 
-// The same over Rows consecutive rows of `channels` values, per-channel coefficients.
+// normalize_run_vectors over Rows consecutive rows of `channels` values,
+// per-channel coefficients.
 template <int Rows, bool kResidual, class Act, typename T>
 void normalize_rows_vectors(const Act act, const T* x, const T* r, T* y, int64_t channels,
                             const float* mean, const float* scale, const float* bias) {
@@ -136,7 +138,8 @@ void normalize_rows_vectors(const Act act, const T* x, const T* r, T* y, int64_t
 template <int Rows, typename T>
 void plain_normalize_rows(const T* x, T* y, int64_t channels, const float* mean,
                           const float* scale, const float* bias) {
-  normalize_rows_vectors<Rows, false>(normext::NORMEXT_CPU_CAPABILITY::IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y,
+  using normext::NORMEXT_CPU_CAPABILITY::IdentityFn;
+  normalize_rows_vectors<Rows, false>(IdentityFn<float>{}, x, static_cast<const T*>(nullptr), y,
                                       channels, mean, scale, bias);
 }
 
