@@ -205,9 +205,10 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
   // The input gradient's coefficients of a (sample, group), from its channels' sums.
   const auto coefficients = [&](int64_t r) {
     double sum_g = 0, sum_g_xmu = 0;
-    for (int64_t nc = r * Cg; nc < (r + 1) * Cg; ++nc) {
-      sum_g += w[nc % C] * sum_dz[nc];
-      sum_g_xmu += w[nc % C] * sum_dz_xmu[nc];
+    const acc_t* w_group = w.data() + r % G * Cg;
+    for (int64_t j = 0; j < Cg; ++j) {
+      sum_g += w_group[j] * sum_dz[r * Cg + j];
+      sum_g_xmu += w_group[j] * sum_dz_xmu[r * Cg + j];
     }
     return cpu::grad_input_coefficients(static_cast<acc_t>(sum_g), static_cast<acc_t>(sum_g_xmu),
                                         rstd[r], acc_t(1),
@@ -237,7 +238,7 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
           const auto k = coefficients(r);
           for (int64_t j = 0; j < Cg; ++j) {
             grad_input_run(dz + j * L, x_run + j * L, dx + r * D + j * L, L, mean_c[nc0 + j],
-                           {w[(nc0 + j) % C] * k.dy_scale, k.xmu_scale, k.shift});
+                           {w[r % G * Cg + j] * k.dy_scale, k.xmu_scale, k.shift});
           }
         };
         if constexpr (kIdentity) {
@@ -316,8 +317,9 @@ void backward_groups(const ChannelView& grad_out, const ChannelView& v, int64_t 
   std::vector<acc_t> grad_w(C), grad_b(C);
   for (int64_t c = 0; c < C; ++c) {
     double total_w = 0, total_b = 0;
+    const int64_t group = c / Cg;
     for (int64_t n = 0; n < N; ++n) {
-      total_w += sum_dz_xmu[n * C + c] * static_cast<double>(rstd[n * G + c / Cg]);
+      total_w += sum_dz_xmu[n * C + c] * static_cast<double>(rstd[n * G + group]);
       total_b += sum_dz[n * C + c];
     }
     grad_w[c] = static_cast<acc_t>(total_w);

@@ -160,7 +160,9 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
       });
     }
     std::vector<acc_t> channel_shift(C);
-    for (int64_t c = 0; c < C; ++c) channel_shift[c] = shift[n * G + c / Cg];
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill_n(channel_shift.begin() + g * Cg, Cg, shift[n * G + g]);
+    }
     const std::vector<double> sums = cpu::reduce_groups(
         cpu::GroupedShape{L, C, 1}, cpu::ShiftedSums<T, acc_t>{sample, channel_shift.data()});
     for (int64_t g = 0; g < G; ++g) {
@@ -171,9 +173,11 @@ void forward_groups(const ChannelView& v, int64_t groups, const at::Tensor& weig
       }
       set_moments(n * G + g, sum_d, sum_d2);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      mean_c[n * C + c] = mean[n * G + c / Cg];
-      scale_c[n * C + c] = rstd[n * G + c / Cg] * w[c];
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        mean_c[n * C + c] = mean[n * G + g];
+        scale_c[n * C + c] = rstd[n * G + g] * w[c];
+      }
     }
     if (sample_in_cache) {
       at::parallel_for(n * L, (n + 1) * L, cpu::grain_for(C), normalize_rows);

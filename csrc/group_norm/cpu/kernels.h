@@ -69,7 +69,8 @@ void for_each_sample(int64_t samples, const F& fn) {
 template <typename acc_t>
 std::vector<acc_t> per_channel(const GroupShape& s, const acc_t* per_group) {
   std::vector<acc_t> values(s.N * s.C);
-  for (int64_t nc = 0; nc < s.N * s.C; ++nc) values[nc] = per_group[nc / s.channels_per_group()];
+  const int64_t Cg = s.channels_per_group();
+  for (int64_t r = 0; r < s.N * s.G; ++r) std::fill_n(values.begin() + r * Cg, Cg, per_group[r]);
   return values;
 }
 
@@ -80,9 +81,9 @@ void channel_affine(const GroupShape& s, const acc_t* rstd, const std::vector<ac
                     std::vector<acc_t>& bias_c) {
   scale_c = per_channel(s, rstd);
   bias_c.resize(s.N * s.C);
-  for (int64_t nc = 0; nc < s.N * s.C; ++nc) {
-    scale_c[nc] *= weight[nc % s.C];
-    bias_c[nc] = bias[nc % s.C];
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t c = 0; c < s.C; ++c) scale_c[n * s.C + c] *= weight[c];
+    std::copy(bias.begin(), bias.end(), bias_c.begin() + n * s.C);
   }
 }
 
