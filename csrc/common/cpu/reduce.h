@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -102,13 +103,75 @@ struct GroupedShape {
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
+// The bytes of this variant's widest vector register.
+#if defined(__AVX512F__)
+constexpr size_t kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr size_t kRegisterBytes = 32;
+#else
+constexpr size_t kRegisterBytes = 16;
+#endif
+
+// A run's lanes while its whole vectors are added. Where an op's terms come
+// as lanes (16-bit data) and one register holds the lanes (AVX-512), one
+// value of GCC's vector extension, which GCC keeps in that register: the
+// array, updated by a vectorized loop beside the widening, stayed in memory
+// (a store and a dependent load per vector). Else the array (float32's loop
+// keeps it in registers; a value wider than a register lived on the stack
+// and lost its FMAs). (A typedef in a class: GCC drops vector_size from an
+// alias template.)
+template <typename acc_t, bool kVector>
+struct RunLanesOf {
+  using type = acc_t[kLanes];
+};
+template <typename acc_t>
+struct RunLanesOf<acc_t, true> {
+  typedef acc_t type __attribute__((vector_size(kLanes * sizeof(acc_t))));
+};
+template <class Op, typename acc_t = typename Op::acc_t>
+using RunLanes =
+    typename RunLanesOf<acc_t, Op::kLaneTerms && kLanes * sizeof(acc_t) == kRegisterBytes>::type;
+
+// Adds the terms of the kLanes elements from `offset` (group g) to lanes a and
+// b, the kth to lane k.
+template <class Op, typename acc_t = typename Op::acc_t>
+[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
+                                                       RunLanes<Op>& lanes_a,
+                                                       RunLanes<Op>& lanes_b) {
+  if constexpr (!std::is_array_v<RunLanes<Op>>) {
+    acc_t a[kLanes], b[kLanes];
+    op.template lane_terms<0>(g, offset, a, b);
+    RunLanes<Op> va, vb;
+    std::memcpy(&va, a, sizeof va);
+    std::memcpy(&vb, b, sizeof vb);
+    lanes_a += va;
+    lanes_b += vb;
+  } else if constexpr (Op::kLaneTerms) {
+    acc_t a[kLanes], b[kLanes];
+    op.template lane_terms<0>(g, offset, a, b);
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      lanes_a[k] += a[k];
+      lanes_b[k] += b[k];
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t a, b;
+      op.terms(g, offset + k, a, b);
+      lanes_a[k] += a;
+      lanes_b[k] += b;
+    }
+  }
+}
+
 // Adds the terms of elements [i, length) of a run, fewer than kLanes, to lanes
 // 0, 1, ... (the lanes the elements' vector would have given them).
-template <class Op, typename acc_t>
+template <class Op, typename acc_t = typename Op::acc_t>
 [[gnu::always_inline]] inline void add_tail_in_lanes(const Op& op, int64_t g, int64_t offset,
                                                      int64_t i, int64_t length,
-                                                     acc_t* __restrict__ lanes_a,
-                                                     acc_t* __restrict__ lanes_b) {
+                                                     acc_t (&lanes_a)[kLanes],
+                                                     acc_t (&lanes_b)[kLanes]) {
   for (int k = 0; i < length; ++i, ++k) {
     acc_t a, b;
     op.terms(g, offset + i, a, b);
@@ -122,31 +185,22 @@ template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
                              acc_t (*__restrict__ lanes)[kLanes]) {
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
-  acc_t* __restrict__ lanes_a = lanes[0];
-  acc_t* __restrict__ lanes_b = lanes[1];
   int64_t i = 0;
-  if constexpr (Op::kLaneTerms) {
+  if constexpr (std::is_array_v<RunLanes<Op>>) {
     for (; i + kLanes <= length; i += kLanes) {
-      acc_t a[kLanes], b[kLanes];
-      op.template lane_terms<0>(g, offset + i, a, b);
-#pragma omp simd
-      for (int k = 0; k < kLanes; ++k) {
-        lanes_a[k] += a[k];
-        lanes_b[k] += b[k];
-      }
+      add_vector_in_lanes(op, g, offset + i, lanes[0], lanes[1]);
     }
-  } else {
+  } else if (length >= kLanes) {
+    RunLanes<Op> lanes_a, lanes_b;
+    std::memcpy(&lanes_a, lanes[0], sizeof lanes_a);
+    std::memcpy(&lanes_b, lanes[1], sizeof lanes_b);
     for (; i + kLanes <= length; i += kLanes) {
-#pragma omp simd
-      for (int k = 0; k < kLanes; ++k) {
-        acc_t a, b;
-        op.terms(g, offset + i + k, a, b);
-        lanes_a[k] += a;
-        lanes_b[k] += b;
-      }
+      add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
     }
+    std::memcpy(lanes[0], &lanes_a, sizeof lanes_a);
+    std::memcpy(lanes[1], &lanes_b, sizeof lanes_b);
   }
-  add_tail_in_lanes(op, g, offset, i, length, lanes_a, lanes_b);
+  add_tail_in_lanes(op, g, offset, i, length, lanes[0], lanes[1]);
 }
 
 namespace detail {
@@ -169,48 +223,17 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
   }
 }
 
-// Adds the terms of the kLanes elements from `offset` (group g) to local
-// lanes, the kth to lane k (GCC vectorizes it so into local arrays only).
-template <class Op, typename acc_t>
-[[gnu::always_inline]] inline void add_vector_in_lanes(const Op& op, int64_t g, int64_t offset,
-                                                       acc_t (&lanes_a)[kLanes],
-                                                       acc_t (&lanes_b)[kLanes]) {
-  if constexpr (Op::kLaneTerms) {
-    acc_t a[kLanes], b[kLanes];
-    op.template lane_terms<0>(g, offset, a, b);
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      lanes_a[k] += a[k];
-      lanes_b[k] += b[k];
-    }
-  } else {
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      acc_t a, b;
-      op.terms(g, offset + k, a, b);
-      lanes_a[k] += a;
-      lanes_b[k] += b;
-    }
-  }
-}
-
-// add_run_in_lanes into zeroed lanes of the run's own, added to double lanes
-// `wide` (local lanes, which GCC keeps in registers).
+// add_run_in_lanes into zeroed lanes of the run's own, added to double lanes `wide`.
 template <class Op, typename acc_t = typename Op::acc_t>
-[[gnu::noinline]] void add_run_to_double_lanes(const Op& op_ref, int64_t g, int64_t offset,
+[[gnu::noinline]] void add_run_to_double_lanes(const Op& op, int64_t g, int64_t offset,
                                                int64_t length,
                                                double (*__restrict__ wide)[kLanes]) {
-  const Op op = op_ref;
-  acc_t lanes_a[kLanes] = {}, lanes_b[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
-    add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
-  }
-  add_tail_in_lanes(op, g, offset, i, length, lanes_a, lanes_b);
+  acc_t lanes[kTerms][kLanes] = {};
+  add_run_in_lanes(op, g, offset, length, lanes);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
-    wide[0][k] += lanes_a[k];
-    wide[1][k] += lanes_b[k];
+    wide[0][k] += lanes[0][k];
+    wide[1][k] += lanes[1][k];
   }
 }
 
@@ -233,7 +256,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
   // lanes (as accurate as adding up each run's sums in double, without its
   // cost). A long run's unit is one block, whose double lanes hold its float
   // lanes: 16-bit data takes that path too (GCC kept lanes inlined beside
-  // their vector widening in memory), float32 the inlined lanes (faster: A/B, session 22).
+  // their vector widening in memory, before RunLanes; not measured again),
+  // float32 the inlined lanes (faster: A/B, session 22).
   const bool runs_in_double = s.inner >= 4 * kLanes && (short_runs || Op::kLaneTerms);
   // Short runs: as many neighbouring groups per task as its lanes allow, so
   // that a task reads memory in order (a group's runs alone are a row of the
@@ -452,7 +476,7 @@ template <class Op, typename acc_t = typename Op::acc_t>
 void add_block_in_two_sets(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
                            acc_t (*__restrict__ lanes)[kLanes]) {
   const Op op = op_ref;
-  acc_t even_a[kLanes] = {}, even_b[kLanes] = {}, odd_a[kLanes] = {}, odd_b[kLanes] = {};
+  RunLanes<Op> even_a{}, even_b{}, odd_a{}, odd_b{};
   int64_t i = 0;
   for (; i + 2 * kLanes <= length; i += 2 * kLanes) {
     add_vector_in_lanes(op, g, offset + i, even_a, even_b);
@@ -462,11 +486,16 @@ void add_block_in_two_sets(const Op& op_ref, int64_t g, int64_t offset, int64_t 
     add_vector_in_lanes(op, g, offset + i, even_a, even_b);
     i += kLanes;
   }
-  add_tail_in_lanes(op, g, offset, i, length, even_a, even_b);
+  std::memcpy(lanes[0], &even_a, sizeof even_a);
+  std::memcpy(lanes[1], &even_b, sizeof even_b);
+  add_tail_in_lanes(op, g, offset, i, length, lanes[0], lanes[1]);
+  acc_t odd[kTerms][kLanes];
+  std::memcpy(odd[0], &odd_a, sizeof odd_a);
+  std::memcpy(odd[1], &odd_b, sizeof odd_b);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
-    lanes[0][k] = even_a[k] + odd_a[k];
-    lanes[1][k] = even_b[k] + odd_b[k];
+    lanes[0][k] += odd[0][k];
+    lanes[1][k] += odd[1][k];
   }
 }
 
