@@ -196,6 +196,17 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         ops.layer_norm_forward(leaf_rows, [channels], leaf_weight, leaf_bias, EPS,
                                False)[0].backward(grad_rows)
 
+    # add + LayerNorm as a pre-norm block runs it: both outputs used, the sum's
+    # gradient a dense tensor of its own.
+    leaf_residual = torch.randn_like(rows).requires_grad_()
+    grad_sum = torch.randn_like(rows)
+
+    def add_ln_autograd_forward_backward():
+        leaf_rows.grad = leaf_residual.grad = leaf_weight.grad = leaf_bias.grad = None
+        y, total, _, _ = ops.add_layer_norm_forward(leaf_rows, leaf_residual, [channels],
+                                                    leaf_weight, leaf_bias, EPS, False)
+        torch.autograd.backward([y, total], [grad_rows, grad_sum])
+
     return {
         "train": train,
         "eval": lambda: ops.batch_norm_forward(x, weight, bias, running_mean, running_var,
@@ -230,6 +241,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
                                                        ln_rstd, weight, False, gn_mask),
         "ln_fwdbwd": ln_forward_backward,
         "ln_autograd_fwdbwd": ln_autograd_forward_backward,
+        "add_ln_autograd_fwdbwd": add_ln_autograd_forward_backward,
     }
 
 
@@ -237,7 +249,8 @@ OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd"
        "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_residual_train", "act_fwdbwd", "act_residual_fwdbwd",
        "gn_forward", "gn_act_forward", "gn_backward", "gn_act_backward", "gn_fwdbwd",
-       "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_backward", "ln_fwdbwd", "ln_autograd_fwdbwd")
+       "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_backward", "ln_fwdbwd", "ln_autograd_fwdbwd",
+       "add_ln_autograd_fwdbwd")
 
 
 def compare(args) -> None:

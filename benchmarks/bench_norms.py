@@ -28,8 +28,9 @@ Memory traffic per row in multiples of bytes(x) (R read, W written):
            GroupNorm/InstanceNorm channels-last: forward 2R+1W, backward
            4R+1W (the statistics, then a pass over the rows).
            add + norm: forward 2R+2W (x and the residual read, the sum and
-           the output written); backward as the norm's, plus torch's add of
-           the sum's own gradient (2R+1W). GroupNorm + SiLU: as GroupNorm.
+           the output written); backward 3R+1W: the norm's, with the sum's
+           own gradient (a tensor apart from the output's) read and added in
+           the input gradient's pass. GroupNorm + SiLU: as GroupNorm.
   floor    forward: one copy (1R+1W); forward + backward: 2.5 copies (3R+2W).
 """
 
@@ -120,13 +121,13 @@ def _forward(layer, inputs):
     return step
 
 
-def _train(layer, inputs, grad):
+def _train(layer, inputs, grads):
     def step():
         for t in inputs:
             t.grad = None
         layer.zero_grad(set_to_none=True)
         outputs = _outputs(layer(*inputs))
-        torch.autograd.backward(outputs, [grad] * len(outputs))
+        torch.autograd.backward(outputs, grads[:len(outputs)])
     return step
 
 
@@ -137,7 +138,7 @@ def _without_cache(step):
     return run
 
 
-def _check(label, theirs, ours, inputs, grad) -> None:
+def _check(label, theirs, ours, inputs, grads) -> None:
     """One training step of normext's layer against torch's layer in float64
     on the same values: outputs and every gradient must agree to the dtype's
     tolerance, a guard against timing a wrong kernel. (torch's own 16-bit
@@ -148,7 +149,7 @@ def _check(label, theirs, ours, inputs, grad) -> None:
         xs = [t.detach().to(dtype).requires_grad_() for t in inputs]
         layer.zero_grad(set_to_none=True)
         outputs = _outputs(layer(*xs))
-        torch.autograd.backward(outputs, [grad.to(dtype)] * len(outputs))
+        torch.autograd.backward(outputs, [g.to(dtype) for g in grads[:len(outputs)]])
         results.append([out.detach().double() for out in outputs]
                        + [t.grad.double() for t in xs]
                        + [p.grad.double() for p in layer.parameters()])
@@ -190,17 +191,18 @@ def main() -> None:
                     memory_format=memory_format).requires_grad_()
                     for _ in range(_INPUTS.get(norm, 1))]
                 x = inputs[0]
-                grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(
-                    memory_format=memory_format)
+                # One gradient per output (the add norms have two), each a tensor of its own.
+                grads = [torch.randn(shape, generator=gen).to(device, dtype).contiguous(
+                    memory_format=memory_format) for _ in range(2)]
                 theirs = make_layer("torch", shape).to(device, dtype)
                 ours = make_layer("normext", shape).to(device, dtype)
                 label = f"{norm} {dtype_name} {shape_label}"
-                _check(label, theirs, ours, inputs, grad)
+                _check(label, theirs, ours, inputs, grads)
                 copy_out = torch.empty_like(x)  # (x's memory format)
                 for mode in FLOOR_COPIES:
                     log(f"{label} {mode}")
                     make = _forward if mode == "forward" else (
-                        lambda layer, inputs: _train(layer, inputs, grad))
+                        lambda layer, inputs: _train(layer, inputs, grads))
                     fns = {"torch": make(theirs, inputs), "normext": make(ours, inputs),
                            "cache off": _without_cache(make(ours, inputs)),
                            "copy": lambda: copy_out.copy_(x.detach())}

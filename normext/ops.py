@@ -443,11 +443,12 @@ def layer_norm_forward(
 
 def layer_norm_backward(
     grad_out: Tensor, input: Tensor, normalized_shape: list[int], mean: Tensor, rstd: Tensor,
-    weight: Tensor | None, rms: bool, output_mask: list[bool],
+    weight: Tensor | None, rms: bool, output_mask: list[bool], grad_sum: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks for it."""
+    """(grad_input, grad_weight, grad_bias), each None unless output_mask asks for it;
+    grad_sum (the input's shape and dtype) is added to grad_input in its pass."""
     return _ops.layer_norm_backward.default(grad_out, input, normalized_shape, mean, rstd, weight,
-                                           rms, output_mask)
+                                           rms, output_mask, grad_sum)
 
 
 def _check_layer_norm(input: Tensor, normalized_shape, weight: Tensor | None,
@@ -484,10 +485,15 @@ def _(input, normalized_shape, weight, bias, eps, rms):
 
 
 @torch.library.register_fake("normext::layer_norm_backward")
-def _(grad_out, input, normalized_shape, mean, rstd, weight, rms, output_mask):
+def _(grad_out, input, normalized_shape, mean, rstd, weight, rms, output_mask, grad_sum=None):
     _check_layer_norm(input, normalized_shape, weight, None)
     torch._check(grad_out.shape == input.shape and grad_out.dtype == input.dtype,
                  lambda: "layer_norm_backward: expected grad_out of the input's shape and dtype")
+    torch._check(grad_sum is None or (grad_sum.shape == input.shape
+                                      and grad_sum.dtype == input.dtype
+                                      and grad_sum.device == input.device),
+                 lambda: "layer_norm_backward: expected grad_sum of the input's shape, dtype "
+                         "and device")
     param_dtype = input.dtype if weight is None else weight.dtype
     return (input.new_empty(input.shape) if output_mask[0] else None,
             input.new_empty(normalized_shape, dtype=param_dtype)

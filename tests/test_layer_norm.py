@@ -130,6 +130,34 @@ def test_backward_rows_alone_and_in_pairs(rows, features, dtype):
         assert torch.equal(with_input, alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,features", [(9, 33), (37, 700), (37, 2000)])
+@pytest.mark.parametrize("params", [True, False], ids=["with_params", "input_alone"])
+def test_backward_op_adds_grad_sum(rows, features, dtype, params):
+    """layer_norm_backward's grad_sum (add + LayerNorm's sum gradient) is
+    added to grad_input in the kernel's pass, before rounding: against the
+    float64 sum of the float64 reference and grad_sum, for rows alone, in
+    pairs and with a vector tail; the parameter gradients are the same bits
+    as without it, and a grad_input not asked for ignores it."""
+    torch.manual_seed(rows + features)
+    x, dy, gs = (torch.randn(rows, features, dtype=torch.float64).to(dtype) for _ in range(3))
+    w = (torch.rand(features, dtype=torch.float64) + 0.5).to(dtype)
+    for rms in (False, True):
+        _, mean, rstd = ops.layer_norm_forward(x, [features], w, None, 1e-5, rms)
+        mask = [True, params, params]
+        fused = ops.layer_norm_backward(dy, x, [features], mean, rstd, w, rms, mask, gs)
+        plain = ops.layer_norm_backward(dy, x, [features], mean, rstd, w, rms, mask)
+        ref = [t.to(torch.float64, copy=True).requires_grad_() for t in (x, w)]
+        _reference(rms, ref[0], [features], ref[1], None, 1e-5).backward(dy.double())
+        assert_close(fused[0], ref[0].grad + gs.double(), dtype, factor=4)
+        for with_sum, without in zip(fused[1:], plain[1:]):
+            assert (with_sum is None and without is None) or torch.equal(with_sum, without)
+    assert ops.layer_norm_backward(dy, x, [features], mean, rstd, w, True,
+                                   [False, True, False], gs)[0] is None
+    with pytest.raises(RuntimeError, match="expected grad_sum of the input's shape"):
+        ops.layer_norm_backward(dy, x, [features], mean, rstd, w, True, mask, gs[:1])
+
+
 def test_backward_op_with_no_gradient_wanted():
     """layer_norm_backward asked for nothing (or for a weight gradient with no
     weight) computes nothing and returns undefined gradients."""
@@ -394,6 +422,30 @@ def test_add_norm_matches_torchs_composition(case, dtype):
                                       [g_ref[0], g_ref[0]] + g_ref[2:]):
         assert_close(actual, expected, dtype, factor=4 if dtype != torch.float64 else 1,
                      msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("sum_grad", ["dense", "transposed", "expanded", "none"])
+def test_add_norm_sum_gradient_of_any_layout(sum_grad):
+    """The sum's gradient joins the input's in the backward kernel where it is
+    contiguous, and is added after it otherwise (an expanded gradient, as from
+    sum.sum(), or a transposed one) or not at all (the sum unused)."""
+    torch.manual_seed(0)
+    x, r = torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    w, b = torch.rand(40, dtype=torch.float64) + 0.5, torch.randn(40, dtype=torch.float64)
+    dy = torch.randn(6, 40, dtype=torch.float64)
+    ds = {"dense": torch.randn(6, 40, dtype=torch.float64),
+          "transposed": torch.randn(40, 6, dtype=torch.float64).t(),
+          "expanded": torch.tensor(2.5, dtype=torch.float64).expand(6, 40),
+          "none": None}[sum_grad]
+    grads = []
+    for fn in (NF.add_layer_norm, _add_norm_reference(False)):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        y, s = fn(leaves[0], leaves[1], [40], *leaves[2:], 1e-5)
+        torch.autograd.backward([y] + ([s] if ds is not None else []),
+                                [dy] + ([ds] if ds is not None else []))
+        grads.append([t.grad for t in leaves])
+    for actual, expected in zip(*grads):
+        assert_close(actual, expected)
 
 
 def test_add_norm_modules_gradgradcheck_and_compile():

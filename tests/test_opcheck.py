@@ -132,6 +132,9 @@ def _layer_norm_samples(device):
             samples.append((f"{name}-backward", "layer_norm_backward",
                             (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
                              [True, True, not rms])))
+            samples.append((f"{name}-backward-grad_sum", "layer_norm_backward",
+                            (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
+                             [True, False, False], torch.randn_like(x))))
     return samples
 
 

@@ -46,13 +46,14 @@ TensorQuad add_forward_below_autograd(const Tensor& input, const Tensor& residua
 TensorTriple backward_below_autograd(const Tensor& grad_out, const Tensor& input,
                                      at::IntArrayRef normalized_shape, const Tensor& mean,
                                      const Tensor& rstd, const OptionalTensor& weight, bool rms,
-                                     std::array<bool, 3> output_mask) {
+                                     std::array<bool, 3> output_mask,
+                                     const OptionalTensor& grad_sum) {
   static const auto op =
       typed_op<TensorTriple(const Tensor&, const Tensor&, at::IntArrayRef, const Tensor&,
-                            const Tensor&, const OptionalTensor&, bool, std::array<bool, 3>)>(
-          "normext::layer_norm_backward");
+                            const Tensor&, const OptionalTensor&, bool, std::array<bool, 3>,
+                            const OptionalTensor&)>("normext::layer_norm_backward");
   return call_below_autograd(op, grad_out, input, normalized_shape, mean, rstd, weight, rms,
-                             output_mask);
+                             output_mask, grad_sum);
 }
 
 // The backward's formulas (the kernels') in differentiable ATen ops, in the
@@ -96,16 +97,26 @@ struct LayerNormState {
 };
 
 // The layer norm's gradients of (input, weight, bias) at `input`, each where
-// `wanted`; undefined where grad_out is.
+// `wanted`, grad_sum (where defined) added to the input's: undefined where
+// both grad_out and grad_sum are.
 TensorTriple layer_norm_grads(const Tensor& grad_out, const Tensor& input, const Tensor& weight,
                               const Tensor& mean, const Tensor& rstd, const LayerNormState& s,
-                              std::array<bool, 3> wanted) {
-  if (!grad_out.defined()) return {};
+                              std::array<bool, 3> wanted, const Tensor& grad_sum = {}) {
+  if (!grad_out.defined()) return {wanted[0] ? grad_sum : Tensor(), Tensor(), Tensor()};
   if (at::GradMode::is_enabled()) {  // create_graph=True
-    return differentiable_backward(grad_out, input, s.normalized_shape, weight, s.eps, s.rms);
+    auto grads = differentiable_backward(grad_out, input, s.normalized_shape, weight, s.eps, s.rms);
+    if (grad_sum.defined()) std::get<0>(grads) = std::get<0>(grads) + grad_sum;
+    return grads;
   }
-  return backward_below_autograd(grad_out, input, s.normalized_shape, mean, rstd,
-                                 as_optional(weight), s.rms, wanted);
+  // A grad_sum that is not dense (say, expanded from a scalar's) is cheaper to
+  // add than to make contiguous for the kernel.
+  const bool add_in_kernel = wanted[0] && grad_sum.defined() && grad_sum.is_contiguous();
+  auto grads = backward_below_autograd(grad_out, input, s.normalized_shape, mean, rstd,
+                                       as_optional(weight), s.rms, wanted,
+                                       add_in_kernel ? as_optional(grad_sum) : c10::nullopt);
+  // In place: the kernel's output is ours alone.
+  if (wanted[0] && grad_sum.defined() && !add_in_kernel) std::get<0>(grads).add_(grad_sum);
+  return grads;
 }
 
 struct LayerNormBackward final : SavedStateNode<LayerNormBackward, LayerNormState, 4> {
@@ -137,16 +148,9 @@ struct AddLayerNormBackward final : SavedStateNode<AddLayerNormBackward, LayerNo
   // The gradients of input, residual, weight and bias, each where `wanted`.
   static variable_list gradients(const variable_list& grad_outputs, const Tensors& t,
                                  const LayerNormState& s, const std::vector<bool>& wanted) {
-    const Tensor& grad_sum = grad_outputs[1];
-    auto [grad_input, grad_weight, grad_bias] =
+    const auto [grad_input, grad_weight, grad_bias] =
         layer_norm_grads(grad_outputs[0], t[kSum], t[kWeight], t[kMean], t[kRstd], s,
-                         {wanted[0] || wanted[1], wanted[2], wanted[3]});
-    if (!grad_input.defined()) {
-      grad_input = grad_sum;
-    } else if (grad_sum.defined()) {
-      // In place where no graph is recorded: the kernel's output is ours alone.
-      grad_input = at::GradMode::is_enabled() ? grad_input + grad_sum : grad_input.add_(grad_sum);
-    }
+                         {wanted[0] || wanted[1], wanted[2], wanted[3]}, grad_outputs[1]);
     variable_list grads(4);
     if (wanted[0]) grads[0] = grad_input;
     if (wanted[1]) grads[1] = grad_input;

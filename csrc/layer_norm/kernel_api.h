@@ -12,8 +12,10 @@ static void forward(const Rows& input, const at::Tensor& residual, const at::Ten
                     const at::Tensor& bias, double eps, bool rms, at::Tensor& output,
                     at::Tensor& sum, at::Tensor& mean, at::Tensor& rstd);
 // The gradients that are defined on entry: grad_input from one pass over each
-// row, grad_weight = sum over rows of dy * (x - mean) * rstd and grad_bias =
-// sum of dy, added in an order fixed by the shape.
+// row (plus grad_sum where defined: contiguous, the input's shape and dtype),
+// grad_weight = sum over rows of dy * (x - mean) * rstd and grad_bias = sum of
+// dy, added in an order fixed by the shape.
 static void backward(const Rows& grad_out, const Rows& input, const at::Tensor& mean,
                      const at::Tensor& rstd, const at::Tensor& weight, bool rms,
-                     at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias);
+                     const at::Tensor& grad_sum, at::Tensor& grad_input,
+                     at::Tensor& grad_weight, at::Tensor& grad_bias);

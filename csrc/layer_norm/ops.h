@@ -125,7 +125,8 @@ struct LayerNormOps {
   static TensorTriple backward(const at::Tensor& grad_out, const at::Tensor& input,
                                at::IntArrayRef normalized_shape, const at::Tensor& mean,
                                const at::Tensor& rstd, const OptionalTensor& weight, bool rms,
-                               std::array<bool, 3> output_mask) {
+                               std::array<bool, 3> output_mask,
+                               const OptionalTensor& grad_sum) {
     const Rows view = rows_of(input, normalized_shape, weight, {});
     TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
                 "layer_norm_backward: expected grad_out of the input's shape and dtype, got ",
@@ -137,11 +138,21 @@ struct LayerNormOps {
                   "layer_norm_backward: expected mean and rstd of ", view.rows, " ", acc,
                   " values on ", input.device());
     }
+    TORCH_CHECK(!grad_sum.has_value() || (grad_sum->sizes() == input.sizes() &&
+                                          grad_sum->scalar_type() == input.scalar_type() &&
+                                          grad_sum->device() == input.device()),
+                "layer_norm_backward: expected grad_sum of the input's shape, dtype and device, "
+                "got ", grad_sum->sizes(), " (", grad_sum->scalar_type(), ") on ",
+                grad_sum->device());
     const Rows dy{grad_out.contiguous(), view.rows, view.features};
+    const at::Tensor dense_grad_sum =
+        output_mask[0] && grad_sum.has_value() ? grad_sum->contiguous() : at::Tensor();
     at::Tensor grad_input, grad_weight, grad_bias;
     const auto param_options = weight.has_value() ? weight->options() : input.options();
     if (output_mask[0]) {
-      grad_input = Kernels::empty_output(view, {view.data.const_data_ptr(), dy.data.const_data_ptr()});
+      std::vector<const void*> reads{view.data.const_data_ptr(), dy.data.const_data_ptr()};
+      if (dense_grad_sum.defined()) reads.push_back(dense_grad_sum.const_data_ptr());
+      grad_input = Kernels::empty_output(view, reads);
     }
     if (output_mask[1] && weight.has_value()) grad_weight = at::empty(normalized_shape, param_options);
     if (output_mask[2]) grad_bias = at::empty(normalized_shape, param_options);
@@ -151,7 +162,7 @@ struct LayerNormOps {
       return {grad_input, grad_weight, grad_bias};
     }
     Kernels::backward(dy, view, mean.contiguous(), rstd.contiguous(), value_or_undefined(weight),
-                      rms, grad_input, grad_weight, grad_bias);
+                      rms, dense_grad_sum, grad_input, grad_weight, grad_bias);
     return {grad_input, grad_weight, grad_bias};
   }
 };

@@ -16,9 +16,11 @@ TORCH_LIBRARY_FRAGMENT(normext, m) {
       "Tensor? weight, Tensor? bias, float eps, bool rms) "
       "-> (Tensor output, Tensor sum, Tensor mean, Tensor rstd)");
   // output_mask: which of (grad_input, grad_weight, grad_bias) to compute;
-  // the others are returned undefined.
+  // the others are returned undefined. grad_sum (the input's shape and dtype)
+  // is added to grad_input in its pass: add + LayerNorm's backward, whose sum
+  // has a gradient of its own.
   m.def(
       "layer_norm_backward(Tensor grad_out, Tensor input, int[] normalized_shape, "
-      "Tensor mean, Tensor rstd, Tensor? weight, bool rms, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor mean, Tensor rstd, Tensor? weight, bool rms, bool[3] output_mask, "
+      "Tensor? grad_sum=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }

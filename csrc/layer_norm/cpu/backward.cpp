@@ -1,13 +1,15 @@
 // Backward: per row, sum(g) and sum(g * (x - mean)) with g = dy * weight in
 // one read of dy and x, then one pass over the row in cache for its input
 // gradient (common/math.h: grad_input_coefficients, with the row as the group)
-// and its terms of the parameter gradients: 2R+1W from memory. The parameter
+// and its terms of the parameter gradients: 2R+1W from memory (3R+1W where
+// grad_sum is added to the input gradient: add + LayerNorm's). The parameter
 // gradients' sums over rows: per block of rows (at most kMaxBlocks, fixed by
 // the shape), running sums of kParamRows rows in the accumulate type added in
 // double; the blocks' sums added in block order: the same at any thread count.
 #include "layer_norm/cpu/kernels.h"
 
 #include <memory>
+#include <type_traits>
 
 namespace normext::layer_norm::NORMEXT_CPU_CAPABILITY {
 namespace {
@@ -64,9 +66,9 @@ struct RowGradSums {
 #if defined(NORMEXT_VECTORS16)
 // rows_pass below over 16-bit rows through whole vectors (vec16.h), the same
 // terms in the same order in each lane.
-template <int kRows, bool kInput, bool kParams, typename T>
-C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, const float* w,
-                                         const float (&row_mean)[kRows],
+template <int kRows, bool kInput, bool kParams, bool kAddSum, typename T>
+C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, const T* gs_rows,
+                                         const float* w, const float (&row_mean)[kRows],
                                          const float (&row_rstd)[kRows],
                                          const cpu::GradInputCoefficients<float> (&k)[kRows],
                                          T* dx_rows, float* sum_dy_xhat, float* sum_dy,
@@ -90,7 +92,8 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
         const V g = load(dy_rows + i * D + d);
         const V xmu = load(x_rows + i * D + d) - row_mean[i];
         if constexpr (kInput) {
-          const V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
+          V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
+          if constexpr (kAddSum) dx += load(gs_rows + i * D + d);
           if (whole) {
             cpu::store_vector(dx_rows + i * D + d, dx, how);
           } else {
@@ -109,20 +112,22 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
 }
 #endif
 
-// One pass over kRows consecutive rows in cache: their input gradient (kInput)
-// and their terms of the parameter gradients' running sums (kParams), added
-// row by row; dy and x are read once for both.
-template <int kRows, bool kInput, bool kParams, typename T, typename acc_t>
+// One pass over kRows consecutive rows in cache: their input gradient (kInput),
+// plus grad_sum's rows before it is rounded (kAddSum), and their terms of the
+// parameter gradients' running sums (kParams), added row by row; dy and x are
+// read once for both.
+template <int kRows, bool kInput, bool kParams, bool kAddSum, typename T, typename acc_t>
 C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restrict__ x_rows,
-                                 const acc_t* __restrict__ w, const acc_t (&row_mean)[kRows],
+                                 const T* __restrict__ gs_rows, const acc_t* __restrict__ w,
+                                 const acc_t (&row_mean)[kRows],
                                  const acc_t (&row_rstd)[kRows],
                                  const cpu::GradInputCoefficients<acc_t> (&k)[kRows],
                                  T* __restrict__ dx_rows, acc_t* __restrict__ sum_dy_xhat,
                                  acc_t* __restrict__ sum_dy, int64_t D) {
 #if defined(NORMEXT_VECTORS16)
   if constexpr (cpu::kNarrowsAsVector<T>) {
-    return rows_pass_vectors<kRows, kInput, kParams>(dy_rows, x_rows, w, row_mean, row_rstd, k,
-                                                     dx_rows, sum_dy_xhat, sum_dy, D);
+    return rows_pass_vectors<kRows, kInput, kParams, kAddSum>(
+        dy_rows, x_rows, gs_rows, w, row_mean, row_rstd, k, dx_rows, sum_dy_xhat, sum_dy, D);
   }
 #endif
 #pragma omp simd
@@ -132,7 +137,9 @@ C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restr
       const acc_t g = static_cast<acc_t>(dy_rows[i * D + d]);
       const acc_t xmu = static_cast<acc_t>(x_rows[i * D + d]) - row_mean[i];
       if constexpr (kInput) {
-        cpu::store(dx_rows + i * D, d, cpu::grad_input_centred(g * w[d], xmu, k[i]));
+        acc_t dx = cpu::grad_input_centred(g * w[d], xmu, k[i]);
+        if constexpr (kAddSum) dx += static_cast<acc_t>(gs_rows[i * D + d]);
+        cpu::store(dx_rows + i * D, d, dx);
       }
       dy_xhat += g * (xmu * row_rstd[i]);
       dy_sum += g;
@@ -147,13 +154,15 @@ C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restr
 template <typename scalar_t>
 void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_in,
                    const at::Tensor& rstd_in, const at::Tensor& weight, bool rms,
-                   at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                   const at::Tensor& grad_sum, at::Tensor& grad_input, at::Tensor& grad_weight,
+                   at::Tensor& grad_bias) {
   using T = cpu::loop_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = v.features, rows = v.rows;
   const T* x = cpu::loop_data<scalar_t>(v.data);
   const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
   T* dx = grad_input.defined() ? cpu::mutable_loop_data<scalar_t>(grad_input) : nullptr;
+  const T* gs = dx && grad_sum.defined() ? cpu::loop_data<scalar_t>(grad_sum) : nullptr;
   const acc_t* mean = mean_in.const_data_ptr<acc_t>();
   const acc_t* rstd = rstd_in.const_data_ptr<acc_t>();
   const std::vector<acc_t> w = cpu::channel_values<acc_t>(weight, D, 1);
@@ -186,18 +195,24 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
           rms ? acc_t(0) : static_cast<acc_t>(sums[0]), static_cast<acc_t>(sums[1]), row_rstd[i],
           acc_t(1), static_cast<acc_t>(1.0 / static_cast<double>(D)));
     }
-    const T* dy_rows = dy + r * D;
-    const T* x_rows = x + r * D;
-    T* dx_rows = dx ? dx + r * D : nullptr;
-    if (dx && param_grads) {
-      rows_pass<kRows, true, true>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
-                                   sum_dy_xhat, sum_dy, D);
+    const auto through = [&](auto input_c, auto params_c, auto add_sum_c) {
+      rows_pass<kRows, decltype(input_c)::value, decltype(params_c)::value,
+                decltype(add_sum_c)::value>(
+          dy + r * D, x + r * D, gs ? gs + r * D : nullptr, w.data(), row_mean, row_rstd, k,
+          dx ? dx + r * D : nullptr, sum_dy_xhat, sum_dy, D);
+    };
+    const std::true_type yes;
+    const std::false_type no;
+    if (dx && gs && param_grads) {
+      through(yes, yes, yes);
+    } else if (dx && gs) {
+      through(yes, no, yes);
+    } else if (dx && param_grads) {
+      through(yes, yes, no);
     } else if (dx) {
-      rows_pass<kRows, true, false>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
-                                    sum_dy_xhat, sum_dy, D);
+      through(yes, no, no);
     } else {
-      rows_pass<kRows, false, true>(dy_rows, x_rows, w.data(), row_mean, row_rstd, k, dx_rows,
-                                    sum_dy_xhat, sum_dy, D);
+      through(no, yes, no);
     }
   };
   at::parallel_for(0, blocks, cpu::grain_for(rows_per_block * D), [&](int64_t begin, int64_t end) {
@@ -257,12 +272,12 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
 
 void CpuKernels::backward(const Rows& grad_out, const Rows& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const at::Tensor& weight, bool rms,
-                          at::Tensor& grad_input, at::Tensor& grad_weight,
-                          at::Tensor& grad_bias) {
+                          const at::Tensor& grad_sum, at::Tensor& grad_input,
+                          at::Tensor& grad_weight, at::Tensor& grad_bias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.data.scalar_type(),
                                   "layer_norm_backward", [&] {
-    backward_rows<scalar_t>(grad_out, input, mean, rstd, weight, rms, grad_input, grad_weight,
-                            grad_bias);
+    backward_rows<scalar_t>(grad_out, input, mean, rstd, weight, rms, grad_sum, grad_input,
+                            grad_weight, grad_bias);
   });
 }
 

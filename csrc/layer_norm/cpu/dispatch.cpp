@@ -18,10 +18,10 @@ void CpuKernels::forward(const Rows& input, const at::Tensor& residual, const at
 
 void CpuKernels::backward(const Rows& grad_out, const Rows& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const at::Tensor& weight, bool rms,
-                          at::Tensor& grad_input, at::Tensor& grad_weight,
-                          at::Tensor& grad_bias) {
+                          const at::Tensor& grad_sum, at::Tensor& grad_input,
+                          at::Tensor& grad_weight, at::Tensor& grad_bias) {
   cpu::with_variant<KernelsOf>([&](auto k) {
-    decltype(k)::type::backward(grad_out, input, mean, rstd, weight, rms, grad_input,
+    decltype(k)::type::backward(grad_out, input, mean, rstd, weight, rms, grad_sum, grad_input,
                                 grad_weight, grad_bias);
   });
 }

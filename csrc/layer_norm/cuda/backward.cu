@@ -1,6 +1,7 @@
 // Backward: a block per row sums g = dy * weight and g * (x - mean), then
 // writes the input gradient from the row in L1/L2 (common/math.h:
-// grad_input_coefficients, the row as the group): 2R+1W. The parameter
+// grad_input_coefficients, the row as the group), plus grad_sum where given:
+// 2R+1W (3R+1W with grad_sum). The parameter
 // gradients read dy and x again (4R+1W in all): per split of rows a thread
 // per feature sums dy * (x - mean) * rstd and dy down the split's rows
 // (coalesced across the features), then a thread per feature adds the splits
@@ -28,8 +29,8 @@ template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     grad_input_kernel(const T* __restrict__ grad_out, const T* __restrict__ input,
                       const acc_t* __restrict__ weight, const acc_t* __restrict__ mean,
-                      const acc_t* __restrict__ rstd, int64_t D, bool rms,
-                      T* __restrict__ grad_input) {
+                      const acc_t* __restrict__ rstd, const T* __restrict__ grad_sum,
+                      int64_t D, bool rms, T* __restrict__ grad_input) {
   __shared__ Sums<double> shared[kThreads];
   const int64_t r = blockIdx.x;
   const T* dy = grad_out + r * D;
@@ -46,9 +47,12 @@ __global__ void __launch_bounds__(kThreads)
       rms ? acc_t(0) : static_cast<acc_t>(sums.first), static_cast<acc_t>(sums.second), rstd[r],
       acc_t(1), static_cast<acc_t>(1.0 / static_cast<double>(D)));
   T* dx = grad_input + r * D;
+  const T* gs = grad_sum != nullptr ? grad_sum + r * D : nullptr;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     const acc_t g = static_cast<acc_t>(dy[d]) * (weight != nullptr ? weight[d] : acc_t(1));
-    dx[d] = static_cast<T>(math::grad_input_centred(g, static_cast<acc_t>(x[d]) - row_mean, k));
+    acc_t value = math::grad_input_centred(g, static_cast<acc_t>(x[d]) - row_mean, k);
+    if (gs != nullptr) value += static_cast<acc_t>(gs[d]);
+    dx[d] = static_cast<T>(value);
   }
 }
 
@@ -94,8 +98,8 @@ __global__ void __launch_bounds__(kThreads)
 
 void CudaKernels::backward(const Rows& grad_out, const Rows& input, const at::Tensor& mean,
                            const at::Tensor& rstd, const at::Tensor& weight, bool rms,
-                           at::Tensor& grad_input, at::Tensor& grad_weight,
-                           at::Tensor& grad_bias) {
+                           const at::Tensor& grad_sum, at::Tensor& grad_input,
+                           at::Tensor& grad_weight, at::Tensor& grad_bias) {
   cuda::check_rows(input);
   const c10::cuda::CUDAGuard guard(input.data.device());
   const auto stream = c10::cuda::getCurrentCUDAStream(input.data.device().index());
@@ -111,7 +115,8 @@ void CudaKernels::backward(const Rows& grad_out, const Rows& input, const at::Te
     if (grad_input.defined()) {
       const at::Tensor w = cuda::accumulate_param(weight, acc);
       grad_input_kernel<scalar_t, acc_t><<<rows, kThreads, 0, stream>>>(
-          dy, x, w.defined() ? w.const_data_ptr<acc_t>() : nullptr, mean_data, rstd_data, D, rms,
+          dy, x, w.defined() ? w.const_data_ptr<acc_t>() : nullptr, mean_data, rstd_data,
+          grad_sum.defined() ? grad_sum.const_data_ptr<scalar_t>() : nullptr, D, rms,
           grad_input.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
