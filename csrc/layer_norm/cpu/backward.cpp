@@ -74,7 +74,8 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
                                          T* dx_rows, float* sum_dy_xhat, float* sum_dy,
                                          int64_t D) {
   using V = cpu::FloatVector;
-  cpu::with_narrowing<T>([&](auto how) {
+  // (Always inlined: GCC outlined this loop once the kernel had more variants.)
+  cpu::with_narrowing<T>([&](auto how) __attribute__((always_inline)) {
     cpu::GradInputCoefficients<V> kv[kRows];
     for (int i = 0; i < kRows; ++i) {
       kv[i] = {cpu::splat(k[i].dy_scale), cpu::splat(k[i].xmu_scale), cpu::splat(k[i].shift)};
