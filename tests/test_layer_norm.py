@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normext
 from normext import functional as NF
@@ -135,7 +136,7 @@ def test_backward_rows_alone_and_in_pairs(rows, features, dtype):
 @pytest.mark.parametrize("params", [True, False], ids=["with_params", "input_alone"])
 def test_backward_op_adds_grad_sum(rows, features, dtype, params):
     """layer_norm_backward's grad_sum (add + LayerNorm's sum gradient) is
-    added to grad_input in the kernel's pass, before rounding: against the
+    added to grad_input in the kernel's pass: against the
     float64 sum of the float64 reference and grad_sum, for rows alone, in
     pairs and with a vector tail; the parameter gradients are the same bits
     as without it, and a grad_input not asked for ignores it."""
@@ -424,28 +425,55 @@ def test_add_norm_matches_torchs_composition(case, dtype):
                      msg=f"grad {name}")
 
 
+class _BackwardCalls(TorchDispatchMode):
+    """Records whether each layer_norm_backward call got a grad_sum, and the in-place adds."""
+
+    def __init__(self):
+        super().__init__()
+        self.grad_sum_given, self.adds = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.normext.layer_norm_backward.default:
+            self.grad_sum_given.append(len(args) > 8 and args[8] is not None
+                                       or kwargs.get("grad_sum") is not None)
+        elif func is torch.ops.aten.add_.Tensor:
+            self.adds += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("sum_grad", ["dense", "transposed", "expanded", "none"])
-def test_add_norm_sum_gradient_of_any_layout(sum_grad):
+def test_add_norm_sum_gradient_of_any_layout(sum_grad, dtype):
     """The sum's gradient joins the input's in the backward kernel where it is
     contiguous, and is added after it otherwise (an expanded gradient, as from
-    sum.sum(), or a transposed one) or not at all (the sum unused)."""
+    sum.sum(), or a transposed one) or not at all (the sum unused): each path
+    taken where expected, with torch's gradients in float64."""
     torch.manual_seed(0)
-    x, r = torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
-    w, b = torch.rand(40, dtype=torch.float64) + 0.5, torch.randn(40, dtype=torch.float64)
-    dy = torch.randn(6, 40, dtype=torch.float64)
-    ds = {"dense": torch.randn(6, 40, dtype=torch.float64),
-          "transposed": torch.randn(40, 6, dtype=torch.float64).t(),
-          "expanded": torch.tensor(2.5, dtype=torch.float64).expand(6, 40),
+    x, r, dy = (torch.randn(6, 40, dtype=torch.float64).to(dtype) for _ in range(3))
+    w = (torch.rand(40, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(40, dtype=torch.float64).to(dtype)
+    ds = {"dense": torch.randn(6, 40, dtype=torch.float64).to(dtype),
+          "transposed": torch.randn(40, 6, dtype=torch.float64).to(dtype).t(),
+          "expanded": torch.tensor(2.5, dtype=dtype).expand(6, 40),
           "none": None}[sum_grad]
     grads = []
-    for fn in (NF.add_layer_norm, _add_norm_reference(False)):
-        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    for fn, type_ in ((NF.add_layer_norm, dtype), (_add_norm_reference(False), torch.float64)):
+        leaves = [t.to(type_, copy=True).requires_grad_() for t in (x, r, w, b)]
         y, s = fn(leaves[0], leaves[1], [40], *leaves[2:], 1e-5)
-        torch.autograd.backward([y] + ([s] if ds is not None else []),
-                                [dy] + ([ds] if ds is not None else []))
+        outputs, out_grads = [y], [dy.to(type_)]
+        if ds is not None:
+            outputs.append(s)
+            out_grads.append(ds.to(type_))
+        calls = _BackwardCalls()
+        with calls:
+            torch.autograd.backward(outputs, out_grads)
         grads.append([t.grad for t in leaves])
+        if fn is NF.add_layer_norm:
+            assert calls.grad_sum_given == [sum_grad == "dense"]
+            assert calls.adds == (sum_grad in ("transposed", "expanded"))
     for actual, expected in zip(*grads):
-        assert_close(actual, expected)
+        assert_close(actual, expected, dtype, factor=4)
 
 
 def test_add_norm_modules_gradgradcheck_and_compile():

@@ -135,6 +135,9 @@ def _layer_norm_samples(device):
             samples.append((f"{name}-backward-grad_sum", "layer_norm_backward",
                             (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
                              [True, False, False], torch.randn_like(x))))
+            samples.append((f"{name}-backward-grad_sum-transposed", "layer_norm_backward",
+                            (torch.randn_like(x), x, [4, 5], mean, rstd, w, rms,
+                             [True, True, not rms], torch.randn(5, 4, 3, **opts).permute(2, 1, 0))))
     return samples
 
 

@@ -105,7 +105,7 @@ TensorTriple layer_norm_grads(const Tensor& grad_out, const Tensor& input, const
   if (!grad_out.defined()) return {wanted[0] ? grad_sum : Tensor(), Tensor(), Tensor()};
   if (at::GradMode::is_enabled()) {  // create_graph=True
     auto grads = differentiable_backward(grad_out, input, s.normalized_shape, weight, s.eps, s.rms);
-    if (grad_sum.defined()) std::get<0>(grads) = std::get<0>(grads) + grad_sum;
+    if (wanted[0] && grad_sum.defined()) std::get<0>(grads) = std::get<0>(grads) + grad_sum;
     return grads;
   }
   // A grad_sum that is not dense (say, expanded from a scalar's) is cheaper to

@@ -21,7 +21,7 @@ constexpr int64_t kParamRows = 16;
 // feature each): enough tasks for 64 threads, and their sums (read again to add
 // them up) stay small beside the input.
 constexpr int64_t kMaxBlocks = 64;
-// A row pass's working set (dy, x, dx and the running sums) that stays in L1.
+// A row pass's working set (dy, x, dx, grad_sum and the running sums) that stays in L1.
 constexpr int64_t kL1Bytes = 24 * 1024;
 
 // The terms of a row's backward sums: g = dy * weight and g * (x - mean).
@@ -176,8 +176,9 @@ void backward_rows(const Rows& grad_out, const Rows& v, const at::Tensor& mean_i
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   // Rows too long for L1 go in pairs: a pass then loads and stores the
   // running sums once for two rows' terms.
+  const int64_t row_tensors = gs ? 4 : 3;  // dy, x, dx (and grad_sum)
   const bool pair_rows =
-      param_grads && D * (3 * int64_t(sizeof(T)) + 2 * int64_t(sizeof(acc_t))) > kL1Bytes;
+      param_grads && D * (row_tensors * int64_t(sizeof(T)) + 2 * int64_t(sizeof(acc_t))) > kL1Bytes;
   // [block][term][feature]: sum(dy * (x - mean) * rstd), sum(dy); each block's
   // first run of rows assigns its sums, so nothing is zeroed first.
   std::unique_ptr<double[]> partials(param_grads ? new double[blocks * 2 * D] : nullptr);

@@ -1,8 +1,8 @@
 // Backward: a block per row sums g = dy * weight and g * (x - mean), then
 // writes the input gradient from the row in L1/L2 (common/math.h:
 // grad_input_coefficients, the row as the group), plus grad_sum where given:
-// 2R+1W (3R+1W with grad_sum). The parameter
-// gradients read dy and x again (4R+1W in all): per split of rows a thread
+// 2R+1W (3R+1W with grad_sum). The parameter gradients read dy and x again
+// (4R+1W in all, 5R+1W with grad_sum): per split of rows a thread
 // per feature sums dy * (x - mean) * rstd and dy down the split's rows
 // (coalesced across the features), then a thread per feature adds the splits
 // in order; every sum in double: the same bits on every run.
