@@ -31,6 +31,10 @@ template <class Act>
 C10_ALWAYS_INLINE FloatVector activate(const Act act, FloatVector z) {
   if constexpr (Act::kKind == normext::Activation::kIdentity) {
     return z;
+  } else if constexpr (Act::kKind == normext::Activation::kRelu) {
+    return max_lanes(splat(0.0f), z);  // z < 0 ? 0 : z in one instruction (NaN and -0 kept)
+  } else if constexpr (Act::kKind == normext::Activation::kRelu6) {
+    return min_lanes(splat(6.0f), max_lanes(splat(0.0f), z));
   } else {
     float lanes[kVectorLanes];
     std::memcpy(lanes, &z, sizeof z);
@@ -38,6 +42,56 @@ C10_ALWAYS_INLINE FloatVector activate(const Act act, FloatVector z) {
     for (int k = 0; k < kVectorLanes; ++k) lanes[k] = act(lanes[k]);
     std::memcpy(&z, lanes, sizeof z);
     return z;
+  }
+}
+
+// out[i, i + n) = value(i, n) over [0, length): whole vectors two at a time
+// (store_vector_pair), then one, then a partial vector (n an int64_t).
+template <typename T, class How, class F>
+C10_ALWAYS_INLINE void store_run(T* out, int64_t length, How how, const F& value) {
+  constexpr WholeVector kWhole{};
+  int64_t i = 0;
+  for (; i + 2 * kVectorLanes <= length; i += 2 * kVectorLanes) {
+    store_vector_pair(out + i, value(i, kWhole), out + i + kVectorLanes,
+                      value(i + kVectorLanes, kWhole), how);
+  }
+  if (i + kVectorLanes <= length) {
+    store_vector(out + i, value(i, kWhole), how);
+    i += kVectorLanes;
+  }
+  if (const int64_t n = length - i) store_vector(out + i, value(i, n), n, how);
+}
+
+// The same over Rows consecutive rows of `channels` values: coefficients(c, n)
+// loads channels [c, c + n)'s coefficients once for all rows, value(i, n, k)
+// gives the vector at element i with them; channels two vectors at a time.
+template <int Rows, typename T, class How, class Coefficients, class F>
+C10_ALWAYS_INLINE void store_rows(T* out, int64_t channels, How how,
+                                  const Coefficients& coefficients, const F& value) {
+  constexpr WholeVector kWhole{};
+  int64_t c = 0;
+  for (; c + 2 * kVectorLanes <= channels; c += 2 * kVectorLanes) {
+    const auto k0 = coefficients(c, kWhole), k1 = coefficients(c + kVectorLanes, kWhole);
+    for (int row = 0; row < Rows; ++row) {
+      const int64_t i = row * channels + c;
+      store_vector_pair(out + i, value(i, kWhole, k0), out + i + kVectorLanes,
+                        value(i + kVectorLanes, kWhole, k1), how);
+    }
+  }
+  for (; c < channels; c += kVectorLanes) {
+    if (const int64_t n = channels - c; n < kVectorLanes) {
+      const auto k = coefficients(c, n);
+      for (int row = 0; row < Rows; ++row) {
+        const int64_t i = row * channels + c;
+        store_vector(out + i, value(i, n, k), n, how);
+      }
+    } else {
+      const auto k = coefficients(c, kWhole);
+      for (int row = 0; row < Rows; ++row) {
+        const int64_t i = row * channels + c;
+        store_vector(out + i, value(i, kWhole, k), how);
+      }
+    }
   }
 }
 
@@ -49,17 +103,11 @@ void normalize_run_vectors(const Act act, const T* x, const T* r, T* y, int64_t 
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::normalize;
     const FloatVector m = splat(mean), s = splat(scale), b = splat(bias);
-    int64_t i = 0;
-    for (; i + kVectorLanes <= length; i += kVectorLanes) {
-      FloatVector z = normalize(load_vector(x + i), m, s, b);
-      if constexpr (kResidual) z += load_vector(r + i);
-      store_vector(y + i, activate(act, z), how);
-    }
-    if (const int64_t n = length - i) {
+    store_run(y, length, how, [&](int64_t i, auto n) {
       FloatVector z = normalize(load_vector(x + i, n), m, s, b);
       if constexpr (kResidual) z += load_vector(r + i, n);
-      store_vector(y + i, activate(act, z), n, how);
-    }
+      return activate(act, z);
+    });
   });
 }
 
@@ -80,16 +128,10 @@ void plain_normalize_features(const T* x, T* y, int64_t length, float mean, floa
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::normalize;
     const FloatVector m = splat(mean), r = splat(rstd);
-    int64_t i = 0;
-    for (; i + kVectorLanes <= length; i += kVectorLanes) {
-      const FloatVector s = r * load_floats(weight + i, kVectorLanes);
-      const FloatVector b = load_floats(bias + i, kVectorLanes);
-      store_vector(y + i, normalize(load_vector(x + i), m, s, b), how);
-    }
-    if (const int64_t n = length - i) {
+    store_run(y, length, how, [&](int64_t i, auto n) {
       const FloatVector s = r * load_floats(weight + i, n);
-      store_vector(y + i, normalize(load_vector(x + i, n), m, s, load_floats(bias + i, n)), n, how);
-    }
+      return normalize(load_vector(x + i, n), m, s, load_floats(bias + i, n));
+    });
   });
 }
 
@@ -97,13 +139,9 @@ void plain_normalize_features(const T* x, T* y, int64_t length, float mean, floa
 template <typename T>
 void plain_add(const T* a, const T* b, T* sum, int64_t length) {
   with_narrowing<T>([&](auto how) {
-    int64_t i = 0;
-    for (; i + kVectorLanes <= length; i += kVectorLanes) {
-      store_vector(sum + i, load_vector(a + i) + load_vector(b + i), how);
-    }
-    if (const int64_t n = length - i) {
-      store_vector(sum + i, load_vector(a + i, n) + load_vector(b + i, n), n, how);
-    }
+    store_run(sum, length, how, [&](int64_t i, auto n) {
+      return load_vector(a + i, n) + load_vector(b + i, n);
+    });
   });
 }
 
@@ -114,24 +152,18 @@ void normalize_rows_vectors(const Act act, const T* x, const T* r, T* y, int64_t
                             const float* mean, const float* scale, const float* bias) {
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::normalize;
-    for (int64_t c = 0; c < channels; c += kVectorLanes) {
-      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
-      const bool whole = n == kVectorLanes;
-      const FloatVector m = load_floats(mean + c, n), s = load_floats(scale + c, n),
-                        b = load_floats(bias + c, n);
-      for (int k = 0; k < Rows; ++k) {
-        const int64_t i = k * channels + c;
-        if (whole) {
-          FloatVector z = normalize(load_vector(x + i), m, s, b);
-          if constexpr (kResidual) z += load_vector(r + i);
-          store_vector(y + i, activate(act, z), how);
-        } else {
-          FloatVector z = normalize(load_vector(x + i, n), m, s, b);
-          if constexpr (kResidual) z += load_vector(r + i, n);
-          store_vector(y + i, activate(act, z), n, how);
-        }
-      }
-    }
+    struct Coefficients {
+      FloatVector mean, scale, bias;
+    };
+    const auto coefficients = [&](int64_t c, auto n) {
+      return Coefficients{load_floats(mean + c, n), load_floats(scale + c, n),
+                          load_floats(bias + c, n)};
+    };
+    store_rows<Rows>(y, channels, how, coefficients, [&](int64_t i, auto n, const Coefficients& k) {
+      FloatVector z = normalize(load_vector(x + i, n), k.mean, k.scale, k.bias);
+      if constexpr (kResidual) z += load_vector(r + i, n);
+      return activate(act, z);
+    });
   });
 }
 
@@ -153,14 +185,9 @@ void plain_grad_input_run(const TDy* dy, const T* x, T* dx, int64_t length, acc_
     const FloatVector m = splat(mean);
     const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
         splat(k.dy_scale), splat(k.xmu_scale), splat(k.shift)};
-    int64_t i = 0;
-    for (; i + kVectorLanes <= length; i += kVectorLanes) {
-      store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
-    }
-    if (const int64_t n = length - i) {
-      const FloatVector dyv = load_vector(dy + i, n), xv = load_vector(x + i, n);
-      store_vector(dx + i, grad_input(dyv, xv, m, kv), n, how);
-    }
+    store_run(dx, length, how, [&](int64_t i, auto n) {
+      return grad_input(load_vector(dy + i, n), load_vector(x + i, n), m, kv);
+    });
   });
 }
 
@@ -171,22 +198,20 @@ void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
                            const float* shift) {
   with_narrowing<T>([&](auto how) {
     using math::NORMEXT_CPU_CAPABILITY::grad_input;
-    for (int64_t c = 0; c < channels; c += kVectorLanes) {
-      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
-      const bool whole = n == kVectorLanes;
-      const FloatVector m = load_floats(mean + c, n);
-      const math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector> kv{
-          load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n), load_floats(shift + c, n)};
-      for (int row = 0; row < Rows; ++row) {
-        const int64_t i = row * channels + c;
-        if (whole) {
-          store_vector(dx + i, grad_input(load_vector(dy + i), load_vector(x + i), m, kv), how);
-        } else {
-          const FloatVector dyv = load_vector(dy + i, n), xv = load_vector(x + i, n);
-          store_vector(dx + i, grad_input(dyv, xv, m, kv), n, how);
-        }
-      }
-    }
+    using Coefficients = math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector>;
+    struct MeanAndCoefficients {
+      FloatVector mean;
+      Coefficients k;
+    };
+    const auto coefficients = [&](int64_t c, auto n) {
+      return MeanAndCoefficients{load_floats(mean + c, n),
+                                 {load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n),
+                                  load_floats(shift + c, n)}};
+    };
+    store_rows<Rows>(dx, channels, how, coefficients,
+                     [&](int64_t i, auto n, const MeanAndCoefficients& c) {
+      return grad_input(load_vector(dy + i, n), load_vector(x + i, n), c.mean, c.k);
+    });
   });
 }
 #endif

@@ -88,6 +88,9 @@ using FloatVector = __m512;
 using Bits16 = __m256i;  // the 16-bit elements of one vector
 constexpr int kVectorLanes = 16;
 inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+// Lane by lane a > b ? a : b and a < b ? a : b (b where either is NaN).
+inline __m512 max_lanes(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+inline __m512 min_lanes(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
 inline __m512 from_bits(__m256i bits, Float16) { return _mm512_cvtph_ps(bits); }
 template <class How>
 inline __m256i to_bits(__m512 v, Float16, How) {
@@ -103,13 +106,16 @@ inline __m512 from_bits(__m256i bits, c10::BFloat16) {
 // and subnormals (it flushes them to zero): vectors holding either take
 // at::vec's conversion. Inline assembly, so that no other code of this
 // variant needs AVX512_BF16.
+constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: qNaN, subnormal, sNaN
+inline __m256i bf16_instruction(__m512 v) {
+  __m256i bits;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(v));
+  return bits;
+}
 template <bool kBf16Instruction>
 inline __m256i to_bits(__m512 v, c10::BFloat16, std::bool_constant<kBf16Instruction>) {
-  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: qNaN, subnormal, sNaN
   if (kBf16Instruction && _mm512_fpclass_ps_mask(v, kNanOrSubnormal) == 0) {
-    __m256i bits;
-    asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(v));
-    return bits;
+    return bf16_instruction(v);
   }
   return at::vec::cvtfp32_bf16(v);
 }
@@ -122,6 +128,8 @@ using FloatVector = __m256;
 using Bits16 = __m128i;
 constexpr int kVectorLanes = 8;
 inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+inline __m256 min_lanes(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
 inline __m256 from_bits(__m128i bits, Float16) { return _mm256_cvtph_ps(bits); }
 template <class How>
 inline __m128i to_bits(__m256 v, Float16, How) {
@@ -163,6 +171,28 @@ inline FloatVector load_vector(const float* p) {
   FloatVector v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+// v0 stored at p0 and v1 at p1: bfloat16 through AVX512_BF16 tests both for
+// NaN and subnormal lanes with one branch (a branch per vector bound the
+// 16-bit elementwise loops: benchmarks/history, session 29).
+template <typename T, class How>
+C10_ALWAYS_INLINE void store_vector_pair(T* p0, FloatVector v0, T* p1, FloatVector v1, How how) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && How::value) {
+    if ((_mm512_fpclass_ps_mask(v0, kNanOrSubnormal) |
+         _mm512_fpclass_ps_mask(v1, kNanOrSubnormal)) == 0) {
+      store_bits(p0, bf16_instruction(v0));
+      store_bits(p1, bf16_instruction(v1));
+    } else {
+      store_bits(p0, at::vec::cvtfp32_bf16(v0));
+      store_bits(p1, at::vec::cvtfp32_bf16(v1));
+    }
+    return;
+  }
+#endif
+  store_vector(p0, v0, how);
+  store_vector(p1, v1, how);
 }
 
 // The first n (<= kVectorLanes) values at p as a vector, the other lanes 0;
@@ -235,6 +265,15 @@ constexpr bool kWidensAsVector<c10::BFloat16> = true;
 
 #if defined(NORMEXT_VECTORS16)
 inline FloatVector load_vector(const float* p, int64_t n) { return load_floats(p, n); }
+
+// A whole vector's count of lanes as a type, for loops written once for whole
+// and partial vectors: loads given it are plain loads.
+using WholeVector = std::integral_constant<int64_t, kVectorLanes>;
+template <typename T>
+inline FloatVector load_vector(const T* p, WholeVector) {
+  return load_vector(p);
+}
+inline FloatVector load_floats(const float* p, WholeVector) { return load_vector(p); }
 #endif
 
 // Whether T's elementwise passes go through whole vectors (load_vector,

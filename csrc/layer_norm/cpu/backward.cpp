@@ -89,20 +89,32 @@ C10_ALWAYS_INLINE void rows_pass_vectors(const T* dy_rows, const T* x_rows, cons
       V dy_xhat = kParams ? cpu::load_floats(sum_dy_xhat + d, n) : V{};
       V dy_sum = kParams ? cpu::load_floats(sum_dy + d, n) : V{};
       const V wv = cpu::load_floats(w + d, n);
+      V dx[kRows];
       for (int i = 0; i < kRows; ++i) {
         const V g = load(dy_rows + i * D + d);
         const V xmu = load(x_rows + i * D + d) - row_mean[i];
         if constexpr (kInput) {
-          V dx = cpu::grad_input_centred(g * wv, xmu, kv[i]);
-          if constexpr (kAddSum) dx += load(gs_rows + i * D + d);
-          if (whole) {
-            cpu::store_vector(dx_rows + i * D + d, dx, how);
-          } else {
-            cpu::store_vector(dx_rows + i * D + d, dx, n, how);
-          }
+          dx[i] = cpu::grad_input_centred(g * wv, xmu, kv[i]);
+          if constexpr (kAddSum) dx[i] += load(gs_rows + i * D + d);
         }
         dy_xhat += g * (xmu * row_rstd[i]);
         dy_sum += g;
+      }
+      if constexpr (kInput) {
+        int i = 0;
+        if (whole) {  // rows in pairs: one narrowing test for two (vec16.h)
+          for (; i + 1 < kRows; i += 2) {
+            cpu::store_vector_pair(dx_rows + i * D + d, dx[i], dx_rows + (i + 1) * D + d,
+                                   dx[i + 1], how);
+          }
+        }
+        for (; i < kRows; ++i) {
+          if (whole) {
+            cpu::store_vector(dx_rows + i * D + d, dx[i], how);
+          } else {
+            cpu::store_vector(dx_rows + i * D + d, dx[i], n, how);
+          }
+        }
       }
       if constexpr (kParams) {
         cpu::store_floats(sum_dy_xhat + d, dy_xhat, n);
