@@ -36,29 +36,50 @@ C10_HOST_DEVICE inline void shifted_moments(T shift, T sum_d, T sum_d2, T count,
 // Elements of a group whose median is its shift.
 constexpr int kShiftSample = 8;
 
-// The shift for shifted_moments, in the type the deviations are computed in:
-// the median of kShiftSample elements spread evenly over the group, so that
-// neither a lone outlier nor an atypical first row moves it far from the
-// mean; 0 unless finite. load(j) gives the group's j-th element
-// (0 <= j < count) as a double.
+// How many elements of a group of `count` sample_shift reads.
+C10_HOST_DEVICE inline int shift_sample_size(int64_t count) {
+  return count < kShiftSample ? static_cast<int>(count) : kShiftSample;
+}
+
+// a and b in order (b < a: swapped), without a branch.
+C10_HOST_DEVICE inline void order(double& a, double& b) {
+  const double low = b < a ? b : a, high = b < a ? a : b;
+  a = low;
+  b = high;
+}
+
+// The median of `size` (<= kShiftSample) samples, load(k) the k-th as a
+// double, in T; 0 unless finite (or size is 0). A sorting network: an
+// insertion sort's data-dependent branches, mispredicted on most channels,
+// cost more than the loads (benchmarks/history, session 29).
 template <typename T, typename Load>
-C10_HOST_DEVICE inline T sample_shift(int64_t count, const Load& load) {
-  const int size = count < kShiftSample ? static_cast<int>(count) : kShiftSample;
+C10_HOST_DEVICE inline T median_shift(int size, const Load& load) {
+  static_assert(kShiftSample == 8, "the network sorts 8 values");
   if (size == 0) return T(0);
   // Every sample is loaded before any is compared, so that a GPU thread has
-  // all its loads in flight at once.
-  double sample[kShiftSample];
-  for (int k = 0; k < kShiftSample; ++k) {
-    if (k < size) sample[k] = load(k * count / size);
-  }
-  for (int k = 1; k < size; ++k) {  // insertion sort
-    const double value = sample[k];
-    int i = k;
-    for (; i > 0 && sample[i - 1] > value; --i) sample[i] = sample[i - 1];
-    sample[i] = value;
-  }
-  const T shift = static_cast<T>(sample[(size - 1) / 2]);
+  // all its loads in flight at once; missing samples sort last.
+  double s[kShiftSample];
+  for (int k = 0; k < kShiftSample; ++k) s[k] = k < size ? load(k) : HUGE_VAL;
+  // Batcher's odd-even merge sort: 19 compare-exchanges in 6 rounds.
+  order(s[0], s[1]); order(s[2], s[3]); order(s[4], s[5]); order(s[6], s[7]);
+  order(s[0], s[2]); order(s[1], s[3]); order(s[4], s[6]); order(s[5], s[7]);
+  order(s[1], s[2]); order(s[5], s[6]);
+  order(s[0], s[4]); order(s[1], s[5]); order(s[2], s[6]); order(s[3], s[7]);
+  order(s[2], s[4]); order(s[3], s[5]);
+  order(s[1], s[2]); order(s[3], s[4]); order(s[5], s[6]);
+  const T shift = static_cast<T>(s[(size - 1) / 2]);
   return shift - shift == T(0) ? shift : T(0);
+}
+
+// The shift for shifted_moments, in the type the deviations are computed in:
+// the median of kShiftSample elements spread evenly over the group (the k-th
+// is element k * count / size), so that neither a lone outlier nor an
+// atypical first row moves it far from the mean; 0 unless finite. load(j)
+// gives the group's j-th element (0 <= j < count) as a double.
+template <typename T, typename Load>
+C10_HOST_DEVICE inline T sample_shift(int64_t count, const Load& load) {
+  const int size = shift_sample_size(count);
+  return median_shift<T>(size, [&](int k) { return load(k * count / size); });
 }
 
 template <typename T>

@@ -144,7 +144,8 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
 // measured), the results narrowed; Float16's per-element bit arithmetic bound
 // the direct loops. The tiles stay in L1. bfloat16's input gradient but the
 // plain one under batch statistics keeps its direct loops, which GCC
-// vectorizes (vectors and tiles were slower: benchmarks/history, sessions 14 and 25).
+// vectorizes (vectors and tiles were slower: benchmarks/history, sessions 14,
+// 25 and 29).
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>

@@ -23,10 +23,17 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   // The shift as a double that acc_t holds exactly: the deviations and the mean use one value.
   std::vector<double> shift(C);
   std::vector<acc_t> shift_acc(C);
+  // sample_shift's samples: sample k of channel c is element offsets[k] + c * stride.
+  const int size = shift_sample_size(v.count());
+  int64_t offsets[kShiftSample];
+  for (int k = 0; k < size; ++k) {
+    offsets[k] = channel_element(k * v.count() / size, 0, C, v.inner, v.channels_last);
+  }
+  const int64_t stride = v.channels_last ? 1 : v.inner;
   at::parallel_for(0, C, cpu::grain_for(kShiftCost), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      shift_acc[c] = sample_shift<acc_t>(v.count(), [&](int64_t j) {
-        return static_cast<double>(x[channel_element(j, c, C, v.inner, v.channels_last)]);
+      shift_acc[c] = median_shift<acc_t>(size, [&](int k) {
+        return static_cast<double>(x[offsets[k] + c * stride]);
       });
       shift[c] = static_cast<double>(shift_acc[c]);
     }
