@@ -172,6 +172,18 @@ for name, fmt in (("runs", torch.contiguous_format), ("rows", torch.channels_las
                                    0.1, 0.0, act, 0.01, 1.0, residual)[0]
         for act, scale, residual in (("relu", 1e30, None), ("leaky_relu", 1e-30, dyg),
                                      ("relu6", 1.0, dyg), ("elu", 1.0, None))]
+# Channels-last rows of 51 channels (whole vectors in pairs, one, a partial
+# one) in training: the plain forward and input gradient and ReLU's forward,
+# a third of the channels' results subnormal, one channel NaN.
+xc = torch.linspace(-4, 4, 8 * 51 * 40).to(torch.bfloat16).reshape(8, 8, 5, 51).permute(0, 3, 1, 2)
+xc[1, 7, 2, 3] = float("nan")
+dyc = xc.flip(0).nan_to_num()
+wc = torch.where(torch.arange(51) % 3 == 0, 1e-38, 1.0).to(torch.bfloat16)
+bc = torch.zeros(51, dtype=torch.bfloat16)
+yc, cmean, cinvstd = ops.batch_norm_forward(xc, wc, bc, None, None, True, 0.1, 1e-5)
+out["bn_train_rows"] = (yc, ops.batch_norm_backward(dyc, xc, wc, cmean, cinvstd, True),
+                        ops.batch_norm_act_forward(xc, wc, bc, None, None, True, 0.1, 1e-5,
+                                                   "relu", 0.01, 1.0, None)[0])
 torch.save(out, sys.argv[1])
 """
 

@@ -39,6 +39,26 @@ def test_moments_shift_is_robust(case, memory_format, device):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 5, -1, 1), (-1, 5, 1, 1)], ids=["runs", "rows"])
+@pytest.mark.parametrize("count", [2, 3, 5, 7, 8, 9])
+def test_moments_shift_of_small_channels(count, shape, memory_format, device):
+    """Channels of fewer elements than the shift's sample of 8 (math.h:
+    median_shift pads the sample): the shift is still one of the channel's
+    values, so 1e4 + randn keeps its variance in float32, which a shift of 0
+    would lose to the squares' rounding."""
+    shape = tuple(count if d == -1 else d for d in shape)
+    x64 = 1e4 + torch.randn(shape, dtype=torch.float64, device=device)
+    x = x64.float().contiguous(memory_format=memory_format)
+    x64 = x.double()
+    mean, var = ops.batch_norm_moments(x)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
 def test_moments_float32_large_mean(memory_format, device):
     """1e4 + randn: the mean is 1e4 times the spread; naive sums of squares in
     float32 lose every digit of the variance."""

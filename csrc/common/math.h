@@ -42,7 +42,7 @@ C10_HOST_DEVICE inline int shift_sample_size(int64_t count) {
 }
 
 // a and b in order (b < a: swapped), without a branch.
-C10_HOST_DEVICE inline void order(double& a, double& b) {
+C10_HOST_DEVICE inline void sort_pair(double& a, double& b) {
   const double low = b < a ? b : a, high = b < a ? a : b;
   a = low;
   b = high;
@@ -61,12 +61,12 @@ C10_HOST_DEVICE inline T median_shift(int size, const Load& load) {
   double s[kShiftSample];
   for (int k = 0; k < kShiftSample; ++k) s[k] = k < size ? load(k) : HUGE_VAL;
   // Batcher's odd-even merge sort: 19 compare-exchanges in 6 rounds.
-  order(s[0], s[1]); order(s[2], s[3]); order(s[4], s[5]); order(s[6], s[7]);
-  order(s[0], s[2]); order(s[1], s[3]); order(s[4], s[6]); order(s[5], s[7]);
-  order(s[1], s[2]); order(s[5], s[6]);
-  order(s[0], s[4]); order(s[1], s[5]); order(s[2], s[6]); order(s[3], s[7]);
-  order(s[2], s[4]); order(s[3], s[5]);
-  order(s[1], s[2]); order(s[3], s[4]); order(s[5], s[6]);
+  sort_pair(s[0], s[1]); sort_pair(s[2], s[3]); sort_pair(s[4], s[5]); sort_pair(s[6], s[7]);
+  sort_pair(s[0], s[2]); sort_pair(s[1], s[3]); sort_pair(s[4], s[6]); sort_pair(s[5], s[7]);
+  sort_pair(s[1], s[2]); sort_pair(s[5], s[6]);
+  sort_pair(s[0], s[4]); sort_pair(s[1], s[5]); sort_pair(s[2], s[6]); sort_pair(s[3], s[7]);
+  sort_pair(s[2], s[4]); sort_pair(s[3], s[5]);
+  sort_pair(s[1], s[2]); sort_pair(s[3], s[4]); sort_pair(s[5], s[6]);
   const T shift = static_cast<T>(s[(size - 1) / 2]);
   return shift - shift == T(0) ? shift : T(0);
 }

@@ -25,7 +25,7 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   std::vector<acc_t> shift_acc(C);
   // sample_shift's samples: sample k of channel c is element offsets[k] + c * stride.
   const int size = shift_sample_size(v.count());
-  int64_t offsets[kShiftSample];
+  int64_t offsets[kShiftSample] = {};
   for (int k = 0; k < size; ++k) {
     offsets[k] = channel_element(k * v.count() / size, 0, C, v.inner, v.channels_last);
   }

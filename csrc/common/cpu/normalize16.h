@@ -25,14 +25,16 @@ namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
               std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
 
-// act(z) lane by lane: the activation's scalar formula, which GCC vectorizes
-// over the lanes in registers.
+// act(z) lane by lane: ReLU and ReLU6 as max / min (z the second operand,
+// which they return where a lane is NaN or both are zero: the scalar
+// formula's results), the others by their scalar formula, which GCC
+// vectorizes over the lanes in registers.
 template <class Act>
 C10_ALWAYS_INLINE FloatVector activate(const Act act, FloatVector z) {
   if constexpr (Act::kKind == normext::Activation::kIdentity) {
     return z;
   } else if constexpr (Act::kKind == normext::Activation::kRelu) {
-    return max_lanes(splat(0.0f), z);  // z < 0 ? 0 : z in one instruction (NaN and -0 kept)
+    return max_lanes(splat(0.0f), z);  // z < 0 ? 0 : z in one instruction
   } else if constexpr (Act::kKind == normext::Activation::kRelu6) {
     return min_lanes(splat(6.0f), max_lanes(splat(0.0f), z));
   } else {
@@ -201,7 +203,7 @@ void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
     using Coefficients = math::NORMEXT_CPU_CAPABILITY::GradInputCoefficients<FloatVector>;
     struct MeanAndCoefficients {
       FloatVector mean;
-      Coefficients k;
+      Coefficients grad;
     };
     const auto coefficients = [&](int64_t c, auto n) {
       return MeanAndCoefficients{load_floats(mean + c, n),
@@ -209,8 +211,8 @@ void plain_grad_input_rows(const TDy* dy, const T* x, T* dx, int64_t channels,
                                   load_floats(shift + c, n)}};
     };
     store_rows<Rows>(dx, channels, how, coefficients,
-                     [&](int64_t i, auto n, const MeanAndCoefficients& c) {
-      return grad_input(load_vector(dy + i, n), load_vector(x + i, n), c.mean, c.k);
+                     [&](int64_t i, auto n, const MeanAndCoefficients& k) {
+      return grad_input(load_vector(dy + i, n), load_vector(x + i, n), k.mean, k.grad);
     });
   });
 }

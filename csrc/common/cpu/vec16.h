@@ -128,6 +128,7 @@ using FloatVector = __m256;
 using Bits16 = __m128i;
 constexpr int kVectorLanes = 8;
 inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+// Lane by lane a > b ? a : b and a < b ? a : b (b where either is NaN).
 inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 inline __m256 min_lanes(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
 inline __m256 from_bits(__m128i bits, Float16) { return _mm256_cvtph_ps(bits); }
