@@ -155,6 +155,18 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
                                     bias, save_mean, save_invstd, True, activation, 0.01, 1.0,
                                     False, True)
 
+    # The fused input gradient alone (the pass after the sums), as
+    # act_fwdbwd and act_residual_fwdbwd run it.
+    act_output = ops.batch_norm_act_forward(x, weight, bias, running_mean, running_var, True,
+                                            MOMENTUM, EPS, activation, 0.01, 1.0, grad)[0]
+
+    def act_backward_elemt(residual):
+        silu = activation == "silu"
+        ops.batch_norm_act_backward_elemt(
+            grad, x, grad if residual and silu else None,
+            act_output if residual and not silu else None, weight, bias, mean, invstd, sum_dy,
+            sum_dy_xmu, count, activation, 0.01, 1.0, False)
+
     # Through each build's autograd node, as a layer calls it: a graph is
     # recorded, run backward and freed every call.
     leaf_x, leaf_weight, leaf_bias = (t.detach().requires_grad_() for t in (x, weight, bias))
@@ -227,6 +239,8 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
             1.0, grad),
         "act_fwdbwd": act_forward_backward,
         "act_residual_fwdbwd": act_residual_forward_backward,
+        "act_backward_elemt": lambda: act_backward_elemt(False),
+        "act_residual_backward_elemt": lambda: act_backward_elemt(True),
         "gn_act_fwdbwd": lambda: gn_forward_backward(activation),
         "gn_forward": lambda: ops.group_norm_forward(x, groups, weight, bias, EPS),
         "gn_act_forward": lambda: ops.group_norm_forward(x, groups, weight, bias, EPS, activation),
@@ -248,6 +262,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
        "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_residual_train", "act_fwdbwd", "act_residual_fwdbwd",
+       "act_backward_elemt", "act_residual_backward_elemt",
        "gn_forward", "gn_act_forward", "gn_backward", "gn_act_backward", "gn_fwdbwd",
        "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_backward", "ln_fwdbwd", "ln_autograd_fwdbwd",
        "add_ln_autograd_fwdbwd")

@@ -172,9 +172,25 @@ for name, fmt in (("runs", torch.contiguous_format), ("rows", torch.channels_las
                                    0.1, 0.0, act, 0.01, 1.0, residual)[0]
         for act, scale, residual in (("relu", 1e30, None), ("leaky_relu", 1e-30, dyg),
                                      ("relu6", 1.0, dyg), ("elu", 1.0, None))]
+    # The fused input gradient under running statistics (dz and dx stored
+    # together), from the input with or without a residual, from the input
+    # and the output, and from the output alone.
+    zeros, ones = torch.zeros(16), torch.ones(16)
+    grads = []
+    for act, scale, residual, with_output, from_output in (
+            ("relu", 1e30, dyg, False, False), ("relu6", 1.0, None, True, False),
+            ("leaky_relu", 1.0, None, False, True), ("elu", 1e-30, None, False, False),
+            ("silu", 1e-30, dyg, False, False)):
+        wa = w[:16] * scale
+        ya = ops.batch_norm_act_forward(xg, wa, bg, zeros.bfloat16(), ones.bfloat16(), False,
+                                        0.1, 0.0, act, 0.01, 1.0, residual)[0]
+        grads.append(ops.batch_norm_act_backward(
+            dyg, ya if from_output else xg, residual, ya if with_output else None, wa, bg,
+            zeros, ones, False, act, 0.01, 1.0, from_output, False)[:2])
+    out["bn_act_backward_" + name] = grads
 # Channels-last rows of 51 channels (whole vectors in pairs, one, a partial
-# one) in training: the plain forward and input gradient and ReLU's forward,
-# a third of the channels' results subnormal, one channel NaN.
+# one) in training: the plain forward and input gradient and ReLU's forward
+# and input gradient, a third of the channels' results subnormal, one channel NaN.
 xc = torch.linspace(-4, 4, 8 * 51 * 40).to(torch.bfloat16).reshape(8, 8, 5, 51).permute(0, 3, 1, 2)
 xc[1, 7, 2, 3] = float("nan")
 dyc = xc.flip(0).nan_to_num()
@@ -184,6 +200,9 @@ yc, cmean, cinvstd = ops.batch_norm_forward(xc, wc, bc, None, None, True, 0.1, 1
 out["bn_train_rows"] = (yc, ops.batch_norm_backward(dyc, xc, wc, cmean, cinvstd, True),
                         ops.batch_norm_act_forward(xc, wc, bc, None, None, True, 0.1, 1e-5,
                                                    "relu", 0.01, 1.0, None)[0])
+yr = out["bn_train_rows"][2]
+out["bn_act_train_rows"] = ops.batch_norm_act_backward(dyc, xc, None, yr, wc, bc, cmean, cinvstd,
+                                                       True, "relu", 0.01, 1.0, False)
 torch.save(out, sys.argv[1])
 """
 

@@ -81,23 +81,33 @@ struct GradSource {
   const acc_t* bias;
   const acc_t* inv_scale;  // 1 / scale
 
-  // Channel c's values are passed as scalars (no struct: GCC does not
-  // vectorize an omp simd loop with an aggregate local, which it keeps in
-  // memory per lane); a run loads them once.
-  void at(int64_t i, acc_t mean_c, acc_t scale_c, acc_t bias_c, acc_t inv_scale_c, acc_t& dz,
-          acc_t& xmu) const {
-    const acc_t g = static_cast<acc_t>(dy[i]), s = static_cast<acc_t>(saved[i]);
-    const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+  // (dz, x - mean) from an element's values (o the output's, r the
+  // residual's) and its channel's coefficients: scalars, or vectors of lanes
+  // with the activation's vector formulas (normalize16.h: VectorActivation).
+  template <class A, typename V>
+  static C10_ALWAYS_INLINE void grads(const A& act, V g, V s, V o, V r, V mean_c, V scale_c,
+                                      V bias_c, V inv_scale_c, V& dz, V& xmu) {
     if constexpr (kPlain) {
       dz = g;
       xmu = s - mean_c;
     } else if constexpr (kFrom == kFromOutput) {
       pre_activation_grad_of_output(act, g, s, r, inv_scale_c, bias_c, dz, xmu);
     } else if constexpr (kFrom == kFromInputAndOutput) {
-      pre_activation_grad_with_output(act, g, s, static_cast<acc_t>(output[i]), mean_c, dz, xmu);
+      pre_activation_grad_with_output(act, g, s, o, mean_c, dz, xmu);
     } else {
       pre_activation_grad(act, g, s, r, mean_c, scale_c, bias_c, dz, xmu);
     }
+  }
+
+  // Channel c's values are passed as scalars (no struct: GCC does not
+  // vectorize an omp simd loop with an aggregate local, which it keeps in
+  // memory per lane); a run loads them once.
+  void at(int64_t i, acc_t mean_c, acc_t scale_c, acc_t bias_c, acc_t inv_scale_c, acc_t& dz,
+          acc_t& xmu) const {
+    const acc_t o = kReadsOutput ? static_cast<acc_t>(output[i]) : acc_t(0);
+    const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    grads(act, static_cast<acc_t>(dy[i]), static_cast<acc_t>(saved[i]), o, r, mean_c, scale_c,
+          bias_c, inv_scale_c, dz, xmu);
   }
 };
 
@@ -222,71 +232,53 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 }
 
 #if defined(NORMEXT_VECTORS16)
-// float16's input gradient through whole vectors (below), but the plain one
-// under batch statistics (normalize16.h, as the fused 16-bit forward but
-// SiLU's).
+// The 16-bit fused input gradients through whole vectors: GradSource's
+// formula on vectors, dz and dx stored with one test where both are written.
 using cpu::FloatVector;
-using cpu::kVectorLanes;
 
-// Stores the first n lanes of v (all of them: a plain store) at p.
-template <typename T, class How>
-C10_ALWAYS_INLINE void store_lanes(T* p, FloatVector v, int64_t n, How how) {
-  if (n == kVectorLanes) return cpu::store_vector(p, v, how);
-  cpu::store_vector(p, v, n, how);
+// A channel's coefficients (a run's splatted, rows' a vector of channels').
+struct ChannelVectors {
+  FloatVector mean, scale, bias, inv_scale;
+  GradInputCoefficients<FloatVector> grad;
+};
+
+// dx, and dz where it is the residual's gradient too, at elements [i, i + n).
+template <bool kBatchStats, class Source, class N>
+C10_ALWAYS_INLINE std::pair<FloatVector, FloatVector> grad_vectors(const Source& src, int64_t i,
+                                                                   N n,
+                                                                   const ChannelVectors& k) {
+  const FloatVector zero = cpu::splat(0.0f);
+  FloatVector o = zero, r = zero, dz, xmu;
+  if constexpr (Source::kReadsOutput) o = cpu::load_vector(src.output + i, n);
+  if constexpr (Source::kReadsResidual) r = cpu::load_vector(src.residual + i, n);
+  Source::grads(cpu::VectorActivation<decltype(src.act)>{src.act},
+                cpu::load_vector(src.dy + i, n), cpu::load_vector(src.saved + i, n), o, r,
+                k.mean, k.scale, k.bias, k.inv_scale, dz, xmu);
+  return {dz, kBatchStats ? grad_input_centred(dz, xmu, k.grad) : dz * k.grad.dy_scale};
 }
 
-// A 16-bit source's (dz, x - mean) at elements [i, i + n), n <= kVectorLanes,
-// as vectors: the inputs widened as vectors into float lanes, the source's
-// formula on them lane by lane (GCC vectorizes it in registers). Lane k's
-// channel is c + k * kStep (kStep 0: a run of channel c).
-template <int kStep, class Source>
-C10_ALWAYS_INLINE void source_vectors(const Source& src, int64_t i, int64_t n, int64_t c,
-                                      FloatVector& dz, FloatVector& xmu) {
-  float g[kVectorLanes], s[kVectorLanes], o[kVectorLanes], r[kVectorLanes];
-  float dz_lanes[kVectorLanes], xmu_lanes[kVectorLanes];
-  const auto widen = [&](const auto* p, float* out) {
-    const FloatVector v = n == kVectorLanes ? cpu::load_vector(p) : cpu::load_vector(p, n);
-    std::memcpy(out, &v, sizeof v);
-  };
-  widen(src.dy + i, g);
-  widen(src.saved + i, s);
-  if constexpr (Source::kReadsOutput) widen(src.output + i, o);
-  if constexpr (Source::kReadsResidual) widen(src.residual + i, r);
-  const float* coefficients[4] = {src.mean + c, src.scale + c, src.bias + c, src.inv_scale + c};
-  float last_channels[4][kVectorLanes];
-  if (kStep == 1 && n < kVectorLanes) {  // the last channels: no reads past the arrays' ends
-    for (int q = 0; q < 4; ++q) {
-      const FloatVector v = cpu::load_floats(coefficients[q], n);
-      std::memcpy(last_channels[q], &v, sizeof v);
-      coefficients[q] = last_channels[q];
-    }
-  }
-  const typename Source::FloatSource lanes{src.act,           g, s, o, r, coefficients[0],
-                                           coefficients[1], coefficients[2], coefficients[3]};
-#pragma omp simd
-  for (int k = 0; k < kVectorLanes; ++k) {
-    lanes.at(k, lanes.mean[k * kStep], lanes.scale[k * kStep], lanes.bias[k * kStep],
-             lanes.inv_scale[k * kStep], dz_lanes[k], xmu_lanes[k]);
-  }
-  std::memcpy(&dz, dz_lanes, sizeof dz);
-  std::memcpy(&xmu, xmu_lanes, sizeof xmu);
-}
-
-// grad_input_run and grad_input_rows over 16-bit data through source_vectors.
+// grad_input_run and grad_input_rows through grad_vectors. (with_narrowing's
+// lambdas always inlined: GCC outlined them, and reloaded their captures
+// after every store.)
 template <bool kBatchStats, class Source, typename T>
 void grad_input_run_vectors(const Source& source, T* dx, T* dr, int64_t c, int64_t begin,
                             int64_t end, const GradInputCoefficients<float> k) {
+  using cpu::splat;
   const Source src = source;
-  cpu::with_narrowing<T>([&](auto how) {
-    const GradInputCoefficients<FloatVector> kv{cpu::splat(k.dy_scale), cpu::splat(k.xmu_scale),
-                                                cpu::splat(k.shift)};
-    for (int64_t i = begin; i < end; i += kVectorLanes) {
-      const int64_t n = std::min<int64_t>(kVectorLanes, end - i);
-      FloatVector dz, xmu;
-      source_vectors<0>(src, i, n, c, dz, xmu);
-      if constexpr (Source::kResidualGrad) store_lanes(dr + i, dz, n, how);
-      store_lanes(dx + i, kBatchStats ? grad_input_centred(dz, xmu, kv) : dz * kv.dy_scale, n,
-                  how);
+  const ChannelVectors kv{splat(src.mean[c]),
+                          splat(src.scale[c]),
+                          splat(src.bias[c]),
+                          splat(src.inv_scale[c]),
+                          {splat(k.dy_scale), splat(k.xmu_scale), splat(k.shift)}};
+  const auto values = [&](int64_t i, auto n) {
+    return grad_vectors<kBatchStats>(src, begin + i, n, kv);
+  };
+  cpu::with_narrowing<T>([&](auto how) __attribute__((always_inline)) {
+    if constexpr (Source::kResidualGrad) {
+      cpu::store_run_both(dr + begin, dx + begin, end - begin, how, values);
+    } else {
+      cpu::store_run(dx + begin, end - begin, how,
+                     [&](int64_t i, auto n) { return values(i, n).second; });
     }
   });
 }
@@ -294,21 +286,27 @@ void grad_input_run_vectors(const Source& source, T* dx, T* dr, int64_t c, int64
 template <int Rows, bool kBatchStats, class Source, typename T>
 void grad_input_rows_vectors(const Source& source, T* dx, T* dr, int64_t begin, int64_t channels,
                              const float* dy_scale, const float* xmu_scale, const float* shift) {
+  using cpu::load_floats;
   const Source src = source;
-  cpu::with_narrowing<T>([&](auto how) {
-    for (int64_t c = 0; c < channels; c += kVectorLanes) {
-      const int64_t n = std::min<int64_t>(kVectorLanes, channels - c);
-      const GradInputCoefficients<FloatVector> kv{cpu::load_floats(dy_scale + c, n),
-                                                  cpu::load_floats(xmu_scale + c, n),
-                                                  cpu::load_floats(shift + c, n)};
-      for (int row = 0; row < Rows; ++row) {
-        const int64_t i = begin + row * channels + c;
-        FloatVector dz, xmu;
-        source_vectors<1>(src, i, n, c, dz, xmu);
-        if constexpr (Source::kResidualGrad) store_lanes(dr + i, dz, n, how);
-        store_lanes(dx + i, kBatchStats ? grad_input_centred(dz, xmu, kv) : dz * kv.dy_scale, n,
-                    how);
-      }
+  const auto coefficients = [&](int64_t c, auto n) {
+    return ChannelVectors{load_floats(src.mean + c, n),
+                          load_floats(src.scale + c, n),
+                          load_floats(src.bias + c, n),
+                          load_floats(src.inv_scale + c, n),
+                          {load_floats(dy_scale + c, n), load_floats(xmu_scale + c, n),
+                           load_floats(shift + c, n)}};
+  };
+  const auto values = [&](int64_t i, auto n, const ChannelVectors& k) {
+    return grad_vectors<kBatchStats>(src, begin + i, n, k);
+  };
+  cpu::with_narrowing<T>([&](auto how) __attribute__((always_inline)) {
+    if constexpr (Source::kResidualGrad) {
+      cpu::store_rows_both<Rows>(dr + begin, dx + begin, channels, how, coefficients, values);
+    } else {
+      cpu::store_rows<Rows>(dx + begin, channels, how, coefficients,
+                            [&](int64_t i, auto n, const ChannelVectors& k) {
+                              return values(i, n, k).second;
+                            });
     }
   });
 }
@@ -447,12 +445,13 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
-        // float16's other passes (bfloat16's direct loops were faster).
-        constexpr bool kLaneVectors =
-            std::is_same_v<T, cpu::Float16> && cpu::kVectorElement<T> && !kVectors;
-        constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors && !kLaneVectors;
+        constexpr bool kFusedVectors = cpu::kVectorElement<T> && !kVectors;
+        constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !cpu::kVectorElement<T>;
         if (input.channels_last) {
-          const bool grouped = cpu::group_rows<acc_t>(C, 4);
+          // (Short rows grouped too through vectors: the coefficient vectors
+          // loaded once for kRowGroup rows.)
+          const bool grouped = cpu::group_rows<acc_t>(C, 4) ||
+                               (kFusedVectors && C * sizeof(T) <= 256);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
             if constexpr (kStaged) {
               GradTiles t;
@@ -474,7 +473,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
                   return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
                                                        dy_scale.data(), xmu_scale.data(),
                                                        shift.data());
-                } else if constexpr (kLaneVectors) {
+                } else if constexpr (kFusedVectors) {
                   return grad_input_rows_vectors<rows(), kBatchStats>(
                       source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
                 } else
@@ -503,7 +502,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
               if constexpr (kVectors) {
                 return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
                                             m[c], k);
-              } else if constexpr (kLaneVectors) {
+              } else if constexpr (kFusedVectors) {
                 return grad_input_run_vectors<kBatchStats>(source, dx, dr, c, begin, end, k);
               } else
 #endif

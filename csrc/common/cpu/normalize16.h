@@ -25,26 +25,74 @@ namespace normext::cpu::NORMEXT_CPU_CAPABILITY {
 static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
               std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
 
-// act(z) lane by lane: ReLU and ReLU6 as max / min (z the second operand,
-// which they return where a lane is NaN or both are zero: the scalar
-// formula's results), the others by their scalar formula, which GCC
-// vectorizes over the lanes in registers.
+// An activation's formulas (activation.h) on vectors, lane by lane: the
+// piecewise-linear ones as max / min / select_greater (z the second operand
+// of max and min, which they return where a lane is NaN or both are zero: the
+// scalar formulas' results), elu's and silu's by their scalar formula over the
+// lanes, which GCC vectorizes in registers.
+template <class Act>
+struct VectorActivation {
+  static constexpr normext::Activation kKind = Act::kKind;
+  Act act;
+
+  template <class F>
+  static C10_ALWAYS_INLINE FloatVector each_lane(FloatVector v, const F& f) {
+    float lanes[kVectorLanes];
+    std::memcpy(lanes, &v, sizeof v);
+#pragma omp simd
+    for (int k = 0; k < kVectorLanes; ++k) lanes[k] = f(lanes[k]);
+    std::memcpy(&v, lanes, sizeof v);
+    return v;
+  }
+
+  C10_ALWAYS_INLINE FloatVector operator()(FloatVector z) const {
+    if constexpr (kKind == normext::Activation::kIdentity) {
+      return z;
+    } else if constexpr (kKind == normext::Activation::kRelu) {
+      return max_lanes(splat(0.0f), z);  // z < 0 ? 0 : z in one instruction
+    } else if constexpr (kKind == normext::Activation::kRelu6) {
+      return min_lanes(splat(6.0f), max_lanes(splat(0.0f), z));
+    } else if constexpr (kKind == normext::Activation::kLeakyRelu) {
+      return select_greater(z, splat(0.0f), z, z * splat(act.negative_slope));
+    } else {
+      return each_lane(z, [this](float v) { return act(v); });
+    }
+  }
+  C10_ALWAYS_INLINE FloatVector grad(FloatVector z) const {
+    const FloatVector zero = splat(0.0f), one = splat(1.0f);
+    if constexpr (kKind == normext::Activation::kIdentity) {
+      return one;
+    } else if constexpr (kKind == normext::Activation::kRelu) {
+      return select_greater(z, zero, one, zero);
+    } else if constexpr (kKind == normext::Activation::kRelu6) {
+      return select_greater(z, zero, select_greater(splat(6.0f), z, one, zero), zero);
+    } else if constexpr (kKind == normext::Activation::kLeakyRelu) {
+      return select_greater(z, zero, one, splat(act.negative_slope));
+    } else {
+      return each_lane(z, [this](float v) { return act.grad(v); });
+    }
+  }
+  C10_ALWAYS_INLINE FloatVector grad_of_output(FloatVector y) const {
+    if constexpr (kKind == normext::Activation::kElu) {
+      return select_greater(y, splat(0.0f), splat(1.0f), y + splat(act.alpha));
+    } else {
+      return grad(y);  // the same formula (activation.h)
+    }
+  }
+  C10_ALWAYS_INLINE FloatVector inverse(FloatVector y) const {
+    if constexpr (kKind == normext::Activation::kIdentity) {
+      return y;
+    } else if constexpr (kKind == normext::Activation::kLeakyRelu) {
+      return select_greater(y, splat(0.0f), y, y / splat(act.negative_slope));
+    } else {
+      return each_lane(y, [this](float v) { return act.inverse(v); });
+    }
+  }
+};
+
 template <class Act>
 C10_ALWAYS_INLINE FloatVector activate(const Act act, FloatVector z) {
-  if constexpr (Act::kKind == normext::Activation::kIdentity) {
-    return z;
-  } else if constexpr (Act::kKind == normext::Activation::kRelu) {
-    return max_lanes(splat(0.0f), z);  // z < 0 ? 0 : z in one instruction
-  } else if constexpr (Act::kKind == normext::Activation::kRelu6) {
-    return min_lanes(splat(6.0f), max_lanes(splat(0.0f), z));
-  } else {
-    float lanes[kVectorLanes];
-    std::memcpy(lanes, &z, sizeof z);
-#pragma omp simd
-    for (int k = 0; k < kVectorLanes; ++k) lanes[k] = act(lanes[k]);
-    std::memcpy(&z, lanes, sizeof z);
-    return z;
-  }
+  return VectorActivation<Act>{act}(z);
 }
 
 // out[i, i + n) = value(i, n) over [0, length): whole vectors two at a time
@@ -93,6 +141,48 @@ C10_ALWAYS_INLINE void store_rows(T* out, int64_t channels, How how,
         const int64_t i = row * channels + c;
         store_vector(out + i, value(i, kWhole, k), how);
       }
+    }
+  }
+}
+
+// Two outputs at once: values(i, n) returns a pair of vectors, the first
+// stored in out0 and the second in out1, both with one test (store_vector_pair).
+template <typename T, class How, class F>
+C10_ALWAYS_INLINE void store_run_both(T* out0, T* out1, int64_t length, How how,
+                                      const F& values) {
+  int64_t i = 0;
+  for (; i + kVectorLanes <= length; i += kVectorLanes) {
+    const auto [v0, v1] = values(i, WholeVector{});
+    store_vector_pair(out0 + i, v0, out1 + i, v1, how);
+  }
+  if (const int64_t n = length - i) {
+    const auto [v0, v1] = values(i, n);
+    store_vector(out0 + i, v0, n, how);
+    store_vector(out1 + i, v1, n, how);
+  }
+}
+
+template <int Rows, typename T, class How, class Coefficients, class F>
+C10_ALWAYS_INLINE void store_rows_both(T* out0, T* out1, int64_t channels, How how,
+                                       const Coefficients& coefficients, const F& values) {
+  for (int64_t c = 0; c < channels; c += kVectorLanes) {
+    const auto rows = [&](auto n) {
+      const auto k = coefficients(c, n);
+      for (int row = 0; row < Rows; ++row) {
+        const int64_t i = row * channels + c;
+        const auto [v0, v1] = values(i, n, k);
+        if constexpr (std::is_same_v<decltype(n), WholeVector>) {
+          store_vector_pair(out0 + i, v0, out1 + i, v1, how);
+        } else {
+          store_vector(out0 + i, v0, n, how);
+          store_vector(out1 + i, v1, n, how);
+        }
+      }
+    };
+    if (const int64_t n = channels - c; n < kVectorLanes) {
+      rows(n);
+    } else {
+      rows(WholeVector{});
     }
   }
 }

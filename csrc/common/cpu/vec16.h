@@ -91,6 +91,10 @@ inline __m512 splat(float v) { return _mm512_set1_ps(v); }
 // Lane by lane a > b ? a : b and a < b ? a : b (b where either is NaN).
 inline __m512 max_lanes(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
 inline __m512 min_lanes(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
+// Lane by lane a > b ? then : otherwise (otherwise where either is NaN).
+inline __m512 select_greater(__m512 a, __m512 b, __m512 then, __m512 otherwise) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), otherwise, then);
+}
 inline __m512 from_bits(__m256i bits, Float16) { return _mm512_cvtph_ps(bits); }
 template <class How>
 inline __m256i to_bits(__m512 v, Float16, How) {
@@ -131,6 +135,9 @@ inline __m256 splat(float v) { return _mm256_set1_ps(v); }
 // Lane by lane a > b ? a : b and a < b ? a : b (b where either is NaN).
 inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 inline __m256 min_lanes(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+inline __m256 select_greater(__m256 a, __m256 b, __m256 then, __m256 otherwise) {
+  return _mm256_blendv_ps(otherwise, then, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
+}
 inline __m256 from_bits(__m128i bits, Float16) { return _mm256_cvtph_ps(bits); }
 template <class How>
 inline __m128i to_bits(__m256 v, Float16, How) {
