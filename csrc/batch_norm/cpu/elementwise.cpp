@@ -347,7 +347,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                                 decltype(act)::kKind != Activation::kSilu;
       constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
       if (input.channels_last) {
-        const bool grouped = cpu::group_rows<acc_t>(C, 3);
+        const bool grouped = cpu::group_rows<acc_t>(C, 3) || (kVectors && C * sizeof(T) <= 256);
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
           if constexpr (kStaged) {
             float rs[kStage];
@@ -451,7 +451,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
           // (Short rows grouped too through vectors: the coefficient vectors
           // loaded once for kRowGroup rows.)
           const bool grouped = cpu::group_rows<acc_t>(C, 4) ||
-                               (kFusedVectors && C * sizeof(T) <= 256);
+                               (cpu::kVectorElement<T> && C * sizeof(T) <= 256);
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
             if constexpr (kStaged) {
               GradTiles t;
