@@ -148,14 +148,20 @@ void grad_input_rows(const Source& source, scalar_t* __restrict__ dx, scalar_t* 
   }
 }
 
+// Whether the 16-bit vector passes group channels-last rows of C channels
+// that fit L1 anyway: short rows load their coefficient vectors once for
+// kRowGroup rows (float32's scalar loops lost by it: benchmarks/history,
+// session 30).
+template <typename T>
+bool short_rows(int64_t C) {
+  return C * static_cast<int64_t>(sizeof(T)) <= 256;
+}
+
 // float16 passes that do not go through whole vectors (the SiLU forward, and
 // every pass of the baseline build, which has no F16C): tiles widened to
 // float, the float32 kernels above run on them (out of line: the form the A/B
 // measured), the results narrowed; Float16's per-element bit arithmetic bound
-// the direct loops. The tiles stay in L1. bfloat16's input gradient but the
-// plain one under batch statistics keeps its direct loops, which GCC
-// vectorizes (vectors and tiles were slower: benchmarks/history, sessions 14,
-// 25 and 29).
+// the direct loops. The tiles stay in L1.
 constexpr int64_t kStage = cpu::kStageElements;
 
 template <bool kResidual, class Act>
@@ -347,7 +353,7 @@ void CpuKernels::normalize(const ChannelView& input, const at::Tensor& mean,
                                 decltype(act)::kKind != Activation::kSilu;
       constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !kVectors;
       if (input.channels_last) {
-        const bool grouped = cpu::group_rows<acc_t>(C, 3) || (kVectors && C * sizeof(T) <= 256);
+        const bool grouped = cpu::group_rows<acc_t>(C, 3) || (kVectors && short_rows<T>(C));
         cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
           if constexpr (kStaged) {
             float rs[kStage];
@@ -448,10 +454,8 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         constexpr bool kFusedVectors = cpu::kVectorElement<T> && !kVectors;
         constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !cpu::kVectorElement<T>;
         if (input.channels_last) {
-          // (Short rows grouped too through vectors: the coefficient vectors
-          // loaded once for kRowGroup rows.)
-          const bool grouped = cpu::group_rows<acc_t>(C, 4) ||
-                               (cpu::kVectorElement<T> && C * sizeof(T) <= 256);
+          const bool grouped =
+              cpu::group_rows<acc_t>(C, 4) || (cpu::kVectorElement<T> && short_rows<T>(C));
           cpu::for_each_row_range(input, [&](int64_t begin, int64_t end) {
             if constexpr (kStaged) {
               GradTiles t;
