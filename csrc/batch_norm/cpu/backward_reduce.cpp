@@ -68,11 +68,10 @@ struct GradSums {
       element_terms(c + k * kGroupStep, g[k], s[k], r[k], dz[k], dz_xmu[k]);
     }
   }
-  // Channels-last rows in groups where the per-channel arrays spill from L1,
-  // and for short rows, whose per-row loop overhead dominates.
-  bool group_rows(int64_t channels) const {
-    return cpu::group_rows<acc_t>(channels, kPlain ? 3 : 6) || channels * kElementBytes <= 256;
-  }
+  // Channels-last rows in groups at every width, as the statistics take
+  // them: the per-row accumulator loads and stores bound the loop otherwise
+  // (benchmarks/history, session 30).
+  bool group_rows(int64_t) const { return true; }
 };
 
 }  // namespace

@@ -64,14 +64,14 @@ void for_each_row_segment(const ChannelView& v, const F& fn) {
 // Channels-last loops may take rows kRowGroup at a time, so that per-channel
 // values (coefficients, accumulators) are loaded and stored once per group
 // instead of once per row. Grouping pays where those values no longer stay in
-// L1 beside the rows (over kGroupedArrayBytes), in the statistics at every
-// width (their per-row accumulator stores bound them) and in the backward
-// reduction of short rows. Elsewhere the interleaved rows cost more than they
-// save (benchmarks/history: the in-cache A/B of grouped rows).
+// L1 beside the rows (over kGroupedArrayBytes), in the reductions at every
+// width (their per-row accumulator stores bound them) and in the 16-bit
+// vector passes' short rows. Elsewhere the interleaved rows cost more than
+// they save (benchmarks/history: the in-cache A/B of grouped rows).
 constexpr int64_t kGroupedArrayBytes = 12 * 1024;
 
-// Whether an elementwise or backward-reduce loop reading `arrays`
-// per-channel arrays of acc_t groups its rows.
+// Whether an elementwise loop reading `arrays` per-channel arrays of acc_t
+// groups its rows.
 template <typename acc_t>
 inline bool group_rows(int64_t channels, int arrays) {
   return channels * arrays * static_cast<int64_t>(sizeof(acc_t)) > kGroupedArrayBytes;
