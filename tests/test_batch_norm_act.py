@@ -474,9 +474,13 @@ TILE_SHAPES = [((2, 3, 24, 25), "contiguous"), ((3, 40, 5, 5), "channels_last"),
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,layout", TILE_SHAPES, ids=lambda v: str(v))
+# (With a residual the backward takes the derivative from the rounded output:
+# exact where rounding keeps its sign, as for ReLU and LeakyReLU.)
 @pytest.mark.parametrize("activation,residual,memory_efficient",
                          [("relu", False, False), ("silu", True, False), ("elu", True, True),
-                          ("identity", False, False)])
+                          ("identity", False, False), ("relu6", False, False),
+                          ("leaky_relu", True, False), ("elu", False, False),
+                          ("leaky_relu", False, True)])
 def test_16bit_tiles_match_the_float32_kernels(dtype, shape, layout, activation, residual,
                                                memory_efficient):
     """Eval mode: the 16-bit fused passes compute what the float32 kernels do on

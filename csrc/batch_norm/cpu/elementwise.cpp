@@ -6,6 +6,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <utility>
+
 #include "batch_norm/cpu/kernels.h"
 #include "batch_norm/math.h"
 
@@ -238,8 +240,9 @@ typename Source::FloatSource widen_source(const Source& src, int64_t i, int64_t 
 }
 
 #if defined(NORMEXT_VECTORS16)
-// The 16-bit fused input gradients through whole vectors: GradSource's
-// formula on vectors, dz and dx stored with one test where both are written.
+// The 16-bit input gradients but the plain one under batch statistics
+// through whole vectors: GradSource's formula on vectors, dz and dx stored
+// with one test where both are written.
 using cpu::FloatVector;
 
 // A channel's coefficients (a run's splatted, rows' a vector of channels').
@@ -248,7 +251,7 @@ struct ChannelVectors {
   GradInputCoefficients<FloatVector> grad;
 };
 
-// dx, and dz where it is the residual's gradient too, at elements [i, i + n).
+// (dz, dx) at elements [i, i + n); dz is stored where it is the residual's gradient too.
 template <bool kBatchStats, class Source, class N>
 C10_ALWAYS_INLINE std::pair<FloatVector, FloatVector> grad_vectors(const Source& src, int64_t i,
                                                                    N n,
@@ -320,7 +323,7 @@ void grad_input_rows_vectors(const Source& source, T* dx, T* dr, int64_t begin, 
 
 #if defined(NORMEXT_VECTORS16)
 // float16 and bfloat16 through whole vectors (common/cpu/normalize16.h): the
-// plain passes and the fused forward but SiLU's.
+// forward but SiLU's and the plain input gradient under batch statistics.
 using cpu::plain_grad_input_rows;
 using cpu::plain_grad_input_run;
 using cpu::normalize_rows_vectors;
@@ -451,7 +454,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
         using Source = decltype(source);
         constexpr bool kBatchStats = decltype(batch)::value;
         constexpr bool kVectors = Source::kPlainPass && kBatchStats && cpu::kVectorElement<T>;
-        constexpr bool kFusedVectors = cpu::kVectorElement<T> && !kVectors;
+        constexpr bool kSourceVectors = cpu::kVectorElement<T> && !kVectors;
         constexpr bool kStaged = std::is_same_v<T, cpu::Float16> && !cpu::kVectorElement<T>;
         if (input.channels_last) {
           const bool grouped =
@@ -477,7 +480,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
                   return plain_grad_input_rows<rows()>(dy + i, x + i, dx + i, C, m.data(),
                                                        dy_scale.data(), xmu_scale.data(),
                                                        shift.data());
-                } else if constexpr (kFusedVectors) {
+                } else if constexpr (kSourceVectors) {
                   return grad_input_rows_vectors<rows(), kBatchStats>(
                       source, dx, dr, i, C, dy_scale.data(), xmu_scale.data(), shift.data());
                 } else
@@ -506,7 +509,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
               if constexpr (kVectors) {
                 return plain_grad_input_run(dy + begin, x + begin, dx + begin, end - begin,
                                             m[c], k);
-              } else if constexpr (kFusedVectors) {
+              } else if constexpr (kSourceVectors) {
                 return grad_input_run_vectors<kBatchStats>(source, dx, dr, c, begin, end, k);
               } else
 #endif

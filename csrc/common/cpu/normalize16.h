@@ -2,8 +2,9 @@
 // (cpu::load_vector), math.h's formula on them and a partial vector for a
 // tail, where the CPU converts whole vectors (vec16.h): a run's coefficients
 // splatted once; rows load a vector of channels' coefficients once for all
-// Rows rows. Batch norm's plain passes and its fused forward but SiLU's, the
-// layer norm's 16-bit passes and the group norm's output without an
+// Rows rows. Batch norm's plain passes, its fused forward but SiLU's and
+// (through VectorActivation and the stores below) its fused input gradient,
+// the layer norm's 16-bit passes and the group norm's output without an
 // activation and its input gradient take them.
 #pragma once
 
@@ -26,10 +27,11 @@ static_assert(std::is_same_v<at::opmath_type<c10::Half>, float> &&
               std::is_same_v<at::opmath_type<c10::BFloat16>, float>);
 
 // An activation's formulas (activation.h) on vectors, lane by lane: the
-// piecewise-linear ones as max / min / select_greater (z the second operand
-// of max and min, which they return where a lane is NaN or both are zero: the
-// scalar formulas' results), elu's and silu's by their scalar formula over the
-// lanes, which GCC vectorizes in registers.
+// piecewise-linear ones (and elu's derivative from its output) as max / min /
+// select_greater (z the second operand of max and min, which they return
+// where a lane is NaN or both are zero: the scalar formulas' results), elu's
+// and silu's others by their scalar formula over the lanes, which GCC
+// vectorizes in registers.
 template <class Act>
 struct VectorActivation {
   static constexpr normext::Activation kKind = Act::kKind;
@@ -73,6 +75,7 @@ struct VectorActivation {
     }
   }
   C10_ALWAYS_INLINE FloatVector grad_of_output(FloatVector y) const {
+    static_assert(Act::kGradOfOutput);
     if constexpr (kKind == normext::Activation::kElu) {
       return select_greater(y, splat(0.0f), splat(1.0f), y + splat(act.alpha));
     } else {

@@ -135,6 +135,7 @@ inline __m256 splat(float v) { return _mm256_set1_ps(v); }
 // Lane by lane a > b ? a : b and a < b ? a : b (b where either is NaN).
 inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 inline __m256 min_lanes(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+// Lane by lane a > b ? then : otherwise (otherwise where either is NaN).
 inline __m256 select_greater(__m256 a, __m256 b, __m256 then, __m256 otherwise) {
   return _mm256_blendv_ps(otherwise, then, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
 }
