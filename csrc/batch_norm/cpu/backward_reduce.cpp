@@ -19,6 +19,7 @@ struct GradSums {
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
+  static constexpr bool kWholeTails = true;
 
   Act act;
   const T* dy;

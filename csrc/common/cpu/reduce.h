@@ -100,6 +100,11 @@ struct GroupedShape {
 //       acc_t (&a)[kLanes], acc_t (&b)[kLanes]) const;   (if kLaneTerms)
 //                                       the terms of the kLanes elements from
 //                                       `offset`, element k in group g + k * kGroupStep
+//   static constexpr bool kWholeTails;  (if kLaneTerms) whether a run's tail may take
+//                                       lane_terms<0> over a whole vector, reading
+//                                       elements past the run (the tensor's own) whose
+//                                       terms are then dropped: the terms depend on the
+//                                       group and the element alone
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
@@ -180,22 +185,60 @@ template <class Op, typename acc_t = typename Op::acc_t>
   }
 }
 
-// Adds the terms of elements [offset, offset + length) of group g to lanes[term][lane].
+// Tails of this many elements or more take a whole vector (kWholeTails): one
+// by one (add_tail_in_lanes), a 14x14 map's tail of 4 went through the lanes'
+// memory; a 7x7 map's tail of 1 costs less so than as a vector (A/B,
+// benchmarks/history, session 31).
+constexpr int64_t kWholeTailElements = 4;
+
+// Adds the terms of the n (< kLanes) elements from `offset` to lanes 0 to
+// n - 1, in registers, through a whole vector of terms (kWholeTails) whose
+// lanes from n on are dropped. The dropped lanes add +0, which leaves their
+// bits (a lane, a sum from +0, is never -0).
+template <class Op, typename acc_t = typename Op::acc_t>
+[[gnu::always_inline]] inline void add_whole_tail_in_lanes(const Op& op, int64_t g,
+                                                           int64_t offset, int64_t n,
+                                                           RunLanes<Op>& lanes_a,
+                                                           RunLanes<Op>& lanes_b) {
+  acc_t a[kLanes], b[kLanes];
+  op.template lane_terms<0>(g, offset, a, b);
+#pragma omp simd
+  for (int k = 0; k < kLanes; ++k) {
+    a[k] = k < n ? a[k] : acc_t(0);
+    b[k] = k < n ? b[k] : acc_t(0);
+  }
+  RunLanes<Op> va, vb;
+  std::memcpy(&va, a, sizeof va);
+  std::memcpy(&vb, b, sizeof vb);
+  lanes_a += va;
+  lanes_b += vb;
+}
+
+// Adds the terms of elements [offset, offset + length) of group g to
+// lanes[term][lane]; the op's data has `data_end` elements (a tail may read
+// up to it: kWholeTails).
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
-                             acc_t (*__restrict__ lanes)[kLanes]) {
+                             int64_t data_end, acc_t (*__restrict__ lanes)[kLanes]) {
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
   int64_t i = 0;
   if constexpr (std::is_array_v<RunLanes<Op>>) {
     for (; i + kLanes <= length; i += kLanes) {
       add_vector_in_lanes(op, g, offset + i, lanes[0], lanes[1]);
     }
-  } else if (length >= kLanes) {
+  } else if (length >= kLanes ||
+             (Op::kWholeTails && length >= kWholeTailElements && offset + kLanes <= data_end)) {
     RunLanes<Op> lanes_a, lanes_b;
     std::memcpy(&lanes_a, lanes[0], sizeof lanes_a);
     std::memcpy(&lanes_b, lanes[1], sizeof lanes_b);
     for (; i + kLanes <= length; i += kLanes) {
       add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
+    }
+    if constexpr (Op::kWholeTails) {
+      if (length - i >= kWholeTailElements && offset + i + kLanes <= data_end) {
+        add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes_a, lanes_b);
+        i = length;
+      }
     }
     std::memcpy(lanes[0], &lanes_a, sizeof lanes_a);
     std::memcpy(lanes[1], &lanes_b, sizeof lanes_b);
@@ -226,10 +269,10 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
 // add_run_in_lanes into zeroed lanes of the run's own, added to double lanes `wide`.
 template <class Op, typename acc_t = typename Op::acc_t>
 [[gnu::noinline]] void add_run_to_double_lanes(const Op& op, int64_t g, int64_t offset,
-                                               int64_t length,
+                                               int64_t length, int64_t data_end,
                                                double (*__restrict__ wide)[kLanes]) {
   acc_t lanes[kTerms][kLanes] = {};
-  add_run_in_lanes(op, g, offset, length, lanes);
+  add_run_in_lanes(op, g, offset, length, data_end, lanes);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
     wide[0][k] += lanes[0][k];
@@ -251,6 +294,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       short_runs ? std::clamp<int64_t>(kGrainElements / s.inner, 1, kUnitRows) : 1;
   const int64_t row_units = (s.outer + rows_per_unit - 1) / rows_per_unit;
   const int64_t units_per_group = row_units * blocks_per_run;
+  const int64_t data_end = s.outer * s.groups * s.inner;
   // A short run of a few vectors adds its terms to float lanes across the
   // unit's rows; a longer one sums in float lanes of its own, added to double
   // lanes (as accurate as adding up each run's sums in double, without its
@@ -308,7 +352,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
         for (int64_t o = o_begin; o < o_end; ++o) {
           for (int64_t b = 0; b < groups; ++b) {
             add_run_to_double_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
-                                    block_wide[b]);
+                                    data_end, block_wide[b]);
           }
         }
         for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_wide[b]);
@@ -317,7 +361,8 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       if (groups == 1) {  // lanes of their own, which stay in registers
         acc_t lanes[kTerms][kLanes] = {};
         for (int64_t o = o_begin; o < o_end; ++o) {
-          add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, lanes);
+          add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, data_end,
+                           lanes);
         }
         store(g0, lanes);
         continue;
@@ -326,7 +371,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       for (int64_t o = o_begin; o < o_end; ++o) {
         for (int64_t b = 0; b < groups; ++b) {
           add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
-                           block_lanes[b]);
+                           data_end, block_lanes[b]);
         }
       }
       for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_lanes[b]);
@@ -511,7 +556,7 @@ template <class Op>
     if (length >= kTwoSetElements) {
       add_block_in_two_sets(op, g, g * inner + i0, length, lanes);
     } else {
-      add_run_in_lanes(op, g, g * inner + i0, length, lanes);
+      add_run_in_lanes(op, g, g * inner + i0, length, g * inner + inner, lanes);
     }
     double block[kTerms];
     add_lanes(lanes, block);
@@ -523,13 +568,14 @@ template <class Op>
 
 // The sums reduce_groups gives group g of a (1, groups, inner) shape (the
 // same blocks, lanes and order, except that blocks of kTwoSetElements or more
-// are summed in two sets of lanes), for a norm that reduces its groups one at
-// a time where each fits in cache (a layer norm's rows). sums: [term].
+// are summed in two sets of lanes and a tail is summed element by element,
+// nothing past the group being read), for a norm that reduces its groups one
+// at a time where each fits in cache (a layer norm's rows). sums: [term].
 template <class Op>
 void reduce_run(const Op& op, int64_t g, int64_t inner, double* sums) {
   if (inner >= kTwoSetElements) return detail::reduce_long_run(op, g, inner, sums);
   typename Op::acc_t lanes[kTerms][kLanes] = {};  // one block (kTwoSetElements < kBlockElements)
-  add_run_in_lanes(op, g, g * inner, inner, lanes);
+  add_run_in_lanes(op, g, g * inner, inner, g * inner + inner, lanes);
   detail::add_lanes(lanes, sums);
 }
 
@@ -558,6 +604,7 @@ struct ShiftedSums {
   static constexpr bool kPrefetch = true;
 
   static constexpr bool kLaneTerms = kWidensAsVector<T>;
+  static constexpr bool kWholeTails = true;
 
   const T* x;
   const acc_t* shift;  // per group

@@ -31,6 +31,7 @@ struct ChannelGradSums {
   static constexpr bool kPrefetch = false;
   // float16 (and bfloat16 on AVX-512) widen as whole vectors (vec16.h).
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<TDy> && cpu::kWidensAsVector<T>;
+  static constexpr bool kWholeTails = true;
 
   Act act;
   const TDy* dy;

@@ -32,6 +32,7 @@ struct RowGradSums {
   static constexpr bool kPrefetch = false;
   // float16 and bfloat16 (on AVX-512) widen as whole vectors (vec16.h).
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
+  static constexpr bool kWholeTails = false;  // its weights are read by the element's offset
 
   const T* dy;
   const T* x;
