@@ -100,11 +100,11 @@ struct GroupedShape {
 //       acc_t (&a)[kLanes], acc_t (&b)[kLanes]) const;   (if kLaneTerms)
 //                                       the terms of the kLanes elements from
 //                                       `offset`, element k in group g + k * kGroupStep
-//   static constexpr bool kWholeTails;  (if kLaneTerms) whether a run's tail may take
-//                                       lane_terms<0> over a whole vector, reading
-//                                       elements past the run (the tensor's own) whose
-//                                       terms are then dropped: the terms depend on the
-//                                       group and the element alone
+//   static constexpr bool kWholeTails;  whether a contiguous run's tail may take the
+//                                       terms of a whole vector (lane_terms<0>, or terms
+//                                       over kLanes elements), reading elements past the
+//                                       run (the tensor's own) whose terms are dropped:
+//                                       the terms depend on the group and the element alone
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
@@ -187,8 +187,8 @@ template <class Op, typename acc_t = typename Op::acc_t>
 
 // Tails of this many elements or more take a whole vector (kWholeTails): one
 // by one (add_tail_in_lanes), a 14x14 map's tail of 4 went through the lanes'
-// memory; a 7x7 map's tail of 1 costs less so than as a vector (A/B,
-// benchmarks/history, session 31).
+// memory; a 7x7 map's tail of 1 costs less so than as a vector (A/B:
+// benchmarks/RESULTS.md, session 31).
 constexpr int64_t kWholeTailElements = 4;
 
 // Adds the terms of the n (< kLanes) elements from `offset` to lanes 0 to
@@ -201,17 +201,30 @@ template <class Op, typename acc_t = typename Op::acc_t>
                                                            RunLanes<Op>& lanes_a,
                                                            RunLanes<Op>& lanes_b) {
   acc_t a[kLanes], b[kLanes];
-  op.template lane_terms<0>(g, offset, a, b);
+  if constexpr (Op::kLaneTerms) {
+    op.template lane_terms<0>(g, offset, a, b);
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) op.terms(g, offset + k, a[k], b[k]);
+  }
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
     a[k] = k < n ? a[k] : acc_t(0);
     b[k] = k < n ? b[k] : acc_t(0);
   }
-  RunLanes<Op> va, vb;
-  std::memcpy(&va, a, sizeof va);
-  std::memcpy(&vb, b, sizeof vb);
-  lanes_a += va;
-  lanes_b += vb;
+  if constexpr (std::is_array_v<RunLanes<Op>>) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      lanes_a[k] += a[k];
+      lanes_b[k] += b[k];
+    }
+  } else {
+    RunLanes<Op> va, vb;
+    std::memcpy(&va, a, sizeof va);
+    std::memcpy(&vb, b, sizeof vb);
+    lanes_a += va;
+    lanes_b += vb;
+  }
 }
 
 // Adds the terms of elements [offset, offset + length) of group g to
@@ -225,6 +238,12 @@ inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_
   if constexpr (std::is_array_v<RunLanes<Op>>) {
     for (; i + kLanes <= length; i += kLanes) {
       add_vector_in_lanes(op, g, offset + i, lanes[0], lanes[1]);
+    }
+    if constexpr (Op::kWholeTails) {
+      if (length - i >= kWholeTailElements && offset + i + kLanes <= data_end) {
+        add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes[0], lanes[1]);
+        i = length;
+      }
     }
   } else if (length >= kLanes ||
              (Op::kWholeTails && length >= kWholeTailElements && offset + kLanes <= data_end)) {
