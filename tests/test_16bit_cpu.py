@@ -48,7 +48,7 @@ def test_cpu_16bit_widening_is_exact(layout, dtype):
     value has exactly that mean and variance 0, for every finite 16-bit value.
     Rows: channels-last (3, C), whole vectors across channels; runs:
     (2, C, 19), a vector and a tail of 3 along each run; runs_whole_tails:
-    (2, C, 23), whose tails of 7 take a whole vector on AVX-512 (reduce.h:
+    (2, C, 23), whose tails of 7 take a whole vector (reduce.h:
     kWholeTails), reading into the next channel's run."""
     every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = every_value[torch.isfinite(every_value)]
@@ -62,18 +62,21 @@ def test_cpu_16bit_widening_is_exact(layout, dtype):
     assert torch.equal(var, torch.zeros_like(var))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_16bit_whole_tails_drop_the_next_runs_lanes(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(5, 5), (10, 10)])
+def test_cpu_whole_tails_drop_the_next_runs_lanes(dtype, hw):
     """A run's tail summed through a whole vector (reduce.h: kWholeTails)
-    reads the next channel's elements and drops their lanes: infinities and
-    NaN there (in x, dy, the residual) leave the other channels' statistics
-    and backward sums finite and equal to float64's on the same values."""
+    reads the next channel's elements and drops their lanes: NaN and
+    infinities there (in x, dy, the residual) leave channel 0's statistics
+    and backward sums (plain and fused) finite and equal to float64's on the
+    same values. Runs of 25 (a vector and a tail of 9) and of 100 (six
+    vectors and a tail of 4, summed into double lanes per run)."""
     torch.manual_seed(0)
-    shape = (3, 4, 5, 5)  # runs of 25: a vector and a tail of 9
+    shape = (3, 4) + hw
     x = (5 + torch.randn(shape)).to(dtype)
     dy, residual = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    x[:, 1], dy[:, 2], residual[:, 2] = float("nan"), float("inf"), float("-inf")
-    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    x[:, 1], dy[:, 1], residual[:, 1] = float("nan"), float("inf"), float("-inf")
+    w, b = (torch.rand(4) + 0.5).to(dtype), torch.randn(4).to(dtype)
     mean, var = ops.batch_norm_moments(x)
     xd = x.double()
     finite = [0, 2, 3]
@@ -83,26 +86,21 @@ def test_cpu_16bit_whole_tails_drop_the_next_runs_lanes(dtype):
                                xd.var((0, 2, 3), unbiased=False)[finite], rtol=1e-5, atol=1e-6)
     assert torch.isnan(mean[1]) and torch.isnan(var[1])
     invstd = torch.rsqrt(var + 1e-5)
-    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
     m = mean.double().view(1, -1, 1, 1)
-    expected_dy = dy.double().sum((0, 2, 3))
-    expected_dy_xmu = (dy.double() * (xd - m)).sum((0, 2, 3))
-    for c in (0, 3):
-        torch.testing.assert_close(sum_dy[c].double(), expected_dy[c], rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(sum_dy_xmu[c].double(), expected_dy_xmu[c], rtol=1e-5,
-                                   atol=1e-4)
-    # The fused sums (ReLU after the residual add) of channels 0 and 3 beside them.
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w)
+    torch.testing.assert_close(sum_dy[0].double(), dy.double().sum((0, 2, 3))[0], rtol=1e-5,
+                               atol=1e-4)
+    torch.testing.assert_close(sum_dy_xmu[0].double(),
+                               (dy.double() * (xd - m)).sum((0, 2, 3))[0], rtol=1e-5, atol=1e-4)
+    # The fused sums: ReLU after the residual add.
     act_dy, act_dy_xmu = ops.batch_norm_act_backward_reduce(
-        dy, x, residual, None, w.to(dtype), b.to(dtype), mean, invstd, "relu", 0.01, 1.0,
-        False)[:2]
-    z = (xd - m) * (invstd.double() * w.to(dtype).double()).view(1, -1, 1, 1) \
-        + b.to(dtype).double().view(1, -1, 1, 1) + residual.double()
+        dy, x, residual, None, w, b, mean, invstd, "relu", 0.01, 1.0, False)[:2]
+    z = (xd - m) * (invstd.double() * w.double()).view(1, -1, 1, 1) \
+        + b.double().view(1, -1, 1, 1) + residual.double()
     dz = dy.double() * (z > 0)
-    for c in (0, 3):
-        torch.testing.assert_close(act_dy[c].double(), dz.sum((0, 2, 3))[c], rtol=1e-5,
-                                   atol=1e-4)
-        torch.testing.assert_close(act_dy_xmu[c].double(), (dz * (xd - m)).sum((0, 2, 3))[c],
-                                   rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(act_dy[0].double(), dz.sum((0, 2, 3))[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(act_dy_xmu[0].double(), (dz * (xd - m)).sum((0, 2, 3))[0],
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

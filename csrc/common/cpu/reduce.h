@@ -103,8 +103,10 @@ struct GroupedShape {
 //   static constexpr bool kWholeTails;  whether a contiguous run's tail may take the
 //                                       terms of a whole vector (lane_terms<0>, or terms
 //                                       over kLanes elements), reading elements past the
-//                                       run (the tensor's own) whose terms are dropped:
-//                                       the terms depend on the group and the element alone
+//                                       run (the tensor's own: every array the op reads by
+//                                       offset has the shape's elements) whose terms are
+//                                       dropped: the terms depend on the group and the
+//                                       element alone
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
@@ -187,7 +189,7 @@ template <class Op, typename acc_t = typename Op::acc_t>
 
 // Tails of this many elements or more take a whole vector (kWholeTails): one
 // by one (add_tail_in_lanes), a 14x14 map's tail of 4 went through the lanes'
-// memory; a 7x7 map's tail of 1 costs less so than as a vector (A/B:
+// memory; a 7x7 map's tail of 1 cost less one by one than as a vector (A/B:
 // benchmarks/RESULTS.md, session 31).
 constexpr int64_t kWholeTailElements = 4;
 
@@ -228,36 +230,30 @@ template <class Op, typename acc_t = typename Op::acc_t>
 }
 
 // Adds the terms of elements [offset, offset + length) of group g to
-// lanes[term][lane]; the op's data has `data_end` elements (a tail may read
-// up to it: kWholeTails).
+// lanes[term][lane]. Every array the op reads by offset extends to `read_end`
+// at least, which a tail's whole vector may reach (kWholeTails).
 template <class Op, typename acc_t = typename Op::acc_t>
 inline void add_run_in_lanes(const Op& op_ref, int64_t g, int64_t offset, int64_t length,
-                             int64_t data_end, acc_t (*__restrict__ lanes)[kLanes]) {
+                             int64_t read_end, acc_t (*__restrict__ lanes)[kLanes]) {
   const Op op = op_ref;  // its pointers in registers, not reloaded past the stores
+  const int64_t whole = length - length % kLanes;  // the elements of whole vectors
+  const bool whole_tail = Op::kWholeTails && length - whole >= kWholeTailElements &&
+                          offset + whole + kLanes <= read_end;
   int64_t i = 0;
   if constexpr (std::is_array_v<RunLanes<Op>>) {
-    for (; i + kLanes <= length; i += kLanes) {
-      add_vector_in_lanes(op, g, offset + i, lanes[0], lanes[1]);
+    for (; i < whole; i += kLanes) add_vector_in_lanes(op, g, offset + i, lanes[0], lanes[1]);
+    if (whole_tail) {
+      add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes[0], lanes[1]);
+      i = length;
     }
-    if constexpr (Op::kWholeTails) {
-      if (length - i >= kWholeTailElements && offset + i + kLanes <= data_end) {
-        add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes[0], lanes[1]);
-        i = length;
-      }
-    }
-  } else if (length >= kLanes ||
-             (Op::kWholeTails && length >= kWholeTailElements && offset + kLanes <= data_end)) {
+  } else if (whole > 0 || whole_tail) {
     RunLanes<Op> lanes_a, lanes_b;
     std::memcpy(&lanes_a, lanes[0], sizeof lanes_a);
     std::memcpy(&lanes_b, lanes[1], sizeof lanes_b);
-    for (; i + kLanes <= length; i += kLanes) {
-      add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
-    }
-    if constexpr (Op::kWholeTails) {
-      if (length - i >= kWholeTailElements && offset + i + kLanes <= data_end) {
-        add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes_a, lanes_b);
-        i = length;
-      }
+    for (; i < whole; i += kLanes) add_vector_in_lanes(op, g, offset + i, lanes_a, lanes_b);
+    if (whole_tail) {
+      add_whole_tail_in_lanes(op, g, offset + i, length - i, lanes_a, lanes_b);
+      i = length;
     }
     std::memcpy(lanes[0], &lanes_a, sizeof lanes_a);
     std::memcpy(lanes[1], &lanes_b, sizeof lanes_b);
@@ -288,10 +284,10 @@ inline void add_lanes(const acc_t (*lanes)[kLanes], double* partial) {
 // add_run_in_lanes into zeroed lanes of the run's own, added to double lanes `wide`.
 template <class Op, typename acc_t = typename Op::acc_t>
 [[gnu::noinline]] void add_run_to_double_lanes(const Op& op, int64_t g, int64_t offset,
-                                               int64_t length, int64_t data_end,
+                                               int64_t length, int64_t read_end,
                                                double (*__restrict__ wide)[kLanes]) {
   acc_t lanes[kTerms][kLanes] = {};
-  add_run_in_lanes(op, g, offset, length, data_end, lanes);
+  add_run_in_lanes(op, g, offset, length, read_end, lanes);
 #pragma omp simd
   for (int k = 0; k < kLanes; ++k) {
     wide[0][k] += lanes[0][k];
@@ -313,7 +309,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       short_runs ? std::clamp<int64_t>(kGrainElements / s.inner, 1, kUnitRows) : 1;
   const int64_t row_units = (s.outer + rows_per_unit - 1) / rows_per_unit;
   const int64_t units_per_group = row_units * blocks_per_run;
-  const int64_t data_end = s.outer * s.groups * s.inner;
+  const int64_t read_end = s.outer * s.groups * s.inner;
   // A short run of a few vectors adds its terms to float lanes across the
   // unit's rows; a longer one sums in float lanes of its own, added to double
   // lanes (as accurate as adding up each run's sums in double, without its
@@ -371,7 +367,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
         for (int64_t o = o_begin; o < o_end; ++o) {
           for (int64_t b = 0; b < groups; ++b) {
             add_run_to_double_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
-                                    data_end, block_wide[b]);
+                                    read_end, block_wide[b]);
           }
         }
         for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_wide[b]);
@@ -380,7 +376,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       if (groups == 1) {  // lanes of their own, which stay in registers
         acc_t lanes[kTerms][kLanes] = {};
         for (int64_t o = o_begin; o < o_end; ++o) {
-          add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, data_end,
+          add_run_in_lanes(op, g0, (o * s.groups + g0) * s.inner + i0, length, read_end,
                            lanes);
         }
         store(g0, lanes);
@@ -390,7 +386,7 @@ void reduce_runs(const GroupedShape& s, const Op& op, double* sums) {
       for (int64_t o = o_begin; o < o_end; ++o) {
         for (int64_t b = 0; b < groups; ++b) {
           add_run_in_lanes(op, g0 + b, (o * s.groups + g0 + b) * s.inner + i0, length,
-                           data_end, block_lanes[b]);
+                           read_end, block_lanes[b]);
         }
       }
       for (int64_t b = 0; b < groups; ++b) store(g0 + b, block_lanes[b]);
@@ -587,9 +583,10 @@ template <class Op>
 
 // The sums reduce_groups gives group g of a (1, groups, inner) shape (the
 // same blocks, lanes and order, except that blocks of kTwoSetElements or more
-// are summed in two sets of lanes and a tail is summed element by element,
-// nothing past the group being read), for a norm that reduces its groups one
-// at a time where each fits in cache (a layer norm's rows). sums: [term].
+// are summed in two sets of lanes, and that a tail is summed element by
+// element, nothing past the group being read, where reduce_groups may take a
+// whole vector), for a norm that reduces its groups one at a time where each
+// fits in cache (a layer norm's rows). sums: [term].
 template <class Op>
 void reduce_run(const Op& op, int64_t g, int64_t inner, double* sums) {
   if (inner >= kTwoSetElements) return detail::reduce_long_run(op, g, inner, sums);

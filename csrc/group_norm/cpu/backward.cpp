@@ -31,7 +31,9 @@ struct ChannelGradSums {
   static constexpr bool kPrefetch = false;
   // float16 (and bfloat16 on AVX-512) widen as whole vectors (vec16.h).
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<TDy> && cpu::kWidensAsVector<T>;
-  static constexpr bool kWholeTails = true;
+  // Its sums go through reduce_run (a dz buffer of one group) and channels-last
+  // rows, which take no whole tails.
+  static constexpr bool kWholeTails = false;
 
   Act act;
   const TDy* dy;
