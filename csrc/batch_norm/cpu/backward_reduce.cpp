@@ -94,8 +94,7 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
       scale = cpu::channel_values<acc_t>(fused.weight, C, 1);
       for (int64_t c = 0; c < C; ++c) scale[c] *= istd[c];
       b = cpu::channel_values<acc_t>(fused.bias, C, 0);
-      inv_scale.resize(C);
-      for (int64_t c = 0; c < C; ++c) inv_scale[c] = acc_t(1) / scale[c];
+      inv_scale = cpu::reciprocals(scale);
     }
     const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
     const T* x = cpu::loop_data<scalar_t>(input.data);

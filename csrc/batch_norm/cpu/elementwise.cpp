@@ -440,8 +440,7 @@ void CpuKernels::backward_elemt(const ChannelView& grad_out, const ChannelView& 
       shift[c] = k.shift;
     }
     const std::vector<acc_t> b = cpu::channel_values<acc_t>(fused.bias, C, 0);
-    std::vector<acc_t> inv_scale(C);
-    for (int64_t c = 0; c < C; ++c) inv_scale[c] = acc_t(1) / dy_scale[c];
+    const std::vector<acc_t> inv_scale = cpu::reciprocals(dy_scale);
     const T* dy = cpu::loop_data<scalar_t>(grad_out.data);
     const T* x = cpu::loop_data<scalar_t>(input.data);
     T* dx = cpu::mutable_loop_data<scalar_t>(grad_input);

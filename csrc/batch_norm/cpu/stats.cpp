@@ -41,6 +41,9 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   const std::vector<double> sums = cpu::reduce_groups(
       cpu::groups_of(v), cpu::ShiftedSums<cpu::loop_t<scalar_t>, acc_t>{x, shift_acc.data()});
   const double count = static_cast<double>(v.count());
+  // (Per-channel loops with divisions or square roots are vectorized here and
+  // below: scalar, they cost as much as the reduction on small maps.)
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     double m, m2;
     shifted_moments(shift[c], sums[c], sums[C + c], count, m, m2);
@@ -55,11 +58,13 @@ template <typename acc_t>
 void finalize_channels(const acc_t* mean, const acc_t* var, int64_t C, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
                        double momentum, double eps, acc_t* invstd) {
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) invstd[c] = inverse_std(var[c], acc_t(eps));
   if (!running_mean.defined()) return;
   // Running stats may be half/bfloat16 or strided.
   std::vector<acc_t> rm = cpu::channel_values<acc_t>(running_mean, C, 0);
   std::vector<acc_t> rv = cpu::channel_values<acc_t>(running_var, C, 0);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     rm[c] = running_update(rm[c], mean[c], acc_t(momentum));
     rv[c] = running_update(rv[c], unbiased_from_biased(var[c], acc_t(count)), acc_t(momentum));
