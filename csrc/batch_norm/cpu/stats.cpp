@@ -42,7 +42,7 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
       cpu::groups_of(v), cpu::ShiftedSums<cpu::loop_t<scalar_t>, acc_t>{x, shift_acc.data()});
   const double count = static_cast<double>(v.count());
   // (Per-channel loops with divisions or square roots are vectorized here and
-  // below: scalar, they cost as much as the reduction on small maps.)
+  // below: scalar, they were a large share of the statistics of small maps.)
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     double m, m2;
