@@ -41,11 +41,27 @@ C10_HOST_DEVICE inline int shift_sample_size(int64_t count) {
   return count < kShiftSample ? static_cast<int>(count) : kShiftSample;
 }
 
-// a and b in order (b < a: swapped), without a branch.
-C10_HOST_DEVICE inline void sort_pair(double& a, double& b) {
-  const double low = b < a ? b : a, high = b < a ? a : b;
+// a and b in order (b < a: swapped), without a branch; V a double, or a
+// vector of lanes whose comparison and select work lane by lane (GCC's vector
+// extensions: the CPU statistics' shifts, batch_norm/cpu/stats.cpp).
+template <typename V>
+C10_HOST_DEVICE inline void sort_pair(V& a, V& b) {
+  const V low = b < a ? b : a, high = b < a ? a : b;
   a = low;
   b = high;
+}
+
+// The samples s in order: Batcher's odd-even merge sort, 19 compare-exchanges
+// in 6 rounds.
+template <typename V>
+C10_HOST_DEVICE inline void sort_samples(V (&s)[kShiftSample]) {
+  static_assert(kShiftSample == 8, "the network sorts 8 values");
+  sort_pair(s[0], s[1]); sort_pair(s[2], s[3]); sort_pair(s[4], s[5]); sort_pair(s[6], s[7]);
+  sort_pair(s[0], s[2]); sort_pair(s[1], s[3]); sort_pair(s[4], s[6]); sort_pair(s[5], s[7]);
+  sort_pair(s[1], s[2]); sort_pair(s[5], s[6]);
+  sort_pair(s[0], s[4]); sort_pair(s[1], s[5]); sort_pair(s[2], s[6]); sort_pair(s[3], s[7]);
+  sort_pair(s[2], s[4]); sort_pair(s[3], s[5]);
+  sort_pair(s[1], s[2]); sort_pair(s[3], s[4]); sort_pair(s[5], s[6]);
 }
 
 // The median of `size` (<= kShiftSample) samples, load(k) the k-th as a
@@ -54,19 +70,12 @@ C10_HOST_DEVICE inline void sort_pair(double& a, double& b) {
 // cost more than the loads (benchmarks/history, session 29).
 template <typename T, typename Load>
 C10_HOST_DEVICE inline T median_shift(int size, const Load& load) {
-  static_assert(kShiftSample == 8, "the network sorts 8 values");
   if (size == 0) return T(0);
   // Every sample is loaded before any is compared, so that a GPU thread has
   // all its loads in flight at once; missing samples sort last.
   double s[kShiftSample];
   for (int k = 0; k < kShiftSample; ++k) s[k] = k < size ? load(k) : HUGE_VAL;
-  // Batcher's odd-even merge sort: 19 compare-exchanges in 6 rounds.
-  sort_pair(s[0], s[1]); sort_pair(s[2], s[3]); sort_pair(s[4], s[5]); sort_pair(s[6], s[7]);
-  sort_pair(s[0], s[2]); sort_pair(s[1], s[3]); sort_pair(s[4], s[6]); sort_pair(s[5], s[7]);
-  sort_pair(s[1], s[2]); sort_pair(s[5], s[6]);
-  sort_pair(s[0], s[4]); sort_pair(s[1], s[5]); sort_pair(s[2], s[6]); sort_pair(s[3], s[7]);
-  sort_pair(s[2], s[4]); sort_pair(s[3], s[5]);
-  sort_pair(s[1], s[2]); sort_pair(s[3], s[4]); sort_pair(s[5], s[6]);
+  sort_samples(s);
   const T shift = static_cast<T>(s[(size - 1) / 2]);
   return shift - shift == T(0) ? shift : T(0);
 }
