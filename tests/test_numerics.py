@@ -3,6 +3,8 @@ ill-conditioned data (large means, outliers, values near the float16
 maximum), accumulate dtypes, running-stat updates, the fused ops against
 ATen's, and the short-row reductions (thread count pinned)."""
 
+import math
+
 import pytest
 import torch
 
@@ -16,30 +18,36 @@ from conftest import DEVICE_PARAMS, assert_close
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", ["padded_first_row", "outliers", "huge_constant"])
-def test_moments_shift_is_robust(case, memory_format, device):
+@pytest.mark.parametrize("channels", [3, 40])  # 40: the CPU's 16-channel lanes and a tail
+@pytest.mark.parametrize("case", ["padded_first_row", "outliers", "huge_constant", "nonfinite"])
+def test_moments_shift_is_robust(case, channels, memory_format, device):
     """The per-channel shift is the median of a sample spread over the channel:
     a zero first row (padding), outliers, or a huge constant channel must not
-    cost the float32 sums their accuracy or overflow them."""
-    x64 = 1e3 + torch.randn(16, 3, 8, 8, dtype=torch.float64, device=device)
+    cost the float32 sums their accuracy or overflow them; a channel with an
+    infinity or a NaN gets torch's inf / NaN and leaves the others alone."""
+    x64 = 1e3 + torch.randn(16, channels, 8, 8, dtype=torch.float64, device=device)
     if case == "padded_first_row":
         x64[0, :, 0, :] = 0.0
     elif case == "outliers":
         x64[0, :, 0, :3] = 1e7
-    else:
+    elif case == "huge_constant":
         x64[:, 1] = 1e20
+    else:
+        x64[:, 1, 0, 0] = math.inf
+        x64[:, 2, 0, 0] = math.nan
     x = x64.float().contiguous(memory_format=memory_format)
     x64 = x.double()
     mean, var = ops.batch_norm_moments(x)
     ref_mean, ref_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(var.double(), ref_var, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(var.double(), ref_var, rtol=2e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(1, 5, -1, 1), (-1, 5, 1, 1)], ids=["runs", "rows"])
+@pytest.mark.parametrize("shape", [(1, 5, -1, 1), (-1, 5, 1, 1), (-1, 40, 1, 1)],
+                         ids=["runs", "rows", "rows_in_lanes"])
 @pytest.mark.parametrize("count", [2, 3, 5, 7, 8, 9])
 def test_moments_shift_of_small_channels(count, shape, memory_format, device):
     """Channels of fewer elements than the shift's sample of 8 (math.h:

@@ -18,9 +18,11 @@ namespace {
 // that a small input's shifts are still taken on two threads.
 constexpr int64_t kShiftCost = 512;
 
+#if defined(CPU_CAPABILITY_AVX512)
 // median_shift of channels [begin, end) of data whose accumulate type is
-// float, 16 channels at a time (the network on vectors of lanes); returns the
-// first channel not done. Every sample is a float, so comparing them as floats
+// float, 16 channels at a time (the network on vectors of lanes; AVX-512
+// only: for the default build's SSE, GCC made the 16-lane network scalar, and
+// AVX2's is unmeasured); returns the first channel not done. Every sample is a float, so comparing them as floats
 // orders them as median_shift's doubles do: the shifts are the same.
 template <typename scalar_t>
 int64_t lane_shifts(const scalar_t* x, const int64_t* offsets, int size, int64_t stride,
@@ -51,6 +53,7 @@ int64_t lane_shifts(const scalar_t* x, const int64_t* offsets, int size, int64_t
   }
   return begin + n;
 }
+#endif
 
 // Biased per-channel mean and variance of `input` in the accumulate type.
 template <typename scalar_t, typename acc_t>
@@ -69,11 +72,13 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   const int64_t stride = v.channels_last ? 1 : v.inner;
   at::parallel_for(0, C, cpu::grain_for(kShiftCost), [&](int64_t begin, int64_t end) {
     int64_t c = begin;
+#if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc_t, float>) {
       if (size > 0) {
         c = lane_shifts(x, offsets, size, stride, begin, end, shift_acc.data(), shift.data());
       }
     }
+#endif
     for (; c < end; ++c) {
       shift_acc[c] = median_shift<acc_t>(size, [&](int k) {
         return static_cast<double>(x[offsets[k] + c * stride]);
@@ -84,8 +89,9 @@ void channel_moments(const ChannelView& v, acc_t* mean, acc_t* var) {
   const std::vector<double> sums = cpu::reduce_groups(
       cpu::groups_of(v), cpu::ShiftedSums<cpu::loop_t<scalar_t>, acc_t>{x, shift_acc.data()});
   const double count = static_cast<double>(v.count());
-  // (Per-channel loops with divisions or square roots are vectorized here and
-  // below: scalar, they were a large share of the statistics of small maps.)
+  // (The per-channel loops with divisions are vectorized, here and in
+  // finalize_channels: scalar, they were a large share of the statistics of
+  // small maps. invstd's stays scalar: std::sqrt may set errno.)
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     double m, m2;
@@ -101,7 +107,6 @@ template <typename acc_t>
 void finalize_channels(const acc_t* mean, const acc_t* var, int64_t C, double count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
                        double momentum, double eps, acc_t* invstd) {
-#pragma omp simd
   for (int64_t c = 0; c < C; ++c) invstd[c] = inverse_std(var[c], acc_t(eps));
   if (!running_mean.defined()) return;
   // Running stats may be half/bfloat16 or strided.
