@@ -1,7 +1,7 @@
 // Per-channel batch statistics and the running-stat update. The statistics
 // read the input once (common/cpu/reduce.h): sums of deviations from a
 // per-channel shift (the median of a small sample of the channel, math.h:
-// sample_shift), turned into moments in double (math.h: shifted_moments).
+// median_shift), turned into moments in double (math.h: shifted_moments).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -20,10 +20,11 @@ constexpr int64_t kShiftCost = 512;
 
 #if defined(CPU_CAPABILITY_AVX512)
 // median_shift of channels [begin, end) of data whose accumulate type is
-// float, 16 channels at a time (the network on vectors of lanes; AVX-512
-// only: for the default build's SSE, GCC made the 16-lane network scalar, and
-// AVX2's is unmeasured); returns the first channel not done. Every sample is a float, so comparing them as floats
-// orders them as median_shift's doubles do: the shifts are the same.
+// float, 16 channels at a time (the network on vectors of lanes); returns the
+// first channel not done. Every sample is a float, so comparing them as
+// floats orders them as median_shift's doubles do: the shifts are the same.
+// AVX-512 only: for the default build's SSE, GCC made the 16-lane network
+// scalar code, and AVX2's is unmeasured.
 template <typename scalar_t>
 int64_t lane_shifts(const scalar_t* x, const int64_t* offsets, int size, int64_t stride,
                     int64_t begin, int64_t end, float* shift_acc, double* shift) {
