@@ -55,14 +55,16 @@ def packed_arithmetic(address, size):
 
 def loops(v, act):
     """Name fragments of functions holding the loops to check in variant
-    namespace v: the fused batch-norm backward's reduction and GroupNorm's
-    float16 forward, whose float tiles run the float32 loop (which functions
-    GCC inlines into which varies; the largest count among the matches is the
-    loop's)."""
+    namespace v: the fused batch-norm backward's reductions (with a residual
+    they write dz too) and GroupNorm's float16 forward, whose float tiles run
+    the float32 loop (which functions GCC inlines into which varies; the
+    largest count among the matches is the loop's)."""
     group_norm = f"normext::group_norm::{v}::(anonymous namespace)::"
     return {
         "batch-norm backward reduction":
-            [f"GradSums<false, 0, false, normext::{v}::{act}Fn<float>, float, float>"],
+            [f"GradSums<false, 0, false, normext::{v}::{act}Fn<float>, false, float, float>"],
+        "batch-norm backward reduction with a residual, writing dz":
+            [f"GradSums<false, 0, true, normext::{v}::{act}Fn<float>, true, float, float>"],
         "GroupNorm forward":
             [f"{group_norm}forward_groups<c10::Half, normext::{v}::{act}Fn<float> >",
              f"{group_norm}normalize_run<normext::{v}::{act}Fn<float>, float, float>"],

@@ -25,7 +25,9 @@ static void normalize(const ChannelView& input, const at::Tensor& mean,
                       const at::Tensor& bias, at::Tensor& output, const Fusion& fusion = {});
 // sum(dy) and sum(dy * (x - mean)) per channel, and from them the parameter
 // gradients sum(dy * (x - mean)) * invstd and sum(dy) in their own dtype.
-// Through a fusion, dz (common.h: FusedGrad) takes dy's place.
+// Through a fusion, dz (common.h: FusedGrad) takes dy's place; where the
+// backend's kReduceWritesGradResidual, dz is also written to fused.grad_residual
+// when that is defined and the input is not the output (!fused.from_output).
 static void backward_reduce(const ChannelView& grad_out, const ChannelView& input,
                             const at::Tensor& mean, const at::Tensor& invstd,
                             at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,

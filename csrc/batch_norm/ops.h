@@ -229,9 +229,18 @@ struct BatchNormOps {
       at::Tensor sum_dy, sum_dy_xmu;
       std::tie(sum_dy, sum_dy_xmu, grad_weight, grad_bias) =
           reduce(dy, view, save_mean, save_invstd, weight, fused);
-      dx = training ? grad_input(dy, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
-                                 static_cast<double>(view.count()), fused)
-                    : grad_input(dy, view, save_mean, save_invstd, weight, {}, {}, 1.0, fused);
+      if (Kernels::kReduceWritesGradResidual && fused.grad_residual.defined() &&
+          !fused.from_output) {
+        // The reduction wrote dz: the input gradient is the plain batch norm's of dz.
+        const at::Tensor& dz = fused.grad_residual;
+        dx = training ? grad_input(dz, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
+                                   static_cast<double>(view.count()))
+                      : eval_grad_input(dz, view, save_invstd, weight);
+      } else {
+        dx = training ? grad_input(dy, view, save_mean, save_invstd, weight, sum_dy, sum_dy_xmu,
+                                   static_cast<double>(view.count()), fused)
+                      : grad_input(dy, view, save_mean, save_invstd, weight, {}, {}, 1.0, fused);
+      }
     } else {
       dx = grad_input(dy, view, save_mean, save_invstd, weight, {}, {}, 1.0, fused);
     }

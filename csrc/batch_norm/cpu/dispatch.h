@@ -14,6 +14,8 @@ struct CpuKernels {
   // An output in the layout of `like`, from normext's CPU block cache, placed
   // apart from the tensors the kernel writing it `reads`.
   static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> reads);
+  // backward_reduce writes dz where it is the residual's gradient (kernel_api.h).
+  static constexpr bool kReduceWritesGradResidual = true;
 #include "batch_norm/kernel_api.h"
 };
 

@@ -15,6 +15,8 @@ struct CudaKernels {
   static at::Tensor empty_output(const ChannelView& like, c10::ArrayRef<const void*> /*reads*/) {
     return at::empty_strided(like.data.sizes(), like.data.strides(), like.data.options());
   }
+  // backward_reduce leaves fused.grad_residual to backward_elemt (kernel_api.h).
+  static constexpr bool kReduceWritesGradResidual = false;
 #include "batch_norm/kernel_api.h"
 };
 
