@@ -19,9 +19,12 @@ Memory traffic per row in multiples of bytes(x) (R read, W written):
            backward: relu 2R+1W, batch-norm reduction 2R, input gradient 2R+1W
            -> 9R+4W plain, 11R+5W with the add
   normext  forward: statistics 1R, normalize + add + activation 1R+1W (+1R add);
-           backward: reduction 2R (+1R), input gradient 2R+1W (+1R+1W: the
-           output is read for the activation's derivative and the residual's
-           gradient written) -> 6R+2W plain, 9R+3W with the add
+           backward: reduction 2R (+1R: the output, read for the activation's
+           derivative), input gradient 2R+1W; with the add the residual's
+           gradient dz is written too: on the CPU by the reduction (+1W), whose
+           dz the input gradient then reads in place of dy and the output; on
+           CUDA by the input gradient's pass (+1R+1W)
+           -> 6R+2W plain, 8R+3W with the add (CUDA 9R+3W)
 """
 
 import argparse
@@ -38,7 +41,8 @@ RESNET50_LAYERS = ((64, 112, False), (64, 56, False), (256, 56, True), (128, 28,
                    (512, 28, True), (256, 14, False), (1024, 14, True), (512, 7, False),
                    (2048, 7, True))
 QUICK_LAYERS = ((64, 28, False), (256, 14, True))
-TRAFFIC = {False: (13, 8), True: (16, 12)}  # (torch, normext) tensor passes, fwd + bwd
+# (torch, normext) tensor passes, fwd + bwd, by device and whether the add is fused
+TRAFFIC = {"cpu": {False: (13, 8), True: (16, 11)}, "cuda": {False: (13, 8), True: (16, 12)}}
 
 
 class Torch(torch.nn.Module):
@@ -151,7 +155,7 @@ def main() -> None:
                 speedups.append(speedup)
                 bytes_x = x.numel() * x.element_size()
                 copy_gbps = 2 * bytes_x / (t["copy"] * 1e-3) / 1e9
-                floor_ms = TRAFFIC[with_add][1] * bytes_x / (copy_gbps * 1e9) * 1e3
+                floor_ms = TRAFFIC[device.type][with_add][1] * bytes_x / (copy_gbps * 1e9) * 1e3
                 rows.append([label, f"{t['torch']:.3g}", f"{t['normext']:.3g}", f"{speedup:.2f}",
                              f"{t['torch leaky'] / t['normext memory-efficient']:.2f}",
                              f"{t['normext memory-efficient'] / t['normext']:.2f}",
@@ -165,7 +169,8 @@ def main() -> None:
             "speedup = torch ms / normext ms. memory-efficient speedup: torch with "
             "LeakyReLU(0.01) over normext memory_efficient=True with the same activation. "
             "copy GB/s: `out.copy_(x)` (read + write) in the same run; floor: normext's "
-            "tensor passes (8 plain, 12 with the add) at that bandwidth. "
+            f"tensor passes ({TRAFFIC[device.type][False][1]} plain, "
+            f"{TRAFFIC[device.type][True][1]} with the add) at that bandwidth. "
             f"Geometric mean speedup: {common.geomean(speedups):.2f}, lowest "
             f"{min(speedups):.2f}.")
     report = common.Report("Fused BatchNorm + activation (+ add): torch.nn vs normext",
