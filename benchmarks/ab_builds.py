@@ -144,22 +144,27 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
         ops.batch_norm_act_backward(grad, x, None, None, weight, bias, save_mean, save_invstd,
                                     True, activation, 0.01, 1.0, False, True)
 
-    def act_residual_forward_backward():
+    def act_residual_backward(y, save_mean, save_invstd):
         # As the autograd node runs it: the derivative from the output, but
         # from the input and the residual for silu.
-        y, save_mean, save_invstd = ops.batch_norm_act_forward(
-            x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS, activation, 0.01,
-            1.0, grad)
         silu = activation == "silu"
         ops.batch_norm_act_backward(grad, x, grad if silu else None, None if silu else y, weight,
                                     bias, save_mean, save_invstd, True, activation, 0.01, 1.0,
                                     False, True)
 
-    # The fused input gradient alone (the pass after the sums), as
-    # act_fwdbwd and act_residual_fwdbwd run it.
-    act_output = ops.batch_norm_act_forward(x, weight, bias, running_mean, running_var, True,
-                                            MOMENTUM, EPS, activation, 0.01, 1.0, grad)[0]
+    def act_residual_forward_backward():
+        act_residual_backward(*ops.batch_norm_act_forward(
+            x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS, activation, 0.01,
+            1.0, grad))
 
+    # What the fused backward with a residual reads: (output, mean, invstd).
+    act_residual_saved = ops.batch_norm_act_forward(
+        x, weight, bias, running_mean, running_var, True, MOMENTUM, EPS, activation, 0.01, 1.0,
+        grad)
+    act_output = act_residual_saved[0]
+
+    # The fused input gradient alone (the pass after the sums), as
+    # act_fwdbwd runs it (and act_residual_fwdbwd did before 26c4362).
     def act_backward_elemt(residual):
         silu = activation == "silu"
         ops.batch_norm_act_backward_elemt(
@@ -239,6 +244,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
             1.0, grad),
         "act_fwdbwd": act_forward_backward,
         "act_residual_fwdbwd": act_residual_forward_backward,
+        "act_residual_backward": lambda: act_residual_backward(*act_residual_saved),
         "act_backward_elemt": lambda: act_backward_elemt(False),
         "act_residual_backward_elemt": lambda: act_backward_elemt(True),
         "gn_act_fwdbwd": lambda: gn_forward_backward(activation),
@@ -262,7 +268,7 @@ def op_calls(ops, x, grad, weight, bias, running_mean, running_var, activation="
 OPS = ("train", "eval", "backward", "eval_backward", "fwdbwd", "autograd_fwdbwd",
        "autograd_act_fwdbwd", "moments", "elemt",
        "backward_reduce", "backward_elemt", "act_train", "act_residual_train", "act_fwdbwd", "act_residual_fwdbwd",
-       "act_backward_elemt", "act_residual_backward_elemt",
+       "act_residual_backward", "act_backward_elemt", "act_residual_backward_elemt",
        "gn_forward", "gn_act_forward", "gn_backward", "gn_act_backward", "gn_fwdbwd",
        "gn_act_fwdbwd", "gn_autograd_fwdbwd", "ln_forward", "ln_backward", "ln_fwdbwd", "ln_autograd_fwdbwd",
        "add_ln_autograd_fwdbwd")

@@ -78,8 +78,12 @@ struct GradSums {
   }
   // Channels-last rows in groups at every width, as the statistics take
   // them: the per-row accumulator loads and stores bound the loop otherwise
-  // (benchmarks/history, session 30).
-  bool group_rows(int64_t) const { return true; }
+  // (benchmarks/history, session 30). Writing dz, only where the accumulators
+  // outgrow L1: grouped rows that also write lost up to 20% (RESULTS.md,
+  // session 33).
+  bool group_rows(int64_t groups) const {
+    return !kWritesDz || cpu::group_rows<acc_t>(groups, cpu::kTerms);
+  }
 };
 
 }  // namespace
@@ -123,6 +127,8 @@ void CpuKernels::backward_reduce(const ChannelView& grad_out, const ChannelView&
       if constexpr (kWritesDz) {
         if (dz) return reduce(std::true_type{});
       }
+      // (ops.h reads dz from grad_residual whenever it is defined, but from the output.)
+      TORCH_INTERNAL_ASSERT(!dz || fused.from_output, "batch_norm_backward: dz not written");
       reduce(std::false_type{});
     });
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
