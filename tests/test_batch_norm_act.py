@@ -109,6 +109,42 @@ def test_matches_torch_per_dtype(dtype, layout, activation, memory_efficient, de
              True, dtype, factor, device)
 
 
+@pytest.mark.parametrize("dtype,shape,layout", [
+    (torch.float32, (4, 3, 150, 150), "contiguous"),      # long runs, a tail of 4
+    (torch.bfloat16, (4, 3, 150, 150), "contiguous"),
+    (torch.float32, (64, 24, 13, 13), "contiguous"),      # short runs
+    (torch.float32, (2, 1603, 9, 9), "channels_last"),    # rows in groups (over 1536 channels)
+    (torch.bfloat16, (2, 1603, 9, 9), "channels_last"),   # 16-bit lanes and their tail
+    (torch.float32, (8, 200, 13, 13), "channels_last"),   # rows one at a time
+], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_residual_gradient_written_by_the_reduction(dtype, shape, layout, activation):
+    """On the CPU the backward with a residual writes dz (the residual's
+    gradient) in its reduction, and the input gradient's pass reads it back:
+    every element, on each of the reduction's paths, also where the output
+    cache hands back blocks that hold NaNs from an earlier call."""
+    x64 = layout_variants(torch.randn(shape, dtype=torch.float64))[layout]
+    c = shape[1]
+    w64, b64 = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    r64 = torch.randn_like(x64)
+    grad64 = torch.randn_like(x64)
+    xa, ra, wa, ba = _leaves(x64.to(dtype), r64.to(dtype), w64.float(), b64.float())
+
+    def grads():
+        out = batch_norm_act(xa, None, None, wa, ba, True, 0.1, 1e-5, activation, residual=ra)
+        return torch.autograd.grad(out, (xa, ra, wa, ba), grad64.to(dtype))
+
+    for g in grads():
+        g.fill_(float("nan"))  # freed into the cache with NaNs in them
+    got = grads()
+    # From the inputs as rounded to dtype: ReLU's derivative flips where rounding moves z past 0.
+    xr, rr, wr, br = _leaves(xa.double(), ra.double(), wa.double(), ba.double())
+    expected = _reference(xr, None, None, wr, br, True, 0.1, activation, rr)
+    for g, want in zip(got, torch.autograd.grad(expected, (xr, rr, wr, br),
+                                                grad64.to(dtype).double())):
+        assert_close(g, want, dtype, factor=4.0)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 4), c=st.integers(1, 9), spatial=st.lists(st.integers(1, 5), max_size=2),
        activation=st.sampled_from(list(ACTIVATIONS)), residual=st.booleans(),

@@ -37,7 +37,9 @@ struct FusedGrad {
   at::Tensor weight, bias;   // the affine's (undefined: 1 and 0)
   bool from_output = false;  // the kernels' input is the forward's output y
   at::Tensor output;         // y beside the input x (dense, input's layout), or undefined
-  at::Tensor grad_residual;  // backward_elemt writes dz there (dense, input's layout) if defined
+  // dz, if defined (dense, input's layout): written by backward_elemt, or by
+  // backward_reduce (kernel_api.h: kReduceWritesGradResidual)
+  at::Tensor grad_residual;
 };
 
 // The activation named `name` (common/activation.h: activation_spec), with

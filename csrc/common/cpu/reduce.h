@@ -106,7 +106,10 @@ struct GroupedShape {
 //                                       run (the tensor's own: every array the op reads by
 //                                       offset has the shape's elements) whose terms are
 //                                       dropped: the terms depend on the group and the
-//                                       element alone
+//                                       element alone. Without it, reduce_groups takes
+//                                       each element's terms exactly once, so an op may
+//                                       store a value per element as it goes (a fused
+//                                       batch norm's dz)
 // reduce_groups returns the sums as double, [term][group].
 constexpr int kTerms = 2;
 
