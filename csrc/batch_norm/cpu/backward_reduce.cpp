@@ -79,8 +79,7 @@ struct GradSums {
   // Channels-last rows in groups at every width, as the statistics take
   // them: the per-row accumulator loads and stores bound the loop otherwise
   // (benchmarks/history, session 30). Writing dz, only where the accumulators
-  // outgrow L1: grouped rows that also write lost up to 20% (RESULTS.md,
-  // session 33).
+  // outgrow L1: grouped rows that also write were slower (RESULTS.md, session 33).
   bool group_rows(int64_t groups) const {
     return !kWritesDz || cpu::group_rows<acc_t>(groups, cpu::kTerms);
   }
