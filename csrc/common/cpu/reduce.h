@@ -453,18 +453,29 @@ inline void add_rows(const Op& op_ref, int64_t r, int64_t groups, acc_t* __restr
 // Channels-last data (inner == 1): a unit is kUnitRows rows (fewer when rows
 // are long, so that its float sums stay in L1), summed in float vectors
 // across groups. Units are added in double into segments of consecutive
-// units, at most kSegments of them by the shape alone, a segment to a task;
-// the segments' partials, [segment][term][group], are added per group in order.
+// units, at most kSegments of them, a segment to a task; the segments'
+// partials, [segment][term][group], are added per group in order. Where the
+// input is worth two threads or more, the units are a multiple of
+// kUnitMultiple in number and of equal length (a multiple of kRowGroup), so
+// that the tasks share out evenly between 2, 4 or 8 threads (7 units of 64
+// rows, a 7x7 map's 392, left one thread 256 of them). All by the shape alone.
 constexpr int64_t kSegments = 64;
+constexpr int64_t kUnitMultiple = 8;
 
 template <class Op, bool kPrefetch>
 void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
   using acc_t = typename Op::acc_t;
   const int64_t rows = s.outer, G = s.groups;
-  const int64_t unit_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
-  const int64_t units = (rows + unit_rows - 1) / unit_rows;
-  const int64_t segment_units = (units + kSegments - 1) / kSegments;
-  const int64_t segments = (units + segment_units - 1) / segment_units;
+  const int64_t most_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
+  int64_t unit_rows = most_rows;
+  if (rows * G >= 2 * kGrainElements) {
+    const int64_t even_units =
+        at::divup(at::divup(rows, most_rows), kUnitMultiple) * kUnitMultiple;
+    unit_rows = std::min(most_rows, at::divup(at::divup(rows, even_units), kRowGroup) * kRowGroup);
+  }
+  const int64_t units = at::divup(rows, unit_rows);
+  const int64_t segment_units = at::divup(units, kSegments);
+  const int64_t segments = at::divup(units, segment_units);
   constexpr int64_t kLineValues = kCacheLineBytes / sizeof(double);
   const int64_t stride = (G + kLineValues - 1) / kLineValues * kLineValues;
   // Every partial is written before it is read: no zeroing.
