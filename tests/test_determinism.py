@@ -7,8 +7,9 @@ import normext
 
 # Shapes that take each of the reducer's paths: long runs (several blocks a
 # run), short runs (one group and several per task, outer indices over a unit),
-# channels-last rows (several units, and several units per segment; rows cut
-# into slices per thread, the last with a tail of groups), and an (N, C) input.
+# channels-last rows (several units, and several units per segment; units
+# made equal and a multiple of 8 in number, the last one shorter), and an
+# (N, C) input.
 SHAPES = [
     ((3, 5, 70, 70), torch.contiguous_format),
     ((600, 3, 4, 4), torch.contiguous_format),
