@@ -455,10 +455,11 @@ inline void add_rows(const Op& op_ref, int64_t r, int64_t groups, acc_t* __restr
 // across groups. Units are added in double into segments of consecutive
 // units, at most kSegments of them, a segment to a task; the segments'
 // partials, [segment][term][group], are added per group in order. Where the
-// input is worth two threads or more, the units are a multiple of
-// kUnitMultiple in number and of equal length (a multiple of kRowGroup), so
-// that the tasks share out evenly between 2, 4 or 8 threads (7 units of 64
-// rows, a 7x7 map's 392, left one thread 256 of them). All by the shape alone.
+// input is worth two threads and has fewer than kSegments units, their number
+// is rounded up to a multiple of kUnitMultiple and their lengths made equal
+// (a multiple of kRowGroup; the last may be shorter), so that 2, 4 or 8
+// threads get nearly equal shares: a 7x7 map's 392 rows at 2048 channels
+// were 7 units of 64, 256 rows for one of two threads. All by the shape alone.
 constexpr int64_t kSegments = 64;
 constexpr int64_t kUnitMultiple = 8;
 
@@ -467,11 +468,12 @@ void reduce_rows(const GroupedShape& s, const Op& op, double* sums) {
   using acc_t = typename Op::acc_t;
   const int64_t rows = s.outer, G = s.groups;
   const int64_t most_rows = std::clamp<int64_t>(4 * kGrainElements / G, 1, kUnitRows);
+  const int64_t fewest_units = at::divup(rows, most_rows);
   int64_t unit_rows = most_rows;
-  if (rows * G >= 2 * kGrainElements) {
-    const int64_t even_units =
-        at::divup(at::divup(rows, most_rows), kUnitMultiple) * kUnitMultiple;
-    unit_rows = std::min(most_rows, at::divup(at::divup(rows, even_units), kRowGroup) * kRowGroup);
+  if (rows * G >= 2 * kGrainElements && fewest_units < kSegments) {
+    const int64_t even_units = at::divup(fewest_units, kUnitMultiple) * kUnitMultiple;
+    const int64_t even_rows = at::divup(at::divup(rows, even_units), kRowGroup) * kRowGroup;
+    unit_rows = std::min(most_rows, even_rows);
   }
   const int64_t units = at::divup(rows, unit_rows);
   const int64_t segment_units = at::divup(units, kSegments);
