@@ -79,7 +79,8 @@ static_assert(sizeof(Float16) == sizeof(c10::Half) && alignof(Float16) == aligno
 // float32 buffers chose it), bfloat16 with at::vec's conversions.
 // benchmarks/conversions_ab.py: F16C is as fast as at::vec's float16
 // conversion or faster; bfloat16's scalar loops lost to at::vec's in the
-// elementwise passes and on AVX-512 in the reductions.
+// elementwise passes and on AVX-512 in the reductions; on an AVX2 CPU the
+// norms' bfloat16 passes through vectors gained too (A/B, history, session 35).
 // (at::vec's conversions exist where setup.py names the capability to ATen:
 // CPU_CAPABILITY_AVX2 or _AVX512.)
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -250,7 +251,11 @@ inline FloatVector load_floats(const float* p, int64_t n) {
   return v;
 }
 inline void store_floats(float* p, FloatVector v, int64_t n) {
-  std::memcpy(p, &v, n * sizeof(float));
+  if (n == kVectorLanes) {
+    std::memcpy(p, &v, sizeof v);  // a plain store, not a call to memcpy
+  } else {
+    std::memcpy(p, &v, n * sizeof(float));
+  }
 }
 #endif
 #endif
@@ -258,18 +263,18 @@ inline void store_floats(float* p, FloatVector v, int64_t n) {
 // Whether T's elements widen to float faster a whole vector at a time than one
 // by one (the reductions then widen them with `widen`): float16 wherever the
 // CPU converts vectors (GCC does not vectorize a scalar conversion; Float16's
-// bit arithmetic is several times slower); bfloat16, whose scalar widening GCC
-// does vectorize, on AVX-512 (benchmarks/conversions_ab.py).
+// bit arithmetic is several times slower); bfloat16 too, whose scalar loops
+// GCC vectorizes but which gained through whole vectors on AVX-512
+// (benchmarks/conversions_ab.py) and AVX2 (the A/B of session 35), but in
+// the layer norm's backward (layer_norm/cpu/backward.cpp: kRowVectors).
 template <typename T>
 constexpr bool kWidensAsVector = false;
 
 #if defined(NORMEXT_VECTORS16)
 template <>
 constexpr bool kWidensAsVector<Float16> = true;
-#if defined(CPU_CAPABILITY_AVX512)
 template <>
 constexpr bool kWidensAsVector<c10::BFloat16> = true;
-#endif
 #endif
 
 #if defined(NORMEXT_VECTORS16)

@@ -29,7 +29,7 @@ struct ChannelGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
-  // float16 (and bfloat16 on AVX-512) widen as whole vectors (vec16.h).
+  // float16 and bfloat16 widen as whole vectors (vec16.h).
   static constexpr bool kLaneTerms = cpu::kWidensAsVector<TDy> && cpu::kWidensAsVector<T>;
   // Its sums go through reduce_run (a dz buffer of one group) and channels-last
   // rows, which take no whole tails.

@@ -24,14 +24,20 @@ constexpr int64_t kMaxBlocks = 64;
 // A row pass's working set (dy, x, dx, grad_sum and the running sums) that stays in L1.
 constexpr int64_t kL1Bytes = 24 * 1024;
 
+// Whether T's rows go through whole vectors (vec16.h): float16, and bfloat16
+// with AVX-512. bfloat16 through AVX2's 8-lane vectors lost 9-17% to the
+// scalar loops here, which GCC vectorizes (A/B, benchmarks/history, session 35).
+template <typename T>
+constexpr bool kRowVectors =
+    cpu::kNarrowsAsVector<T> && (std::is_same_v<T, cpu::Float16> || cpu::kRegisterBytes == 64);
+
 // The terms of a row's backward sums: g = dy * weight and g * (x - mean).
 template <typename T, typename acc_t_>
 struct RowGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
-  // float16 and bfloat16 (on AVX-512) widen as whole vectors (vec16.h).
-  static constexpr bool kLaneTerms = cpu::kWidensAsVector<T>;
+  static constexpr bool kLaneTerms = kRowVectors<T>;
   static constexpr bool kWholeTails = false;  // its weights are read by the element's offset
 
   const T* dy;
@@ -139,7 +145,7 @@ C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restr
                                  T* __restrict__ dx_rows, acc_t* __restrict__ sum_dy_xhat,
                                  acc_t* __restrict__ sum_dy, int64_t D) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (cpu::kNarrowsAsVector<T>) {
+  if constexpr (kRowVectors<T>) {
     return rows_pass_vectors<kRows, kInput, kParams, kAddSum>(
         dy_rows, x_rows, gs_rows, w, row_mean, row_rstd, k, dx_rows, sum_dy_xhat, sum_dy, D);
   }
