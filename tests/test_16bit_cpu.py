@@ -42,7 +42,7 @@ def test_cpu_16bit_conversions_are_exact(layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["rows", "runs", "runs_whole_tails"])
 def test_cpu_16bit_widening_is_exact(layout, dtype):
-    """The statistics read float16 (and bfloat16 on AVX-512) 16 elements at a
+    """The statistics read float16 and bfloat16 16 elements at a
     time through vectors (cpu::widen) where the build has them, and one by one
     otherwise and for short tails: a channel whose samples are all one finite
     value has exactly that mean and variance 0, for every finite 16-bit value.

@@ -95,7 +95,8 @@ struct GroupedShape {
 //   void prefetch(int64_t begin, int64_t end, int64_t limit) const;  (if kPrefetch;
 //                                       always inline: see prefetch_ahead)
 //   static constexpr bool kLaneTerms;   whether it gives lane_terms (elements that
-//                                       widen faster as vectors: kWidensAsVector)
+//                                       widen faster as vectors: kWidensAsVector,
+//                                       where the op's own loop gained from them)
 //   template <int kGroupStep> void lane_terms(int64_t g, int64_t offset,
 //       acc_t (&a)[kLanes], acc_t (&b)[kLanes]) const;   (if kLaneTerms)
 //                                       the terms of the kLanes elements from

@@ -80,7 +80,8 @@ static_assert(sizeof(Float16) == sizeof(c10::Half) && alignof(Float16) == aligno
 // benchmarks/conversions_ab.py: F16C is as fast as at::vec's float16
 // conversion or faster; bfloat16's scalar loops lost to at::vec's in the
 // elementwise passes and on AVX-512 in the reductions; on an AVX2 CPU the
-// norms' bfloat16 passes through vectors gained too (A/B, history, session 35).
+// norms' bfloat16 passes through vectors gained too (A/B, benchmarks/history,
+// session 35).
 // (at::vec's conversions exist where setup.py names the capability to ATen:
 // CPU_CAPABILITY_AVX2 or _AVX512.)
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -264,9 +265,10 @@ inline void store_floats(float* p, FloatVector v, int64_t n) {
 // by one (the reductions then widen them with `widen`): float16 wherever the
 // CPU converts vectors (GCC does not vectorize a scalar conversion; Float16's
 // bit arithmetic is several times slower); bfloat16 too, whose scalar loops
-// GCC vectorizes but which gained through whole vectors on AVX-512
-// (benchmarks/conversions_ab.py) and AVX2 (the A/B of session 35), but in
-// the layer norm's backward (layer_norm/cpu/backward.cpp: kRowVectors).
+// GCC vectorizes, but which gained through whole vectors on AVX-512
+// (benchmarks/conversions_ab.py) and AVX2 (A/B, benchmarks/history, session
+// 35), except in the layer norm's backward (layer_norm/cpu/backward.cpp:
+// kRowsAsVectors).
 template <typename T>
 constexpr bool kWidensAsVector = false;
 

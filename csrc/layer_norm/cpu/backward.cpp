@@ -25,11 +25,17 @@ constexpr int64_t kMaxBlocks = 64;
 constexpr int64_t kL1Bytes = 24 * 1024;
 
 // Whether T's rows go through whole vectors (vec16.h): float16, and bfloat16
-// with AVX-512. bfloat16 through AVX2's 8-lane vectors lost 9-17% to the
-// scalar loops here, which GCC vectorizes (A/B, benchmarks/history, session 35).
+// in vectors of 16 lanes. bfloat16 through 8-lane vectors (AVX2) was slower
+// than the scalar loops, which GCC vectorizes: the vector loop spilled to the
+// stack (A/B, benchmarks/history, session 35).
+#if defined(NORMEXT_VECTORS16)
 template <typename T>
-constexpr bool kRowVectors =
-    cpu::kNarrowsAsVector<T> && (std::is_same_v<T, cpu::Float16> || cpu::kRegisterBytes == 64);
+constexpr bool kRowsAsVectors =
+    cpu::kNarrowsAsVector<T> && (std::is_same_v<T, cpu::Float16> || cpu::kVectorLanes == 16);
+#else
+template <typename T>
+constexpr bool kRowsAsVectors = false;
+#endif
 
 // The terms of a row's backward sums: g = dy * weight and g * (x - mean).
 template <typename T, typename acc_t_>
@@ -37,7 +43,7 @@ struct RowGradSums {
   using acc_t = acc_t_;
   static constexpr int64_t kElementBytes = sizeof(T);
   static constexpr bool kPrefetch = false;
-  static constexpr bool kLaneTerms = kRowVectors<T>;
+  static constexpr bool kLaneTerms = kRowsAsVectors<T>;
   static constexpr bool kWholeTails = false;  // its weights are read by the element's offset
 
   const T* dy;
@@ -145,7 +151,7 @@ C10_ALWAYS_INLINE void rows_pass(const T* __restrict__ dy_rows, const T* __restr
                                  T* __restrict__ dx_rows, acc_t* __restrict__ sum_dy_xhat,
                                  acc_t* __restrict__ sum_dy, int64_t D) {
 #if defined(NORMEXT_VECTORS16)
-  if constexpr (kRowVectors<T>) {
+  if constexpr (kRowsAsVectors<T>) {
     return rows_pass_vectors<kRows, kInput, kParams, kAddSum>(
         dy_rows, x_rows, gs_rows, w, row_mean, row_rstd, k, dx_rows, sum_dy_xhat, sum_dy, D);
   }
