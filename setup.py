@@ -16,6 +16,9 @@ Environment:
                           the baseline and this machine's best only. "all":
                           every variant there too. "native": one variant for
                           the build machine's own vector units (-march=native).
+  NORMEXT_CXXFLAGS        flags added to each C++ compile command after
+                          normext's -O3, so that an -O level there wins
+                          (CI's sanitizer build compiles at -O1).
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
@@ -24,6 +27,7 @@ import glob
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,7 +199,8 @@ def make_extension():
     # vectorizes their scalar tails, which costs compile time, not speed
     # (benchmarks/RESULTS.md). -fno-trapping-math: without AVX-512's masks, GCC
     # otherwise leaves guarded-select loops scalar (docs/design.md, test_vectorized.py).
-    cxx = ["-O3", "-fvect-cost-model=very-cheap", "-fno-trapping-math", "-g0", "-fopenmp"] + define
+    cxx = (["-O3", "-fvect-cost-model=very-cheap", "-fno-trapping-math", "-g0", "-fopenmp"] + define
+           + shlex.split(os.environ.get("NORMEXT_CXXFLAGS", "")))
     extra = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         # The kernel sources, compiled per variant outside `sources`, and every
