@@ -18,7 +18,7 @@ Environment:
                           the build machine's own vector units (-march=native).
   NORMEXT_CXXFLAGS        flags added to each C++ compile command after
                           normext's -O3, so that an -O level there wins
-                          (CI's sanitizer build compiles at -O1).
+                          (CI's sanitizer build compiles at -O2).
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
