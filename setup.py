@@ -16,8 +16,8 @@ Environment:
                           the baseline and this machine's best only. "all":
                           every variant there too. "native": one variant for
                           the build machine's own vector units (-march=native).
-  NORMEXT_CXXFLAGS        flags added to each C++ compile command after
-                          normext's -O3, so that an -O level there wins
+  NORMEXT_CXXFLAGS        flags added to each C++ compile command (not nvcc's)
+                          after normext's -O3, so that an -O level there wins
                           (CI's sanitizer build compiles at -O2).
   MAX_JOBS                parallel compile jobs (ninja).
 """
